@@ -1,0 +1,67 @@
+"""Array-namespace helpers shared by every backend.
+
+The reference implementations are written once against the Python array API
+(via ``array_api_compat``), so the same source runs on NumPy, CuPy and
+``array_api_strict`` arrays.  This module holds the few operations the
+standard spells awkwardly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import array_api_compat
+import numpy as np
+
+__all__ = [
+    "namespace",
+    "is_numpy",
+    "is_cupy",
+    "sum_to_shape",
+    "matrix_transpose",
+]
+
+
+def namespace(*arrays):
+    """Return the array-API namespace shared by ``arrays`` (``None`` entries ignored)."""
+    return array_api_compat.array_namespace(*[a for a in arrays if a is not None])
+
+
+def is_numpy(x) -> bool:
+    return array_api_compat.is_numpy_array(x)
+
+
+def is_cupy(x) -> bool:
+    return array_api_compat.is_cupy_array(x)
+
+
+def matrix_transpose(xp, x):
+    """Swap the last two axes: ``(..., m, n) -> (..., n, m)``."""
+    return xp.matrix_transpose(x) if hasattr(xp, "matrix_transpose") else xp.swapaxes(x, -1, -2)
+
+
+def sum_to_shape(xp, g, shape):
+    """Sum ``g`` down to ``shape``, the inverse of broadcasting ``shape`` to ``g.shape``.
+
+    This is the gradient of a broadcast: a parameter of shape ``shape`` that was
+    broadcast against a larger array receives the sum over the broadcast axes.
+    """
+    shape = tuple(shape)
+    extra = g.ndim - len(shape)
+    if extra > 0:
+        g = xp.sum(g, axis=tuple(range(extra)))
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+    if axes:
+        g = xp.sum(g, axis=axes, keepdims=True)
+    return g
+
+
+def product(shape) -> int:
+    return int(math.prod(shape))
+
+
+def to_numpy(x):
+    """Copy any supported array to a NumPy array (host)."""
+    if is_cupy(x):
+        return x.get()
+    return np.asarray(x)

@@ -1,0 +1,68 @@
+"""Causal alignment and boolean masks, defined once for every core.
+
+Convention (``VARIANTS.md`` section 0): a boolean ``mask`` is ``True`` where a
+query may attend to a key.  ``causal=True`` keeps key ``j`` for query ``i``
+when ``j <= i + offset``, with ``offset = 0`` for ``"upper_left"`` (PyTorch,
+JAX) and ``offset = S - L`` for ``"lower_right"`` (FlashAttention).
+"""
+
+from __future__ import annotations
+
+CAUSAL_ALIGNS = ("upper_left", "lower_right")
+
+__all__ = ["CAUSAL_ALIGNS", "causal_offset", "causal_keep", "keep_mask",
+           "from_torch_key_padding_mask", "from_torch_attn_mask"]
+
+
+def causal_offset(causal_align: str, q_len: int, kv_len: int) -> int:
+    """Diagonal offset of the causal mask: key ``j`` is kept for query ``i`` iff ``j <= i + offset``."""
+    return 0 if causal_align == "upper_left" else kv_len - q_len
+
+
+def causal_keep(xp, q_len: int, kv_len: int, offset: int, device=None):
+    """Boolean ``(L, S)`` causal keep-mask."""
+    i = xp.reshape(xp.arange(q_len, device=device), (q_len, 1))
+    j = xp.reshape(xp.arange(kv_len, device=device), (1, kv_len))
+    return j <= i + offset
+
+
+def keep_mask(xp, mask, causal_offset_or_none, q_len: int, kv_len: int, device=None):
+    """Combine a user keep-mask with the causal mask.
+
+    Returns a boolean array broadcastable to the scores ``(..., H, L, S)``, or
+    ``None`` when every key is kept.
+    """
+    keep = mask
+    if causal_offset_or_none is not None:
+        tri = causal_keep(xp, q_len, kv_len, causal_offset_or_none, device=device)
+        keep = tri if keep is None else xp.logical_and(keep, tri)
+    return keep
+
+
+def from_torch_key_padding_mask(key_padding_mask):
+    """Convert ``nn.MultiheadAttention``'s ``key_padding_mask`` (``(N, S)``, ``True`` = ignore).
+
+    Returns a refattn keep-mask of shape ``(N, 1, 1, S)`` (``True`` = attend) that
+    broadcasts against scores ``(N, H, L, S)``.
+    """
+    import numpy as np
+
+    m = np.asarray(key_padding_mask)
+    if m.dtype != bool:
+        raise TypeError("key_padding_mask must be boolean (True = ignore the key)")
+    return ~m[:, None, None, :]
+
+
+def from_torch_attn_mask(attn_mask):
+    """Convert ``nn.MultiheadAttention``'s ``attn_mask``.
+
+    A boolean ``attn_mask`` there means ``True`` = NOT allowed: the keep-mask is its
+    negation.  A float ``attn_mask`` is an additive bias: pass it as ``bias``.
+    Returns ``(mask, bias)`` with one of them ``None``.
+    """
+    import numpy as np
+
+    m = np.asarray(attn_mask)
+    if m.dtype == bool:
+        return ~m, None
+    return None, m

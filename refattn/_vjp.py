@@ -1,0 +1,35 @@
+"""``refattn.vjp``: forward pass plus a pullback, for cores and layers alike."""
+
+from __future__ import annotations
+
+__all__ = ["vjp"]
+
+
+def vjp(fn, *arrays, **options):
+    """Run ``fn(*arrays, **options)`` and return ``(out, pullback)``.
+
+    ``pullback(cotangent)`` returns one gradient per positional array, in order
+    (a parameter dict gets a dict of gradients).  For :func:`refattn.sdpa` that is
+    ``(dq, dk, dv)``, plus ``dbias`` when a float ``bias`` is given.  For a layer
+    ``refattn.vjp(layer, params, xq[, xkv], mask=...)`` gives
+    ``(dparams, dxq[, dxkv])``.
+
+    Every backward pass is hand-derived (see ``docs/``); nothing here traces.
+
+    Examples
+    --------
+    >>> import numpy as np, refattn
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((1, 2, 4, 8)) for _ in range(3))
+    >>> o, pullback = refattn.vjp(refattn.sdpa, q, k, v, causal=True)
+    >>> dq, dk, dv = pullback(np.ones_like(o))
+    >>> dq.shape, dk.shape, dv.shape
+    ((1, 2, 4, 8), (1, 2, 4, 8), (1, 2, 4, 8))
+    """
+    rule = getattr(fn, "__refattn_vjp__", None)
+    if rule is None:
+        raise TypeError(
+            f"{getattr(fn, '__name__', type(fn).__name__)} has no refattn backward pass; vjp takes "
+            "refattn functions (sdpa, quaternion_attention, ...) and refattn.Attention layers"
+        )
+    return rule(*arrays, **options)

@@ -1,0 +1,96 @@
+"""How a backend is chosen, and what each one needs.  No attention math here.
+
+Backends:
+
+``reference``
+    Array-API code (NumPy, CuPy, any array-API library); O(L^2) memory; exact.
+``numba``
+    Jitted, fused CPU kernels on NumPy arrays (float32 and float64).
+``cupy``
+    CUDA kernels on CuPy arrays.
+
+``backend="auto"`` picks ``cupy`` for CuPy arrays, ``numba`` for NumPy arrays
+of float32/float64 and ``reference`` otherwise, among those the core implements.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+from .._array import is_cupy, is_numpy
+from .._validate import check_choice
+
+BACKENDS = ("reference", "numba", "cupy")
+
+__all__ = ["BACKENDS", "available_backends", "numba_available", "cupy_available", "resolve",
+           "load_implementation"]
+
+
+@functools.lru_cache(maxsize=None)
+def numba_available() -> bool:
+    try:
+        import numba  # noqa: F401
+    except Exception:  # pragma: no cover - numba is a hard dependency
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def cupy_available() -> bool:
+    """True when CuPy imports and sees a CUDA device."""
+    try:
+        import cupy
+    except Exception:
+        return False
+    try:
+        return bool(cupy.is_available())
+    except Exception:
+        return False
+
+
+def available_backends() -> tuple:
+    """Backends usable on this machine, in order of preference for ``"auto"``."""
+    out = ["reference"]
+    if numba_available():
+        out.append("numba")
+    if cupy_available():
+        out.append("cupy")
+    return tuple(out)
+
+
+def resolve(backend: str, implemented, *arrays, core: str = "this core") -> str:
+    """Return the concrete backend for ``arrays`` (``backend`` may be ``"auto"``)."""
+    check_choice(backend, "backend", ("auto",) + BACKENDS)
+    x = arrays[0]
+    dtype = str(getattr(x.dtype, "name", x.dtype))
+    if backend == "auto":
+        if is_cupy(x) and "cupy" in implemented and cupy_available():
+            return "cupy"
+        if is_numpy(x) and "numba" in implemented and numba_available() and dtype in (
+                "float32", "float64"):
+            return "numba"
+        return "reference"
+    if backend not in implemented:
+        raise ValueError(
+            f"backend={backend!r} is not implemented for {core}; implemented: "
+            f"{', '.join(implemented)}"
+        )
+    if backend == "numba":
+        if not is_numpy(x):
+            raise TypeError(f"backend='numba' needs NumPy arrays, got {type(x).__module__}."
+                            f"{type(x).__name__}")
+        if dtype not in ("float32", "float64"):
+            raise TypeError(f"backend='numba' supports float32 and float64, got {dtype}")
+    if backend == "cupy":
+        if not cupy_available():
+            raise RuntimeError("backend='cupy' needs CuPy and a CUDA device; none is available")
+        if not is_cupy(x):
+            raise TypeError("backend='cupy' needs CuPy arrays (use cupy.asarray)")
+    return backend
+
+
+@functools.lru_cache(maxsize=None)
+def load_implementation(package: str, backend: str):
+    """Import ``<package>.<backend>`` (e.g. ``refattn.cores.sdpa.numba``)."""
+    return importlib.import_module(f"{package}.{backend}")

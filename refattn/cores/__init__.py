@@ -1,0 +1,7 @@
+"""Attention cores: one package per core, reference and kernels side by side.
+
+Importing this package registers every core.  A new core is a new package
+here plus one line below.
+"""
+
+from . import sdpa  # noqa: F401

@@ -1,0 +1,84 @@
+"""SDPA reference backend: array-API code, exact, O(L S) memory.
+
+Runs on NumPy, CuPy and any array-API array.  float16 inputs are computed in
+float32 and the results cast back.  See ``docs/cores/sdpa.md`` for the
+derivation of the backward pass.
+"""
+
+from __future__ import annotations
+
+import array_api_compat
+
+from ..._array import matrix_transpose, namespace
+from ..._masks import keep_mask
+from ..._softmax import masked_softmax, probs_from_lse, softmax_backward
+
+
+def _work(xp, *arrays):
+    """Upcast float16 to float32 for the arithmetic (accumulate in float32)."""
+    if arrays[0].dtype == xp.float16:
+        return tuple(None if a is None else xp.astype(a, xp.float32) for a in arrays)
+    return arrays
+
+
+def expand_kv_heads(xp, x, group: int):
+    """``(B, Hkv, S, F) -> (B, Hkv * group, S, F)``: kv head ``g`` serves query heads ``g*group ...``."""
+    if group == 1:
+        return x
+    B, Hkv, S, F = x.shape
+    x = xp.broadcast_to(xp.reshape(x, (B, Hkv, 1, S, F)), (B, Hkv, group, S, F))
+    return xp.reshape(x, (B, Hkv * group, S, F))
+
+
+def reduce_kv_heads(xp, g, kv_heads: int):
+    """Adjoint of :func:`expand_kv_heads`: sum each group of query heads."""
+    B, H, S, F = g.shape
+    if H == kv_heads:
+        return g
+    return xp.sum(xp.reshape(g, (B, kv_heads, H // kv_heads, S, F)), axis=2)
+
+
+def _scores(xp, q, kh, opts):
+    s = opts.scale * (q @ matrix_transpose(xp, kh))  # (B, H, L, S)
+    if opts.bias is not None:
+        s = s + xp.astype(opts.bias, s.dtype)
+    keep = keep_mask(xp, opts.mask, opts.causal_offset, q.shape[-2], kh.shape[-2],
+                     device=array_api_compat.device(q))
+    return s, keep
+
+
+def _dropout(xp, p, opts):
+    if opts.dropout_mask is None:
+        return p
+    return xp.where(opts.dropout_mask, p * opts.dropout_scale, xp.zeros_like(p))
+
+
+def forward(q, k, v, opts):
+    xp = namespace(q, k, v)
+    dtype = q.dtype
+    q, k, v = _work(xp, q, k, v)
+    group = q.shape[1] // k.shape[1]
+    kh, vh = expand_kv_heads(xp, k, group), expand_kv_heads(xp, v, group)
+    s, keep = _scores(xp, q, kh, opts)
+    p, lse = masked_softmax(xp, s, keep)
+    o = _dropout(xp, p, opts) @ vh  # (B, H, L, Ev)
+    return xp.astype(o, dtype), xp.astype(lse, dtype)
+
+
+def backward(q, k, v, o, lse, do, opts):
+    xp = namespace(q, k, v)
+    dtype = q.dtype
+    q, k, v, o, lse, do = _work(xp, q, k, v, o, lse, do)
+    kv_heads = k.shape[1]
+    group = q.shape[1] // kv_heads
+    kh, vh = expand_kv_heads(xp, k, group), expand_kv_heads(xp, v, group)
+    s, keep = _scores(xp, q, kh, opts)
+    p = probs_from_lse(xp, s, keep, lse)                          # (B, H, L, S)
+    dv = matrix_transpose(xp, _dropout(xp, p, opts)) @ do         # (B, H, S, Ev)
+    dp = _dropout(xp, do @ matrix_transpose(xp, vh), opts)        # (B, H, L, S)
+    ds = softmax_backward(xp, p, dp, row_dot=xp.sum(do * o, axis=-1))
+    dq = opts.scale * (ds @ kh)                                   # (B, H, L, E)
+    dk = opts.scale * (matrix_transpose(xp, ds) @ q)              # (B, H, S, E)
+    out = (dq, reduce_kv_heads(xp, dk, kv_heads), reduce_kv_heads(xp, dv, kv_heads))
+    out = tuple(xp.astype(g, dtype) for g in out)
+    return out + ((xp.astype(ds, dtype) if opts.need_bias_grad else None),)

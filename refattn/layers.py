@@ -1,0 +1,243 @@
+"""The layer frame: ``Attention`` = projection scheme x attention core x output projection.
+
+Shape legend: ``*batch`` batch dims, ``L`` query length, ``S`` key length,
+``d`` = ``d_model``, ``H`` heads.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from ._array import namespace
+from ._registry import Case, Variant, get_core, get_projection, register_variant
+from ._validate import check_float_array, check_same_dtype
+from .projections._base import LayerConfig
+
+__all__ = ["Attention", "register_layer_variant"]
+
+
+class Attention:
+    """A multi-head attention layer with a hand-derived backward pass.
+
+    Parameters
+    ----------
+    d_model : int
+        Feature size of the inputs and the output.
+    n_heads : int
+        Number of heads; ``d_model`` must be divisible by it.
+    projection : str
+        Projection scheme: ``"standard"`` and the others registered
+        (:func:`refattn.projections`).
+    core : str
+        Attention core: ``"sdpa"`` and the others registered (:func:`refattn.cores`).
+    causal : bool
+        Causal self-attention (upper-left aligned unless the core option
+        ``causal_align`` says otherwise).
+    bias : bool
+        Whether the linear maps carry biases ``b_*``.
+    **options
+        Options of the projection scheme (e.g. ``seq_len`` for ``"super"``) and
+        of the core (e.g. ``scale``).
+
+    Examples
+    --------
+    >>> import numpy as np, refattn
+    >>> layer = refattn.Attention(16, 4, causal=True)
+    >>> params = layer.init(seed=0)
+    >>> x = np.random.default_rng(0).standard_normal((2, 5, 16))
+    >>> y = layer(params, x)
+    >>> y.shape
+    (2, 5, 16)
+    >>> y, pullback = refattn.vjp(layer, params, x)
+    >>> dparams, dx = pullback(np.ones_like(y))
+    >>> sorted(dparams), dx.shape
+    (['w_k', 'w_o', 'w_q', 'w_v'], (2, 5, 16))
+    >>> layer.num_params()
+    1024
+    """
+
+    def __init__(self, d_model, n_heads, *, projection="standard", core="sdpa", causal=False,
+                 bias=False, **options):
+        for name, value in (("d_model", d_model), ("n_heads", n_heads)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
+        self.scheme = get_projection(projection)
+        self.core = get_core(core)
+        if self.scheme.layout != self.core.layout:
+            raise ValueError(
+                f"projection={projection!r} produces {self.scheme.layout} heads but core={core!r} "
+                f"takes {self.core.layout} heads"
+            )
+        scheme_options = {k: options.pop(k) for k in list(options) if k in self.scheme.options}
+        unknown = sorted(set(options) - set(self.core.options))
+        if unknown:
+            raise TypeError(
+                f"unexpected option(s) {', '.join(unknown)}: projection {projection!r} takes "
+                f"{list(self.scheme.options)}, core {core!r} takes {list(self.core.options)}"
+            )
+        self.core_options = options
+        self.config = LayerConfig(int(d_model), int(n_heads), causal, bias, scheme_options)
+        self.scheme.check(self.config)
+        self.projection_name, self.core_name = projection, core
+
+    def __repr__(self):
+        c = self.config
+        extra = "".join(f", {k}={v!r}" for k, v in {**c.options, **self.core_options}.items())
+        return (f"Attention(d_model={c.d_model}, n_heads={c.n_heads}, projection="
+                f"{self.projection_name!r}, core={self.core_name!r}, causal={c.causal}, "
+                f"bias={c.bias}{extra})")
+
+    # -- parameters -----------------------------------------------------------------
+    def param_shapes(self) -> dict:
+        """``{name: shape}`` of every parameter."""
+        return {n: shape for n, (shape, _) in self.scheme.param_shapes(self.config).items()}
+
+    def init(self, seed=0, dtype=np.float64) -> dict:
+        """Parameters drawn from ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` (like ``torch.nn.Linear``)."""
+        rng = np.random.default_rng(seed)
+        params = {}
+        for name, (shape, fan_in) in self.scheme.param_shapes(self.config).items():
+            bound = 1.0 / math.sqrt(fan_in)
+            params[name] = rng.uniform(-bound, bound, size=shape).astype(dtype)
+        return params
+
+    def num_params(self) -> int:
+        return int(sum(math.prod(s) for s in self.param_shapes().values()))
+
+    def flops(self, L, S=None) -> float:
+        """Forward FLOPs for one batch element with ``L`` queries and ``S`` keys (default ``L``)."""
+        S = L if S is None else S
+        c = self.config
+        q, k, v = self.scheme.core_shapes(c, L, S) if hasattr(self.scheme, "core_shapes") else (
+            (c.n_heads, L, c.head_dim), (c.n_heads, S, c.head_dim), (c.n_heads, S, c.head_dim))
+        core = self.core.flops((), q[0], L, S, math.prod(q[2:]), math.prod(v[2:]),
+                               causal=c.causal, **self.core_options)
+        return float(self.scheme.flops(c, L, S) + core)
+
+    def _check_params(self, params, dtype):
+        if not isinstance(params, dict):
+            raise TypeError(f"params must be a dict of arrays (from layer.init()), got "
+                            f"{type(params).__name__}")
+        expected = self.param_shapes()
+        missing = [n for n in expected if n not in params]
+        extra = [n for n in params if n not in expected]
+        if missing or extra:
+            raise ValueError(f"params has keys {sorted(params)}, expected {sorted(expected)} for "
+                             f"{self!r}")
+        for name, shape in expected.items():
+            check_float_array(params[name], f"params[{name!r}]")
+            if tuple(params[name].shape) != tuple(shape):
+                raise ValueError(f"params[{name!r}] has shape {tuple(params[name].shape)}, "
+                                 f"expected {tuple(shape)}")
+            if str(params[name].dtype) != dtype:
+                raise TypeError(f"params[{name!r}] has dtype {params[name].dtype} but the input has "
+                                f"dtype {dtype}")
+
+    def _check_inputs(self, xq, xkv):
+        d = self.config.d_model
+        for name, x, t in (("xq", xq, "L"), ("xkv", xkv, "S")):
+            if x is None:
+                continue
+            check_float_array(x, name)
+            if x.ndim < 2 or x.shape[-1] != d:
+                raise ValueError(f"{name} must have shape (..., {t}, d_model={d}), got "
+                                 f"{tuple(x.shape)}")
+        if xkv is not None:
+            check_same_dtype(xq=xq, xkv=xkv)
+            if tuple(xkv.shape[:-2]) != tuple(xq.shape[:-2]):
+                raise ValueError(f"xkv has batch dimensions {tuple(xkv.shape[:-2])} but xq has "
+                                 f"{tuple(xq.shape[:-2])}")
+
+    # -- forward / backward ----------------------------------------------------------
+    def forward(self, params, xq, xkv=None, mask=None, *, backend="auto"):
+        """Return ``(y, residuals)``; ``y (*batch, L, d_model)``."""
+        self._check_inputs(xq, xkv)
+        self._check_params(params, str(xq.dtype))
+        self_attention = xkv is None
+        xkv_ = xq if self_attention else xkv
+        self.scheme.check_inputs(self.config, xq, xkv_)
+        q, k, v, res_in = self.scheme.project_in(params, xq, xkv_, self.config)
+        o, res_core = self.core.forward(q, k, v, mask=mask, causal=self.config.causal,
+                                        backend=backend, **self.core_options)
+        y, res_out = self.scheme.project_out(params, o, self.config)
+        return y, (self_attention, res_in, res_core, res_out, params)
+
+    def backward(self, residuals, dy):
+        """``(dparams, dxq)`` for self-attention, ``(dparams, dxq, dxkv)`` for cross-attention."""
+        self_attention, res_in, res_core, res_out, params = residuals
+        check_float_array(dy, "cotangent")
+        xp = namespace(dy)
+        dparams_out, do = self.scheme.backward_out(params, res_out, dy, self.config)
+        dq, dk, dv = self.core.backward(res_core, do)[:3]
+        dparams_in, dxq, dxkv = self.scheme.backward_in(params, res_in, dq, dk, dv, self.config)
+        dparams = {**dparams_in, **dparams_out}
+        dparams = {n: xp.astype(dparams[n], dy.dtype) for n in self.param_shapes()}
+        if self_attention:
+            return dparams, dxq + dxkv
+        return dparams, dxq, dxkv
+
+    def __call__(self, params, xq, xkv=None, mask=None, *, backend="auto"):
+        """``y = layer(params, xq, xkv=None, mask=None)``: ``xq (*batch, L, d)`` -> ``(*batch, L, d)``."""
+        return self.forward(params, xq, xkv, mask, backend=backend)[0]
+
+    def __refattn_vjp__(self, params, xq, xkv=None, mask=None, *, backend="auto"):
+        y, res = self.forward(params, xq, xkv, mask, backend=backend)
+        return y, lambda dy: self.backward(res, dy)
+
+
+def register_layer_variant(name, *, projection, core, summary="", layer_options=None,
+                           test_sizes=None, default_size=(2, 64, 64, 4), bench_sizes=None):
+    """Register an ``Attention`` configuration as a variant (tests, benchmarks, CLI).
+
+    ``*_sizes`` are ``(batch, L, d_model, n_heads)`` tuples; ``bench_sizes`` may
+    also be a dict ``{label: (batch, L, d_model, n_heads, extra_layer_options)}``.
+    """
+    layer_options = dict(layer_options or {})
+
+    def _layer(d_model, n_heads, **extra):
+        return Attention(d_model, n_heads, projection=projection, core=core,
+                         **{**layer_options, **extra})
+
+    def _case(label, rng, dtype, batch, L, d_model, n_heads, S=None, mask=None, **extra):
+        layer = _layer(d_model, n_heads, **extra)
+        params = layer.init(seed=int(rng.integers(1 << 31)), dtype=dtype)
+        xq = rng.standard_normal((batch, L, d_model)).astype(dtype)
+        arrays = (params, xq)
+        if S is not None:
+            arrays += (rng.standard_normal((batch, S, d_model)).astype(dtype),)
+        options = {} if mask is None else {"mask": mask}
+        return Case(label, layer, arrays, options, batch * layer.flops(L, S))
+
+    def make_cases(kind="test", dtype="float64", seed=0):
+        rng = np.random.default_rng(seed)
+        dtype = np.dtype(dtype)
+        if kind == "default":
+            b, L, d, h = default_size
+            return [_case(f"B{b} L{L} d{d} H{h}", rng, dtype, b, L, d, h)]
+        if kind == "bench":
+            sizes = bench_sizes or {f"B1 L{L} d{d} H{h}": (1, L, d, h, {})
+                                    for (L, d, h) in ((128, 256, 8),)}
+            return [_case(label, rng, dtype, b, L, d, h, **extra)
+                    for label, (b, L, d, h, extra) in sizes.items()]
+        b, L, d, h = test_sizes or (2, 5, 8, 2)
+        mask = rng.random((L, L + 2)) > 0.3
+        mask[1] = False
+        return [
+            _case("self", rng, dtype, b, L, d, h),
+            _case("self causal, bias", rng, dtype, b, L, d, h, causal=True, bias=True),
+            _case("cross S=L+2, mask with empty row", rng, dtype, b, L, d, h, S=L + 2, mask=mask),
+        ]
+
+    return register_variant(Variant(name=name, kind="layer", make_cases=make_cases, core=core,
+                                    summary=summary or f"{projection} projection x {core} core"))
+
+
+register_layer_variant("mha-standard", projection="standard", core="sdpa",
+                       summary="multi-head attention, standard projection, sdpa core")

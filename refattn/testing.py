@@ -1,0 +1,199 @@
+"""Public testing helpers: finite-difference gradient checks and tolerances.
+
+Every backward pass in refattn is checked with :func:`check_grads`; users can
+run the same check on their own compositions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._array import to_numpy
+from ._vjp import vjp
+
+__all__ = ["check_grads", "GradCheckReport", "TOLERANCES", "assert_close", "max_errors"]
+
+#: ``(rtol, atol)`` for comparing a backend with the float64 reference, per dtype.
+#: float64: a different summation order changes results by a few ulps times the
+#: reduction length, far below 1e-10.  float32: the float32 reference itself differs
+#: from the float64 one by about 1e-6 relative (unit roundoff 6e-8 times the
+#: ~sqrt(S) growth of a dot product over S <= 2^12 keys); 2e-4 leaves room for the
+#: online-softmax rescaling of fused kernels.  float16 (GPU, accumulating in float32):
+#: unit roundoff 4.9e-4 on inputs and outputs.
+TOLERANCES = {
+    "float64": (1e-10, 1e-10),
+    "float32": (2e-4, 2e-5),
+    "float16": (2e-2, 2e-3),
+}
+
+
+def max_errors(actual, expected):
+    """``(max_abs, max_rel)`` error, relative to the largest magnitude of ``expected``."""
+    a = np.asarray(to_numpy(actual), dtype=np.float64)
+    e = np.asarray(to_numpy(expected), dtype=np.float64)
+    if a.shape != e.shape:
+        raise AssertionError(f"shape {a.shape} != expected shape {e.shape}")
+    if a.size == 0:
+        return 0.0, 0.0
+    diff = np.abs(a - e)
+    if np.any(np.isnan(a) != np.isnan(e)):
+        return float("inf"), float("inf")
+    diff = np.where(np.isnan(diff), 0.0, diff)
+    scale = max(float(np.max(np.abs(np.nan_to_num(e)))), np.finfo(np.float64).tiny)
+    return float(diff.max()), float(diff.max() / scale)
+
+
+def assert_close(actual, expected, dtype, what="value", rtol=None, atol=None):
+    """Assert ``|actual - expected| <= atol + rtol * |expected|`` elementwise (per-dtype defaults)."""
+    r, a = TOLERANCES[str(np.dtype(dtype))]
+    rtol = r if rtol is None else rtol
+    atol = a if atol is None else atol
+    act = np.asarray(to_numpy(actual), dtype=np.float64)
+    exp = np.asarray(to_numpy(expected), dtype=np.float64)
+    if act.shape != exp.shape:
+        raise AssertionError(f"{what}: shape {act.shape} != expected {exp.shape}")
+    bad = ~(np.abs(act - exp) <= atol + rtol * np.abs(exp))
+    bad &= ~(np.isnan(act) & np.isnan(exp))
+    if bad.any():
+        idx = np.unravel_index(np.argmax(np.where(bad, np.abs(act - exp), -1)), act.shape)
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {act.size} elements differ beyond rtol={rtol:g}, "
+            f"atol={atol:g} ({dtype}); worst at {idx}: {act[idx]!r} vs {exp[idx]!r}"
+        )
+
+
+def _map(f, x):
+    if isinstance(x, dict):
+        return {k: f(v) for k, v in x.items()}
+    return f(x)
+
+
+def _leaves(x, prefix):
+    if isinstance(x, dict):
+        return [(f"{prefix}[{k!r}]", k) for k in x]
+    return [(prefix, None)]
+
+
+def _vdot(a, b) -> float:
+    return float(np.sum(np.asarray(a, np.float64) * np.asarray(b, np.float64)))
+
+
+@dataclass
+class GradCheckReport:
+    """Per-input results of :func:`check_grads`."""
+
+    rtol: float
+    rows: list = field(default_factory=list)   # (input, direction, analytic, numeric, rel_err)
+
+    @property
+    def max_rel_error(self) -> float:
+        return max((r[4] for r in self.rows), default=0.0)
+
+    @property
+    def ok(self) -> bool:
+        return all(r[5] for r in self.rows)
+
+    def __repr__(self):
+        lines = [f"GradCheckReport(rtol={self.rtol:g}, ok={self.ok}, "
+                 f"max_rel_error={self.max_rel_error:.2e})"]
+        for name, d, an, fd, rel, ok in self.rows:
+            lines.append(f"  {name:<16} dir {d}: analytic {an:+.10e}  numeric {fd:+.10e}  "
+                         f"rel {rel:.1e}{'' if ok else '  FAIL'}")
+        return "\n".join(lines)
+
+
+def check_grads(fn, *arrays, eps=1e-6, rtol=1e-6, atol=1e-9, n_directions=2, seed=0,
+                raise_on_failure=True, **options):
+    """Check ``refattn.vjp(fn, ...)`` against central finite differences in float64.
+
+    For a random cotangent ``w`` and random directions ``u`` (one per input, or
+    per parameter of a parameter dict), compares the analytic directional
+    derivative ``<pullback(w)_i, u>`` with
+    ``(<w, f(x + eps u)> - <w, f(x - eps u)>) / (2 eps)``.
+
+    Parameters
+    ----------
+    fn : callable with a refattn backward pass (e.g. :func:`refattn.sdpa`, a layer)
+    *arrays : the differentiable inputs (arrays, or a dict of arrays)
+    eps : float
+        Step; the truncation error is ``O(eps^2)`` and the rounding error
+        ``O(1e-16 / eps)``, both below ``1e-9`` relative at ``1e-6``.
+    rtol, atol : float
+        A direction passes when
+        ``|numeric - analytic| <= rtol * max(|numeric|, |analytic|, atol / rtol)``.
+    n_directions : int
+    seed : int
+    raise_on_failure : bool
+    **options
+        Keyword options of ``fn``; a float ``bias`` option is differentiated too.
+
+    Returns
+    -------
+    GradCheckReport
+
+    Examples
+    --------
+    >>> import numpy as np, refattn
+    >>> from refattn.testing import check_grads
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((2, 3, 4)) for _ in range(3))
+    >>> check_grads(refattn.sdpa, q, k, v, causal=True).ok
+    True
+    """
+    rng = np.random.default_rng(seed)
+    arrays = tuple(_map(lambda a: np.asarray(to_numpy(a), dtype=np.float64), a) for a in arrays)
+    if options.get("bias") is not None:
+        options = {**options, "bias": np.asarray(to_numpy(options["bias"]), dtype=np.float64)}
+    out, pullback = vjp(fn, *arrays, **options)
+    w = rng.standard_normal(np.shape(out))
+    grads = pullback(w)
+    if not isinstance(grads, tuple):
+        grads = (grads,)
+    targets = list(range(len(arrays)))
+    if len(grads) == len(arrays) + 1 and options.get("bias") is not None:
+        targets.append("bias")
+    if len(grads) != len(targets):
+        raise AssertionError(f"pullback returned {len(grads)} gradients for {len(targets)} inputs")
+
+    def objective(args, opts):
+        return _vdot(w, to_numpy(fn(*args, **opts)))
+
+    report = GradCheckReport(rtol)
+    for t, g in zip(targets, grads):
+        base = options["bias"] if t == "bias" else arrays[t]
+        label = "bias" if t == "bias" else f"input {t}"
+        for name, key in _leaves(base, label):
+            x0 = base[key] if key is not None else base
+            gx = to_numpy(g[key] if key is not None else g)
+            if np.shape(gx) != np.shape(x0):
+                raise AssertionError(f"gradient of {name} has shape {np.shape(gx)}, "
+                                     f"expected {np.shape(x0)}")
+            for d in range(n_directions):
+                u = rng.standard_normal(np.shape(x0))
+                values = []
+                for sign in (1.0, -1.0):
+                    xs = x0 + sign * eps * u
+                    new = dict(base) if key is not None else None
+                    if key is not None:
+                        new[key] = xs
+                    moved = new if key is not None else xs
+                    if t == "bias":
+                        values.append(objective(arrays, {**options, "bias": moved}))
+                    else:
+                        args = list(arrays)
+                        args[t] = moved
+                        values.append(objective(tuple(args), options))
+                numeric = (values[0] - values[1]) / (2 * eps)
+                analytic = _vdot(gx, u)
+                diff = abs(numeric - analytic)
+                # Relative error, floored so that a true zero derivative (e.g. a key bias,
+                # which softmax ignores) is judged by atol instead of by rounding noise.
+                denom = max(abs(numeric), abs(analytic), atol / rtol)
+                rel = diff / denom
+                report.rows.append((name, d, analytic, numeric, rel, bool(rel <= rtol)))
+    if raise_on_failure and not report.ok:
+        raise AssertionError(f"gradient check failed for {getattr(fn, '__name__', fn)!r}:\n"
+                             f"{report!r}")
+    return report

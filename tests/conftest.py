@@ -1,0 +1,26 @@
+"""Shared fixtures: the registry drives the parametrisation of the generic tests."""
+
+from __future__ import annotations
+
+import pytest
+
+import refattn
+from refattn.backends import available_backends
+
+
+def pytest_report_header(config):
+    return f"refattn backends available: {', '.join(available_backends())}"
+
+
+def variant_cases(kind="test"):
+    """``(variant, case_index)`` params for every registered variant's test cases."""
+    out = []
+    for name, variant in sorted(refattn.variants().items()):
+        for i, case in enumerate(variant.cases(kind, "float64")):
+            out.append(pytest.param(name, i, id=f"{name}[{case.name}]"))
+    return out
+
+
+def kernel_backends():
+    """Non-reference backends usable here."""
+    return [b for b in available_backends() if b != "reference"]

@@ -1,0 +1,70 @@
+"""Generic tests every registered variant gets for free.
+
+* the float64 reference backward passes central finite differences;
+* every kernel backend (numba, cupy where available) matches the float64
+  reference, forward and backward, in float64 and float32, within
+  :data:`refattn.testing.TOLERANCES`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import refattn
+from refattn.testing import assert_close, check_grads
+
+from .conftest import kernel_backends, variant_cases
+
+CASES = variant_cases("test")
+
+
+def _case(name, index, dtype="float64"):
+    return refattn.get_variant(name).cases("test", dtype)[index]
+
+
+@pytest.mark.parametrize("name, index", CASES)
+def test_reference_gradients_match_finite_differences(name, index):
+    case = _case(name, index)
+    check_grads(case.fn, *case.arrays, backend="reference", **case.options)
+
+
+def _to(backend, x):
+    if backend == "cupy":
+        import cupy
+
+        if isinstance(x, dict):
+            return {k: cupy.asarray(v) for k, v in x.items()}
+        return cupy.asarray(x)
+    return x
+
+
+def _options_to(backend, options):
+    return {k: (_to(backend, v) if isinstance(v, np.ndarray) else v) for k, v in options.items()}
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("name, index", CASES)
+def test_backend_matches_reference(name, index, backend, dtype):
+    variant = refattn.get_variant(name)
+    if backend not in variant.backends:
+        pytest.skip(f"{name} has no {backend} backend")
+    case64 = _case(name, index, "float64")
+    case = _case(name, index, dtype)
+    out_ref, pull_ref = case64.vjp("reference")
+    rng = np.random.default_rng(1)
+    dout = rng.standard_normal(np.shape(out_ref))
+    grads_ref = pull_ref(dout)
+    arrays = tuple(_to(backend, a) for a in case.arrays)
+    out, pull = refattn.vjp(case.fn, *arrays, backend=backend, **_options_to(backend, case.options))
+    assert str(out.dtype) == dtype
+    assert_close(out, out_ref, dtype, f"{name} output")
+    grads = pull(_to(backend, dout.astype(dtype)))
+    assert len(grads) == len(grads_ref)
+    for i, (g, gr) in enumerate(zip(grads, grads_ref)):
+        if isinstance(gr, dict):
+            for key in gr:
+                assert_close(g[key], gr[key], dtype, f"{name} d{key}")
+        else:
+            assert_close(g, gr, dtype, f"{name} gradient {i}")
