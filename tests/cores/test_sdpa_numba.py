@@ -1,8 +1,10 @@
 """The numba SDPA kernel against the float64 reference, plus the numba plumbing.
 
-Sizes are chosen to cross the kernel's tile edges (``BLOCK_Q = BLOCK_K = 128``):
-L = 1, 63, 100, 257 with S != L, so partial tiles, several tiles per head and
-the key-chunked backward (one (batch, kv head) pair and two threads) all run.
+Sizes are chosen to cross the kernel's tile edges: L = 1, 63, 100, 257 with
+S != L, and the tests shrink the tiles to ``BLOCK_Q = 32``, ``BLOCK_K = 16`` (a
+runtime argument, no recompilation) so that partial tiles, several tiles per
+head, causal tile skipping and the key-chunked backward (one (batch, kv head)
+pair and two threads) all run on small problems.
 Every case uses the same compiled signatures (one per dtype), so the kernels
 compile once for the whole module.
 """
@@ -20,9 +22,16 @@ import numpy as np
 import pytest
 
 from refattn.cores.sdpa import api
+from refattn.cores.sdpa import numba as sdpa_numba
 from refattn.testing import TOLERANCES, assert_close, max_errors
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch):
+    monkeypatch.setattr(sdpa_numba, "BLOCK_Q", 32)
+    monkeypatch.setattr(sdpa_numba, "BLOCK_K", 16)
 
 
 def _problem(rng, B, H, Hkv, L, S, E, Ev, dtype):
@@ -188,6 +197,8 @@ def test_kernel_source_runs_as_python_without_jit():
     proc = _run("""
         import numpy as np
         from refattn.cores.sdpa import api
+        from refattn.cores.sdpa import numba as sdpa_numba
+        sdpa_numba.BLOCK_Q, sdpa_numba.BLOCK_K = 4, 2   # several tiles on a tiny problem
         from refattn.testing import assert_close
         rng = np.random.default_rng(0)
         for dtype in ("float64", "float32"):

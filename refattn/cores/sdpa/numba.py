@@ -3,7 +3,7 @@
 Design (``docs/backends/numba.md`` has the full story):
 
 * Tiles of ``BLOCK_Q`` queries x ``BLOCK_K`` keys.  Each tile product is one
-  BLAS call (``np.dot`` inside ``njit`` calls ``sgemm``/``dgemm``) on contiguous
+  BLAS call (:func:`~refattn.backends.numba_support.gemm`, ``sgemm``/``dgemm``) on contiguous
   row blocks of ``q``, ``k``, ``v``.
 * Scores are kept TRANSPOSED, ``S^T = K_j Q_i^T`` of shape ``(keys, queries)``:
   the row-wise softmax statistics (running max, running sum, ``D``) then become
@@ -37,30 +37,26 @@ import math
 import numpy as np
 from numba import prange
 
-from ...backends.numba_support import fast_exp, jit, launch, num_threads
+from ...backends.numba_support import fast_exp, gemm, jit, launch, num_threads
 
 __all__ = ["forward", "backward", "BLOCK_Q", "BLOCK_K"]
 
 #: Query rows per tile (the vector length of the softmax updates).
-BLOCK_Q = 128
+BLOCK_Q = 256
 #: Keys per tile.
-BLOCK_K = 128
+BLOCK_K = 256
 
 
 @jit
-def _scores_tile(st, i0, j0, b, h, scale, mask, bias, has_mask, has_bias, causal, offset,
-                 neg_inf):
-    """``st (nc, nr)`` <- scale * K_j Q_i^T + bias, masked entries -inf (in place)."""
+def _scores_tile(st, i0, j0, b, h, mask, bias, has_mask, has_bias, causal, offset, neg_inf):
+    """Scores tile ``st (nc, nr)`` (scaled already): add the bias, set masked entries to -inf."""
     nc, nr = st.shape
     for c in range(nc):
         row = st[c]
         j = j0 + c
         if has_bias:
             for r in range(nr):
-                row[r] = row[r] * scale + bias[b, h, i0 + r, j]
-        else:
-            for r in range(nr):
-                row[r] = row[r] * scale
+                row[r] += bias[b, h, i0 + r, j]
         if has_mask:
             for r in range(nr):
                 if not mask[b, h, i0 + r, j]:
@@ -92,10 +88,11 @@ def _forward_kernel(q, k, v, mask, bias, drop, has_mask, has_bias, has_drop, cau
         i0 = tile * block_q
         i1 = min(L, i0 + block_q)
         nr = i1 - i0
-        q_tile = q[b, h, i0:i1]                   # (nr, E)
+        q_tile = np.empty((nr, E), q.dtype)       # scale * Q_i: scores come out scaled
+        for r in range(nr):
+            for e in range(E):
+                q_tile[r, e] = q[b, h, i0 + r, e] * scale
         st_buf = np.empty(block_k * nr, q.dtype)
-        pv_buf = np.empty(nr * Ev, q.dtype)
-        pv = pv_buf.reshape((nr, Ev))             # P_ij V_j  (nr, Ev)
         acc = np.zeros((nr, Ev), q.dtype)         # unnormalised output
         row_max = np.full(nr, -np.inf, q.dtype)
         new_max = np.empty(nr, q.dtype)
@@ -109,8 +106,8 @@ def _forward_kernel(q, k, v, mask, bias, drop, has_mask, has_bias, has_drop, cau
             j1 = min(key_end, j0 + block_k)
             nc = j1 - j0
             st = st_buf[:nc * nr].reshape((nc, nr))    # scores, transposed (nc, nr)
-            np.dot(k[b, hk, j0:j1], q_tile.T, st)
-            _scores_tile(st, i0, j0, b, h, scale, mask, bias, has_mask, has_bias,
+            gemm(st, k[b, hk, j0:j1], False, q_tile, True, False)
+            _scores_tile(st, i0, j0, b, h, mask, bias, has_mask, has_bias,
                          causal and j1 - 1 > i0 + offset, offset, neg_inf)
             for r in range(nr):
                 new_max[r] = row_max[r]
@@ -135,11 +132,11 @@ def _forward_kernel(q, k, v, mask, bias, drop, has_mask, has_bias, has_drop, cau
                     row = st[c]
                     for r in range(nr):
                         row[r] = row[r] * drop_scale if drop[b, h, i0 + r, j0 + c] else zero
-            np.dot(st.T, v[b, hk, j0:j1], pv)
             for r in range(nr):
                 a = alpha[r]
                 for e in range(Ev):
-                    acc[r, e] = acc[r, e] * a + pv[r, e]
+                    acc[r, e] *= a
+            gemm(acc, st, True, v[b, hk, j0:j1], False, True)     # acc += P_ij V_j
         for r in range(nr):
             if row_sum[r] > zero:
                 inv = 1 / row_sum[r]
@@ -156,6 +153,7 @@ def _forward_kernel(q, k, v, mask, bias, drop, has_mask, has_bias, has_drop, cau
 def _backward_kernel(q, k, v, do, lse, row_dot, mask, bias, drop, has_mask, has_bias, has_drop,
                      causal, offset, scale, drop_scale, block_q, block_k, n_chunks, need_ds,
                      dq_parts, dk, dv, dscores):
+    # q is already scaled (scale * Q), so dK_j += dS^T q_i carries the scale.
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     group = H // Hkv
@@ -172,11 +170,6 @@ def _backward_kernel(q, k, v, do, lse, row_dot, mask, bias, drop, has_mask, has_
         st_buf = np.empty(block_k * block_q, q.dtype)
         dpt_buf = np.empty(block_k * block_q, q.dtype)
         pd_buf = np.empty(block_k * block_q if has_drop else 0, q.dtype)
-        dk_buf = np.empty(block_k * E, q.dtype)
-        dv_buf = np.empty(block_k * Ev, q.dtype)
-        dq_buf = np.empty(block_q * E, q.dtype)
-        dk_acc = np.empty((block_k, E), q.dtype)
-        dv_acc = np.empty((block_k, Ev), q.dtype)
         shift = np.empty(block_q, q.dtype)
         for jt in range(chunk, n_kt, n_chunks):
             j0 = jt * block_k
@@ -184,8 +177,10 @@ def _backward_kernel(q, k, v, do, lse, row_dot, mask, bias, drop, has_mask, has_
             nc = j1 - j0
             k_tile = k[b, hk, j0:j1]               # (nc, E)
             v_tile = v[b, hk, j0:j1]               # (nc, Ev)
-            dk_acc[:nc] = 0
-            dv_acc[:nc] = 0
+            dk_tile = dk[b, hk, j0:j1]             # (nc, E), accumulated in place
+            dv_tile = dv[b, hk, j0:j1]             # (nc, Ev)
+            dk_tile[...] = 0
+            dv_tile[...] = 0
             first_query = 0
             if causal:
                 first_query = max(0, j0 - offset)  # queries before it see none of these keys
@@ -194,11 +189,11 @@ def _backward_kernel(q, k, v, do, lse, row_dot, mask, bias, drop, has_mask, has_
                     i0 = it * block_q
                     i1 = min(L, i0 + block_q)
                     nr = i1 - i0
-                    q_tile = q[b, h, i0:i1]         # (nr, E)
+                    q_tile = q[b, h, i0:i1]         # (nr, E), scaled
                     do_tile = do[b, h, i0:i1]       # (nr, Ev)
                     st = st_buf[:nc * nr].reshape((nc, nr))
-                    np.dot(k_tile, q_tile.T, st)
-                    _scores_tile(st, i0, j0, b, h, scale, mask, bias, has_mask, has_bias,
+                    gemm(st, k_tile, False, q_tile, True, False)
+                    _scores_tile(st, i0, j0, b, h, mask, bias, has_mask, has_bias,
                                  causal and j1 - 1 > i0 + offset, offset, neg_inf)
                     for r in range(nr):            # a row with no key (lse -inf) gets P = 0
                         x = lse[b, h, i0 + r]
@@ -208,8 +203,7 @@ def _backward_kernel(q, k, v, do, lse, row_dot, mask, bias, drop, has_mask, has_
                         for r in range(nr):
                             row[r] = fast_exp(row[r] - shift[r])   # P^T (nc, nr)
                     dpt = dpt_buf[:nc * nr].reshape((nc, nr))
-                    np.dot(v_tile, do_tile.T, dpt)  # dP^T = V_j dO_i^T (nc, nr)
-                    dv_part = dv_buf[:nc * Ev].reshape((nc, Ev))
+                    gemm(dpt, v_tile, False, do_tile, True, False)  # dP^T = V_j dO_i^T
                     if has_drop:
                         pd = pd_buf[:nc * nr].reshape((nc, nr))
                         for c in range(nc):
@@ -220,12 +214,9 @@ def _backward_kernel(q, k, v, do, lse, row_dot, mask, bias, drop, has_mask, has_
                                 else:
                                     pd[c, r] = zero
                                     dpt[c, r] = zero
-                        np.dot(pd, do_tile, dv_part)   # dV_j += (Z P)^T dO_i
+                        gemm(dv_tile, pd, False, do_tile, False, True)   # dV_j += (Z P)^T dO_i
                     else:
-                        np.dot(st, do_tile, dv_part)
-                    for c in range(nc):
-                        for e in range(Ev):
-                            dv_acc[c, e] += dv_part[c, e]
+                        gemm(dv_tile, st, False, do_tile, False, True)   # dV_j += P^T dO_i
                     for c in range(nc):             # dS^T = P^T * (dP^T - D), into st
                         row = st[c]
                         drow = dpt[c]
@@ -235,21 +226,8 @@ def _backward_kernel(q, k, v, do, lse, row_dot, mask, bias, drop, has_mask, has_
                         for c in range(nc):
                             for r in range(nr):
                                 dscores[b, h, i0 + r, j0 + c] = st[c, r]
-                    dk_part = dk_buf[:nc * E].reshape((nc, E))
-                    np.dot(st, q_tile, dk_part)     # dK_j += dS^T Q_i (scale applied at the end)
-                    for c in range(nc):
-                        for e in range(E):
-                            dk_acc[c, e] += dk_part[c, e]
-                    dq_part = dq_buf[:nr * E].reshape((nr, E))
-                    np.dot(st.T, k_tile, dq_part)   # dQ_i += dS K_j
-                    for r in range(nr):
-                        for e in range(E):
-                            dq[b, h, i0 + r, e] += dq_part[r, e]
-            for c in range(nc):
-                for e in range(E):
-                    dk[b, hk, j0 + c, e] = dk_acc[c, e] * scale
-                for e in range(Ev):
-                    dv[b, hk, j0 + c, e] = dv_acc[c, e]
+                    gemm(dk_tile, st, False, q_tile, False, True)        # dK_j += dS^T (scale Q_i)
+                    gemm(dq[b, h, i0:i1], st, True, k_tile, False, True)  # dQ_i += dS K_j
 
 
 @jit(parallel=True)
@@ -346,12 +324,13 @@ def backward(q, k, v, o, lse, do, opts):
     dq_parts = np.zeros((n_chunks, B, H, L, E), dtype)
     dk = np.empty_like(k)
     dv = np.empty_like(v)
+    q_scaled = q * ops["scale"]                   # (B, H, L, E): O(L) per head
     need_ds = bool(opts.need_bias_grad)
     dscores = np.zeros((B, H, L, S) if need_ds else (1, 1, 1, 1), dtype)
     row_dot = np.empty((B, H, L), dtype)
     with launch():
         _row_dot(do, o, row_dot)
-        _backward_kernel(q, k, v, do, lse, row_dot, ops["mask"], ops["bias"], ops["drop"],
+        _backward_kernel(q_scaled, k, v, do, lse, row_dot, ops["mask"], ops["bias"], ops["drop"],
                          ops["has_mask"], ops["has_bias"], ops["has_drop"], ops["causal"],
                          ops["offset"], ops["scale"], ops["drop_scale"], BLOCK_Q, BLOCK_K,
                          n_chunks, need_ds, dq_parts, dk, dv, dscores)
