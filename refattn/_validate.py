@@ -30,7 +30,7 @@ SUPPORTED_FLOATS = ("float16", "float32", "float64")
 
 
 def _dtype_name(x) -> str:
-    return str(getattr(x.dtype, "name", x.dtype)).replace("torch.", "")
+    return str(getattr(x.dtype, "name", x.dtype)).rsplit(".", 1)[-1]  # torch.float32, array_api_strict.float64
 
 
 def check_array(x, name: str):
