@@ -14,6 +14,8 @@ from ._registry import cores, get_core, get_variant, projections, variants
 from ._vjp import vjp
 from .backends import available_backends
 from .cores.sdpa import sdpa
+from .cores.elementwise import (elementwise_attention, elementwise_state, elementwise_step,
+                                elementwise_taylor_error)
 from .layers import Attention
 
 try:
@@ -23,6 +25,10 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "sdpa",
+    "elementwise_attention",
+    "elementwise_state",
+    "elementwise_step",
+    "elementwise_taylor_error",
     "vjp",
     "Attention",
     "available_backends",
