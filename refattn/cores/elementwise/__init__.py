@@ -115,3 +115,5 @@ register_layer_variant(
     layer_options={"order": 6}, key_mask=True,
     summary="standard projection x element-wise attention, Taylor order 6",
     bench_sizes={"B1 L4096 d256 H4 causal": (1, 4096, 256, 4, {"causal": True})})
+
+from . import study  # noqa: E402,F401  (registers the elementwise-scaling study)

@@ -16,7 +16,7 @@ NumPy float32/float64 arrays (``psi = sqrt(scale) q``, ``kappa = sqrt(scale) k``
 Accumulators are float64 for both input dtypes: a scalar scan gains nothing
 from float32 registers, and a prefix sum over 65536 keys in float32 would lose
 up to ``L * 2^-24 ~ 4e-3`` relative.  Parallelism: ``prange`` over
-batch x heads x query tiles (exact) or batch x heads x channels (Taylor).
+batch x heads x query tiles (exact) or batch x heads x blocks of 16 channels (Taylor).
 Per-query-head ``dk, dv`` are summed over GQA groups afterwards.
 """
 
@@ -32,6 +32,7 @@ from .api import taylor_coefficients
 __all__ = ["forward", "backward"]
 
 _TILE = 32          # queries (exact forward / dq) or keys (exact dk, dv) per parallel task
+_CHANNELS = 16      # channels per Taylor scan task: contiguous loads, one state per channel
 _NO_OFFSET = 1 << 62
 
 
@@ -145,22 +146,33 @@ def _exact_dkdv(q, k, v, o, lse, do, keep, has_mask, offset, dk, dv):
 
 
 @numba.njit(cache=True, inline="always")
-def _add_key(A, Bm, mu, kk, vv, order):
-    """Add one key to the shifted moments; returns the new shift."""
+def _add_key(A, Bm, mu, cc, kk, vv, order):
+    """Add one key to channel ``cc`` of the shifted moments ``A, Bm (t + 1, width)``."""
     x = kk * kk
-    if x < mu:                                          # smaller kappa^2: shift down, rescale
-        if mu < np.inf:
-            r = math.exp(x - mu)
+    if x < mu[cc]:                                      # smaller kappa^2: shift down, rescale
+        if mu[cc] < np.inf:
+            r = math.exp(x - mu[cc])
             for n in range(order + 1):
-                A[n] *= r
-                Bm[n] *= r
-        mu = x
-    p = math.exp(mu - x)
+                A[n, cc] *= r
+                Bm[n, cc] *= r
+        mu[cc] = x
+    p = math.exp(mu[cc] - x)
     for n in range(order + 1):
-        A[n] += p * vv
-        Bm[n] += p
+        A[n, cc] += p * vv
+        Bm[n, cc] += p
         p *= kk
-    return mu
+
+
+@numba.njit(cache=True, inline="always")
+def _add_keys_until(A, Bm, mu, k, v, keep, has_mask, b, h, hk, c0, added, end, order):
+    """Add keys ``[added, end)`` (the kept ones) to channels ``c0 ...``; returns ``end``."""
+    for j in range(added, end):
+        if has_mask and not keep[b, h, 0, j]:
+            continue
+        for cc in range(mu.shape[0]):
+            _add_key(A, Bm, mu, cc, np.float64(k[b, hk, j, c0 + cc]),
+                     np.float64(v[b, hk, j, c0 + cc]), order)
+    return max(added, end)
 
 
 @numba.njit(cache=True, parallel=True)
@@ -169,34 +181,34 @@ def _taylor_forward(q, k, v, keep, has_mask, offset, coeffs, o, m, den):
     S = k.shape[2]
     group = H // k.shape[1]
     order = coeffs.shape[0] - 1
-    for task in numba.prange(B * H * D):
-        b, h, c = task // (H * D), (task // D) % H, task % D
+    blocks = (D + _CHANNELS - 1) // _CHANNELS
+    for task in numba.prange(B * H * blocks):
+        b, h, c0 = task // (H * blocks), (task // blocks) % H, (task % blocks) * _CHANNELS
+        width = min(D, c0 + _CHANNELS) - c0
         hk = h // group
-        A = np.zeros(order + 1)
-        Bm = np.zeros(order + 1)
-        mu = np.inf
+        A = np.zeros((order + 1, width))
+        Bm = np.zeros((order + 1, width))
+        mu = np.full(width, np.inf)
         added = 0
         for i in range(L):
-            end = _visible_end(i, S, offset)
-            while added < end:
-                if not has_mask or keep[b, h, 0, added]:
-                    mu = _add_key(A, Bm, mu, np.float64(k[b, hk, added, c]),
-                                  np.float64(v[b, hk, added, c]), order)
-                added += 1
-            if mu == np.inf:                            # no key yet
-                o[b, h, i, c] = 0.0
-                m[b, h, i, c] = np.inf
-                den[b, h, i, c] = 0.0
-                continue
-            psi = np.float64(q[b, h, i, c])
-            num = 0.0
-            dd = 0.0
-            for n in range(order, -1, -1):              # Horner in psi
-                num = num * psi + coeffs[n] * A[n]
-                dd = dd * psi + coeffs[n] * Bm[n]
-            o[b, h, i, c] = num / dd
-            m[b, h, i, c] = mu
-            den[b, h, i, c] = dd
+            added = _add_keys_until(A, Bm, mu, k, v, keep, has_mask, b, h, hk, c0, added,
+                                    _visible_end(i, S, offset), order)
+            for cc in range(width):
+                c = c0 + cc
+                if mu[cc] == np.inf:                    # no key yet
+                    o[b, h, i, c] = 0.0
+                    m[b, h, i, c] = np.inf
+                    den[b, h, i, c] = 0.0
+                    continue
+                psi = np.float64(q[b, h, i, c])
+                num = 0.0
+                dd = 0.0
+                for n in range(order, -1, -1):          # Horner in psi
+                    num = num * psi + coeffs[n] * A[n, cc]
+                    dd = dd * psi + coeffs[n] * Bm[n, cc]
+                o[b, h, i, c] = num / dd
+                m[b, h, i, c] = mu[cc]
+                den[b, h, i, c] = dd
 
 
 @numba.njit(cache=True, parallel=True)
@@ -206,76 +218,83 @@ def _taylor_backward(q, k, v, o, m, den, do, keep, has_mask, offset, coeffs, dq,
     S = k.shape[2]
     group = H // k.shape[1]
     order = coeffs.shape[0] - 1
-    for task in numba.prange(B * H * D):
-        b, h, c = task // (H * D), (task // D) % H, task % D
+    blocks = (D + _CHANNELS - 1) // _CHANNELS
+    for task in numba.prange(B * H * blocks):
+        b, h, c0 = task // (H * blocks), (task // blocks) % H, (task % blocks) * _CHANNELS
+        width = min(D, c0 + _CHANNELS) - c0
         hk = h // group
         # forward sweep: dpsi_i = r_i sum_n n a_n psi^(n-1) (A_n - o_i B_n), r_i = do_i / den_i
-        A = np.zeros(order + 1)
-        Bm = np.zeros(order + 1)
-        mu = np.inf
+        A = np.zeros((order + 1, width))
+        Bm = np.zeros((order + 1, width))
+        mu = np.full(width, np.inf)
         added = 0
         for i in range(L):
-            end = _visible_end(i, S, offset)
-            while added < end:
-                if not has_mask or keep[b, h, 0, added]:
-                    mu = _add_key(A, Bm, mu, np.float64(k[b, hk, added, c]),
-                                  np.float64(v[b, hk, added, c]), order)
-                added += 1
-            if mu == np.inf:
-                dq[b, h, i, c] = 0.0
-                continue
-            psi = np.float64(q[b, h, i, c])
-            oi = np.float64(o[b, h, i, c])
-            acc = 0.0
-            for n in range(order, 0, -1):
-                acc = acc * psi + n * coeffs[n] * (A[n] - oi * Bm[n])
-            dq[b, h, i, c] = do[b, h, i, c] / den[b, h, i, c] * acc
+            added = _add_keys_until(A, Bm, mu, k, v, keep, has_mask, b, h, hk, c0, added,
+                                    _visible_end(i, S, offset), order)
+            for cc in range(width):
+                c = c0 + cc
+                if mu[cc] == np.inf:
+                    dq[b, h, i, c] = 0.0
+                    continue
+                psi = np.float64(q[b, h, i, c])
+                oi = np.float64(o[b, h, i, c])
+                acc = 0.0
+                for n in range(order, 0, -1):
+                    acc = acc * psi + n * coeffs[n] * (A[n, cc] - oi * Bm[n, cc])
+                dq[b, h, i, c] = do[b, h, i, c] / den[b, h, i, c] * acc
         # reversed sweep: suffix sums G_n = sum_i a_n psi_i^n r_i exp(m_i - nu), H_n = ... o_i
-        G = np.zeros(order + 1)
-        Hs = np.zeros(order + 1)
-        nu = -np.inf
+        G = np.zeros((order + 1, width))
+        Hs = np.zeros((order + 1, width))
+        nu = np.full(width, -np.inf)
         for j in range(_visible_end(L - 1, S, offset), S):   # keys no query sees
-            dk[b, h, j, c] = 0.0
-            dv[b, h, j, c] = 0.0
+            for cc in range(width):
+                dk[b, h, j, c0 + cc] = 0.0
+                dv[b, h, j, c0 + cc] = 0.0
         for i in range(L - 1, -1, -1):
-            mi = m[b, h, i, c]
-            if mi < np.inf:
-                if mi > nu:                             # m_i grows backwards: shift up
-                    if nu > -np.inf:
-                        r = math.exp(nu - mi)
+            for cc in range(width):
+                c = c0 + cc
+                mi = np.float64(m[b, h, i, c])
+                if mi == np.inf:
+                    continue
+                if mi > nu[cc]:                         # m_i grows backwards: shift up
+                    if nu[cc] > -np.inf:
+                        r = math.exp(nu[cc] - mi)
                         for n in range(order + 1):
-                            G[n] *= r
-                            Hs[n] *= r
-                    nu = mi
-                p = do[b, h, i, c] / den[b, h, i, c] * math.exp(mi - nu)
+                            G[n, cc] *= r
+                            Hs[n, cc] *= r
+                    nu[cc] = mi
+                p = do[b, h, i, c] / den[b, h, i, c] * math.exp(mi - nu[cc])
                 psi = np.float64(q[b, h, i, c])
                 oi = np.float64(o[b, h, i, c])
                 for n in range(order + 1):
-                    G[n] += coeffs[n] * p
-                    Hs[n] += coeffs[n] * p * oi
+                    G[n, cc] += coeffs[n] * p
+                    Hs[n, cc] += coeffs[n] * p * oi
                     p *= psi
             # keys first seen by query i: every query from i on sees them
             lo = 0 if i == 0 else _visible_end(i - 1, S, offset)
             for j in range(lo, _visible_end(i, S, offset)):
-                if (has_mask and not keep[b, h, 0, j]) or nu == -np.inf:
-                    dk[b, h, j, c] = 0.0
-                    dv[b, h, j, c] = 0.0
-                    continue
-                kk = np.float64(k[b, hk, j, c])
-                vv = np.float64(v[b, hk, j, c])
-                g = math.exp(nu - kk * kk)
-                gv = 0.0
-                gk = 0.0
-                pw = 1.0                                # kappa^n
-                pm = 0.0                                # n kappa^(n-1)
-                for n in range(order + 1):
-                    gv += pw * G[n]
-                    # d/dkappa exp(-kappa^2) kappa^n = exp(-kappa^2)(n kappa^(n-1) - 2 kappa^(n+1))
-                    gk += (pm - 2.0 * pw * kk) * (vv * G[n] - Hs[n])
-                    pm = (n + 1) * pw
-                    pw *= kk
-                dk[b, h, j, c] = g * gk
-                dv[b, h, j, c] = g * gv
+                kept = not has_mask or keep[b, h, 0, j]
+                for cc in range(width):
+                    c = c0 + cc
+                    if not kept or nu[cc] == -np.inf:
+                        dk[b, h, j, c] = 0.0
+                        dv[b, h, j, c] = 0.0
+                        continue
+                    kk = np.float64(k[b, hk, j, c])
+                    vv = np.float64(v[b, hk, j, c])
+                    g = math.exp(nu[cc] - kk * kk)
+                    gv = 0.0
+                    gk = 0.0
+                    pw = 1.0                            # kappa^n
+                    pm = 0.0                            # n kappa^(n-1)
+                    for n in range(order + 1):
+                        gv += pw * G[n, cc]
+                        # d/dkappa exp(-kappa^2) kappa^n = exp(-kappa^2)(n kappa^(n-1) - 2 kappa^(n+1))
+                        gk += (pm - 2.0 * pw * kk) * (vv * G[n, cc] - Hs[n, cc])
+                        pm = (n + 1) * pw
+                        pw *= kk
+                    dk[b, h, j, c] = g * gk
+                    dv[b, h, j, c] = g * gv
 
 
 def _keep(mask, shape):
