@@ -45,7 +45,7 @@ def _pairwise(q, k, v, order=None, scale=1.0, keep=None):
     """
     group = q.shape[-3] // k.shape[-3]
     k, v = np.repeat(k, group, axis=-3), np.repeat(v, group, axis=-3)
-    qi, kj = q[..., :, None, :], k[..., None, :, :]                  # (..., L, 1, D), (..., 1, S, D)
+    qi, kj = q[..., :, None, :], k[..., None, :, :]          # (..., L, 1, D), (..., 1, S, D)
     if order is None:
         w = np.exp(-scale * (qi - kj) ** 2)
     else:
@@ -57,7 +57,7 @@ def _pairwise(q, k, v, order=None, scale=1.0, keep=None):
     return np.where(den > 0, (w * v[..., None, :, :]).sum(-2) / np.where(den > 0, den, 1), 0.0)
 
 
-# -- definitions -----------------------------------------------------------------------------------
+# -- definitions ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("order", [None, 2, 6])
@@ -104,7 +104,7 @@ def test_gradients_gqa_key_mask_scale(order, causal):
                 scale=1.7, backend="reference")
 
 
-# -- recurrent form ----------------------------------------------------------------------------------
+# -- recurrent form -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype, tol", [("float64", 1e-12), ("float32", None)])
 def test_recurrent_reproduces_causal_taylor(dtype, tol):
@@ -124,7 +124,7 @@ def test_recurrent_reproduces_causal_taylor(dtype, tol):
     assert_close(got, expected, dtype, rtol=tol, atol=tol)
 
 
-# -- numerics ----------------------------------------------------------------------------------------
+# -- numerics -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("causal", [False, True])
@@ -209,7 +209,7 @@ def test_layer_with_taylor_core():
         refattn.Attention(16, 4, core="elementwise", order=3)(params, x)
 
 
-# -- errors --------------------------------------------------------------------------------------------
+# -- errors ---------------------------------------------------------------------------------------
 
 def test_errors():
     rng = np.random.default_rng(9)

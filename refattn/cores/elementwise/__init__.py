@@ -109,7 +109,8 @@ register_variant(Variant(
     summary="element-wise attention, Taylor form, non-causal moments, O(t L D)"))
 register_variant(Variant(
     name="elementwise-taylor-causal", kind="core", make_cases=_taylor_cases(True),
-    core="elementwise", summary="element-wise attention, causal Taylor form (prefix scan), O(t L D)"))
+    core="elementwise",
+    summary="element-wise attention, causal Taylor form (prefix scan), O(t L D)"))
 register_layer_variant(
     "mha-elementwise-taylor", projection="standard", core="elementwise",
     layer_options={"order": 6}, key_mask=True,

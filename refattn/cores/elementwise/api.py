@@ -247,7 +247,7 @@ def _elementwise_vjp(q, k, v, **options):
 elementwise_attention.__refattn_vjp__ = _elementwise_vjp
 
 
-# -- recurrent inference ---------------------------------------------------------------------------
+# -- recurrent inference --------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class ElementwiseState:
@@ -314,7 +314,7 @@ def elementwise_state(batch_shape, H, D, order, dtype="float64", *, scale=1.0, l
 
 
 def elementwise_step(state: ElementwiseState, q_t, k_t, v_t):
-    """One token of causal Taylor element-wise attention: ``o_t, state = step(state, q_t, k_t, v_t)``.
+    """One token of causal Taylor element-wise attention: ``o_t, state = step(state, q, k, v)``.
 
     Adds the key ``k_t`` (with value ``v_t``) to the moments, then reads the
     output of query ``q_t``: O(t D) per head.  Stepping through a sequence
@@ -382,7 +382,7 @@ def elementwise_step(state: ElementwiseState, q_t, k_t, v_t):
     return o, replace(state, moments=xp.stack([A, Bm], axis=0), shift=mu, steps=state.steps + 1)
 
 
-# -- accuracy ---------------------------------------------------------------------------------------
+# -- accuracy -------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class TaylorError:
@@ -437,7 +437,8 @@ def elementwise_taylor_error(q, k, v, order, *, causal=False, causal_align="uppe
     shapes, opts = res.shapes, res.options
     group = shapes.group
     kh = np.repeat(res.k, group, axis=1)                       # (B, H, S, D)
-    x = 2.0 * np.abs(np.swapaxes(res.q, -1, -2)[..., :, None] * np.swapaxes(kh, -1, -2)[..., None, :])
+    psi_c, kappa_c = np.swapaxes(res.q, -1, -2), np.swapaxes(kh, -1, -2)  # (B, H, D, L|S)
+    x = 2.0 * np.abs(psi_c[..., :, None] * kappa_c[..., None, :])            # (B, H, D, L, S)
     keep = np.ones((shapes.q_len, shapes.kv_len), dtype=bool)
     if opts.causal_offset is not None:
         keep &= np.arange(shapes.kv_len)[None, :] <= np.arange(shapes.q_len)[:, None] + \

@@ -289,7 +289,8 @@ def _taylor_backward(q, k, v, o, m, den, do, keep, has_mask, offset, coeffs, dq,
                     pm = 0.0                            # n kappa^(n-1)
                     for n in range(order + 1):
                         gv += pw * G[n, cc]
-                        # d/dkappa exp(-kappa^2) kappa^n = exp(-kappa^2)(n kappa^(n-1) - 2 kappa^(n+1))
+                        # d/dkappa exp(-kappa^2) kappa^n
+                        #     = exp(-kappa^2) (n kappa^(n-1) - 2 kappa^(n+1))
                         gk += (pm - 2.0 * pw * kk) * (vv * G[n, cc] - Hs[n, cc])
                         pm = (n + 1) * pw
                         pw *= kk

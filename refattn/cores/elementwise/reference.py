@@ -42,10 +42,10 @@ def _channels_first(xp, x):
     return matrix_transpose(xp, x)[..., None]
 
 
-# -- exact form: a softmax per channel ----------------------------------------------------------
+# -- exact form: a softmax per channel ------------------------------------------------------------
 
 def _exact_scores(xp, q, kh, opts):
-    """Scores ``-(psi_i - kappa_j)^2`` as ``(B, H, D, L, S)`` and the keep-mask ``(B|1, H|1, 1, L, S)``."""
+    """Scores ``-(psi_i - kappa_j)^2`` and ``psi_i - kappa_j`` ``(B, H, D, L, S)``, keep-mask."""
     diff = _channels_first(xp, q) - matrix_transpose(xp, kh)[..., None, :]   # (B, H, D, L, S)
     keep = keep_mask(xp, opts.mask, opts.causal_offset, q.shape[-2], kh.shape[-2])
     if keep is not None:
@@ -73,7 +73,7 @@ def _exact_backward(xp, q, kh, vh, o, lse, do, opts):
     return dq, dk, dv
 
 
-# -- Taylor form: shared pieces ------------------------------------------------------------------
+# -- Taylor form: shared pieces -------------------------------------------------------------------
 
 def _powers(xp, x, order):
     """``[x^0, ..., x^order]`` (a list: array-API arrays take no bare leading index)."""
@@ -111,14 +111,14 @@ def _key_squares(xp, kappa, key_keep):
 
 
 def _key_keep(xp, opts):
-    """The key mask as ``(B|1, H|1, S|1, 1)`` (the Taylor form takes query-independent masks only)."""
+    """The key mask as ``(B|1, H|1, S|1, 1)`` (the Taylor form takes masks on keys only)."""
     if opts.mask is None:
         return None
     return matrix_transpose(xp, opts.mask)          # (B|1, H|1, 1, S|1) -> (B|1, H|1, S|1, 1)
 
 
 def state_update(xp, state, kappa, v, k2, order):
-    """Add keys ``kappa, v, k2 (..., n, D)`` (``k2 = kappa^2``, ``+inf`` = masked) to a moment state.
+    """Add keys ``kappa, v, k2 (..., n, D)`` (``k2 = kappa^2``, ``+inf`` = masked) to a state.
 
     ``state = (A, Bm, mu)`` with ``A, Bm (order + 1, ..., D)`` the shifted moments
     ``sum_j exp(mu - kappa_j^2) kappa_j^n (v_j | 1)`` and ``mu (..., D)`` their
@@ -137,7 +137,7 @@ def state_update(xp, state, kappa, v, k2, order):
 
 
 def state_read(xp, state, psi, m, coeffs):
-    """Numerator and denominator that a state gives queries ``psi (..., n, D)`` with row shifts ``m``.
+    """Numerator and denominator a state gives queries ``psi (..., n, D)`` with row shifts ``m``.
 
     Returns ``(N, Dn)`` each ``(..., n, D)``, scaled by ``exp(m_i)``:
     ``exp(m_i - mu) sum_n a_n psi^n (A_n | B_n)``.
@@ -216,7 +216,7 @@ def _taylor_scan(xp, q, kh, vh, opts, backward_from=None):
         k2v = xp.where(vis, k2_all[..., None, p:e, :], xp.full_like(x, xp.inf))
         row_min = xp.min(k2v, axis=-2) if e > p else xp.full_like(psi, xp.inf)
         m = xp.minimum(state[2][..., None, :], row_min)      # row shifts (B, H, n, D)
-        w = _decay(xp, m[..., :, None, :], k2v)               # exp(m_i - kappa_j^2), (B, H, n, s, D)
+        w = _decay(xp, m[..., :, None, :], k2v)               # exp(m_i - kappa_j^2) (B, H, n, s, D)
         vj = vh[..., None, p:e, :]                            # (B, H, 1, s, D)
         if backward_from is None:
             num, den = state_read(xp, state, psi, m, coeffs)
