@@ -13,6 +13,7 @@ counts; CUDA work is synchronised before the clock stops.
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 
@@ -21,11 +22,14 @@ from refattn.backends import BACKENDS, available_backends
 from refattn.bench import studies
 
 DTYPES = ["float32", "float64"]
+#: ``REFATTN_ASV_SMOKE=1`` swaps the bench sizes for the small "default" problems:
+#: CI runs every benchmark once that way, so the suite never rots, in seconds.
+CASE_KIND = "default" if os.environ.get("REFATTN_ASV_SMOKE") else "bench"
 
 
 @functools.lru_cache(maxsize=None)
 def _labels(variant_name):
-    return tuple(c.name for c in refattn.get_variant(variant_name).cases("bench", "float32"))
+    return tuple(c.name for c in refattn.get_variant(variant_name).cases(CASE_KIND, "float32"))
 
 
 def _to_backend(backend, x):
@@ -55,7 +59,9 @@ def _variant_suite(variant_name):
             variant = refattn.get_variant(variant_name)
             if backend not in available_backends() or backend not in variant.backends:
                 raise NotImplementedError(f"{backend} not available for {variant_name}")
-            case = next(c for c in variant.cases("bench", dtype) if c.name == label)
+            case = next(c for c in variant.cases(CASE_KIND, dtype) if c.name == label)
+            if case.backends is not None and backend not in case.backends:
+                raise NotImplementedError(f"{label} is not meant for {backend}")
             self.backend = backend
             self.fn = case.fn
             self.arrays = tuple(_to_backend(backend, a) for a in case.arrays)
