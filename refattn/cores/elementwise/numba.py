@@ -54,25 +54,31 @@ def _exact_forward(q, k, v, keep, has_mask, offset, o, lse):
         bh, tile = task // tiles, task % tiles
         b, h = bh // H, bh % H
         hk = h // group
+        qi = np.empty(D)
         mx = np.empty(D)
         den = np.empty(D)
         acc = np.empty(D)
         for i in range(tile * _TILE, min(L, (tile + 1) * _TILE)):
+            end = _visible_end(i, S, offset)
+            for c in range(D):
+                qi[c] = q[b, h, i, c]
+            # two passes over the keys (row max, then sums): branch-free inner loops run
+            # about twice as fast as an online softmax that rescales per channel
             mx[:] = -np.inf
-            den[:] = 0.0
-            acc[:] = 0.0
-            for j in range(_visible_end(i, S, offset)):
+            for j in range(end):
                 if has_mask and not keep[b, h, i, j]:
                     continue
                 for c in range(D):
-                    d = np.float64(q[b, h, i, c]) - np.float64(k[b, hk, j, c])
-                    s = -d * d
-                    if s > mx[c]:                      # online softmax: rescale to the new max
-                        r = math.exp(mx[c] - s)
-                        den[c] *= r
-                        acc[c] *= r
-                        mx[c] = s
-                    e = math.exp(s - mx[c])
+                    d = qi[c] - np.float64(k[b, hk, j, c])
+                    mx[c] = max(mx[c], -d * d)
+            den[:] = 0.0
+            acc[:] = 0.0
+            for j in range(end):
+                if has_mask and not keep[b, h, i, j]:
+                    continue
+                for c in range(D):
+                    d = qi[c] - np.float64(k[b, hk, j, c])
+                    e = math.exp(-d * d - mx[c])
                     den[c] += e
                     acc[c] += e * v[b, hk, j, c]
             for c in range(D):
@@ -82,6 +88,12 @@ def _exact_forward(q, k, v, keep, has_mask, offset, o, lse):
                 else:                                   # no key: o = 0, lse = -inf
                     o[b, h, i, c] = 0.0
                     lse[b, h, i, c] = -np.inf
+
+
+@numba.njit(cache=True, inline="always")
+def _lse_or_inf(x):
+    """``lse`` with ``-inf`` (an empty row) mapped to ``+inf``, so ``exp(s - lse) = 0`` there."""
+    return x if x > -np.inf else np.inf
 
 
 @numba.njit(cache=True, parallel=True)
@@ -101,10 +113,8 @@ def _exact_dq(q, k, v, o, lse, do, keep, has_mask, offset, dq):
                 if has_mask and not keep[b, h, i, j]:
                     continue
                 for c in range(D):
-                    if lse[b, h, i, c] == -np.inf:
-                        continue
                     d = np.float64(q[b, h, i, c]) - np.float64(k[b, hk, j, c])
-                    p = math.exp(-d * d - lse[b, h, i, c])
+                    p = math.exp(-d * d - _lse_or_inf(lse[b, h, i, c]))
                     # dS = P (dP - rowdot), dP = do_i v_j, rowdot = do_i o_i; dS/dpsi = -2 d
                     ds = p * do[b, h, i, c] * (v[b, hk, j, c] - o[b, h, i, c])
                     acc[c] -= 2.0 * ds * d
@@ -133,10 +143,8 @@ def _exact_dkdv(q, k, v, o, lse, do, keep, has_mask, offset, dk, dv):
                 if has_mask and not keep[b, h, i, j]:
                     continue
                 for c in range(D):
-                    if lse[b, h, i, c] == -np.inf:
-                        continue
                     d = np.float64(q[b, h, i, c]) - np.float64(k[b, hk, j, c])
-                    p = math.exp(-d * d - lse[b, h, i, c])
+                    p = math.exp(-d * d - _lse_or_inf(lse[b, h, i, c]))
                     g = do[b, h, i, c]
                     gv[c] += p * g
                     gk[c] += 2.0 * p * g * (v[b, hk, j, c] - o[b, h, i, c]) * d
