@@ -253,3 +253,20 @@ def test_state_errors():
         refattn.elementwise_step({}, x, x, x)
     o, _ = refattn.elementwise_step(state, x, x[:, :2], x[:, :2])       # GQA 4/2
     assert o.shape == (2, 4, 8)
+
+
+def test_scaling_study_reports_its_metrics(monkeypatch):
+    """The study's plumbing on tiny sizes (its timings are not asserted: shared machines)."""
+    from refattn.cores.elementwise import study
+
+    monkeypatch.setattr(study, "_LENGTHS", {"quick": (64, 128, 256)})
+    monkeypatch.setattr(study, "_SDPA_MAX", {"quick": 64})
+    monkeypatch.setattr(study, "_EXACT_MAX", {"quick": 64})
+    monkeypatch.setattr(study, "_BASE_L", 64)
+    result = study.run("quick")
+    assert set(result.metrics) == set(study._metric_names())
+    assert len(result.rows) == 3 and result.rows[0][4] != "-" and result.rows[1][4] == "-"
+    # peak memory is deterministic: outputs and saved rows, (B, H, L, D) each
+    assert 0.8 < result.metrics["memory_exponent_t6"] < 1.2
+    assert all(np.isfinite(v) for v in result.metrics.values())
+    assert all(v > 0 for name, v in result.metrics.items() if name.startswith("speedup"))
