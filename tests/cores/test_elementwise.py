@@ -112,7 +112,7 @@ def test_recurrent_reproduces_causal_taylor(dtype, tol):
     q, k, v = _qkv(rng, (2, 4, 37, 6), (2, 2, 37, 6), dtype=dtype)
     expected = refattn.elementwise_attention(q, k, v, order=6, causal=True, scale=0.9,
                                              backend="reference")
-    state = refattn.elementwise_state((2,), 4, 6, order=6, dtype=dtype, scale=0.9)
+    state = refattn.elementwise_state((2,), 4, 6, order=6, dtype=np.dtype(dtype).type, scale=0.9)
     outs = []
     for t in range(37):
         o_t, state = refattn.elementwise_step(state, q[:, :, t], k[:, :, t], v[:, :, t])
@@ -270,3 +270,19 @@ def test_scaling_study_reports_its_metrics(monkeypatch):
     assert 0.8 < result.metrics["memory_exponent_t6"] < 1.2
     assert all(np.isfinite(v) for v in result.metrics.values())
     assert all(v > 0 for name, v in result.metrics.items() if name.startswith("speedup"))
+
+
+@pytest.mark.parametrize("order", [None, 6])
+def test_float16_reference_computes_in_float32(order):
+    """float16 in, float16 out; the arithmetic and the saved rows stay float32."""
+    rng = np.random.default_rng(10)
+    q, k, v = (rng.standard_normal((2, 3, 200, 8)) for _ in range(3))
+    o, pull = refattn.vjp(refattn.elementwise_attention, q, k, v, order=order, causal=True,
+                          backend="reference")
+    o16, pull16 = refattn.vjp(refattn.elementwise_attention,
+                              *(x.astype(np.float16) for x in (q, k, v)), order=order, causal=True)
+    assert o16.dtype == np.float16
+    assert_close(o16, o, "float16")
+    for g16, g in zip(pull16(np.ones_like(o16)), pull(np.ones_like(o))):
+        assert g16.dtype == np.float16
+        assert_close(g16, g, "float16")

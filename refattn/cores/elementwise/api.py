@@ -31,7 +31,7 @@ multiplies ``dq, dk`` by ``sqrt(scale)``), and calls the backend module
 
 Rows with no key (masked out, or before the first key under ``lower_right``
 causal alignment) give ``o = 0`` and zero gradients, as in :func:`refattn.sdpa`.
-float16 is computed in float32.  Kernels must not materialise ``L x S x D``
+float16 is computed in float32 (and ``saved`` kept in float32).  Kernels must not materialise ``L x S x D``
 arrays for the Taylor form (O(t L D) time, O(L D) memory).
 """
 
@@ -305,9 +305,15 @@ def elementwise_state(batch_shape, H, D, order, dtype="float64", *, scale=1.0, l
         import numpy as xp
     else:
         xp = namespace(like)
-    dtype = getattr(xp, str(getattr(dtype, "name", dtype)).replace("numpy.", ""), None)
-    if dtype not in (xp.float32, xp.float64):
-        raise TypeError("dtype must be float32 or float64")
+    try:                                   # "float32", np.float32, np.dtype("float32")
+        import numpy as np
+
+        name = np.dtype(dtype).name
+    except TypeError:                      # a non-NumPy dtype object (array-api-strict)
+        name = str(dtype).rsplit(".", 1)[-1]
+    if name not in ("float32", "float64"):
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}")
+    dtype = getattr(xp, name)
     shape = batch_shape + (int(H), int(D))
     return ElementwiseState(xp.zeros((2, order + 1) + shape, dtype=dtype),
                             xp.full(shape, xp.inf, dtype=dtype), order, scale, 0)

@@ -312,11 +312,13 @@ def forward(q, k, v, opts):
     q, k, v = _work(xp, q, k, v)
     group = q.shape[1] // k.shape[1]
     kh, vh = expand_kv_heads(xp, k, group), expand_kv_heads(xp, v, group)
+    # ``saved`` stays in the working precision: float16 would round lse (|lse| up to
+    # ~100: steps of 0.06, i.e. 6% in exp(s - lse)) and overflow den (> 65504)
     if opts.order is None:
         o, lse = _exact_forward(xp, q, kh, vh, opts)
-        return xp.astype(o, dtype), (xp.astype(lse, dtype),)
+        return xp.astype(o, dtype), (lse,)
     o, m, den = _taylor_scan(xp, q, kh, vh, opts)
-    return xp.astype(o, dtype), (xp.astype(m, dtype), xp.astype(den, dtype))
+    return xp.astype(o, dtype), (m, den)
 
 
 def backward(q, k, v, o, saved, do, opts):

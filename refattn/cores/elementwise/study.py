@@ -28,8 +28,8 @@ _LENGTHS = {"quick": (1024, 2048, 4096, 8192),
             "full": (1024, 2048, 4096, 8192, 16384, 32768, 65536)}
 #: Largest L at which the O(L^2) contenders still run: causal SDPA (reference, L x L
 #: arrays) and the exact form (numba, O(L^2 D) exponentials: seconds at L = 1024).
-_SDPA_MAX = {"quick": 1024, "full": 4096}
-_EXACT_MAX = {"quick": 0, "full": 2048}
+_SDPA_MAX = {"quick": 1024, "full": 2048}
+_EXACT_MAX = {"quick": 0, "full": 1024}
 _H, _D = 4, 64
 #: A fit slope above this is reported as a failure (linear time/memory is the claim).
 EXPONENT_LIMIT = 1.2
