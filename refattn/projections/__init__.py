@@ -2,3 +2,4 @@
 
 from ._base import LayerConfig, Projection, RealOutputProjection  # noqa: F401
 from . import standard  # noqa: F401
+from . import optimised, efficient, super  # noqa: F401,E401  (Hosseini & Hosseini schemes)
