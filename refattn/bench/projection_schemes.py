@@ -28,7 +28,7 @@ def run(size="quick") -> StudyResult:
     import numpy as np
 
     from ..layers import PAPER_SETTINGS
-    from ..projections.counts import SCHEMES, _layer, scheme_counts
+    from ..projections.counts import SCHEMES, make_layer, scheme_counts
 
     batch, rounds, min_time = (1, 3, 0.005) if size == "quick" else (8, 9, 0.05)
     dtype = np.float32
@@ -41,7 +41,7 @@ def run(size="quick") -> StudyResult:
         dy = rng.standard_normal((batch, L, d)).astype(dtype)     # (B, L, d)
         layers = {}
         for i, s in enumerate(SCHEMES):
-            layer = _layer(s, d, h, L, bias=False, causal=False)
+            layer = make_layer(s, d, h, L, bias=False, causal=False)
             layers[s] = (layer, layer.init(seed=i, dtype=dtype))
         forward, forward_backward = _contenders(layers, x, dy)
         t_fwd = compare(forward, rounds=rounds, min_time=min_time)

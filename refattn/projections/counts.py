@@ -19,7 +19,7 @@ from ..bench import StudyResult
 from ..layers import Attention
 
 __all__ = ["SCHEMES", "SchemeCounts", "scheme_counts", "counts_table", "super_break_even",
-           "super_scan_table"]
+           "super_scan_table", "make_layer"]
 
 #: Hosseini & Hosseini's schemes, with standard first (the denominator of every ratio).
 SCHEMES = ("standard", "optimised", "efficient", "super")
@@ -33,7 +33,7 @@ class SchemeCounts:
     matmuls_per_head: int       # input matrix products per head
 
 
-def _layer(scheme, d_model, n_heads, seq_len, bias, causal):
+def make_layer(scheme, d_model, n_heads, seq_len, bias, causal):
     options = {"seq_len": seq_len} if scheme == "super" else {}
     return Attention(d_model, n_heads, projection=scheme, causal=causal, bias=bias, **options)
 
@@ -42,7 +42,7 @@ def scheme_counts(d_model, n_heads, seq_len, *, bias=False, causal=False) -> dic
     """``{scheme: SchemeCounts}`` for self-attention over ``L = S = seq_len`` tokens."""
     out = {}
     for scheme in SCHEMES:
-        layer = _layer(scheme, d_model, n_heads, seq_len, bias, causal)
+        layer = make_layer(scheme, d_model, n_heads, seq_len, bias, causal)
         out[scheme] = SchemeCounts(layer.num_params(),
                                    layer.scheme.flops(layer.config, seq_len, seq_len),
                                    layer.flops(seq_len), layer.scheme.matmuls_per_head)
