@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ("report", "info", "params")
+COMMAND_MODULES = ("report", "info", "bench", "params")
 
 
 def _commands():
