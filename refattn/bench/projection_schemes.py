@@ -13,6 +13,10 @@ from . import Study, StudyResult, compare, register_study
 
 #: The paper's claim about Efficient Attention's speed ("up to twice as fast").
 CLAIMED_EFFICIENT_SPEEDUP = 2.0
+#: A scheme cannot plausibly beat its FLOP ratio by more than this factor (the work it drops
+#: is matrix products that run at the same rate as the work it keeps); below it, the
+#: machine's load changed during the run.
+SUSPECT_BELOW = 0.8
 
 
 def _contenders(layers, x, dy):
@@ -53,6 +57,9 @@ def run(size="quick") -> StudyResult:
             r_fwd, r_fb = t_fwd[s] / t_fwd["standard"], t_fb[s] / t_fb["standard"]
             rows.append([label, s, f"{r_params:.3f}", f"{r_flops:.3f}", f"{r_fwd:.3f}",
                          f"{r_fb:.3f}", c.matmuls_per_head])
+            if min(r_fwd, r_fb) < SUSPECT_BELOW * r_flops:
+                notes.append(f"{label} {s}: time ratio {min(r_fwd, r_fb):.2f} is far below its "
+                             f"FLOP ratio {r_flops:.2f}; suspect a disturbed run, re-run")
             key = f"{label}.{s}"
             metrics.update({f"{key}.params_ratio": r_params, f"{key}.flops_ratio": r_flops,
                             f"{key}.forward_time_ratio": r_fwd,
