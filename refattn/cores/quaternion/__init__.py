@@ -76,3 +76,14 @@ for _mode in MODES:
                              core=_mode, summary=_SUMMARIES[_mode], tags=("quaternion",)))
 
 #from . import study  # noqa: E402,F401  (registers the "quaternion-cores" study)
+
+# The layers: quaternion projection x each core (``refattn.Attention(..., projection="quaternion")``).
+from ...layers import register_layer_variant  # noqa: E402
+
+for _mode in MODES:
+    register_layer_variant(
+        f"qattn-{_mode}", projection="quaternion", core=_mode,
+        summary=f"quaternion Q/K/V/O layers (quarter-size), {_mode} core",
+        test_sizes=(2, 5, 16, 2), default_size=(2, 64, 64, 4),
+        # The paper's models (d_model 64, 4 heads, ~1100 frames) and a long sequence.
+        bench_sizes={f"B1 L{L} d64 H4": (1, L, 64, 4, {}) for L in (1100, 4096)})
