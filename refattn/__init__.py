@@ -14,6 +14,8 @@ from ._registry import cores, get_core, get_variant, projections, variants
 from ._vjp import vjp
 from .backends import available_backends
 from .cores.sdpa import sdpa
+from .cores.quaternion import quaternion_attention
+from .projections.quaternion import quaternion_linear
 from .layers import Attention
 
 try:
@@ -23,6 +25,8 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "sdpa",
+    "quaternion_attention",
+    "quaternion_linear",
     "vjp",
     "Attention",
     "available_backends",

@@ -75,7 +75,7 @@ for _mode in MODES:
     register_variant(Variant(name=f"quaternion-{_mode}", kind="core", make_cases=_make_cases(_mode),
                              core=_mode, summary=_SUMMARIES[_mode], tags=("quaternion",)))
 
-#from . import study  # noqa: E402,F401  (registers the "quaternion-cores" study)
+from . import study  # noqa: E402,F401  (registers the "quaternion-cores" study)
 
 # The layers: quaternion projection x each core (``refattn.Attention(..., projection="quaternion")``).
 from ...layers import register_layer_variant  # noqa: E402
