@@ -1,9 +1,11 @@
 """Quaternion attention reference backend: the explicit formulas (array API).
 
-The score maps are accumulated term by term from :func:`algebra.score_terms`,
-exactly as ``VARIANTS.md`` section 3 writes them (16 products ``Q_a K_b^T`` for
-Hamilton, 4 for shared); the kernel backends compute the same maps by a
-different route (:mod:`.reduction`), so comparing the two checks the reduction.
+The score maps are built from the term table :func:`algebra.score_terms`
+(``S_m = sum sign * Q_a K_b^T``, as ``VARIANTS.md`` section 3 writes them),
+grouped by query component: ``S_m = Qflat Kmix_m^T`` where each map mixes
+signed KEY components (16 ``d`` multiplications per pair for Hamilton, 4 ``d``
+for shared).  The kernel backends permute the QUERY components instead
+(:mod:`.reduction`), so comparing the two checks the reduction.
 See ``docs/cores/quaternion.md`` for the derivation of the backward pass.
 
 Backend contract (batch-flattened, validated by :mod:`.api`)::
@@ -27,7 +29,7 @@ from ..._softmax import masked_softmax, probs_from_lse, softmax_backward
 from ..sdpa.reference import _work, expand_kv_heads, reduce_kv_heads
 from .algebra import n_maps, score_terms
 
-__all__ = ["forward", "backward", "score_maps", "expand_heads"]
+__all__ = ["forward", "backward", "score_maps", "key_mixes", "expand_heads"]
 
 
 def expand_heads(xp, x, group: int):
@@ -44,17 +46,45 @@ def _reduce_heads(xp, g, kv_heads: int):
     return xp.reshape(flat, (B, kv_heads, S, 4, f))
 
 
+def key_mixes(xp, kh, mode):
+    """The keys each score map reads: ``(B, H, S, 4, d) -> (B, H, M, S, 4d)``.
+
+    Grouping the terms of map ``m`` by query component, ``S_m = sum_a Q_a Kmix_(m,a)^T``
+    with ``Kmix_(m,a) = sum over terms (a, b, m, sign) of sign * K_b``; so
+    ``S_m = Qflat Kmix_m^T`` with the ``[r | i | j | k]`` flat layout.
+    """
+    maps = n_maps(mode)
+    mixes = [[None] * 4 for _ in range(maps)]
+    for a, b, m, sign in score_terms(mode):
+        term = kh[..., b, :] if sign > 0 else -kh[..., b, :]               # (B, H, S, d)
+        mixes[m][a] = term if mixes[m][a] is None else mixes[m][a] + term
+    B, H, S, _, d = kh.shape
+    return xp.stack([xp.reshape(xp.stack(mix, axis=-2), (B, H, S, 4 * d)) for mix in mixes],
+                    axis=2)                                                 # (B, H, M, S, 4d)
+
+
+def _key_mixes_adjoint(xp, dmix, mode):
+    """Adjoint of :func:`key_mixes`: ``(B, H, M, S, 4d) -> (B, H, S, 4, d)``."""
+    B, H, M, S, f = dmix.shape
+    dmix = xp.reshape(dmix, (B, H, M, S, 4, f // 4))
+    dk = [None] * 4
+    for a, b, m, sign in score_terms(mode):
+        term = dmix[:, :, m, :, a, :] if sign > 0 else -dmix[:, :, m, :, a, :]   # (B, H, S, d)
+        dk[b] = term if dk[b] is None else dk[b] + term
+    return xp.stack(dk, axis=-2)
+
+
+def _flat(xp, x):
+    return xp.reshape(x, (*x.shape[:-2], 4 * x.shape[-1]))                 # (..., 4f)
+
+
 def score_maps(xp, q, kh, mode):
     """Unscaled score maps ``(B, H, M, L, S)``: ``S_m = sum_terms sign * Q_a K_b^T``.
 
     ``q (B, H, L, 4, d)``, ``kh (B, H, S, 4, d)`` (kv heads already expanded).
     """
-    maps = [None] * n_maps(mode)
-    for a, b, m, sign in score_terms(mode):
-        term = q[..., a, :] @ matrix_transpose(xp, kh[..., b, :])     # (B, H, L, S)
-        term = term if sign > 0 else -term
-        maps[m] = term if maps[m] is None else maps[m] + term
-    return xp.stack(maps, axis=2)
+    qf = xp.expand_dims(_flat(xp, q), axis=2)                              # (B, H, 1, L, 4d)
+    return qf @ matrix_transpose(xp, key_mixes(xp, kh, mode))
 
 
 def _with_map_axis(xp, x):
@@ -117,18 +147,14 @@ def backward(saved, do, opts, mode):
     dvh = _from_value_groups(xp, matrix_transpose(xp, p) @ dog)          # (B, H, S, 4, dv)
     dp = dog @ matrix_transpose(xp, vg)                                  # (B, H, M, L, S)
     ds = softmax_backward(xp, p, dp, row_dot=xp.sum(dog * og, axis=-1))  # d(logits) (B, H, M, L, S)
-    dq, dkh = [None] * 4, [None] * 4
-    for a, b, m, sign in score_terms(mode):
-        # logits_m = scale S_m + bias, S_m += sign Q_a K_b^T
-        #   =>  dQ_a += scale sign dS_m K_b,  dK_b += scale sign dS_m^T Q_a  (scale applied below)
-        gq = ds[:, :, m] @ kh[..., b, :]                                 # (B, H, L, d)
-        gk = matrix_transpose(xp, ds[:, :, m]) @ q[..., a, :]            # (B, H, S, d)
-        gq, gk = (gq, gk) if sign > 0 else (-gq, -gk)
-        dq[a] = gq if dq[a] is None else dq[a] + gq
-        dkh[b] = gk if dkh[b] is None else dkh[b] + gk
+    # logits_m = scale Qflat Kmix_m^T + bias  =>  dQflat = scale sum_m dS_m Kmix_m,
+    # dKmix_m = scale dS_m^T Qflat, and dK is dKmix pulled back through the mixing.
+    dsc = opts.scale * ds
+    dqf = xp.sum(dsc @ key_mixes(xp, kh, mode), axis=2)                  # (B, H, L, 4d)
+    dmix = matrix_transpose(xp, dsc) @ xp.expand_dims(_flat(xp, q), axis=2)  # (B, H, M, S, 4d)
     kv_heads = k.shape[1]
-    grads = (opts.scale * xp.stack(dq, axis=-2),                         # (B, H, L, 4, d)
-             _reduce_heads(xp, opts.scale * xp.stack(dkh, axis=-2), kv_heads),  # (B, Hkv, S, 4, d)
+    grads = (xp.reshape(dqf, q.shape),                                   # (B, H, L, 4, d)
+             _reduce_heads(xp, _key_mixes_adjoint(xp, dmix, mode), kv_heads),  # (B, Hkv, S, 4, d)
              _reduce_heads(xp, dvh, kv_heads))                           # (B, Hkv, S, 4, dv)
     grads = tuple(xp.astype(g, dtype) for g in grads)
     # The bias is added to the logits of every map: its gradient sums the maps.
