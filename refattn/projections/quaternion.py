@@ -142,7 +142,10 @@ quaternion_linear.__refattn_vjp__ = _quaternion_linear_vjp
 
 
 def split_quaternion_heads(xp, x, n_heads: int):
-    """``(*batch, L, 4 n) -> (*batch, H, L, 4, dh)``: head ``h`` owns units ``h dh ... (h+1) dh - 1`` of each component."""
+    """``(*batch, L, 4 n) -> (*batch, H, L, 4, dh)``.
+
+    Head ``h`` owns units ``h dh ... (h+1) dh - 1`` of EACH component (``dh = n / H``).
+    """
     *batch, L, d = x.shape
     nb = len(batch)
     x = xp.reshape(x, (*batch, L, 4, n_heads, d // (4 * n_heads)))   # (*batch, L, 4, H, dh)
@@ -150,7 +153,7 @@ def split_quaternion_heads(xp, x, n_heads: int):
 
 
 def merge_quaternion_heads(xp, x):
-    """Inverse of :func:`split_quaternion_heads`: ``(*batch, H, L, 4, dh) -> (*batch, L, 4 H dh)``."""
+    """Inverse of :func:`split_quaternion_heads`: ``(*batch, H, L, 4, dh) -> (*batch, L, 4Hdh)``."""
     *batch, H, L, _, dh = x.shape
     nb = len(batch)
     x = xp.permute_dims(x, (*range(nb), nb + 1, nb + 2, nb, nb + 3))  # (*batch, L, 4, H, dh)

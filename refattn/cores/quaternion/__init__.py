@@ -77,7 +77,7 @@ for _mode in MODES:
 
 from . import study  # noqa: E402,F401  (registers the "quaternion-cores" study)
 
-# The layers: quaternion projection x each core (``refattn.Attention(..., projection="quaternion")``).
+# The layers: quaternion projection x each core (``Attention(..., projection="quaternion")``).
 from ...layers import register_layer_variant  # noqa: E402
 
 for _mode in MODES:

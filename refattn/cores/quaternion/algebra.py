@@ -14,7 +14,8 @@ once (``tests/cores/test_quaternion.py``) and trusted everywhere.
 
 from __future__ import annotations
 
-__all__ = ["COMPONENTS", "SIGN", "MODES", "product_terms", "hamilton_product", "score_terms", "n_maps"]
+__all__ = ["COMPONENTS", "SIGN", "MODES", "product_terms", "hamilton_product", "score_terms",
+           "n_maps"]
 
 #: Component names in storage order (``[r | i | j | k]`` blocks, component axis 0..3).
 COMPONENTS = ("r", "i", "j", "k")

@@ -158,7 +158,8 @@ def quaternion_attention(q, k, v, *, mode="shared", mask=None, bias=None, causal
               \quad \mathrm{Re}(Q \otimes K^*) = \textstyle\sum_c Q_c K_c^\top
 
     ``mode="hamilton"`` (Tay et al. 2019): four maps, the components of
-    :math:`\sum_u q_u \otimes k_u`, four softmaxes, :math:`O_c = \mathrm{softmax}(\text{scale}\,S_c) V_c`.
+    :math:`\sum_u q_u \otimes k_u`, four softmaxes,
+    :math:`O_c = \mathrm{softmax}(\text{scale}\,S_c) V_c`.
 
     Parameters
     ----------

@@ -30,7 +30,11 @@ __all__ = ["SDPAReduction", "signed_permutations", "signed_permutations_adjoint"
 
 
 def signed_permutations(xp, q):
-    """``q (B, H, L, 4, d) -> Qt (4, B, H, L, 4, d)`` with ``Qt[c][..., b, :] = SIGN[c^b][b] q[..., c^b, :]``."""
+    """Signed permutations of the components: ``q (B, H, L, 4, d) -> Qt (4, B, H, L, 4, d)``.
+
+    ``Qt[c][..., b, :] = SIGN[c^b][b] q[..., c^b, :]``; map ``c`` of the Hamilton core is
+    ``S_c = Qt[c] Kflat^T`` (components flattened).
+    """
     return xp.stack([
         xp.stack([q[..., c ^ b, :] if SIGN[c ^ b][b] > 0 else -q[..., c ^ b, :]
                   for b in range(4)], axis=-2)
@@ -71,7 +75,7 @@ def _components_last(xp, x):
 
 
 def _tile_batch(xp, x):
-    """Repeat a ``(B, ...)`` mask or bias for the four stacked problems (a ``(1, ...)`` one broadcasts)."""
+    """Repeat a ``(B, ...)`` mask or bias for the 4 stacked problems; ``(1, ...)`` broadcasts."""
     if x is None or x.shape[0] == 1:
         return x
     return xp.concat([x] * 4, axis=0)                             # (4B, ...)
