@@ -76,6 +76,7 @@ class QuaternionResiduals:
     saved: Any
     options: Any            # SDPAOptions of the flattened problem
     shapes: AttentionShapes
+    dtype: Any              # of the inputs; the cotangent is cast to it
     bias_shape: tuple | None = None
 
     @property
@@ -121,7 +122,7 @@ def forward(q, k, v, *, mode="shared", mask=None, bias=None, causal=False,
     backend = _backends.resolve(backend, IMPLEMENTED, q, core=f"quaternion attention ({mode})")
     q5, k5, v5 = (_flat_batch(xp, x, shapes) for x in (q, k, v))   # (B, H|Hkv, L|S, 4, d|dv)
     o5, saved = _implementation(backend).forward(q5, k5, v5, options, mode)
-    res = QuaternionResiduals(mode, backend, saved, options, shapes,
+    res = QuaternionResiduals(mode, backend, saved, options, shapes, q.dtype,
                               None if bias is None else tuple(bias.shape))
     return xp.reshape(o5, res.output), res
 
@@ -134,7 +135,7 @@ def backward(res: QuaternionResiduals, do):
         raise ValueError(f"cotangent has shape {tuple(do.shape)}, expected the output shape "
                          f"(..., H, L, 4, dv) = {res.output}")
     xp = namespace(do)
-    do5 = _flat_batch(xp, do, shapes)                                  # (B, H, L, 4, dv)
+    do5 = _flat_batch(xp, xp.astype(do, res.dtype), shapes)            # (B, H, L, 4, dv)
     dq, dk, dv, dscores = _implementation(res.backend).backward(res.saved, do5, res.options,
                                                                 res.mode)
     batch = shapes.batch
