@@ -183,7 +183,21 @@ def test_cores_are_registered_with_quaternion_layout():
         assert refattn.get_variant(f"quaternion-{mode}").core == mode
 
 
-# -- dtypes ------------------------------------------------------------------------------------
+# -- array API and dtypes ------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+def test_reference_runs_on_array_api_strict(mode):
+    xps = pytest.importorskip("array_api_strict")
+    q, k, v = _qkv(np.random.default_rng(8))
+    mask = np.random.default_rng(9).random((5, 6)) > 0.3
+    o, pull = refattn.vjp(refattn.quaternion_attention, q, k, v, mode=mode, mask=mask,
+                          causal=True)
+    os_, pulls = refattn.vjp(refattn.quaternion_attention, *(xps.asarray(x) for x in (q, k, v)),
+                             mode=mode, mask=xps.asarray(mask), causal=True, backend="reference")
+    np.testing.assert_allclose(np.asarray(os_), o, **EXACT)
+    for g, gs in zip(pull(np.ones_like(o)), pulls(xps.ones(os_.shape, dtype=xps.float64))):
+        np.testing.assert_allclose(np.asarray(gs), g, **EXACT)
+
+
 def test_float32_inputs_give_float32_outputs():
     q, k, v = (x.astype(np.float32) for x in _qkv(np.random.default_rng(9)))
     for mode in MODES:
