@@ -132,6 +132,24 @@ def test_shared_score_map_is_real_part_of_q_times_conjugate_k():
     np.testing.assert_allclose(score_maps(q, k, mode="shared")[:, 0], real, **EXACT)
 
 
+def test_shared_core_is_invariant_to_a_common_unit_quaternion_on_queries_and_keys():
+    """``Re((p q)(p k)*) = Re(p (q k*) p*) = |p|^2 Re(q k*)``: rotating every unit of q and k
+    by one unit quaternion ``p`` leaves the shared scores, hence the output, unchanged."""
+    rng = np.random.default_rng(16)
+    q, k, v = _qkv(rng)
+    p = rng.standard_normal(4)
+    p /= np.linalg.norm(p)
+
+    def rotate(x):   # (..., 4, d): left-multiply every unit by p
+        return np.moveaxis(hamilton_product(np, p, np.moveaxis(x, -2, -1)), -1, -2)
+
+    np.testing.assert_allclose(
+        refattn.quaternion_attention(rotate(q), rotate(k), v, mode="shared"),
+        refattn.quaternion_attention(q, k, v, mode="shared"), **EXACT)
+    hamilton = refattn.quaternion_attention(rotate(q), rotate(k), v, mode="hamilton")
+    assert np.max(np.abs(hamilton - refattn.quaternion_attention(q, k, v, mode="hamilton"))) > 1e-3
+
+
 def test_hamilton_core_differs_from_shared():
     q, k, v = _qkv(np.random.default_rng(6))
     a = refattn.quaternion_attention(q, k, v, mode="hamilton")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..._registry import Case, Core, Variant, register_core, register_variant
-from .api import (IMPLEMENTED, MODES, _bind, backward, flops, forward, pair_costs,
+from .api import (IMPLEMENTED, MODES, _registry_functions, backward, flops, forward, pair_costs,
                   quaternion_attention, score_maps)
 
 __all__ = ["quaternion_attention", "forward", "backward", "score_maps", "pair_costs", "flops",
@@ -23,7 +23,7 @@ _SUMMARIES = {
 
 
 def _register_core(mode):
-    fwd, fl = _bind(mode)
+    fwd, fl = _registry_functions(mode)
     return register_core(Core(
         name=mode, forward=fwd, backward=backward, layout="quaternion", backends=IMPLEMENTED,
         options=("scale", "causal_align", "bias"), flops=fl, summary=_SUMMARIES[mode]))

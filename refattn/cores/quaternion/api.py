@@ -234,7 +234,7 @@ def score_maps(q, k, *, mode="hamilton"):
     return xp.reshape(maps, (*shapes.batch, *maps.shape[1:]))
 
 
-def _bind(mode):
+def _registry_functions(mode):
     """The registry's ``forward(q, k, v, **options)`` for one mode."""
     fwd = functools.partial(forward, mode=mode)
     fl = functools.partial(flops, mode=mode)
