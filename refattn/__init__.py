@@ -14,6 +14,10 @@ from ._registry import cores, get_core, get_variant, projections, variants
 from ._vjp import vjp
 from .backends import available_backends
 from .cores.sdpa import sdpa
+from .cores.preconditioned import (Preconditioner, preconditioned_sdpa, preconditioners,
+                                   register_preconditioner)
+from . import conditioning  # noqa: F401
+from .conditioning import attention_conditioning, condition_number, layer_conditioning
 from .layers import Attention
 
 try:
@@ -32,5 +36,13 @@ __all__ = [
     "get_core",
     "get_variant",
     "testing",
+    "preconditioned_sdpa",
+    "Preconditioner",
+    "register_preconditioner",
+    "preconditioners",
+    "conditioning",
+    "condition_number",
+    "attention_conditioning",
+    "layer_conditioning",
     "__version__",
 ]

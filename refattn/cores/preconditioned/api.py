@@ -33,9 +33,12 @@ from ..._validate import check_float_array, check_positive_float
 from .preconditioners import Preconditioner, get_preconditioner
 
 __all__ = ["PreconditionedResiduals", "forward", "backward", "preconditioned_sdpa",
-           "make_core", "DEFAULT_EPS"]
+           "make_core", "apply_preconditioner", "inner_core_of", "DEFAULT_EPS"]
 
 DEFAULT_EPS = 1e-6
+
+#: ``{preconditioned core name: inner core name}`` of the cores built by :func:`make_core`.
+_WRAPPED: dict[str, str] = {}
 
 #: Options every core takes besides its ``Core.options`` (the layer passes them).
 _COMMON_OPTIONS = ("mask", "causal")
@@ -87,6 +90,22 @@ def _check_options(eps, stop_gradient, preconditioner, inner_core, inner_options
     return eps, pre, core
 
 
+def apply_preconditioner(pre: Preconditioner, q, k, v, a, eps: float, feature_axes: int = 1):
+    """``(c, a_rows)``: the diagonal ``c (*batch, H, L)`` of ``a`` and ``a`` as rows ``(.., L, F)``.
+
+    Both in the working precision (float32 for float16).  ``O = c[..., None] * a_rows``.
+    """
+    xp = namespace(a)
+    f = feature_axes
+    rows = tuple(a.shape[: a.ndim - f])                               # (*batch, H, L)
+    a_rows = _working(xp, xp.reshape(a, rows + (product(a.shape[a.ndim - f:]),)))  # (.., L, F)
+    c = pre.diagonal(q, k, v, a_rows, eps=eps)
+    if tuple(c.shape) != rows:
+        raise ValueError(f"preconditioner {pre.name!r} returned a diagonal of shape "
+                         f"{tuple(c.shape)}, expected (..., H, L) = {rows}")
+    return xp.astype(c, a_rows.dtype), a_rows
+
+
 def forward(q, k, v, *, eps=DEFAULT_EPS, stop_gradient=True, preconditioner="row_norm",
             inner_core="sdpa", backend="auto", **inner_options):
     """Forward pass returning ``(o, residuals)`` for :func:`backward`.
@@ -97,14 +116,7 @@ def forward(q, k, v, *, eps=DEFAULT_EPS, stop_gradient=True, preconditioner="row
                                     inner_options)
     a, inner = core.forward(q, k, v, backend=backend, **inner_options)
     xp = namespace(a)
-    f = _feature_axes(core)
-    rows = tuple(a.shape[: a.ndim - f])                               # (*batch, H, L)
-    a_rows = _working(xp, xp.reshape(a, rows + (product(a.shape[a.ndim - f:]),)))  # (.., L, F)
-    c = pre.diagonal(q, k, v, a_rows, eps=eps)
-    if tuple(c.shape) != rows:
-        raise ValueError(f"preconditioner {pre.name!r} returned a diagonal of shape "
-                         f"{tuple(c.shape)}, expected (..., H, L) = {rows}")
-    c = xp.astype(c, a_rows.dtype)
+    c, a_rows = apply_preconditioner(pre, q, k, v, a, eps, _feature_axes(core))
     o = xp.astype(xp.reshape(c[..., None] * a_rows, tuple(a.shape)), a.dtype)
     res = PreconditionedResiduals(core, inner, pre, eps, stop_gradient, c, tuple(a.shape),
                                   a.dtype)
@@ -238,8 +250,10 @@ def make_core(inner_core: str, name: str | None = None) -> Core:
         return inner.flops(batch, heads, q_len, kv_len, head_dim, value_dim,
                            **options) + 3.0 * rows * value_dim
 
+    name = name or f"preconditioned-{inner.name}"
+    _WRAPPED[name] = inner.name
     return Core(
-        name=name or f"preconditioned-{inner.name}",
+        name=name,
         forward=core_forward,
         backward=backward,
         layout=inner.layout,
@@ -250,3 +264,8 @@ def make_core(inner_core: str, name: str | None = None) -> Core:
                 + (" (rows of (4, d))" if f == 2 else ""),
     )
 
+
+
+def inner_core_of(core_name: str):
+    """The inner core's name if ``core_name`` is a preconditioned core, else ``None``."""
+    return _WRAPPED.get(core_name)
