@@ -195,6 +195,7 @@ def preconditioned_sdpa(q, k, v, *, eps=DEFAULT_EPS, stop_gradient=True,
     -------
     o : array (..., H, L, Ev), the dtype of ``q``
     c : array (..., H, L), only with ``return_diagonal=True``
+        In the working precision: float32 for float16 inputs (``1/eps`` overflows float16).
 
     Examples
     --------
@@ -214,8 +215,7 @@ def preconditioned_sdpa(q, k, v, *, eps=DEFAULT_EPS, stop_gradient=True,
                      preconditioner=preconditioner, inner_core=inner_core, backend=backend,
                      **sdpa_options)
     if return_diagonal:
-        xp = namespace(o)
-        return o, xp.astype(res.c, o.dtype)
+        return o, res.c
     return o
 
 
