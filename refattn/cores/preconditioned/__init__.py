@@ -14,6 +14,7 @@ from ...layers import register_layer_variant
 from .api import DEFAULT_EPS, backward, forward, make_core, preconditioned_sdpa
 from .preconditioners import (Preconditioner, get_preconditioner, preconditioners,
                               register_preconditioner)
+from . import study  # noqa: F401  (registers the study "preconditioned-overhead")
 
 __all__ = ["preconditioned_sdpa", "forward", "backward", "make_core", "Preconditioner",
            "register_preconditioner", "get_preconditioner", "preconditioners", "CORE",
