@@ -199,18 +199,7 @@ class HeadConditioning:
         return lead + "\n" + self.table()
 
 
-def _core_parts(core_name, options):
-    """Split a core name and its options into (inner core, preconditioner options, inner options)."""
-    from .cores.preconditioned.api import DEFAULT_EPS, inner_core_of
-
-    inner = inner_core_of(core_name) or core_name
-    pre = {"preconditioner": options.pop("preconditioner", "row_norm"),
-           "eps": options.pop("eps", DEFAULT_EPS)}
-    options.pop("stop_gradient", None)
-    return inner, pre, options
-
-
-def attention_conditioning(q, k, v, *, inner_core="sdpa", preconditioner="row_norm", eps=None,
+def attention_conditioning(q, k, v, *, inner_core="sdpa", preconditioner="row_norm", eps=1e-6,
                            rtol=None, backend="auto", **core_options) -> HeadConditioning:
     """Condition numbers of ``P``, ``A`` and ``diag(c) A`` for every head of a core.
 
@@ -222,8 +211,8 @@ def attention_conditioning(q, k, v, *, inner_core="sdpa", preconditioner="row_no
         preconditioned core name (``"preconditioned"``) means its inner core.
         ``kappa(P)`` is computed for SDPA only (other cores have no ``P``).
     preconditioner : str or Preconditioner
-    eps : float, optional
-        Of the preconditioner; default ``1e-6``.
+    eps : float > 0
+        Of the preconditioner.
     rtol : float, optional
         Rank tolerance of :func:`condition_number`.
     backend : str
@@ -246,41 +235,37 @@ def attention_conditioning(q, k, v, *, inner_core="sdpa", preconditioner="row_no
     True
     """
     from ._registry import get_core
-    from ._validate import check_positive_float
-    from .cores.preconditioned.api import _feature_axes, apply_preconditioner
+    from ._validate import _dtype_name, check_positive_float
+    from .cores.preconditioned.api import _feature_axes, apply_preconditioner, inner_core_of
     from .cores.preconditioned.preconditioners import get_preconditioner
 
-    options = dict(core_options)
-    if eps is not None:
-        options["eps"] = eps
-    options["preconditioner"] = preconditioner
-    inner_name, pre_opts, options = _core_parts(inner_core, options)
-    eps_value = check_positive_float(pre_opts["eps"], "eps")
-    pre = get_preconditioner(pre_opts["preconditioner"])
+    eps = check_positive_float(eps, "eps")
+    pre = get_preconditioner(preconditioner)
+    inner_name = inner_core_of(inner_core) or inner_core
     core = get_core(inner_name)
-    a, _ = core.forward(q, k, v, backend=backend, **options)
-    c, a_rows = apply_preconditioner(pre, q, k, v, a, eps_value, _feature_axes(core))
-    o_rows = c[..., None] * a_rows                                   # (*batch, H, L, F)
-    kappa_p, empty = None, None
-    if inner_name == "sdpa":
-        p = probabilities(q, k, backend=backend, **options)           # (*batch, H, L, S)
-        kappa_p = condition_number(p, rtol=rtol)
-        empty = np.count_nonzero(~np.any(to_numpy(p) != 0, axis=-1), axis=-1)
+    f = _feature_axes(core)
+    a, _ = core.forward(q, k, v, backend=backend, **core_options)
+    c, a_rows = apply_preconditioner(pre, q, k, v, a, eps, f)        # (.., H, L), (.., H, L, F)
     a_host = to_numpy(a_rows)
-    if empty is None:
+    o_host = to_numpy(c[..., None] * a_rows)                         # (*batch, H, L, F)
+    kappa_p = None
+    if inner_name == "sdpa":
+        p = to_numpy(probabilities(q, k, backend=backend, **core_options))   # (*batch, H, L, S)
+        kappa_p = condition_number(p, rtol=rtol)
+        empty = np.count_nonzero(~np.any(p != 0, axis=-1), axis=-1)
+    else:
         empty = np.count_nonzero(~np.any(a_host != 0, axis=-1), axis=-1)
-    dtype_rtol = rtol
-    if dtype_rtol is None:   # judge the rank at the precision of the inputs, not float32 rows
-        dtype_rtol = max(a_host.shape[-2:]) * float(np.finfo(to_numpy(a).dtype).eps)
+    if rtol is None:   # judge the rank at the precision of the inputs (float16 rows are float32)
+        rtol = max(a_host.shape[-2:]) * float(np.finfo(_dtype_name(a)).eps)
     return HeadConditioning(
         kappa_p=kappa_p,
-        kappa_a=condition_number(a_host, rtol=dtype_rtol),
-        kappa_o=condition_number(o_rows, rtol=dtype_rtol),
+        kappa_a=condition_number(a_host, rtol=rtol),
+        kappa_o=condition_number(o_host, rtol=rtol),
         empty_rows=np.asarray(empty),
         preconditioner=pre.name,
-        eps=eps_value,
-        q_len=int(q.shape[-2 - (_feature_axes(core) - 1)]),
-        kv_len=int(k.shape[-2 - (_feature_axes(core) - 1)]),
+        eps=eps,
+        q_len=int(a_host.shape[-2]),
+        kv_len=int(k.shape[k.ndim - 1 - f]),
         value_dim=int(a_host.shape[-1]),
     )
 
@@ -362,23 +347,23 @@ def layer_conditioning(layer, params, xq, xkv=None, mask=None, *, preconditioner
     xkv_ = xq if xkv is None else xkv
     cfg = layer.config
     q, k, v, _ = layer.scheme.project_in(params, xq, xkv_, cfg)
-    options = dict(layer.core_options)
-    if preconditioner is not None:
-        options["preconditioner"] = preconditioner
-    if eps is not None:
-        options["eps"] = eps
-    options.pop("stop_gradient", None)
+    own = layer.core_options                       # a preconditioned layer's own settings
+    if preconditioner is None:
+        preconditioner = own.get("preconditioner", "row_norm")
+    if eps is None:
+        eps = own.get("eps", 1e-6)
+    options = {n: x for n, x in own.items() if n not in ("stop_gradient", "preconditioner", "eps")}
     heads = attention_conditioning(q, k, v, inner_core=layer.core_name, mask=mask,
-                                   causal=cfg.causal, rtol=rtol, backend=backend, **options)
+                                   causal=cfg.causal, preconditioner=preconditioner, eps=eps,
+                                   rtol=rtol, backend=backend, **options)
     kappa_x = condition_number(xkv_, rtol=rtol)
     kappa_weights = {n: float(condition_number(p, rtol=rtol)) for n, p in params.items()
                      if getattr(p, "ndim", 0) == 2}
     kappa_w_v = bound = applies = None
     w_v = params.get("w_v")
     if w_v is not None and tuple(w_v.shape) == (cfg.d_model, cfg.d_model):
-        H, dk = cfg.n_heads, cfg.head_dim
-        slices = np.stack([to_numpy(w_v)[:, h * dk:(h + 1) * dk] for h in range(H)])  # (H,d,dk)
-        kappa_w_v = condition_number(slices, rtol=rtol)
+        w = to_numpy(w_v).reshape(cfg.d_model, cfg.n_heads, cfg.head_dim)   # (d, H, d_k)
+        kappa_w_v = condition_number(np.moveaxis(w, 1, 0), rtol=rtol)         # of (H, d, d_k)
         if heads.kappa_p is not None:
             bound = heads.kappa_p * kappa_x[..., None] * kappa_w_v
             S, d = xkv_.shape[-2], cfg.d_model

@@ -111,6 +111,12 @@ def test_layer_conditioning_parts():
                                                np.linalg.cond(params["w_v"][:, 4:])],
                                rtol=RTOL_KAPPA)
     assert "bound kappa(A)" in repr(res)
+    # a preconditioned layer is measured with its own preconditioner settings
+    pre_layer = refattn.Attention(8, 2, core="preconditioned", eps=0.25, preconditioner="identity")
+    own = refattn.layer_conditioning(pre_layer, params, x)
+    assert own.heads.eps == 0.25 and own.heads.preconditioner == "identity"
+    np.testing.assert_array_equal(own.heads.kappa_o, own.heads.kappa_a)   # c = 1
+    np.testing.assert_array_equal(own.heads.kappa_a, res.heads.kappa_a)   # same A as sdpa
 
 
 def test_kappa_bound_holds_where_it_applies():
