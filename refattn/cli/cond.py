@@ -60,7 +60,7 @@ def _load_npz(path):
 
 
 def _problem(args):
-    """``(kind, label, arrays)``: ``("core", ..., {q, k, v, mask})`` or ``("layer", ..., {...})``."""
+    """``(kind, label, arrays)``, kind ``"core"`` (arrays q, k, v, mask) or ``"layer"``."""
     import refattn
 
     if args.npz is None:
