@@ -240,3 +240,19 @@ def test_errors():
         refattn.vjp(preconditioned_sdpa, q, k, v, return_diagonal=True)
     with pytest.raises(ValueError, match="q has feature size"):          # the inner core's checks
         preconditioned_sdpa(q[..., :3], k, v)
+
+
+def test_overhead_study_reports_every_tracked_metric():
+    from refattn.bench import studies
+    from refattn.cores.preconditioned.study import KAPPA_PROBLEM
+
+    study = studies()["preconditioned-overhead"]
+    result = study.run("quick")
+    assert set(study.metric_names) == set(result.metrics)
+    assert all(np.isfinite(result.metrics[m]) and result.metrics[m] >= 0 for m in study.metric_names)
+    # the kappa metrics are those of the fixed seeded problem, independent of the timing size
+    rng = np.random.default_rng(KAPPA_PROBLEM["seed"])
+    q, k, v = (rng.standard_normal(KAPPA_PROBLEM["shape"]) for _ in range(3))
+    res = refattn.attention_conditioning(q, k, v, causal=True)
+    assert result.metrics["causal_median_kappa_ratio"] == float(np.median(res.ratio))
+    assert "preconditioned" in result.format()

@@ -100,8 +100,18 @@ def run(size="quick") -> StudyResult:
     )
 
 
+#: The metrics asv tracks (every one is in ``run(size).metrics``).
+METRIC_NAMES = (
+    "forward_time_ratio", "fwd_bwd_time_ratio", "fwd_bwd_full_gradient_time_ratio",
+    *(f"{label}_{m}" for label in ("causal", "full")
+      for m in ("median_kappa_a", "median_kappa_ca", "median_kappa_ratio",
+                "fraction_heads_raised")),
+    "full_median_kappa_p",
+)
+
 STUDY = register_study(Study(
     name="preconditioned-overhead",
     summary="preconditioned_sdpa vs sdpa time (forward, fwd+bwd) and median kappa before/after",
     run=run,
+    metric_names=METRIC_NAMES,
 ))
