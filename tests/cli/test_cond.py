@@ -111,3 +111,10 @@ def test_bad_npz(tmp_path, capsys, content, message):
     assert _run(["--npz", str(path), "--heads", "4"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("refattn cond: ") and str(path) in err and message in err, err
+
+
+def test_registered_as_a_refattn_subcommand(capsys):
+    from refattn.cli import main
+
+    assert main(["cond", "--length", "12", "--d-model", "8", "--heads", "2"]) == 0
+    assert "kappa(CA)" in capsys.readouterr().out
