@@ -29,7 +29,7 @@ from typing import Any
 
 from ..._array import namespace, product
 from ..._registry import Core, get_core
-from ..._validate import check_float_array, check_positive_float
+from ..._validate import _dtype_name, check_float_array, check_positive_float
 from .preconditioners import Preconditioner, get_preconditioner
 
 __all__ = ["PreconditionedResiduals", "forward", "backward", "preconditioned_sdpa",
@@ -66,7 +66,7 @@ def _feature_axes(core: Core) -> int:
 
 def _working(xp, x):
     """float16 rows are scaled in float32: ``1/eps`` overflows float16 (max 65504)."""
-    return xp.astype(x, xp.float32) if x.dtype == xp.float16 else x
+    return xp.astype(x, xp.float32) if _dtype_name(x) == "float16" else x
 
 
 def _check_options(eps, stop_gradient, preconditioner, inner_core, inner_options):
