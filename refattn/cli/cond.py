@@ -41,6 +41,8 @@ def add_arguments(parser):
     parser.add_argument("--preconditioner", default="row_norm", help="registered preconditioner "
                         "(default: row_norm)")
     parser.add_argument("--eps", type=float, default=1e-6, help="preconditioner eps (default 1e-6)")
+    parser.add_argument("--core", default="sdpa", help="the attention core producing A (default: "
+                        "sdpa; a preconditioned core means its inner core)")
     parser.add_argument("--causal", action="store_true", help="causal attention")
     parser.add_argument("--batch", type=int, default=2, help="default problem: batch (2)")
     parser.add_argument("--length", type=int, default=128, help="default problem: L = S (128)")
@@ -65,10 +67,10 @@ def _problem(args):
 
     if args.npz is None:
         rng = np.random.default_rng(args.seed)
-        layer = refattn.Attention(args.d_model, args.heads, causal=args.causal)
+        layer = refattn.Attention(args.d_model, args.heads, core=args.core, causal=args.causal)
         x = rng.standard_normal((args.batch, args.length, args.d_model))
         return ("layer", f"default problem: Attention(d_model={args.d_model}, "
-                f"n_heads={args.heads}, causal={args.causal}), x ~ N(0, 1) of shape {x.shape}, "
+                f"n_heads={args.heads}, core={args.core!r}, causal={args.causal}), x ~ N(0, 1) of shape {x.shape}, "
                 f"seed {args.seed}", {"layer": layer, "params": layer.init(seed=args.seed), "x": x,
                                       "mask": None})
     data = _load_npz(args.npz)
@@ -91,7 +93,8 @@ def _problem(args):
         if given and len(given) != len(_WEIGHTS):
             raise InputError(f"{args.npz}: give all of {list(_WEIGHTS)} or none; found {given}")
         try:
-            layer = refattn.Attention(int(x.shape[-1]), args.heads, causal=args.causal)
+            layer = refattn.Attention(int(x.shape[-1]), args.heads, core=args.core,
+                                      causal=args.causal)
         except ValueError as exc:
             raise InputError(f"{args.npz}: {exc} (set --heads)") from None
         params = {n: data[n] for n in _WEIGHTS} if given else layer.init(
@@ -123,7 +126,8 @@ def _conditioning(kind, arrays, args):
                                           mask=arrays["mask"], preconditioner=args.preconditioner,
                                           eps=args.eps)
     return refattn.attention_conditioning(arrays["q"], arrays["k"], arrays["v"],
-                                          mask=arrays["mask"], causal=args.causal,
+                                          inner_core=args.core, mask=arrays["mask"],
+                                          causal=args.causal,
                                           preconditioner=args.preconditioner, eps=args.eps)
 
 
@@ -136,7 +140,7 @@ def _prefix(x, axis_lengths):
     return x[tuple(index)]
 
 
-def length_sweep(q, k, v, mask, *, causal, preconditioner, eps, n_lengths=6):
+def length_sweep(q, k, v, mask, *, core, causal, preconditioner, eps, n_lengths=6):
     """``{l: HeadConditioning}`` on the prefixes of ``l`` queries (and ``ceil(l S / L)`` keys)."""
     import refattn
 
@@ -147,7 +151,7 @@ def length_sweep(q, k, v, mask, *, causal, preconditioner, eps, n_lengths=6):
         s = max(1, math.ceil(ell * S / L))
         m = None if mask is None else _prefix(np.asarray(mask), {-2: ell, -1: s})
         out[ell] = refattn.attention_conditioning(
-            q[..., :ell, :], k[..., :s, :], v[..., :s, :], mask=m, causal=causal,
+            q[..., :ell, :], k[..., :s, :], v[..., :s, :], inner_core=core, mask=m, causal=causal,
             preconditioner=preconditioner, eps=eps)
     return out
 
@@ -199,16 +203,18 @@ def plot(path, heads, sweep, title):
 
 def run(args) -> int:
     try:
-        kind, label, arrays = _problem(args)
         try:
+            kind, label, arrays = _problem(args)
             result = _conditioning(kind, arrays, args)
+        except InputError:
+            raise
         except (ValueError, TypeError) as exc:
             raise InputError(f"{args.npz or 'default problem'}: {exc}") from None
         print(label)
         print(result)
         if args.plot:
             q, k, v, mask = _head_inputs(kind, arrays, args)
-            sweep = length_sweep(q, k, v, mask, causal=args.causal,
+            sweep = length_sweep(q, k, v, mask, core=args.core, causal=args.causal,
                                  preconditioner=args.preconditioner, eps=args.eps)
             heads = result.heads if kind == "layer" else result
             plot(args.plot, heads, sweep, f"{label}; preconditioner={args.preconditioner}, "

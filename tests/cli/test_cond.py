@@ -33,7 +33,7 @@ def _table_rows(out):
 def test_default_problem(capsys):
     assert _run(["--length", "24", "--d-model", "16", "--heads", "2", "--causal"]) == 0
     out = capsys.readouterr().out
-    assert "default problem: Attention(d_model=16, n_heads=2, causal=True)" in out
+    assert "default problem: Attention(d_model=16, n_heads=2, core='sdpa', causal=True)" in out
     rows = _table_rows(out)
     assert [r[0] for r in rows] == ["0", "1"]
     for head, kp, ka, kca, ratio, empty in rows:
@@ -75,6 +75,25 @@ def test_plot(tmp_path, capsys):
     assert _run(["--length", "32", "--d-model", "16", "--heads", "2", "--plot", str(png)]) == 0
     assert f"wrote {png}" in capsys.readouterr().out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_plot_npz_with_mask_and_preconditioned_core(tmp_path, capsys):
+    # the length sweep slices the mask with the sequence; the core option picks the inner core
+    rng = np.random.default_rng(2)
+    q, k, v = (rng.standard_normal((1, 2, 24, 4)) for _ in range(3))
+    mask = rng.random((24, 24)) > 0.2
+    path, png = tmp_path / "qkv.npz", tmp_path / "qkv.png"
+    np.savez(path, q=q, k=k, v=v, mask=mask)
+    assert _run(["--npz", str(path), "--core", "preconditioned", "--plot", str(png)]) == 0
+    assert len(_table_rows(capsys.readouterr().out)) == 2 and png.stat().st_size > 10_000
+
+
+def test_unknown_core_or_preconditioner(capsys):
+    assert _run(["--length", "8", "--d-model", "8", "--heads", "2", "--core", "nope"]) == 2
+    assert "refattn cond: default problem: core must be one of" in capsys.readouterr().err
+    assert _run(["--length", "8", "--d-model", "8", "--heads", "2",
+                 "--preconditioner", "jacobi"]) == 2
+    assert "preconditioner must be one of" in capsys.readouterr().err
 
 
 def test_plot_without_matplotlib(tmp_path, capsys, monkeypatch):
