@@ -179,3 +179,19 @@ def test_row_norm_on_attention_heads_seeded_sweep(record_property, capsys):
             print("  worst raised:", case)      # all of them: junit property row_norm_raised_kappa
     # what the sweep shows: a lower median kappa, not a lower kappa on every head
     assert np.median(ratios) < 1.0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_kappa_invariances(seed):
+    # kappa_2 is invariant under scaling, row permutation and transposition (full rank),
+    # and is at least 1; exact-rank-deficient stays inf under all three.
+    rng = np.random.default_rng(seed)
+    m = rng.standard_normal((7, 4))
+    k0 = condition_number(m)
+    assert k0 >= 1
+    np.testing.assert_allclose(condition_number(3.5 * m), k0, rtol=RTOL_KAPPA)
+    np.testing.assert_allclose(condition_number(m[rng.permutation(7)]), k0, rtol=RTOL_KAPPA)
+    np.testing.assert_allclose(condition_number(m.T), k0, rtol=RTOL_KAPPA)
+    singular = m.copy()
+    singular[:, 3] = singular[:, 0] - 2.0 * singular[:, 1]
+    assert condition_number(singular) == condition_number(singular.T) == np.inf
