@@ -44,3 +44,9 @@ def test_entry_point_runs_as_module():
     out = subprocess.run([sys.executable, "-m", "refattn", "info"], capture_output=True,
                          text=True, check=True)
     assert "refattn" in out.stdout
+
+
+def test_report_options_work_without_the_command_name(capsys):
+    assert main(["--variants", "sdpa", "--backends", "reference", "--dtypes", "float64",
+                 "--no-studies"]) == 0
+    assert "all checks passed" in capsys.readouterr().out
