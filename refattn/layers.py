@@ -232,12 +232,14 @@ def register_layer_variant(name, *, projection, core, summary="", layer_options=
         b, L, d, h = test_sizes or (2, 5, 8, 2)
         mask = rng.random((L, L + 2)) > 0.3
         mask[1] = False
+        label = "cross S=L+2, mask with empty row"
         if key_mask:
             mask = mask[:1]                             # (1, S): about 30% of the keys masked
+            label = "cross S=L+2, key-padding mask"
         return [
             _case("self", rng, dtype, b, L, d, h),
             _case("self causal, bias", rng, dtype, b, L, d, h, causal=True, bias=True),
-            _case("cross S=L+2, mask with empty row", rng, dtype, b, L, d, h, S=L + 2, mask=mask),
+            _case(label, rng, dtype, b, L, d, h, S=L + 2, mask=mask),
         ]
 
     return register_variant(Variant(name=name, kind="layer", make_cases=make_cases, core=core,
