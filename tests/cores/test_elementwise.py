@@ -217,6 +217,8 @@ def test_errors():
     f = refattn.elementwise_attention
     with pytest.raises(ValueError, match="even"):
         f(q, k, v, order=5)
+    with pytest.raises(ValueError, match="ignore the queries"):
+        f(q, k, v, order=0)
     with pytest.raises(TypeError, match="order"):
         f(q, k, v, order=2.0)
     with pytest.raises(ValueError, match="depends on the query"):

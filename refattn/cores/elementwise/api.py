@@ -76,11 +76,14 @@ def _check_order(order):
     if isinstance(order, bool) or not isinstance(order, numbers.Integral):
         raise TypeError(f"order must be None (exact form) or an even integer, got "
                         f"{type(order).__name__}")
-    if order < 0 or order % 2:
+    if order % 2:
         raise ValueError(
-            f"order must be None (exact form) or an even integer >= 0, got {order}: the truncated "
+            f"order must be None (exact form) or an even integer >= 2, got {order}: the truncated "
             "exponential sum_(n<=t) x^n/n! is positive for every x only when t is even, so an odd "
             "order could make the denominator vanish or change sign")
+    if order < 2:
+        raise ValueError(f"order must be None (exact form) or an even integer >= 2, got {order} "
+                         "(order 0 would ignore the queries)")
     return int(order)
 
 
@@ -204,7 +207,7 @@ def elementwise_attention(q, k, v, *, order=None, causal=False, causal_align="up
     k : array (..., Hkv, S, D)
         ``Hkv`` must divide ``H``; query head ``h`` reads kv head ``h // (H // Hkv)``.
     v : array (..., Hkv, S, D)
-    order : None or even int
+    order : None or even int >= 2
         ``None``: exact O(L S D) form; ``t``: Taylor form of order ``t``.  Odd orders
         raise (the truncated exponential must stay positive).
     causal : bool
