@@ -14,7 +14,6 @@ causal SDPA's time over causal Taylor's at L = 1024.
 
 from __future__ import annotations
 
-import math
 import tracemalloc
 
 import numpy as np
