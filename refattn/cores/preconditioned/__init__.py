@@ -122,6 +122,16 @@ def register_preconditioned(core, *, test_cases=None, summary=None):
     Returns
     -------
     Variant
+
+    Examples
+    --------
+    >>> import numpy as np, refattn
+    >>> refattn.get_variant("preconditioned-shared").cases("test")[0].name
+    'quaternion-shared: mask with empty row + causal'
+    >>> layer = refattn.Attention(16, 2, projection="quaternion", core="preconditioned-shared")
+    >>> x = np.random.default_rng(0).standard_normal((1, 5, 16))
+    >>> layer(layer.init(seed=0), x).shape
+    (1, 5, 16)
     """
     inner = get_core(core)
     if test_cases is None:
