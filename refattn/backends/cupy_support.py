@@ -32,8 +32,9 @@ __all__ = ["available", "cupy", "KernelSource", "kernel_sources", "nvrtc_compile
            "CudaCompileError", "NVRTC_OPTIONS", "strides4", "scalar_args", "NULL",
            "pointer_or_null"]
 
-#: Options for every kernel: C++17 for ``if constexpr`` in the templates.
-NVRTC_OPTIONS = ("-std=c++17",)
+#: Options for every kernel: C++17 (``if constexpr``, generic lambdas) and device as
+#: the default execution space (NVRTC treats an unannotated lambda as host code).
+NVRTC_OPTIONS = ("-std=c++17", "-default-device")
 
 #: Architecture the CI compile test targets (Hopper; runtime compiles target the device).
 CI_ARCH = "compute_90"

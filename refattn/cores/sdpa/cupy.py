@@ -58,10 +58,15 @@ def _pad16(n: int) -> int:
     return max(16, -(-n // 16) * 16)
 
 
+# Kinds whose matrix products take P straight from registers (no P tile in shared memory).
+_REGISTER_P = ("float16", "tf32x3")
+
+
 def _fwd_smem(kind, EP, EVP, NW, BN) -> int:
     _, item, pad, _ = _KINDS[kind]
     BM = 16 * NW
-    return item * (BM * (EP + pad) + BN * (EP + pad) + BN * (EVP + pad) + BM * (BN + pad))
+    p_tile = 0 if kind in _REGISTER_P else BM * (BN + pad)
+    return item * (BM * (EP + pad) + BN * (EP + pad) + BN * (EVP + pad) + p_tile)
 
 
 def _bwd_smem(kind, EP, EVP, NW) -> int:

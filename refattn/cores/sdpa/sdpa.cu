@@ -75,13 +75,49 @@ struct MmaF16 {
             return (unsigned)p[r * SR + c * SC] | ((unsigned)p[r * SR + (c + 1) * SC] << 16);
         }
     }
+    // ldmatrix: lane l supplies the address of row l % 8 of 8x8 matrix l / 8 (16-byte
+    // rows); register i receives (row g, columns 2t, 2t+1) of matrix i (.trans: of
+    // its transpose).  One instruction replaces eight 16/32-bit shared loads.
+    static __device__ __forceinline__ void ldsm4(unsigned* r, const half_t* p) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"((unsigned)__cvta_generic_to_shared(p)) : "memory");
+    }
+    static __device__ __forceinline__ void ldsm4t(unsigned* r, const half_t* p) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"((unsigned)__cvta_generic_to_shared(p)) : "memory");
+    }
     template <int SAM, int SAK>
     static __device__ __forceinline__ void load_a(AF& f, const half_t* a, int k0) {
-        const int g = lane_id() >> 2, t = lane_id() & 3;
-        f.r[0] = pair<SAM, SAK>(a, g, k0 + 2 * t);
-        f.r[1] = pair<SAM, SAK>(a, g + 8, k0 + 2 * t);
-        f.r[2] = pair<SAM, SAK>(a, g, k0 + 2 * t + 8);
-        f.r[3] = pair<SAM, SAK>(a, g + 8, k0 + 2 * t + 8);
+        const int l = lane_id(), mi = l >> 3, rr = l & 7;
+        if constexpr (SAK == 1) {         // rows of A are contiguous
+            ldsm4(f.r, a + (rr + 8 * (mi & 1)) * SAM + k0 + 8 * (mi >> 1));
+        } else if constexpr (SAM == 1) {  // columns of A are contiguous
+            ldsm4t(f.r, a + (k0 + rr + 8 * (mi >> 1)) * SAK + 8 * (mi & 1));
+        } else {
+            const int g = l >> 2, t = l & 3;
+            f.r[0] = pair<SAM, SAK>(a, g, k0 + 2 * t);
+            f.r[1] = pair<SAM, SAK>(a, g + 8, k0 + 2 * t);
+            f.r[2] = pair<SAM, SAK>(a, g, k0 + 2 * t + 8);
+            f.r[3] = pair<SAM, SAK>(a, g + 8, k0 + 2 * t + 8);
+        }
+    }
+    // B fragments of two adjacent 8-column tiles (b points at the first).
+    template <int SBK, int SBN>
+    static __device__ __forceinline__ void load_b2(BF& f0, BF& f1, const half_t* b, int k0) {
+        const int l = lane_id(), mi = l >> 3, rr = l & 7;
+        unsigned r[4];
+        if constexpr (SBK == 1) {         // columns of B contiguous (B = K^T)
+            ldsm4(r, b + (rr + 8 * (mi >> 1)) * SBN + k0 + 8 * (mi & 1));
+        } else if constexpr (SBN == 1) {  // rows of B contiguous (B = V)
+            ldsm4t(r, b + (k0 + rr + 8 * (mi & 1)) * SBK + 8 * (mi >> 1));
+        } else {
+            load_b<SBK, SBN>(f0, b, k0);
+            load_b<SBK, SBN>(f1, b + 8 * SBN, k0);
+            return;
+        }
+        f0.r[0] = r[0]; f0.r[1] = r[1]; f1.r[0] = r[2]; f1.r[1] = r[3];
     }
     template <int SBK, int SBN>
     static __device__ __forceinline__ void load_b(BF& f, const half_t* b, int k0) {
@@ -89,8 +125,25 @@ struct MmaF16 {
         f.r[0] = pair<SBN, SBK>(b, g, k0 + 2 * t);
         f.r[1] = pair<SBN, SBK>(b, g, k0 + 2 * t + 8);
     }
+    // A operand from accumulator tiles (C layout) 2 kk and 2 kk + 1: the layouts agree.
+    static constexpr bool REG_A = true;
+    static __device__ __forceinline__ unsigned pack(float lo, float hi) {
+        unsigned d;
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+        return d;
+    }
+    static __device__ __forceinline__ void a_from_acc(AF& f, const float (*c)[4], int kk) {
+        f.r[0] = pack(c[2 * kk][0], c[2 * kk][1]);
+        f.r[1] = pack(c[2 * kk][2], c[2 * kk][3]);
+        f.r[2] = pack(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+        f.r[3] = pack(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+    }
+    template <int SBK, int SBN>
+    static __device__ __forceinline__ void load_b2_for_acc_a(BF& f0, BF& f1, const half_t* b, int k0) {
+        load_b2<SBK, SBN>(f0, f1, b, k0);
+    }
     static __device__ __forceinline__ void mma(float* c, const AF& a, const BF& b) {
-        asm volatile(
+        asm(
             "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
             "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
             : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -126,8 +179,34 @@ struct MmaTF32x3 {
         split(b[(k0 + t) * SBK + g * SBN], f.big[0], f.small[0]);
         split(b[(k0 + t + 4) * SBK + g * SBN], f.big[1], f.small[1]);
     }
+    // A operand from accumulator tile kk: thread (g, t) holds columns 2t, 2t+1 where
+    // the tf32 A layout wants t, t+4, so the k index is permuted (logical t <-> key 2t,
+    // t+4 <-> key 2t+1) and B's rows are read with the same permutation.
+    static constexpr bool REG_A = true;
+    static __device__ __forceinline__ void a_from_acc(AF& f, const float (*c)[4], int kk) {
+        split(c[kk][0], f.big[0], f.small[0]);
+        split(c[kk][2], f.big[1], f.small[1]);
+        split(c[kk][1], f.big[2], f.small[2]);
+        split(c[kk][3], f.big[3], f.small[3]);
+    }
+    template <int SBK, int SBN>
+    static __device__ __forceinline__ void load_b_for_acc_a(BF& f, const float* b, int k0) {
+        const int g = lane_id() >> 2, t = lane_id() & 3;
+        split(b[(k0 + 2 * t) * SBK + g * SBN], f.big[0], f.small[0]);
+        split(b[(k0 + 2 * t + 1) * SBK + g * SBN], f.big[1], f.small[1]);
+    }
+    template <int SBK, int SBN>
+    static __device__ __forceinline__ void load_b2_for_acc_a(BF& f0, BF& f1, const float* b, int k0) {
+        load_b_for_acc_a<SBK, SBN>(f0, b, k0);
+        load_b_for_acc_a<SBK, SBN>(f1, b + 8 * SBN, k0);
+    }
+    template <int SBK, int SBN>
+    static __device__ __forceinline__ void load_b2(BF& f0, BF& f1, const float* b, int k0) {
+        load_b<SBK, SBN>(f0, b, k0);
+        load_b<SBK, SBN>(f1, b + 8 * SBN, k0);
+    }
     static __device__ __forceinline__ void mma1(float* c, const unsigned* a, const unsigned* b) {
-        asm volatile(
+        asm(
             "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
             "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
             : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -148,6 +227,12 @@ struct MmaSimt {
     static constexpr int KSTEP = 8;
     struct AF { T v[2][8]; };
     struct BF { T v[8][2]; };
+    static constexpr bool REG_A = false;  // A operands always come from shared memory
+    template <int SBK, int SBN>
+    static __device__ __forceinline__ void load_b2(BF& f0, BF& f1, const T* b, int k0) {
+        load_b<SBK, SBN>(f0, b, k0);
+        load_b<SBK, SBN>(f1, b + 8 * SBN, k0);
+    }
     template <int SAM, int SAK>
     static __device__ __forceinline__ void load_a(AF& f, const T* a, int k0) {
         const int g = lane_id() >> 2;
@@ -188,18 +273,41 @@ template <class P, int NT, int KDIM, int SAM, int SAK, int SBK, int SBN>
 __device__ __forceinline__ void warp_gemm(typename P::Acc (*acc)[4], const typename P::Tc* a,
                                           const typename P::Tc* b) {
     static_assert(KDIM % P::KSTEP == 0, "padded K must be a multiple of the policy's k-step");
+    static_assert(NT % 2 == 0, "tiles are loaded in pairs");
 #pragma unroll 2
     for (int k0 = 0; k0 < KDIM; k0 += P::KSTEP) {
         typename P::AF fa;
         P::template load_a<SAM, SAK>(fa, a, k0);
 #pragma unroll
-        for (int j = 0; j < NT; ++j) {
-            typename P::BF fb;
-            P::template load_b<SBK, SBN>(fb, b + j * 8 * SBN, k0);
-            P::mma(acc[j], fa, fb);
+        for (int j = 0; j < NT; j += 2) {
+            typename P::BF f0, f1;
+            P::template load_b2<SBK, SBN>(f0, f1, b + j * 8 * SBN, k0);
+            P::mma(acc[j], fa, f0);
+            P::mma(acc[j + 1], fa, f1);
         }
     }
 }
+
+// acc[NT][4] += A (16 x KDIM) * B (KDIM x 8 NT) with A given as accumulator tiles
+// c[KDIM / 8][4] of this warp (C layout), converted to operands in registers.
+template <class P, int NT, int KDIM, int SBK, int SBN>
+__device__ __forceinline__ void warp_gemm_acc_a(typename P::Acc (*acc)[4], const typename P::Acc (*c)[4],
+                                                const typename P::Tc* b) {
+#pragma unroll
+    for (int k0 = 0; k0 < KDIM; k0 += P::KSTEP) {
+        typename P::AF fa;
+        P::a_from_acc(fa, c, k0 / P::KSTEP);
+#pragma unroll
+        for (int j = 0; j < NT; j += 2) {
+            typename P::BF f0, f1;
+            P::template load_b2_for_acc_a<SBK, SBN>(f0, f1, b + j * 8 * SBN, k0);
+            P::mma(acc[j], fa, f0);
+            P::mma(acc[j + 1], fa, f1);
+        }
+    }
+}
+
+template <bool V> struct Bool { static constexpr bool value = V; };
 
 template <class A, int NT>
 __device__ __forceinline__ void zero(A (*acc)[4]) {
@@ -241,7 +349,9 @@ struct Mods {
     Acc dscale;  // 1 / (1 - dropout_p)
 
     // Base-2 logit of query i, key j from the raw dot product s; -inf when masked.
+    template <bool PLAIN>
     __device__ __forceinline__ Acc logit2(Acc s, int b, int h, int i, int j) const {
+        if constexpr (PLAIN) return s * scale2;  // tile fully inside, no mask or bias
         bool keep = i < L && j < S && (!causal || j <= i + offset);
         if (keep && mask) keep = mask[b * mb + h * mh + (long long)i * ml + (long long)j * ms] != 0;
         if (!keep) return neg_inf<Acc>();
@@ -250,9 +360,17 @@ struct Mods {
         return x;
     }
     // Factor applied to a probability by dropout (1 without dropout).
+    template <bool PLAIN>
     __device__ __forceinline__ Acc dropf(int b, int h, int i, int j) const {
+        if constexpr (PLAIN) return Acc(1);
         if (!drop || i >= L || j >= S) return Acc(1);
         return drop[b * db + h * dh + (long long)i * dl + (long long)j * ds] ? dscale : Acc(0);
+    }
+    // Whether queries [i0, i0 + ni) x keys [j0, j0 + nj) are all in range, all kept
+    // by the causal mask and free of mask, bias and dropout (warp-uniform).
+    __device__ __forceinline__ bool plain(int i0, int ni, int j0, int nj) const {
+        return !mask && !bias && !drop && i0 + ni <= L && j0 + nj <= S &&
+               (!causal || j0 + nj - 1 <= i0 + offset);
     }
 };
 
@@ -272,7 +390,8 @@ struct Mods {
 
 // ---------------------------------------------------------------------------
 // Forward: grid (B * H, ceil(L / BM)), NW warps, each warp owns 16 query rows.
-// Dynamic shared memory: Q (BM, EP), K (BN, EP), V (BN, EVP), P (BM, BN).
+// Dynamic shared memory: Q (BM, EP), K (BN, EP), V (BN, EVP), and P (BM, BN) for
+// policies that cannot take P from registers.
 // ---------------------------------------------------------------------------
 template <int DT, int EP, int EVP, int NW, int BN>
 __global__ void __launch_bounds__(NW * 32)
@@ -320,43 +439,61 @@ sdpa_fwd(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::T* _
         zero<Acc, NS>(sacc);
         warp_gemm<P, NS, EP, LDQ, 1, 1, LDQ>(sacc, Qs + warp * 16 * LDQ, Ks);
 
+        // Online softmax on this warp's 16 x BN scores; PLAIN tiles skip every test.
+        auto softmax = [&](auto plain_tag) {
+            constexpr bool PLAIN = decltype(plain_tag)::value;
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int i = m0 + warp * 16 + g + 8 * r;
-            Acc mx = neg_inf<Acc>();
+            for (int r = 0; r < 2; ++r) {
+                const int i = m0 + warp * 16 + g + 8 * r;
+                Acc mx = neg_inf<Acc>();
 #pragma unroll
-            for (int j = 0; j < NS; ++j)
+                for (int j = 0; j < NS; ++j)
 #pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    Acc x = mods.logit2(sacc[j][2 * r + e], b, h, i, n0 + 8 * j + 2 * t + e);
-                    sacc[j][2 * r + e] = x;
-                    mx = amax(mx, x);
+                    for (int e = 0; e < 2; ++e) {
+                        const Acc x = mods.template logit2<PLAIN>(sacc[j][2 * r + e], b, h, i,
+                                                                  n0 + 8 * j + 2 * t + e);
+                        sacc[j][2 * r + e] = x;
+                        mx = amax(mx, x);
+                    }
+                mx = amax(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = amax(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const Acc m_new = amax(m_run[r], mx);
+                // A row with nothing kept yet has max -inf: shift by 0 so exp2 gives 0, not NaN.
+                const Acc base = m_new == neg_inf<Acc>() ? Acc(0) : m_new;
+                const Acc alpha = ex2(m_run[r] - base);
+                m_run[r] = m_new;
+                l_run[r] *= alpha;
+#pragma unroll
+                for (int jv = 0; jv < NO; ++jv) {
+                    oacc[jv][2 * r] *= alpha;
+                    oacc[jv][2 * r + 1] *= alpha;
                 }
-            mx = amax(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = amax(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const Acc m_new = amax(m_run[r], mx);
-            // A row with nothing kept yet has max -inf: shift by 0 so exp2 gives 0, not NaN.
-            const Acc base = m_new == neg_inf<Acc>() ? Acc(0) : m_new;
-            const Acc alpha = ex2(m_run[r] - base);
-            m_run[r] = m_new;
-            l_run[r] *= alpha;
 #pragma unroll
-            for (int jv = 0; jv < NO; ++jv) {
-                oacc[jv][2 * r] *= alpha;
-                oacc[jv][2 * r + 1] *= alpha;
+                for (int j = 0; j < NS; ++j)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int col = 8 * j + 2 * t + e;
+                        const Acc p = ex2(sacc[j][2 * r + e] - base);
+                        l_run[r] += p;
+                        sacc[j][2 * r + e] = p * mods.template dropf<PLAIN>(b, h, i, n0 + col);
+                    }
             }
+        };
+        if (mods.plain(m0 + warp * 16, 16, n0, BN)) softmax(Bool<true>()); else softmax(Bool<false>());
+
+        // O += P V, P (dropped) straight from registers where the policy allows.
+        if constexpr (P::REG_A) {
+            warp_gemm_acc_a<P, NO, BN, LDV, 1>(oacc, sacc, Vs);
+        } else {
 #pragma unroll
             for (int j = 0; j < NS; ++j)
 #pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int col = 8 * j + 2 * t + e;
-                    const Acc p = ex2(sacc[j][2 * r + e] - base);
-                    l_run[r] += p;
-                    Pw[(g + 8 * r) * LDP + col] = cvt<T>(p * mods.dropf(b, h, i, n0 + col));
-                }
+                for (int e = 0; e < 4; ++e)
+                    Pw[(g + 8 * (e >> 1)) * LDP + 8 * j + 2 * t + (e & 1)] = cvt<T>(sacc[j][e]);
+            __syncwarp();
+            warp_gemm<P, NO, BN, LDP, 1, LDV, 1>(oacc, Pw, Vs);
+            __syncwarp();
         }
-        __syncwarp();
-        warp_gemm<P, NO, BN, LDP, 1, LDV, 1>(oacc, Pw, Vs);
     }
 
     T* ob = o + (long long)bh * L * Ev;
@@ -448,38 +585,52 @@ sdpa_bwd(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::T* _
             warp_gemm<P, NQ, EP, LDK, 1, 1, LDK>(sacc, Ks + warp * 16 * LDK, Qs);
             warp_gemm<P, NQ, EVP, LDV, 1, 1, LDV>(dpacc, Vs + warp * 16 * LDV, dOs);
 
-            // P^T (recomputed from lse) and its dropped version for dV.
+            // P^T recomputed from lse, then dS^T = P^T * (dP^T f - D), the gradient of
+            // the pre-softmax scores (f: the dropout factor); sacc becomes the dropped
+            // P^T (the A operand of dV), dpacc becomes dS^T (the A operand of dK).
+            auto grads = [&](auto plain_tag) {
+                constexpr bool PLAIN = decltype(plain_tag)::value;
 #pragma unroll
-            for (int j = 0; j < NQ; ++j)
+                for (int j = 0; j < NQ; ++j)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int kr = g + 8 * (e >> 1), qc = 8 * j + 2 * t + (e & 1);
-                    const int key = n0 + warp * 16 + kr, query = m0 + qc;
-                    const Acc x = mods.logit2(sacc[j][e], b, h, query, key);
-                    const Acc p = x == neg_inf<Acc>() ? Acc(0) : ex2(x - lse_s[qc]);
-                    const Acc f = mods.dropf(b, h, query, key);
-                    sacc[j][e] = p;
-                    dSw[kr * LDS + qc] = cvt<T>(p * f);
-                    dpacc[j][e] *= f;  // gradient of the dropped probabilities
-                }
-            __syncwarp();
-            warp_gemm<P, NV, BM, LDS, 1, LDV, 1>(dvacc, dSw, dOs);  // dV += P_drop^T dO
-            __syncwarp();
+                    for (int e = 0; e < 4; ++e) {
+                        const int kr = g + 8 * (e >> 1), qc = 8 * j + 2 * t + (e & 1);
+                        const int key = n0 + warp * 16 + kr, query = m0 + qc;
+                        const Acc x = mods.template logit2<PLAIN>(sacc[j][e], b, h, query, key);
+                        const Acc p = (!PLAIN && x == neg_inf<Acc>()) ? Acc(0) : ex2(x - lse_s[qc]);
+                        const Acc f = mods.template dropf<PLAIN>(b, h, query, key);
+                        const Acc dsv = p * (dpacc[j][e] * f - D_s[qc]);
+                        sacc[j][e] = p * f;
+                        dpacc[j][e] = dsv;
+                        dSw[kr * LDS + qc] = cvt<T>(dsv);
+                        if (!PLAIN && dscores && key < S && query < L)
+                            dscores[(bh * L + query) * S + key] = cvt<T>(dsv);
+                    }
+            };
+            if (mods.plain(m0, BM, n0 + warp * 16, 16) && !dscores) grads(Bool<true>());
+            else grads(Bool<false>());
 
-            // dS^T = P^T * (dP^T - D), the gradient of the pre-softmax scores.
+            if constexpr (P::REG_A) {
+                warp_gemm_acc_a<P, NV, BM, LDV, 1>(dvacc, sacc, dOs);   // dV += P_drop^T dO
+                warp_gemm_acc_a<P, NK, BM, LDK, 1>(dkacc, dpacc, Qs);   // dK += dS^T Q
+            } else {
+                __syncwarp();
+                warp_gemm<P, NK, BM, LDS, 1, LDK, 1>(dkacc, dSw, Qs);  // dK += dS^T Q
+                __syncwarp();
 #pragma unroll
-            for (int j = 0; j < NQ; ++j)
+                for (int j = 0; j < NQ; ++j)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int kr = g + 8 * (e >> 1), qc = 8 * j + 2 * t + (e & 1);
-                    const Acc dsv = sacc[j][e] * (dpacc[j][e] - D_s[qc]);
-                    dSw[kr * LDS + qc] = cvt<T>(dsv);
-                    const int key = n0 + warp * 16 + kr, query = m0 + qc;
-                    if (dscores && key < S && query < L)
-                        dscores[(bh * L + query) * S + key] = cvt<T>(dsv);
-                }
-            __syncwarp();
-            warp_gemm<P, NK, BM, LDS, 1, LDK, 1>(dkacc, dSw, Qs);  // dK += dS^T Q
+                    for (int e = 0; e < 4; ++e)
+                        dSw[(g + 8 * (e >> 1)) * LDS + 8 * j + 2 * t + (e & 1)] = cvt<T>(sacc[j][e]);
+                __syncwarp();
+                warp_gemm<P, NV, BM, LDS, 1, LDV, 1>(dvacc, dSw, dOs);  // dV += P_drop^T dO
+                __syncwarp();
+#pragma unroll
+                for (int j = 0; j < NQ; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        dSw[(g + 8 * (e >> 1)) * LDS + 8 * j + 2 * t + (e & 1)] = cvt<T>(dpacc[j][e]);
+            }
             __syncthreads();  // all of dS^T is written
 
             // dQ (warp's 16 queries) += dS K, accumulated across key blocks by atomics.
