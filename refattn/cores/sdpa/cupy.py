@@ -17,6 +17,7 @@ Backend contract: :mod:`refattn.cores.sdpa.api`.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -31,17 +32,17 @@ MAX_HEAD_DIM = 256
 #: float32 matrix products: ``"tf32x3"`` (tensor cores, split operands) or ``"simt"``.
 FLOAT32_MATH = "tf32x3"
 
-# Shared memory per block: prefer configurations that fit every GPU since Ampere
-# (sm_86: 99 KiB); the widest float64 heads need a data-centre GPU (A100 163 KiB,
-# H100 227 KiB).
-_SMEM_BUDGETS = (99 * 1024, 227 * 1024)
+# Shared memory a block may use when no device is at hand (the CI compile test):
+# Hopper's 227 KiB.  At run time the device's own opt-in limit decides.
+_DEFAULT_SMEM_LIMIT = 227 * 1024
 
-# DT codes of the kernel templates (see sdpa.cu): element size, padding, accumulator size.
-_KINDS = {  # name: (DT, itemsize, row padding in elements, accumulator dtype)
-    "float16": (0, 2, 8, "float32"),
-    "tf32x3": (1, 4, 4, "float32"),
-    "float64": (2, 8, 2, "float64"),
-    "simt": (3, 4, 4, "float32"),
+# Template codes of sdpa.cu per kind: (forward DT, its shared element size, backward
+# DT, its shared element size, row padding in elements, accumulator dtype).
+_KINDS = {
+    "float16": (0, 2, 0, 2, 8, "float32"),
+    "tf32x3": (1, 8, 4, 4, 4, "float32"),   # forward tiles hold floats pre-split {big, small}
+    "float64": (2, 8, 2, 8, 2, "float64"),
+    "simt": (3, 4, 3, 4, 4, "float32"),
 }
 
 
@@ -60,31 +61,51 @@ def _pad16(n: int) -> int:
 
 # Kinds whose matrix products take P straight from registers (no P tile in shared memory).
 _REGISTER_P = ("float16", "tf32x3")
+# Kinds whose forward double-buffers the K, V tiles (cp.async).
+_TWO_STAGES = ("float16",)
 
 
 def _fwd_smem(kind, EP, EVP, NW, BN) -> int:
-    _, item, pad, _ = _KINDS[kind]
+    _, item, _, _, pad, _ = _KINDS[kind]
     BM = 16 * NW
     p_tile = 0 if kind in _REGISTER_P else BM * (BN + pad)
-    return item * (BM * (EP + pad) + BN * (EP + pad) + BN * (EVP + pad) + p_tile)
+    stages = 2 if kind in _TWO_STAGES else 1
+    return item * (BM * (EP + pad) + stages * BN * (EP + EVP + 2 * pad) + p_tile)
 
 
 def _bwd_smem(kind, EP, EVP, NW) -> int:
-    _, item, pad, acc = _KINDS[kind]
+    _, _, _, item, pad, acc = _KINDS[kind]
     BM = BN = 16 * NW
     tiles = BN * (EP + pad) + BN * (EVP + pad) + BM * (EP + pad) + BM * (EVP + pad) + BN * (BM + pad)
     return item * tiles + 2 * BM * np.dtype(acc).itemsize
 
 
-def _first_fitting(choices, smem):
-    for budget in _SMEM_BUDGETS:
+def _first_fitting(choices, smem, limit, what):
+    # Prefer two blocks per multiprocessor (half the opt-in limit, at least 99 KiB:
+    # the whole of it on consumer GPUs), then anything that fits.
+    for budget in (max(limit // 2, min(limit, 99 * 1024)), limit):
         for c in choices:
             if smem(c) <= budget:
                 return c
-    raise AssertionError("no kernel configuration fits; MAX_HEAD_DIM is too large")  # unreachable
+    raise ValueError(f"backend='cupy': {what} needs {min(map(smem, choices))} bytes of shared "
+                     f"memory per block, the device allows {limit}; use backend='reference'")
 
 
-def kernel_config(dtype, E: int, Ev: int, float32_math=None):
+def device_smem_limit() -> int:
+    """Shared memory a block of the current device may opt in to (bytes)."""
+    cp = cs.cupy()
+    dev = cp.cuda.Device()
+    return _smem_limit(dev.id)
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_limit(device_id: int) -> int:
+    cp = cs.cupy()
+    return int(cp.cuda.runtime.deviceGetAttribute(
+        cp.cuda.runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin, device_id))
+
+
+def kernel_config(dtype, E: int, Ev: int, float32_math=None, smem_limit=_DEFAULT_SMEM_LIMIT):
     """Kernel names and shared-memory sizes for one problem.
 
     Returns
@@ -97,20 +118,22 @@ def kernel_config(dtype, E: int, Ev: int, float32_math=None):
         raise ValueError(f"backend='cupy' supports head dims up to {MAX_HEAD_DIM}, got E={E}, "
                          f"Ev={Ev}; use backend='reference'")
     kind = _kind(dtype, float32_math)
-    dt, _, _, acc = _KINDS[kind]
+    dt, _, dtb, _, _, acc = _KINDS[kind]
     EP, EVP = _pad16(E), _pad16(Ev)
     # Forward: 4 warps x 16 queries against 64-key tiles when they fit; float64
     # and wide heads take smaller tiles (registers hold 16 x EVP outputs per warp).
     fwd_choices = [(2, 32), (1, 16)] if kind == "float64" else [(4, 64), (4, 32), (2, 32), (1, 16)]
     if max(EP, EVP) > 128:
         fwd_choices = [c for c in fwd_choices if c[1] <= 32]
-    NW, BN = _first_fitting(fwd_choices, lambda c: _fwd_smem(kind, EP, EVP, *c))
+    NW, BN = _first_fitting(fwd_choices, lambda c: _fwd_smem(kind, EP, EVP, *c), smem_limit,
+                            f"the forward pass for E={E}, Ev={Ev} in {kind}")
     # Backward: each warp holds dK, dV of 16 keys (2 x 16 x E accumulators).
     bwd_choices = [4, 2, 1] if (kind != "float64" and max(EP, EVP) <= 64) else [2, 1]
-    NWB = _first_fitting(bwd_choices, lambda c: _bwd_smem(kind, EP, EVP, c))
+    NWB = _first_fitting(bwd_choices, lambda c: _bwd_smem(kind, EP, EVP, c), smem_limit,
+                         f"the backward pass for E={E}, Ev={Ev} in {kind}")
     return {
         "fwd": f"sdpa_fwd<{dt},{EP},{EVP},{NW},{BN}>",
-        "bwd": f"sdpa_bwd<{dt},{EP},{EVP},{NWB}>",
+        "bwd": f"sdpa_bwd<{dtb},{EP},{EVP},{NWB}>",
         "fwd_smem": _fwd_smem(kind, EP, EVP, NW, BN),
         "bwd_smem": _bwd_smem(kind, EP, EVP, NWB),
         "fwd_rows": 16 * NW,
@@ -162,7 +185,7 @@ def forward(q, k, v, opts):
     cp = cs.cupy()
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
-    cfg = kernel_config(q.dtype, E, Ev)
+    cfg = kernel_config(q.dtype, E, Ev, smem_limit=device_smem_limit())
     q, k, v = (cp.ascontiguousarray(x) for x in (q, k, v))
     o = cp.empty((B, H, L, Ev), dtype=q.dtype)
     lse = cp.empty((B, H, L), dtype=cfg["acc"])
@@ -179,7 +202,7 @@ def backward(q, k, v, o, lse, do, opts):
     cp = cs.cupy()
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
-    cfg = kernel_config(q.dtype, E, Ev)
+    cfg = kernel_config(q.dtype, E, Ev, smem_limit=device_smem_limit())
     acc = cfg["acc"]
     q, k, v, do = (cp.ascontiguousarray(x) for x in (q, k, v, do))
     # D = rowsum(dO * O) (B, H, L), in the accumulation type.

@@ -12,8 +12,9 @@
 //
 // Template parameter DT selects the element type and the warp-level matrix
 // product: 0 = float16 on tensor cores (mma.m16n8k16, float32 accumulation),
-// 1 = float32 on tensor cores as 3xTF32 (split products, float32 accuracy),
-// 2 = float64 on CUDA cores, 3 = float32 on CUDA cores.  Every policy produces
+// 1 = float32 on tensor cores as 3xTF32 (split products, float32 accuracy) with
+// operands split once in shared memory, 4 = the same splitting operands as they are
+// loaded (backward), 2 = float64 on CUDA cores, 3 = float32 on CUDA cores.  Every policy produces
 // the accumulator layout of mma.m16n8: lane (g = lane/4, t = lane%4) holds
 // rows g and g+8, columns 2t and 2t+1 of each 16x8 tile, so the softmax and
 // masking code is written once.
@@ -125,6 +126,8 @@ struct MmaF16 {
         f.r[0] = pair<SBN, SBK>(b, g, k0 + 2 * t);
         f.r[1] = pair<SBN, SBK>(b, g, k0 + 2 * t + 8);
     }
+    static __device__ __forceinline__ half_t to_smem(float x) { return f2h(x); }
+    static __device__ __forceinline__ half_t to_smem(half_t x) { return x; }
     // A operand from accumulator tiles (C layout) 2 kk and 2 kk + 1: the layouts agree.
     static constexpr bool REG_A = true;
     static __device__ __forceinline__ unsigned pack(float lo, float hi) {
@@ -153,8 +156,16 @@ struct MmaF16 {
 
 // float32 on tensor cores with float32 accuracy: x = big + small with both
 // parts in TF32, and a*b ~ a_big*b_big + a_big*b_small + a_small*b_big.
+// PRESPLIT: shared-memory tiles hold each float already split ({big, small} as a
+// float2), so every element is split once per tile load rather than once per warp
+// that reads it, at twice the shared memory (the forward); otherwise operands are
+// split as they are loaded (the backward, whose five tiles would not fit twice).
+template <bool C, class A, class B> struct cond { typedef A type; };
+template <class A, class B> struct cond<false, A, B> { typedef B type; };
+
+template <bool PRESPLIT>
 struct MmaTF32x3 {
-    typedef float Tc;
+    typedef typename cond<PRESPLIT, float2, float>::type Tc;
     typedef float Acc;
     static constexpr int KSTEP = 8;
     struct AF { unsigned big[4], small[4]; };
@@ -165,19 +176,36 @@ struct MmaTF32x3 {
         const float rest = x - __uint_as_float(big);
         asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(small) : "f"(rest));
     }
+    static __device__ __forceinline__ Tc to_smem(float x) {
+        if constexpr (PRESPLIT) {
+            unsigned big, small;
+            split(x, big, small);
+            return make_float2(__uint_as_float(big), __uint_as_float(small));
+        } else {
+            return x;
+        }
+    }
+    static __device__ __forceinline__ void get(const Tc& v, unsigned& big, unsigned& small) {
+        if constexpr (PRESPLIT) {
+            big = __float_as_uint(v.x);
+            small = __float_as_uint(v.y);
+        } else {
+            split(v, big, small);
+        }
+    }
     template <int SAM, int SAK>
-    static __device__ __forceinline__ void load_a(AF& f, const float* a, int k0) {
+    static __device__ __forceinline__ void load_a(AF& f, const Tc* a, int k0) {
         const int g = lane_id() >> 2, t = lane_id() & 3;
-        split(a[g * SAM + (k0 + t) * SAK], f.big[0], f.small[0]);
-        split(a[(g + 8) * SAM + (k0 + t) * SAK], f.big[1], f.small[1]);
-        split(a[g * SAM + (k0 + t + 4) * SAK], f.big[2], f.small[2]);
-        split(a[(g + 8) * SAM + (k0 + t + 4) * SAK], f.big[3], f.small[3]);
+        get(a[g * SAM + (k0 + t) * SAK], f.big[0], f.small[0]);
+        get(a[(g + 8) * SAM + (k0 + t) * SAK], f.big[1], f.small[1]);
+        get(a[g * SAM + (k0 + t + 4) * SAK], f.big[2], f.small[2]);
+        get(a[(g + 8) * SAM + (k0 + t + 4) * SAK], f.big[3], f.small[3]);
     }
     template <int SBK, int SBN>
-    static __device__ __forceinline__ void load_b(BF& f, const float* b, int k0) {
+    static __device__ __forceinline__ void load_b(BF& f, const Tc* b, int k0) {
         const int g = lane_id() >> 2, t = lane_id() & 3;
-        split(b[(k0 + t) * SBK + g * SBN], f.big[0], f.small[0]);
-        split(b[(k0 + t + 4) * SBK + g * SBN], f.big[1], f.small[1]);
+        get(b[(k0 + t) * SBK + g * SBN], f.big[0], f.small[0]);
+        get(b[(k0 + t + 4) * SBK + g * SBN], f.big[1], f.small[1]);
     }
     // A operand from accumulator tile kk: thread (g, t) holds columns 2t, 2t+1 where
     // the tf32 A layout wants t, t+4, so the k index is permuted (logical t <-> key 2t,
@@ -190,18 +218,18 @@ struct MmaTF32x3 {
         split(c[kk][3], f.big[3], f.small[3]);
     }
     template <int SBK, int SBN>
-    static __device__ __forceinline__ void load_b_for_acc_a(BF& f, const float* b, int k0) {
+    static __device__ __forceinline__ void load_b_for_acc_a(BF& f, const Tc* b, int k0) {
         const int g = lane_id() >> 2, t = lane_id() & 3;
-        split(b[(k0 + 2 * t) * SBK + g * SBN], f.big[0], f.small[0]);
-        split(b[(k0 + 2 * t + 1) * SBK + g * SBN], f.big[1], f.small[1]);
+        get(b[(k0 + 2 * t) * SBK + g * SBN], f.big[0], f.small[0]);
+        get(b[(k0 + 2 * t + 1) * SBK + g * SBN], f.big[1], f.small[1]);
     }
     template <int SBK, int SBN>
-    static __device__ __forceinline__ void load_b2_for_acc_a(BF& f0, BF& f1, const float* b, int k0) {
+    static __device__ __forceinline__ void load_b2_for_acc_a(BF& f0, BF& f1, const Tc* b, int k0) {
         load_b_for_acc_a<SBK, SBN>(f0, b, k0);
         load_b_for_acc_a<SBK, SBN>(f1, b + 8 * SBN, k0);
     }
     template <int SBK, int SBN>
-    static __device__ __forceinline__ void load_b2(BF& f0, BF& f1, const float* b, int k0) {
+    static __device__ __forceinline__ void load_b2(BF& f0, BF& f1, const Tc* b, int k0) {
         load_b<SBK, SBN>(f0, b, k0);
         load_b<SBK, SBN>(f1, b + 8 * SBN, k0);
     }
@@ -228,6 +256,7 @@ struct MmaSimt {
     struct AF { T v[2][8]; };
     struct BF { T v[8][2]; };
     static constexpr bool REG_A = false;  // A operands always come from shared memory
+    static __device__ __forceinline__ T to_smem(T x) { return x; }
     template <int SBK, int SBN>
     static __device__ __forceinline__ void load_b2(BF& f0, BF& f1, const T* b, int k0) {
         load_b<SBK, SBN>(f0, b, k0);
@@ -263,10 +292,12 @@ struct MmaSimt {
 };
 
 template <int DT> struct Cfg;
-template <> struct Cfg<0> { typedef half_t T; typedef MmaF16 P; static constexpr int PAD = 8; };
-template <> struct Cfg<1> { typedef float T; typedef MmaTF32x3 P; static constexpr int PAD = 4; };
-template <> struct Cfg<2> { typedef double T; typedef MmaSimt<double> P; static constexpr int PAD = 2; };
-template <> struct Cfg<3> { typedef float T; typedef MmaSimt<float> P; static constexpr int PAD = 4; };
+// ASYNC: the forward double-buffers K, V tiles with cp.async (plain copies only).
+template <> struct Cfg<0> { typedef half_t T; typedef MmaF16 P; static constexpr int PAD = 8; static constexpr bool ASYNC = true; };
+template <> struct Cfg<1> { typedef float T; typedef MmaTF32x3<true> P; static constexpr int PAD = 4; static constexpr bool ASYNC = false; };
+template <> struct Cfg<2> { typedef double T; typedef MmaSimt<double> P; static constexpr int PAD = 2; static constexpr bool ASYNC = false; };
+template <> struct Cfg<3> { typedef float T; typedef MmaSimt<float> P; static constexpr int PAD = 4; static constexpr bool ASYNC = false; };
+template <> struct Cfg<4> { typedef float T; typedef MmaTF32x3<false> P; static constexpr int PAD = 4; static constexpr bool ASYNC = false; };
 
 // acc[NT][4] += A (16 x KDIM) * B (KDIM x 8 NT), one warp.
 template <class P, int NT, int KDIM, int SAM, int SAK, int SBK, int SBN>
@@ -308,6 +339,29 @@ __device__ __forceinline__ void warp_gemm_acc_a(typename P::Acc (*acc)[4], const
 }
 
 template <bool V> struct Bool { static constexpr bool value = V; };
+template <class A, class B> struct is_same { static constexpr bool value = false; };
+template <class A> struct is_same<A, A> { static constexpr bool value = true; };
+
+// Asynchronous global -> shared copies of 16 bytes (zero-filled past the last row).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :: "r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory"); }
+
+// Start copying rows [row0, row0 + ROWS) of a (nrows, COLS) slab into a shared tile.
+template <class T, int ROWS, int COLS, int LD, int NTHREADS>
+__device__ __forceinline__ void load_tile_async(T* dst, const T* __restrict__ src, int row0, int nrows) {
+    constexpr int VEC = 16 / sizeof(T);
+    for (int idx = threadIdx.x; idx < ROWS * (COLS / VEC); idx += NTHREADS) {
+        const int r = idx / (COLS / VEC), c = (idx % (COLS / VEC)) * VEC;
+        const bool valid = row0 + r < nrows;
+        cp_async16(dst + r * LD + c, src + (long long)(valid ? row0 + r : 0) * COLS + c, valid);
+    }
+}
 
 template <class A, int NT>
 __device__ __forceinline__ void zero(A (*acc)[4]) {
@@ -317,11 +371,19 @@ __device__ __forceinline__ void zero(A (*acc)[4]) {
 
 // Copy rows [row0, row0 + ROWS) of a (nrows, ncols) C-contiguous slab into a
 // zero-padded (ROWS, COLS) shared tile with leading dimension LD.
-template <class T, int ROWS, int COLS, int LD, int NTHREADS>
-__device__ __forceinline__ void load_tile(T* dst, const T* __restrict__ src, int row0, int nrows,
-                                          int ncols) {
+template <class P, class T, int ROWS, int COLS, int LD, int NTHREADS>
+__device__ __forceinline__ void load_tile(typename P::Tc* dst, const T* __restrict__ src, int row0,
+                                          int nrows, int ncols) {
+    typedef typename P::Tc Ts;
     constexpr int VEC = 16 / sizeof(T);
-    if (ncols == COLS) {  // whole rows of 16-byte vectors (COLS is a multiple of 16)
+    if constexpr (!is_same<Ts, T>::value) {  // converted on the way (3xTF32 split)
+        for (int idx = threadIdx.x; idx < ROWS * COLS; idx += NTHREADS) {
+            const int r = idx / COLS, c = idx % COLS;
+            T val = T(0);
+            if (row0 + r < nrows && c < ncols) val = src[(long long)(row0 + r) * ncols + c];
+            dst[r * LD + c] = P::to_smem(val);
+        }
+    } else if (ncols == COLS) {  // whole rows of 16-byte vectors (COLS is a multiple of 16)
         for (int idx = threadIdx.x; idx < ROWS * (COLS / VEC); idx += NTHREADS) {
             const int r = idx / (COLS / VEC), c = (idx % (COLS / VEC)) * VEC;
             uint4 val = make_uint4(0, 0, 0, 0);
@@ -404,11 +466,15 @@ sdpa_fwd(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::T* _
     constexpr int BM = 16 * NW, PAD = Cfg<DT>::PAD;
     constexpr int LDQ = EP + PAD, LDV = EVP + PAD, LDP = BN + PAD;
     constexpr int NS = BN / 8, NO = EVP / 8;
+    typedef typename P::Tc Ts;
+    constexpr bool ASYNC = Cfg<DT>::ASYNC;
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    T* Qs = reinterpret_cast<T*>(smem_raw);
-    T* Ks = Qs + BM * LDQ;
-    T* Vs = Ks + BN * LDQ;
-    T* Ps = Vs + BN * LDV;
+    Ts* Qs = reinterpret_cast<Ts*>(smem_raw);
+    Ts* K0 = Qs + BM * LDQ;
+    Ts* V0 = K0 + BN * LDQ;
+    Ts* K1 = V0 + BN * LDV;  // second stage (ASYNC only)
+    Ts* V1 = K1 + BN * LDQ;
+    Ts* Ps = ASYNC ? V1 + BN * LDV : K1;
 
     Mods<T, Acc> mods;
     MODS_INIT(mods)
@@ -418,23 +484,19 @@ sdpa_fwd(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::T* _
     const T* qb = q + (long long)bh * L * E;
     const T* kb = k + (long long)(b * Hkv + hk) * S * E;
     const T* vb = v + (long long)(b * Hkv + hk) * S * Ev;
-    T* Pw = Ps + warp * 16 * LDP;
+    Ts* Pw = Ps + warp * 16 * LDP;
 
     int n_end = S;
     if (causal) n_end = min(S, max(0, m0 + BM + offset));
 
-    load_tile<T, BM, EP, LDQ, NW * 32>(Qs, qb, m0, L, E);
+    load_tile<P, T, BM, EP, LDQ, NW * 32>(Qs, qb, m0, L, E);
 
     Acc m_run[2] = {neg_inf<Acc>(), neg_inf<Acc>()}, l_run[2] = {Acc(0), Acc(0)};
     Acc oacc[NO][4];
     zero<Acc, NO>(oacc);
 
-    for (int n0 = 0; n0 < n_end; n0 += BN) {
-        __syncthreads();  // previous tiles fully consumed (and Q loaded)
-        load_tile<T, BN, EP, LDQ, NW * 32>(Ks, kb, n0, S, E);
-        load_tile<T, BN, EVP, LDV, NW * 32>(Vs, vb, n0, S, Ev);
-        __syncthreads();
-
+    // One key tile: S = Q K^T, online softmax, O += P V.
+    auto tile = [&](const Ts* Ks, const Ts* Vs, int n0) {
         Acc sacc[NS][4];
         zero<Acc, NS>(sacc);
         warp_gemm<P, NS, EP, LDQ, 1, 1, LDQ>(sacc, Qs + warp * 16 * LDQ, Ks);
@@ -489,10 +551,46 @@ sdpa_fwd(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::T* _
             for (int j = 0; j < NS; ++j)
 #pragma unroll
                 for (int e = 0; e < 4; ++e)
-                    Pw[(g + 8 * (e >> 1)) * LDP + 8 * j + 2 * t + (e & 1)] = cvt<T>(sacc[j][e]);
+                    Pw[(g + 8 * (e >> 1)) * LDP + 8 * j + 2 * t + (e & 1)] = P::to_smem(sacc[j][e]);
             __syncwarp();
             warp_gemm<P, NO, BN, LDP, 1, LDV, 1>(oacc, Pw, Vs);
             __syncwarp();
+        }
+    };
+
+    bool pipelined = false;
+    if constexpr (ASYNC) {
+        // Two stages: the copy of key tile n0 + BN overlaps the work on tile n0.
+        pipelined = E == EP && Ev == EVP;
+        if (pipelined) {
+            if (n_end > 0) {
+                load_tile_async<T, BN, EP, LDQ, NW * 32>(K0, kb, 0, S);
+                load_tile_async<T, BN, EVP, LDV, NW * 32>(V0, vb, 0, S);
+                cp_async_commit();
+            }
+            int cur = 0;
+            for (int n0 = 0; n0 < n_end; n0 += BN, cur ^= 1) {
+                if (n0 + BN < n_end) {
+                    load_tile_async<T, BN, EP, LDQ, NW * 32>(cur ? K0 : K1, kb, n0 + BN, S);
+                    load_tile_async<T, BN, EVP, LDV, NW * 32>(cur ? V0 : V1, vb, n0 + BN, S);
+                    cp_async_commit();
+                    cp_async_wait<1>();
+                } else {
+                    cp_async_wait<0>();
+                }
+                __syncthreads();  // tile n0 (and Q) visible to every warp
+                tile(cur ? K1 : K0, cur ? V1 : V0, n0);
+                __syncthreads();  // this stage is consumed before it is refilled
+            }
+        }
+    }
+    if (!pipelined) {
+        for (int n0 = 0; n0 < n_end; n0 += BN) {
+            __syncthreads();  // previous tiles fully consumed (and Q loaded)
+            load_tile<P, T, BN, EP, LDQ, NW * 32>(K0, kb, n0, S, E);
+            load_tile<P, T, BN, EVP, LDV, NW * 32>(V0, vb, n0, S, Ev);
+            __syncthreads();
+            tile(K0, V0, n0);
         }
     }
 
@@ -537,12 +635,13 @@ sdpa_bwd(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::T* _
     constexpr int BM = 16 * NW, BN = 16 * NW, PAD = Cfg<DT>::PAD;
     constexpr int LDK = EP + PAD, LDV = EVP + PAD, LDS = BM + PAD;
     constexpr int NQ = BM / 8, NK = EP / 8, NV = EVP / 8;
+    typedef typename P::Tc Ts;
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    T* Ks = reinterpret_cast<T*>(smem_raw);
-    T* Vs = Ks + BN * LDK;
-    T* Qs = Vs + BN * LDV;
-    T* dOs = Qs + BM * LDK;
-    T* dSt = dOs + BM * LDV;
+    Ts* Ks = reinterpret_cast<Ts*>(smem_raw);
+    Ts* Vs = Ks + BN * LDK;
+    Ts* Qs = Vs + BN * LDV;
+    Ts* dOs = Qs + BM * LDK;
+    Ts* dSt = dOs + BM * LDV;
     Acc* lse_s = reinterpret_cast<Acc*>(dSt + BN * LDS);
     Acc* D_s = lse_s + BM;
 
@@ -552,13 +651,13 @@ sdpa_bwd(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::T* _
     const int n0 = blockIdx.y * BN;  // the longest causal blocks (first keys) first
     const int b = blockIdx.x / Hkv, hk = blockIdx.x % Hkv, group = H / Hkv;
     const long long kv_slab = (long long)blockIdx.x * S;
-    load_tile<T, BN, EP, LDK, NW * 32>(Ks, k + kv_slab * E, n0, S, E);
-    load_tile<T, BN, EVP, LDV, NW * 32>(Vs, v + kv_slab * Ev, n0, S, Ev);
+    load_tile<P, T, BN, EP, LDK, NW * 32>(Ks, k + kv_slab * E, n0, S, E);
+    load_tile<P, T, BN, EVP, LDV, NW * 32>(Vs, v + kv_slab * Ev, n0, S, Ev);
 
     Acc dkacc[NK][4], dvacc[NV][4];
     zero<Acc, NK>(dkacc);
     zero<Acc, NV>(dvacc);
-    T* dSw = dSt + warp * 16 * LDS;  // this warp's 16 keys
+    Ts* dSw = dSt + warp * 16 * LDS;  // this warp's 16 keys
     const Acc sc = (Acc)scale;
 
     int m_begin = 0;
@@ -568,8 +667,8 @@ sdpa_bwd(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::T* _
         const long long bh = (long long)b * H + h;
         for (int m0 = m_begin; m0 < L; m0 += BM) {
             __syncthreads();  // previous tiles fully consumed (and K, V loaded)
-            load_tile<T, BM, EP, LDK, NW * 32>(Qs, q + bh * L * E, m0, L, E);
-            load_tile<T, BM, EVP, LDV, NW * 32>(dOs, dout + bh * L * Ev, m0, L, Ev);
+            load_tile<P, T, BM, EP, LDK, NW * 32>(Qs, q + bh * L * E, m0, L, E);
+            load_tile<P, T, BM, EVP, LDV, NW * 32>(dOs, dout + bh * L * Ev, m0, L, Ev);
             for (int idx = threadIdx.x; idx < BM; idx += NW * 32) {
                 const bool ok = m0 + idx < L;
                 const Acc l = ok ? lse[bh * L + m0 + idx] : neg_inf<Acc>();
@@ -602,7 +701,7 @@ sdpa_bwd(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::T* _
                         const Acc dsv = p * (dpacc[j][e] * f - D_s[qc]);
                         sacc[j][e] = p * f;
                         dpacc[j][e] = dsv;
-                        dSw[kr * LDS + qc] = cvt<T>(dsv);
+                        dSw[kr * LDS + qc] = P::to_smem(dsv);
                         if (!PLAIN && dscores && key < S && query < L)
                             dscores[(bh * L + query) * S + key] = cvt<T>(dsv);
                     }
@@ -621,7 +720,7 @@ sdpa_bwd(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::T* _
                 for (int j = 0; j < NQ; ++j)
 #pragma unroll
                     for (int e = 0; e < 4; ++e)
-                        dSw[(g + 8 * (e >> 1)) * LDS + 8 * j + 2 * t + (e & 1)] = cvt<T>(sacc[j][e]);
+                        dSw[(g + 8 * (e >> 1)) * LDS + 8 * j + 2 * t + (e & 1)] = P::to_smem(sacc[j][e]);
                 __syncwarp();
                 warp_gemm<P, NV, BM, LDS, 1, LDV, 1>(dvacc, dSw, dOs);  // dV += P_drop^T dO
                 __syncwarp();
@@ -629,7 +728,7 @@ sdpa_bwd(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::T* _
                 for (int j = 0; j < NQ; ++j)
 #pragma unroll
                     for (int e = 0; e < 4; ++e)
-                        dSw[(g + 8 * (e >> 1)) * LDS + 8 * j + 2 * t + (e & 1)] = cvt<T>(dpacc[j][e]);
+                        dSw[(g + 8 * (e >> 1)) * LDS + 8 * j + 2 * t + (e & 1)] = P::to_smem(dpacc[j][e]);
             }
             __syncthreads();  // all of dS^T is written
 
