@@ -115,8 +115,12 @@ def kernel_sources() -> dict:
 
 
 def nvrtc_compile(code: str, name: str = "kernel.cu", name_expressions=(), arch: str = CI_ARCH,
-                  options=NVRTC_OPTIONS) -> str:
-    """Compile CUDA C++ to PTX with NVRTC; no GPU needed.
+                  options=NVRTC_OPTIONS):
+    """Compile CUDA C++ with NVRTC; no GPU needed.
+
+    A virtual architecture (``compute_90``) gives PTX; a real one (``sm_90``)
+    also runs NVRTC's built-in assembler and gives a cubin, which is the only
+    way inline PTX (``asm(...)``) gets checked: the PTX pass copies it verbatim.
 
     Parameters
     ----------
@@ -131,8 +135,8 @@ def nvrtc_compile(code: str, name: str = "kernel.cu", name_expressions=(), arch:
 
     Returns
     -------
-    str
-        The PTX.
+    str or bytes
+        The PTX (virtual architecture) or the cubin (real architecture).
 
     Raises
     ------
@@ -154,6 +158,8 @@ def nvrtc_compile(code: str, name: str = "kernel.cu", name_expressions=(), arch:
             raise CudaCompileError(f"{name}: compiler warnings\n{log}")
         for expr in name_expressions:
             nvrtc.getLoweredName(prog, expr)
+        if arch.startswith("sm_"):
+            return nvrtc.getCUBIN(prog)
         ptx = nvrtc.getPTX(prog)
     finally:
         nvrtc.destroyProgram(prog)

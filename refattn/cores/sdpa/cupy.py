@@ -40,7 +40,7 @@ _DEFAULT_SMEM_LIMIT = 227 * 1024
 # DT, its shared element size, row padding in elements, accumulator dtype).
 _KINDS = {
     "float16": (0, 2, 0, 2, 8, "float32"),
-    "tf32x3": (1, 8, 4, 4, 4, "float32"),   # forward tiles hold floats pre-split {big, small}
+    "tf32x3": (1, 4, 1, 4, 4, "float32"),
     "float64": (2, 8, 2, 8, 2, "float64"),
     "simt": (3, 4, 3, 4, 4, "float32"),
 }
@@ -62,7 +62,9 @@ def _pad16(n: int) -> int:
 # Kinds whose matrix products take P straight from registers (no P tile in shared memory).
 _REGISTER_P = ("float16", "tf32x3")
 # Kinds whose forward double-buffers the K, V tiles (cp.async).
-_TWO_STAGES = ("float16",)
+_TWO_STAGES = ("float16", "tf32x3")
+# Kinds whose backward double-buffers the query-side tiles (cp.async).
+_TWO_STAGES_BWD = ("float16",)
 
 
 def _fwd_smem(kind, EP, EVP, NW, BN) -> int:
@@ -76,8 +78,10 @@ def _fwd_smem(kind, EP, EVP, NW, BN) -> int:
 def _bwd_smem(kind, EP, EVP, NW) -> int:
     _, _, _, item, pad, acc = _KINDS[kind]
     BM = BN = 16 * NW
-    tiles = BN * (EP + pad) + BN * (EVP + pad) + BM * (EP + pad) + BM * (EVP + pad) + BN * (BM + pad)
-    return item * tiles + 2 * BM * np.dtype(acc).itemsize
+    stages = 2 if kind in _TWO_STAGES_BWD else 1   # Q, dO, lse, D tiles
+    tiles = BN * (EP + pad) + BN * (EVP + pad) + BN * (BM + pad)
+    tiles += stages * (BM * (EP + pad) + BM * (EVP + pad))
+    return item * tiles + stages * 2 * BM * np.dtype(acc).itemsize
 
 
 def _first_fitting(choices, smem, limit, what):

@@ -12,9 +12,8 @@
 //
 // Template parameter DT selects the element type and the warp-level matrix
 // product: 0 = float16 on tensor cores (mma.m16n8k16, float32 accumulation),
-// 1 = float32 on tensor cores as 3xTF32 (split products, float32 accuracy) with
-// operands split once in shared memory, 4 = the same splitting operands as they are
-// loaded (backward), 2 = float64 on CUDA cores, 3 = float32 on CUDA cores.  Every policy produces
+// 1 = float32 on tensor cores as 3xTF32 (split products, float32 accuracy),
+// 2 = float64 on CUDA cores, 3 = float32 on CUDA cores.  Every policy produces
 // the accumulator layout of mma.m16n8: lane (g = lane/4, t = lane%4) holds
 // rows g and g+8, columns 2t and 2t+1 of each 16x8 tile, so the softmax and
 // masking code is written once.
@@ -156,16 +155,11 @@ struct MmaF16 {
 
 // float32 on tensor cores with float32 accuracy: x = big + small with both
 // parts in TF32, and a*b ~ a_big*b_big + a_big*b_small + a_small*b_big.
-// PRESPLIT: shared-memory tiles hold each float already split ({big, small} as a
-// float2), so every element is split once per tile load rather than once per warp
-// that reads it, at twice the shared memory (the forward); otherwise operands are
-// split as they are loaded (the backward, whose five tiles would not fit twice).
-template <bool C, class A, class B> struct cond { typedef A type; };
-template <class A, class B> struct cond<false, A, B> { typedef B type; };
-
-template <bool PRESPLIT>
+// Operands are split as they are loaded from shared memory.  (Storing them pre-split
+// as float2 tiles was measured slower on an H100: twice the shared-memory traffic and
+// footprint cost more than the conversions saved.)
 struct MmaTF32x3 {
-    typedef typename cond<PRESPLIT, float2, float>::type Tc;
+    typedef float Tc;
     typedef float Acc;
     static constexpr int KSTEP = 8;
     struct AF { unsigned big[4], small[4]; };
@@ -176,22 +170,9 @@ struct MmaTF32x3 {
         const float rest = x - __uint_as_float(big);
         asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(small) : "f"(rest));
     }
-    static __device__ __forceinline__ Tc to_smem(float x) {
-        if constexpr (PRESPLIT) {
-            unsigned big, small;
-            split(x, big, small);
-            return make_float2(__uint_as_float(big), __uint_as_float(small));
-        } else {
-            return x;
-        }
-    }
-    static __device__ __forceinline__ void get(const Tc& v, unsigned& big, unsigned& small) {
-        if constexpr (PRESPLIT) {
-            big = __float_as_uint(v.x);
-            small = __float_as_uint(v.y);
-        } else {
-            split(v, big, small);
-        }
+    static __device__ __forceinline__ float to_smem(float x) { return x; }
+    static __device__ __forceinline__ void get(float v, unsigned& big, unsigned& small) {
+        split(v, big, small);
     }
     template <int SAM, int SAK>
     static __device__ __forceinline__ void load_a(AF& f, const Tc* a, int k0) {
@@ -292,12 +273,13 @@ struct MmaSimt {
 };
 
 template <int DT> struct Cfg;
-// ASYNC: the forward double-buffers K, V tiles with cp.async (plain copies only).
-template <> struct Cfg<0> { typedef half_t T; typedef MmaF16 P; static constexpr int PAD = 8; static constexpr bool ASYNC = true; };
-template <> struct Cfg<1> { typedef float T; typedef MmaTF32x3<true> P; static constexpr int PAD = 4; static constexpr bool ASYNC = false; };
-template <> struct Cfg<2> { typedef double T; typedef MmaSimt<double> P; static constexpr int PAD = 2; static constexpr bool ASYNC = false; };
-template <> struct Cfg<3> { typedef float T; typedef MmaSimt<float> P; static constexpr int PAD = 4; static constexpr bool ASYNC = false; };
-template <> struct Cfg<4> { typedef float T; typedef MmaTF32x3<false> P; static constexpr int PAD = 4; static constexpr bool ASYNC = false; };
+// ASYNC: the forward double-buffers K, V tiles with cp.async (shared-memory cost: one
+// more K and V tile; float64 and exact float32 keep one stage for their larger tiles).
+// ASYNC_BWD: the backward double-buffers Q, dO, lse, D (float16: its tiles are small).
+template <> struct Cfg<0> { typedef half_t T; typedef MmaF16 P; static constexpr int PAD = 8; static constexpr bool ASYNC = true; static constexpr bool ASYNC_BWD = true; };
+template <> struct Cfg<1> { typedef float T; typedef MmaTF32x3 P; static constexpr int PAD = 4; static constexpr bool ASYNC = true; static constexpr bool ASYNC_BWD = false; };
+template <> struct Cfg<2> { typedef double T; typedef MmaSimt<double> P; static constexpr int PAD = 2; static constexpr bool ASYNC = false; static constexpr bool ASYNC_BWD = false; };
+template <> struct Cfg<3> { typedef float T; typedef MmaSimt<float> P; static constexpr int PAD = 4; static constexpr bool ASYNC = false; static constexpr bool ASYNC_BWD = false; };
 
 // acc[NT][4] += A (16 x KDIM) * B (KDIM x 8 NT), one warp.
 template <class P, int NT, int KDIM, int SAM, int SAK, int SBK, int SBN>
@@ -346,6 +328,19 @@ template <class A> struct is_same<A, A> { static constexpr bool value = true; };
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
                  :: "r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+// dst[0] += a, dst[1] += b: one vector reduction for float (sm_90), two for double.
+__device__ __forceinline__ void atomic_add2(float* dst, float a, float b) {
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" :: "l"(dst), "f"(a), "f"(b) : "memory");
+}
+__device__ __forceinline__ void atomic_add2(double* dst, double a, double b) {
+    atomicAdd(dst, a);
+    atomicAdd(dst + 1, b);
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n"
+                 :: "r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src), "r"(valid ? 4 : 0)
                  : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
@@ -639,11 +634,15 @@ sdpa_bwd(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::T* _
     extern __shared__ __align__(16) unsigned char smem_raw[];
     Ts* Ks = reinterpret_cast<Ts*>(smem_raw);
     Ts* Vs = Ks + BN * LDK;
-    Ts* Qs = Vs + BN * LDV;
-    Ts* dOs = Qs + BM * LDK;
-    Ts* dSt = dOs + BM * LDV;
-    Acc* lse_s = reinterpret_cast<Acc*>(dSt + BN * LDS);
-    Acc* D_s = lse_s + BM;
+    Ts* dSt = Vs + BN * LDV;
+    Ts* Q0 = dSt + BN * LDS;        // query-side stages: Q, dO, lse, D (two with ASYNC_BWD)
+    Ts* dO0 = Q0 + BM * LDK;
+    Ts* Q1 = dO0 + BM * LDV;
+    Ts* dO1 = Q1 + BM * LDK;
+    Acc* lse0 = reinterpret_cast<Acc*>(Cfg<DT>::ASYNC_BWD ? dO1 + BM * LDV : Q1);
+    Acc* D0 = lse0 + BM;
+    Acc* lse1 = D0 + BM;
+    Acc* D1 = lse1 + BM;
 
     Mods<T, Acc> mods;
     MODS_INIT(mods)
@@ -663,20 +662,10 @@ sdpa_bwd(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::T* _
     int m_begin = 0;
     if (causal) m_begin = max(0, n0 - offset) / BM * BM;
 
-    for (int h = hk * group; h < (hk + 1) * group; ++h) {
-        const long long bh = (long long)b * H + h;
-        for (int m0 = m_begin; m0 < L; m0 += BM) {
-            __syncthreads();  // previous tiles fully consumed (and K, V loaded)
-            load_tile<P, T, BM, EP, LDK, NW * 32>(Qs, q + bh * L * E, m0, L, E);
-            load_tile<P, T, BM, EVP, LDV, NW * 32>(dOs, dout + bh * L * Ev, m0, L, Ev);
-            for (int idx = threadIdx.x; idx < BM; idx += NW * 32) {
-                const bool ok = m0 + idx < L;
-                const Acc l = ok ? lse[bh * L + m0 + idx] : neg_inf<Acc>();
-                lse_s[idx] = l * Acc(LOG2E);
-                D_s[idx] = ok ? rowdot[bh * L + m0 + idx] : Acc(0);
-            }
-            __syncthreads();
-
+    // One query tile (query head h, rows m0 ...) against this block's keys.  lse and
+    // D of rows past L read 0: those rows are masked (logit -inf, probability 0).
+    auto step = [&](int h, int m0, const Ts* Qs, const Ts* dOs, const Acc* lse_s, const Acc* D_s) {
+            const long long bh = (long long)b * H + h;
             // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x BM queries.
             Acc sacc[NQ][4], dpacc[NQ][4];
             zero<Acc, NQ>(sacc);
@@ -696,7 +685,8 @@ sdpa_bwd(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::T* _
                         const int kr = g + 8 * (e >> 1), qc = 8 * j + 2 * t + (e & 1);
                         const int key = n0 + warp * 16 + kr, query = m0 + qc;
                         const Acc x = mods.template logit2<PLAIN>(sacc[j][e], b, h, query, key);
-                        const Acc p = (!PLAIN && x == neg_inf<Acc>()) ? Acc(0) : ex2(x - lse_s[qc]);
+                        const Acc p = (!PLAIN && x == neg_inf<Acc>()) ? Acc(0)
+                                                                       : ex2(x - lse_s[qc] * Acc(LOG2E));
                         const Acc f = mods.template dropf<PLAIN>(b, h, query, key);
                         const Acc dsv = p * (dpacc[j][e] * f - D_s[qc]);
                         sacc[j][e] = p * f;
@@ -740,10 +730,70 @@ sdpa_bwd(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::T* _
 #pragma unroll
             for (int j = 0; j < NK; ++j)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int i = m0 + warp * 16 + g + 8 * (e >> 1), c = 8 * j + 2 * t + (e & 1);
-                    if (i < L && c < E) atomicAdd(dqb + (long long)i * E + c, sc * dqacc[j][e]);
+                for (int r = 0; r < 2; ++r) {
+                    const int i = m0 + warp * 16 + g + 8 * r, c = 8 * j + 2 * t;
+                    Acc* dst = dqb + (long long)i * E + c;
+                    if (i >= L || c >= E) continue;
+                    if (E % 2 == 0) {  // columns c, c+1 both exist and are 8-byte aligned
+                        atomic_add2(dst, sc * dqacc[j][2 * r], sc * dqacc[j][2 * r + 1]);
+                    } else {
+                        atomicAdd(dst, sc * dqacc[j][2 * r]);
+                        if (c + 1 < E) atomicAdd(dst + 1, sc * dqacc[j][2 * r + 1]);
+                    }
                 }
+    };
+
+    const int count = m_begin < L ? (L - m_begin + BM - 1) / BM : 0;  // query tiles per head
+    const int total = group * count;
+    bool pipelined = false;
+    if constexpr (Cfg<DT>::ASYNC_BWD) {
+        // Two stages: the copy of the next query tile overlaps the work on this one.
+        pipelined = E == EP && Ev == EVP;
+        auto issue = [&](int it, Ts* Qd, Ts* dOd, Acc* ld, Acc* Dd) {
+            const int h = hk * group + it / count, m0 = m_begin + (it % count) * BM;
+            const long long bh = (long long)b * H + h;
+            load_tile_async<T, BM, EP, LDK, NW * 32>(Qd, q + bh * L * E, m0, L);
+            load_tile_async<T, BM, EVP, LDV, NW * 32>(dOd, dout + bh * L * Ev, m0, L);
+            for (int idx = threadIdx.x; idx < BM; idx += NW * 32) {
+                const bool valid = m0 + idx < L;
+                const long long row = bh * L + (valid ? m0 + idx : 0);
+                cp_async4(ld + idx, lse + row, valid);
+                cp_async4(Dd + idx, rowdot + row, valid);
+            }
+            cp_async_commit();
+        };
+        if (pipelined) {
+            if (total > 0) issue(0, Q0, dO0, lse0, D0);
+            for (int it = 0; it < total; ++it) {
+                const int cur = it & 1;
+                if (it + 1 < total) {
+                    if (cur) issue(it + 1, Q0, dO0, lse0, D0); else issue(it + 1, Q1, dO1, lse1, D1);
+                    cp_async_wait<1>();
+                } else {
+                    cp_async_wait<0>();
+                }
+                __syncthreads();  // this stage (and K, V) visible to every warp
+                step(hk * group + it / count, m_begin + (it % count) * BM, cur ? Q1 : Q0,
+                     cur ? dO1 : dO0, cur ? lse1 : lse0, cur ? D1 : D0);
+                __syncthreads();  // this stage and dS^T consumed before they are refilled
+            }
+        }
+    }
+    if (!pipelined) {
+        for (int h = hk * group; h < (hk + 1) * group; ++h) {
+            const long long bh = (long long)b * H + h;
+            for (int m0 = m_begin; m0 < L; m0 += BM) {
+                __syncthreads();  // previous tiles fully consumed (and K, V loaded)
+                load_tile<P, T, BM, EP, LDK, NW * 32>(Q0, q + bh * L * E, m0, L, E);
+                load_tile<P, T, BM, EVP, LDV, NW * 32>(dO0, dout + bh * L * Ev, m0, L, Ev);
+                for (int idx = threadIdx.x; idx < BM; idx += NW * 32) {
+                    const bool valid = m0 + idx < L;
+                    lse0[idx] = valid ? lse[bh * L + m0 + idx] : Acc(0);
+                    D0[idx] = valid ? rowdot[bh * L + m0 + idx] : Acc(0);
+                }
+                __syncthreads();
+                step(h, m0, Q0, dO0, lse0, D0);
+            }
         }
     }
 
