@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ("report", "info", "bench")
+COMMAND_MODULES = ("report", "info", "bench", "cond", "params")
 
 
 def _commands():
