@@ -14,6 +14,14 @@ from ._registry import cores, get_core, get_variant, projections, variants
 from ._vjp import vjp
 from .backends import available_backends
 from .cores.sdpa import sdpa
+from .cores.elementwise import (elementwise_attention, elementwise_state, elementwise_step,
+                                elementwise_taylor_error)
+from .cores.quaternion import quaternion_attention
+from .projections.quaternion import quaternion_linear
+from .cores.preconditioned import (Preconditioner, preconditioned_sdpa, preconditioners,
+                                   register_preconditioner)
+from . import conditioning  # noqa: F401
+from .conditioning import attention_conditioning, condition_number, layer_conditioning
 from .layers import Attention
 
 try:
@@ -23,6 +31,12 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "sdpa",
+    "elementwise_attention",
+    "elementwise_state",
+    "elementwise_step",
+    "elementwise_taylor_error",
+    "quaternion_attention",
+    "quaternion_linear",
     "vjp",
     "Attention",
     "available_backends",
@@ -32,5 +46,13 @@ __all__ = [
     "get_core",
     "get_variant",
     "testing",
+    "preconditioned_sdpa",
+    "Preconditioner",
+    "register_preconditioner",
+    "preconditioners",
+    "conditioning",
+    "condition_number",
+    "attention_conditioning",
+    "layer_conditioning",
     "__version__",
 ]
