@@ -62,6 +62,12 @@ def _options(name, rng, B, H, L, S, dtype):
         return {"bias": bias}
     if name == "bias (B,1,1,S)":
         return {"bias": rng.standard_normal((B, 1, 1, S)).astype(dtype)}
+    if name == "bias jumping by 80 after the first key tile":
+        # the forward's lazy shift must be renewed (scores climb past RESHIFT = 30)
+        bias = np.zeros((1, 1, 1, S), dtype)
+        bias[..., 20:] = 80.0
+        bias[..., 40:] = 160.0
+        return {"bias": bias}
     if name == "dropout":
         return {"dropout_mask": rng.random((B, H, L, S)) > 0.25, "dropout_p": 0.25}
     if name == "dropout (L,S) + causal lower_right + scale":
@@ -72,6 +78,7 @@ def _options(name, rng, B, H, L, S, dtype):
 
 SCENARIOS = ["plain", "causal", "causal lower_right", "mask (L,S) with empty rows",
              "key padding mask (B,1,1,S) + causal", "bias (1,H,L,S) with -inf", "bias (B,1,1,S)",
+             "bias jumping by 80 after the first key tile",
              "dropout", "dropout (L,S) + causal lower_right + scale"]
 
 #      B, H, Hkv,   L,   S,  E, Ev

@@ -45,6 +45,10 @@ __all__ = ["forward", "backward", "BLOCK_Q", "BLOCK_K"]
 BLOCK_Q = 256
 #: Keys per tile.
 BLOCK_K = 256
+#: The forward renews a row's exp() shift only when a score exceeds it by this much.
+#: Probabilities relative to the shift then stay below exp(30) = 1.1e13, so sums over
+#: S <= 1e5 keys of them times |v| stay finite in float32 (3.4e38) for |v| < 1e20.
+RESHIFT = 30.0
 
 
 @jit
@@ -77,6 +81,7 @@ def _forward_kernel(q, k, v, mask, bias, drop, has_mask, has_bias, has_drop, cau
     n_qt = (L + block_q - 1) // block_q
     zero = scale - scale                          # typed zero of the working dtype
     neg_inf = np.full(1, -np.inf, q.dtype)[0]
+    reshift = np.full(1, RESHIFT, q.dtype)[0]
     for t in prange(B * H * n_qt):
         bh = t // n_qt
         rank = t % n_qt
@@ -96,9 +101,11 @@ def _forward_kernel(q, k, v, mask, bias, drop, has_mask, has_bias, has_drop, cau
         acc = np.zeros((nr, Ev), q.dtype)         # unnormalised output
         row_max = np.full(nr, -np.inf, q.dtype)
         new_max = np.empty(nr, q.dtype)
-        shift = np.empty(nr, q.dtype)
+        shift = np.full(nr, -np.inf, q.dtype)     # exp() is taken of scores - shift
         alpha = np.empty(nr, q.dtype)
         row_sum = np.zeros(nr, q.dtype)
+        tile_sum = np.empty(nr, q.dtype)
+        seen_all_rows = False                     # every row has a finite shift
         key_end = S
         if causal:
             key_end = min(S, max(0, i1 + offset))  # keys beyond i1-1+offset: fully masked
@@ -109,33 +116,66 @@ def _forward_kernel(q, k, v, mask, bias, drop, has_mask, has_bias, has_drop, cau
             gemm(st, k[b, hk, j0:j1], False, q_tile, True, False)
             _scores_tile(st, i0, j0, b, h, mask, bias, has_mask, has_bias,
                          causal and j1 - 1 > i0 + offset, offset, neg_inf)
-            for r in range(nr):
-                new_max[r] = row_max[r]
-            for c in range(nc):
-                row = st[c]
+            # Lazy rescaling: once every row has a finite shift, exponentiate against it
+            # directly (one pass, no max pass) and track the tile max on the way; the shift
+            # only has to keep exp() finite, so it is renewed only if a score climbs more
+            # than RESHIFT above it, which recomputes this tile the two-pass way (rare).
+            lazy = seen_all_rows
+            if lazy:
                 for r in range(nr):
-                    new_max[r] = max(new_max[r], row[r])
-            for r in range(nr):
-                # an all-masked row so far keeps max -inf; shift by 0 so exp gives exact 0
-                shift[r] = new_max[r] if new_max[r] > neg_inf else zero
-                alpha[r] = fast_exp(row_max[r] - shift[r])
-                row_max[r] = new_max[r]
-                row_sum[r] *= alpha[r]
-            for c in range(nc):
-                row = st[c]
+                    new_max[r] = neg_inf
+                    tile_sum[r] = zero
+                for c in range(nc):
+                    row = st[c]
+                    for r in range(nr):
+                        x = row[r]
+                        new_max[r] = max(new_max[r], x)
+                        p = fast_exp(x - shift[r])
+                        row[r] = p
+                        tile_sum[r] += p
                 for r in range(nr):
-                    p = fast_exp(row[r] - shift[r])
-                    row[r] = p
-                    row_sum[r] += p
+                    if new_max[r] > shift[r] + reshift:
+                        lazy = False
+                if lazy:
+                    for r in range(nr):
+                        row_sum[r] += tile_sum[r]
+                        row_max[r] = max(row_max[r], new_max[r])
+                else:                              # recompute the scores of this tile
+                    gemm(st, k[b, hk, j0:j1], False, q_tile, True, False)
+                    _scores_tile(st, i0, j0, b, h, mask, bias, has_mask, has_bias,
+                                 causal and j1 - 1 > i0 + offset, offset, neg_inf)
+            if not lazy:
+                for r in range(nr):
+                    new_max[r] = row_max[r]
+                for c in range(nc):
+                    row = st[c]
+                    for r in range(nr):
+                        new_max[r] = max(new_max[r], row[r])
+                seen_all_rows = True
+                for r in range(nr):
+                    # an all-masked row so far keeps max -inf: shift by 0 so exp gives exact 0
+                    finite = new_max[r] > neg_inf
+                    seen_all_rows = seen_all_rows and finite
+                    new_shift = new_max[r] if finite else zero
+                    alpha[r] = fast_exp(shift[r] - new_shift)
+                    shift[r] = new_shift
+                    row_max[r] = new_max[r]
+                    row_sum[r] *= alpha[r]
+                for c in range(nc):
+                    row = st[c]
+                    for r in range(nr):
+                        p = fast_exp(row[r] - shift[r])
+                        row[r] = p
+                        row_sum[r] += p
+                for r in range(nr):
+                    a = alpha[r]
+                    for e in range(Ev):
+                        acc[r, e] *= a
             if has_drop:
                 for c in range(nc):
                     row = st[c]
                     for r in range(nr):
                         row[r] = row[r] * drop_scale if drop[b, h, i0 + r, j0 + c] else zero
-            for r in range(nr):
-                a = alpha[r]
-                for e in range(Ev):
-                    acc[r, e] *= a
             gemm(acc, st, True, v[b, hk, j0:j1], False, True)     # acc += P_ij V_j
         for r in range(nr):
             if row_sum[r] > zero:
