@@ -10,8 +10,12 @@ Design (``docs/backends/numba.md`` has the full story):
   element-wise updates of length-``BLOCK_Q`` vectors, which LLVM vectorises
   without fast-math (a horizontal max/sum reduction would need ``nnan``/``reassoc``).
 * Forward: online softmax over key tiles; saves only ``lse`` ``(B, H, L)``.
-  ``prange`` over batch x heads x query tiles (zig-zag order, so that causal
-  tiles of unequal cost split evenly between threads).
+  Lazy rescaling: once every row of a query tile has a finite shift, each key
+  tile is exponentiated against it in one pass (no separate max pass, no
+  rescale of the accumulator); the shift is renewed only when a score climbs
+  more than ``RESHIFT`` above it.  ``prange`` over batch x heads x query tiles
+  (zig-zag order, so that causal tiles of unequal cost split evenly between
+  threads).
 * Backward: recomputes ``P = exp(S - lse)``; ``prange`` over batch x kv heads
   (x key-tile chunks when there are fewer of those than threads).  Each work
   item owns its key tiles' ``dK``/``dV`` (GQA: it loops over the query heads of
@@ -24,10 +28,11 @@ Design (``docs/backends/numba.md`` has the full story):
   of shape ``(B, H, L, S)``: nothing L x S is materialised, except ``dscores``
   when the bias gradient is requested (L x S by definition).
 * float32 inputs are computed and accumulated in float32, like PyTorch's CPU
-  kernel and cuBLAS/cuDNN: every reduction is either a BLAS dot product over
-  ``E`` or ``BLOCK_K`` terms or a sum of probabilities in ``[0, 1]``, whose
-  rounding error (``~ n u`` with ``u = 6e-8``) stays near 1e-6 relative for the
-  lengths used here (tests measure it against the float64 reference).
+  kernel: every reduction is either a BLAS dot product over ``E``,
+  ``BLOCK_Q`` or ``BLOCK_K`` terms or a sum of positive terms (no
+  cancellation), whose rounding error (``~ n u`` with ``u = 6e-8``) stays near
+  1e-6 relative for the lengths used here; the tests measure it against the
+  float64 reference and against the float32 NumPy reference's own error.
 """
 
 from __future__ import annotations
