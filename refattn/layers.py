@@ -14,7 +14,7 @@ import numpy as np
 from ._array import namespace
 from ._registry import Case, Variant, get_core, get_projection, register_variant
 from ._validate import check_float_array, check_same_dtype
-from .projections._base import LayerConfig
+from ._config import LayerConfig
 
 __all__ = ["Attention", "register_layer_variant"]
 

@@ -161,39 +161,3 @@ def test_head_dims_beyond_the_kernels_limit_are_rejected():
     with pytest.raises(ValueError, match="head dims up to 256"):
         refattn.sdpa(q, q, q, backend="cupy")
 
-
-# -- element-wise attention ---------------------------------------------------------------------
-
-@pytest.mark.parametrize("order", [None, 6], ids=["exact", "taylor6"])
-@pytest.mark.parametrize("dtype", ["float16", "float32"])
-def test_elementwise_on_the_device(order, dtype):
-    """Outputs stay on the device, auto picks cupy, float16 is computed in float32."""
-    cp = _cp()
-    rng = np.random.default_rng(8)
-    # |2 q k| stays small (spread 0.5) so the Taylor form is accurate too; S > 128 threads
-    # per block so the kernels span several blocks; GQA 4/2 and causal lower_right.
-    q = (0.5 * rng.standard_normal((2, 4, 150, 24))).astype(dtype)
-    k = (0.5 * rng.standard_normal((2, 2, 170, 24))).astype(dtype)
-    v = rng.standard_normal((2, 2, 170, 24)).astype(dtype)
-    opts = dict(order=order, causal=True, causal_align="lower_right", scale=0.7)
-    ref = tuple(x.astype(np.float64) for x in (q, k, v))
-    out_ref, pull_ref = refattn.vjp(refattn.elementwise_attention, *ref, backend="reference",
-                                    **opts)
-    dout = rng.standard_normal(out_ref.shape)
-    grads_ref = pull_ref(dout)
-    dev = tuple(cp.asarray(x) for x in (q, k, v))
-    _, res = refattn.get_core("elementwise").forward(*dev, **opts)
-    assert res.backend == "cupy"
-    out, pull = refattn.vjp(refattn.elementwise_attention, *dev, **opts)
-    assert isinstance(out, cp.ndarray) and str(out.dtype) == dtype
-    assert_close(out, out_ref, dtype, "output")
-    for i, (g, gr) in enumerate(zip(pull(cp.asarray(dout.astype(dtype))), grads_ref)):
-        assert isinstance(g, cp.ndarray) and str(g.dtype) == dtype
-        assert_close(g, gr, dtype, f"gradient {i}")
-
-
-def test_elementwise_taylor_order_beyond_the_kernels_limit_is_rejected():
-    cp = _cp()
-    x = cp.zeros((1, 1, 4, 2), dtype=cp.float32)
-    with pytest.raises(ValueError, match="orders up to 16"):
-        refattn.elementwise_attention(x, x, x, order=18, backend="cupy")

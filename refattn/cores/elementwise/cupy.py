@@ -1,20 +1,27 @@
 """Element-wise attention, CuPy backend: fused CUDA kernels (``elementwise.cu`` beside this file).
 
 Implements the backend contract of :mod:`refattn.cores.elementwise.api` on CuPy
-arrays (``psi = sqrt(scale) q``, ``kappa = sqrt(scale) k``), float16, float32
-and float64.
+arrays (``psi = sqrt(scale) q``, ``kappa = sqrt(scale) k``).  The kernels are the
+loops of :mod:`refattn.cores.elementwise.numba`, one thread per output element:
 
-* exact form: one thread per (query, channel) runs an online softmax of
-  ``-(psi_ic - kappa_jc)^2`` over the keys: O(L S D) time, O(L D) memory, never
-  an ``L x S x D`` array; the backward pass recomputes the weights from the
-  saved per-channel log-sum-exp, one kernel for ``dq`` (loop over keys) and one
-  for ``dk, dv`` (loop over the queries of every head of the GQA group).
-* Taylor form: one thread per (batch, head, channel) scans the sequence carrying
-  the ``2 (t + 1)`` shifted moments in float64 (the Numba backend's algorithm),
-  O(t L D); the backward pass reruns the scan for ``dq`` and runs the reversed
-  scan (suffix sums over queries) for ``dk, dv``, summed over GQA groups after.
+* exact form: one thread per (batch, head, query, channel) runs two passes over
+  the keys (row max, then the sums) and saves the per-channel log-sum-exp; the
+  backward pass recomputes the weights from it, one kernel for ``dq`` (a thread
+  per query and channel, loop over keys) and one for ``dk, dv`` (a thread per key
+  and channel, loop over the queries that see it).  O(L S D) time, O(L D) memory:
+  never an ``L x S`` array.
+* Taylor form: one thread per (batch, head, channel) scans the sequence with the
+  ``2 (t + 1)`` shifted moments in registers (the order is a template parameter);
+  the backward pass reruns the scan for ``dq`` and runs the reversed scan (suffix
+  sums over queries) for ``dk, dv``.  O(t (L + S) D) time, O(L D) memory.  The
+  scan is sequential in the sequence, so a problem has only ``B H D`` threads:
+  plenty for wide batches, few for one long sequence.
 
-``saved`` is kept in float32 for float16 inputs (as the reference does).
+Sums accumulate in float64 for every input dtype (as the numba kernels, for the
+same reason: a float32 sum over ``S`` terms may lose ``S 2^-24`` relative).
+float16 inputs run the float32 kernels (upcast on the device); the output is cast
+back and ``saved`` stays in float32.  Per-query-head ``dk, dv`` are summed over
+GQA groups afterwards.  Nothing leaves the device.
 """
 
 from __future__ import annotations
@@ -24,107 +31,134 @@ import os
 import numpy as np
 
 from ...backends import cupy_support as cs
-from .api import taylor_coefficients
+from .api import _check_order
 
-__all__ = ["forward", "backward", "SOURCE", "MAX_ORDER"]
+__all__ = ["forward", "backward", "kernel_names", "SOURCE"]
 
-#: Highest Taylor order the scan kernels hold moments for (thread-local arrays).
-MAX_ORDER = 16
-
-_THREADS = 128
-_DT = {"float16": 0, "float32": 1, "float64": 2}
-_KERNELS = ("ew_exact_fwd", "ew_exact_dq", "ew_exact_dkdv", "ew_taylor_fwd", "ew_taylor_bwd")
-
-SOURCE = cs.KernelSource(
-    os.path.join(os.path.dirname(__file__), "elementwise.cu"),
-    lambda: tuple(f"{name}<{dt}>" for dt in _DT.values() for name in _KERNELS))
+_EXACT_THREADS = 128     # threads per block, exact kernels (a thread per output element)
+_SCAN_THREADS = 32       # threads per block, Taylor scans: few threads, spread them over SMs
 
 
-def _dt(dtype) -> int:
+def _ctype(dtype) -> str:
+    """C type of the kernels for a storage dtype (float16 runs as float32)."""
     name = np.dtype(dtype).name
-    if name not in _DT:
-        raise TypeError(f"backend='cupy' supports float16, float32 and float64, got {name}")
-    return _DT[name]
+    if name in ("float16", "float32"):
+        return "float"
+    if name == "float64":
+        return "double"
+    raise TypeError(f"backend='cupy' supports float16, float32 and float64, got {name}")
 
 
-def _acc(dtype):
-    return np.float64 if np.dtype(dtype) == np.float64 else np.float32
+def kernel_names(dtype, order=None) -> dict:
+    """Template name expressions of the kernels for ``dtype`` and ``order`` (None: exact).
+
+    Returns
+    -------
+    dict with ``fwd`` and ``bwd`` (Taylor: one kernel each) or ``fwd``, ``dq`` and
+    ``dkdv`` (exact).
+    """
+    ct = _ctype(dtype)
+    if order is None:
+        return {"fwd": f"ew_exact_fwd<{ct}>", "dq": f"ew_exact_dq<{ct}>",
+                "dkdv": f"ew_exact_dkdv<{ct}>"}
+    order = _check_order(order)
+    return {"fwd": f"ew_taylor_fwd<{ct},{order}>", "bwd": f"ew_taylor_bwd<{ct},{order}>"}
 
 
-def _launch(name, dtype, grid, args):
-    fn = SOURCE.function(f"{name}<{_dt(dtype)}>")
-    fn(grid, (_THREADS,), args)
+def _instantiations():
+    """Each kernel for both C types; Taylor orders 2 (shortest loops) and 6, 8."""
+    names = []
+    for dtype in ("float32", "float64"):
+        for order in (None, 2, 6, 8):
+            names += kernel_names(dtype, order).values()
+    return tuple(names)
 
 
-def _mask_args(opts, H, Hkv, L, S, D):
-    m = opts.mask
-    args = [cs.pointer_or_null(m)]
-    args += [np.int64(s) for s in (cs.strides4(m) if m is not None else (0, 0, 0, 0))]
+SOURCE = cs.KernelSource(os.path.join(os.path.dirname(__file__), "elementwise.cu"),
+                         _instantiations)
+
+
+def _launch(name, n_threads, block, args):
+    if n_threads > 0:
+        SOURCE.function(name)((-(-n_threads // block),), (block,), args)
+
+
+def _work(cp, *arrays):
+    """C-contiguous operands in the kernels' type (float16 -> float32; no copy otherwise)."""
+    return tuple(cp.ascontiguousarray(a, dtype=np.float32 if a.dtype == np.float16 else a.dtype)
+                 for a in arrays)
+
+
+def _common_args(cp, q, k, opts):
+    """Mask pointer and strides, sizes and causal flag/offset shared by every kernel."""
+    B, H, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    mask = opts.mask
+    if mask is None:
+        mask_args = [cs.NULL] + [np.int64(0)] * 4
+    else:
+        mask = cp.asarray(mask)
+        if mask.dtype != np.bool_:
+            mask = mask.astype(np.bool_)
+        mask_args = [mask] + [np.int64(s) for s in cs.strides4(mask)]
     causal = opts.causal_offset is not None
-    return args + list(cs.scalar_args(H, Hkv, L, S, D, int(causal),
-                                      int(opts.causal_offset) if causal else 0))
-
-
-def _blocks(n):
-    return max(1, -(-n // _THREADS))
-
-
-def _coefficients(order):
-    if order > MAX_ORDER:
-        raise ValueError(f"backend='cupy' supports Taylor orders up to {MAX_ORDER}, got {order}; "
-                         "use backend='reference'")
-    cp = cs.cupy()
-    return cp.asarray(np.asarray(taylor_coefficients(order), dtype=np.float64))
+    return mask_args + list(cs.scalar_args(B, H, Hkv, L, S, D, int(causal),
+                                           int(opts.causal_offset) if causal else 0))
 
 
 def forward(q, k, v, opts):
     cp = cs.cupy()
+    dtype = q.dtype
+    q, k, v = _work(cp, q, k, v)
     B, H, L, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    q, k, v = (cp.ascontiguousarray(x) for x in (q, k, v))
+    names = kernel_names(q.dtype, opts.order)
+    common = _common_args(cp, q, k, opts)
     o = cp.empty_like(q)
-    acc = _acc(q.dtype)
-    mask = _mask_args(opts, H, Hkv, L, S, D)
     if opts.order is None:
-        lse = cp.empty(q.shape, dtype=acc)
-        if o.size:
-            _launch("ew_exact_fwd", q.dtype, (_blocks(L * D), B * H), [q, k, v, o, lse] + mask)
-        return o, (lse,)
-    coef = _coefficients(opts.order)
-    m, den = cp.empty(q.shape, dtype=acc), cp.empty(q.shape, dtype=acc)
-    if o.size:
-        _launch("ew_taylor_fwd", q.dtype, (_blocks(B * H * D),),
-                [q, k, v, coef, np.int32(opts.order), np.int32(B), o, m, den] + mask)
-    return o, (m, den)
+        lse = cp.empty_like(q)
+        _launch(names["fwd"], q.size, _EXACT_THREADS, [q, k, v] + common + [o, lse])
+        saved = (lse,)
+    else:
+        m, den = cp.empty_like(q), cp.empty_like(q)
+        _launch(names["fwd"], B * H * D if L else 0, _SCAN_THREADS,
+                [q, k, v] + common + [o, m, den])
+        saved = (m, den)
+    # saved stays in float32 for float16 inputs (lse up to ~100 would round in steps of 0.06)
+    return o.astype(dtype, copy=False), saved
+
+
+def _reduce_groups(g, kv_heads):
+    """``(B, H, S, D) -> (B, Hkv, S, D)``: sum each group of query heads."""
+    B, H, S, D = g.shape
+    if H == kv_heads:
+        return g
+    return g.reshape(B, kv_heads, H // kv_heads, S, D).sum(axis=2)   # (B, Hkv, group, S, D)
 
 
 def backward(q, k, v, o, saved, do, opts):
     cp = cs.cupy()
+    dtype = q.dtype
+    q, k, v, o, do = _work(cp, q, k, v, o, do)
+    saved = _work(cp, *saved)
     B, H, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    q, k, v, o, do = (cp.ascontiguousarray(x) for x in (q, k, v, o, do))
-    acc = _acc(q.dtype)
-    saved = tuple(cp.ascontiguousarray(s.astype(acc, copy=False)) for s in saved)
-    mask = _mask_args(opts, H, Hkv, L, S, D)
-    dq = cp.zeros_like(q)
+    names = kernel_names(q.dtype, opts.order)
+    common = _common_args(cp, q, k, opts)
+    dq = cp.empty_like(q)
+    dk = cp.empty((B, H, S, D), dtype=q.dtype)        # per query head
+    dv = cp.empty((B, H, S, D), dtype=q.dtype)
     if opts.order is None:
-        dk, dv = cp.zeros_like(k), cp.zeros_like(v)
-        if q.size and k.size:
-            (lse,) = saved
-            _launch("ew_exact_dq", q.dtype, (_blocks(L * D), B * H),
-                    [q, k, v, o, lse, do, dq] + mask)
-            _launch("ew_exact_dkdv", q.dtype, (_blocks(S * D), B * Hkv),
-                    [q, k, v, o, lse, do, dk, dv] + mask)
-        return dq, dk, dv
-    m, den = saved
-    dk = cp.zeros((B, H, S, D), dtype=q.dtype)      # per query head, summed over groups below
-    dv = cp.zeros((B, H, S, D), dtype=q.dtype)
-    if q.size and k.size:
-        _launch("ew_taylor_bwd", q.dtype, (_blocks(B * H * D),),
-                [q, k, v, o, m, den, do, _coefficients(opts.order), np.int32(opts.order),
-                 np.int32(B), dq, dk, dv] + mask)
-    group = H // Hkv
-    if group > 1:   # (B, H, S, D) -> (B, Hkv, group, S, D) -> sum over the group
-        dk = dk.reshape(B, Hkv, group, S, D).sum(axis=2, dtype=acc).astype(q.dtype)
-        dv = dv.reshape(B, Hkv, group, S, D).sum(axis=2, dtype=acc).astype(q.dtype)
-    return dq, dk, dv
+        (lse,) = saved
+        _launch(names["dq"], dq.size, _EXACT_THREADS, [q, k, v, o, lse, do] + common + [dq])
+        _launch(names["dkdv"], dk.size, _EXACT_THREADS,
+                [q, k, v, o, lse, do] + common + [dk, dv])
+    else:
+        m, den = saved
+        if L == 0:                                    # no query: nothing sees any key
+            dk.fill(0)
+            dv.fill(0)
+        else:
+            _launch(names["bwd"], B * H * D, _SCAN_THREADS,
+                    [q, k, v, o, m, den, do] + common + [dq, dk, dv])
+    out = (dq, _reduce_groups(dk, Hkv), _reduce_groups(dv, Hkv))
+    return tuple(g.astype(dtype, copy=False) for g in out)
