@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ("report", "info")
+COMMAND_MODULES = ("report", "info", "cases")
 
 
 def _commands():

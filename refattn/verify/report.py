@@ -66,6 +66,9 @@ class VerifyReport:
     candidate: str
     framework: str
     checks: list = field(default_factory=list)
+    legend: str = ("rel err = max|candidate - float64 reference| / scale; allowed = factor x "
+                   "ref err + floor, ref err = refattn's own error in that dtype "
+                   "(refattn.verify.tolerance)")
 
     @property
     def compared(self) -> list:
@@ -89,11 +92,12 @@ class VerifyReport:
         text = (f"{verdict}: {self.candidate} ({self.framework}) vs refattn {self.variant!r}: "
                 f"{len(self.compared) - sum(c.status == 'FAIL' for c in self.compared)} of "
                 f"{len(self.compared)} checks within tolerance")
-        errors = sum(c.status == "error" for c in self.checks)
-        if errors:
-            text += f", {errors} case(s) raised"
-        if self.not_run:
-            text += f", {len(self.not_run)} case(s) not expressible by the candidate"
+        raised = {c.case for c in self.checks if c.status == "error"}
+        if raised:
+            text += f", {len(raised)} case(s) raised"
+        not_run = {c.case for c in self.not_run}
+        if not_run:
+            text += f", {len(not_run)} case(s) not expressible by the candidate (n/a)"
         if not self.compared:
             text += " (nothing was compared)"
         return text
@@ -114,9 +118,7 @@ class VerifyReport:
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        legend = ("rel err = max|candidate - float64 reference| / max|reference|; allowed = "
-                  "factor x ref err + floor (refattn.verify.tolerance)")
-        return "\n".join([self.summary(), legend, self.table()])
+        return "\n".join([self.summary(), self.legend, self.table()])
 
     def assert_(self) -> "VerifyReport":
         """Raise ``AssertionError`` with the failing rows unless :attr:`ok`; return ``self``."""

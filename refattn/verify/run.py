@@ -17,7 +17,7 @@ from .frameworks import detect_framework, load_framework
 from .params import resolve_map
 from .report import Check, VerifyReport
 
-__all__ = ["verify", "reference_problem", "Problem"]
+__all__ = ["verify", "reference_problem", "Problem", "quantities"]
 
 
 def _map(f, x):
@@ -29,6 +29,22 @@ def _input_names(fn, count):
     names = [p.name for p in inspect.signature(fn).parameters.values()
              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return names[:count]
+
+
+def quantities(out, grads, names) -> dict:
+    """Flatten ``out`` and the gradients of inputs ``names`` into ``{quantity: float64 array}``.
+
+    ``"out"``, then ``"d<name>"`` per input (a parameter dict gives ``"d<param>"``
+    per parameter) and ``"dbias"`` when the gradients include a bias's.
+    """
+    result = {"out": np.asarray(out, np.float64)}
+    names = list(names) + (["bias"] if len(grads) > len(names) else [])
+    for name, g in zip(names, grads):
+        if isinstance(g, dict):
+            result.update({f"d{k}": np.asarray(v, np.float64) for k, v in g.items()})
+        else:
+            result[f"d{name}"] = np.asarray(g, np.float64)
+    return result
 
 
 class Problem:
@@ -75,15 +91,7 @@ class Problem:
         return self.names[:1] == ["params"]
 
     def quantities(self, out, grads) -> dict:
-        """Flatten ``out`` and the gradients into ``{quantity: float64 array}``."""
-        result = {"out": np.asarray(out, np.float64)}
-        names = list(self.names) + (["bias"] if len(grads) > len(self.names) else [])
-        for name, g in zip(names, grads):
-            if isinstance(g, dict):
-                result.update({f"d{k}": np.asarray(v, np.float64) for k, v in g.items()})
-            else:
-                result[f"d{name}"] = np.asarray(g, np.float64)
-        return result
+        return quantities(out, grads, self.names)
 
     def layer_spec(self):
         return LayerSpec.from_layer(self.case.fn, self.dtype)
