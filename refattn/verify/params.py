@@ -135,6 +135,10 @@ def resolve_map(mapping, refattn_names, candidate_names) -> dict:
     """
     refattn_names, candidate_names = list(refattn_names), list(candidate_names)
     if mapping is None:
+        if sorted(candidate_names) != sorted(refattn_names):
+            raise ValueError(f"the candidate's parameters {candidate_names} are not named like "
+                             f"refattn's {refattn_names}; pass params={{candidate_name: "
+                             f"converter}} built with refattn.verify.params")
         mapping = identity_map(refattn_names)
     resolved = {}
     for cname, conv in mapping.items():

@@ -110,10 +110,13 @@ class _NumpyRounding:
 
 # -- running candidates ----------------------------------------------------------------
 
-def _run_core(fn, problem, fw):
+def _run_core(fn, problem, fw, selectors=()):
     options = dict(problem.options)
-    for key in options:
+    for key in list(options):
         if not accepts(fn, key):
+            if key in selectors:                     # e.g. mode="shared": names the variant
+                del options[key]
+                continue
             raise Unsupported(f"the candidate takes no {key}= keyword")
     bias = options.pop("bias", None)
     static = {k: (fw.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in options.items()}
@@ -341,13 +344,27 @@ def verify(candidate, variant, *, framework=None, dtypes=("float64", "float32"),
     if variant.kind == "core" and not callable(candidate):
         raise TypeError(f"candidate must be callable, got {type(candidate).__name__}")
     report = VerifyReport(variant.name, _describe(candidate), f"{fw.name} {fw.version}")
+    selectors = _selectors(case_list)
     for index, case in enumerate(case_list):
         for dtype in dtypes:
-            report.checks.extend(_check(candidate, case, dtype, fw, seed * 1000 + index))
+            report.checks.extend(_check(candidate, case, dtype, fw, seed * 1000 + index,
+                                        selectors))
     return report
 
 
-def _check(candidate, case, dtype, fw, seed):
+def _selectors(case_list):
+    """String options with one value in every case (``mode="shared"``): they name the variant.
+
+    A candidate that implements only that variant need not accept them.
+    """
+    if not case_list:
+        return ()
+    first = case_list[0].options
+    return tuple(k for k, v in first.items() if isinstance(v, str)
+                 and all(c.options.get(k) == v for c in case_list))
+
+
+def _check(candidate, case, dtype, fw, seed, selectors=()):
     with fw.precision(dtype):
         problem = Problem(case, dtype, fw, seed)
         try:
@@ -355,7 +372,7 @@ def _check(candidate, case, dtype, fw, seed):
                 run = _run_torch_layer if fw.name == "torch" else _run_jax_layer
                 got, out_dtype = run(candidate, problem, fw)
             else:
-                got, out_dtype = _run_core(candidate, problem, fw)
+                got, out_dtype = _run_core(candidate, problem, fw, selectors)
         except Unsupported as exc:
             return [Check(case.name, dtype, "-", status="n/a", note=str(exc))]
         except Exception as exc:                       # the candidate's failure, reported
