@@ -256,6 +256,7 @@ def _known(candidate, kind, fw_name):
 
 def _describe(candidate) -> str:
     obj = getattr(candidate, "factory", candidate)
+    obj = getattr(obj, "func", obj)                              # functools.partial
     name = getattr(obj, "__qualname__", None) or type(obj).__name__
     mod = getattr(obj, "__module__", "") or ""
     return f"{mod}.{name}" if mod and mod not in ("__main__", "builtins") else name
@@ -338,12 +339,13 @@ def verify(candidate, variant, *, framework=None, dtypes=("float64", "float32"),
                  else list(cases))
     fw_name = framework or _framework_of(candidate, variant, params, call, case_list)
     fw = load_framework(fw_name)
+    description = _describe(candidate)
     candidate = _known(candidate, variant.kind, fw_name)
     if variant.kind == "layer" and not isinstance(candidate, Layer):
         candidate = Layer(candidate, params=params, call=call)
     if variant.kind == "core" and not callable(candidate):
         raise TypeError(f"candidate must be callable, got {type(candidate).__name__}")
-    report = VerifyReport(variant.name, _describe(candidate), f"{fw.name} {fw.version}")
+    report = VerifyReport(variant.name, description, f"{fw.name} {fw.version}")
     selectors = _selectors(case_list)
     for index, case in enumerate(case_list):
         for dtype in dtypes:
