@@ -14,6 +14,12 @@ from ._registry import cores, get_core, get_variant, projections, variants
 from ._vjp import vjp
 from .backends import available_backends
 from .cores.sdpa import sdpa
+from .cores.quaternion import quaternion_attention
+from .projections.quaternion import quaternion_linear
+from .cores.preconditioned import (Preconditioner, preconditioned_sdpa, preconditioners,
+                                   register_preconditioner)
+from . import conditioning  # noqa: F401
+from .conditioning import attention_conditioning, condition_number, layer_conditioning
 from .layers import Attention
 
 try:
@@ -23,6 +29,8 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "sdpa",
+    "quaternion_attention",
+    "quaternion_linear",
     "vjp",
     "Attention",
     "available_backends",
@@ -32,6 +40,14 @@ __all__ = [
     "get_core",
     "get_variant",
     "testing",
+    "preconditioned_sdpa",
+    "Preconditioner",
+    "register_preconditioner",
+    "preconditioners",
+    "conditioning",
+    "condition_number",
+    "attention_conditioning",
+    "layer_conditioning",
     "verify",
     "__version__",
 ]

@@ -64,6 +64,8 @@ class Case:
     """One seeded problem: ``fn(*arrays, backend=..., **options)``.
 
     ``arrays`` are the differentiable inputs (a parameter dict counts as one).
+    ``backends`` restricts the backends the case is meant for (``None`` = all),
+    e.g. a size only a linear-memory kernel can hold.
     """
 
     name: str
@@ -71,6 +73,7 @@ class Case:
     arrays: tuple
     options: dict = field(default_factory=dict)
     flops: float = 0.0
+    backends: tuple | None = None
 
     def run(self, backend: str = "auto"):
         return self.fn(*self.arrays, backend=backend, **self.options)

@@ -30,7 +30,8 @@ SUPPORTED_FLOATS = ("float16", "float32", "float64")
 
 
 def _dtype_name(x) -> str:
-    return str(getattr(x.dtype, "name", x.dtype)).replace("torch.", "")
+    """``"float32"`` etc. for NumPy, CuPy, array-api-strict (``array_api_strict.float32``) arrays."""
+    return str(getattr(x.dtype, "name", x.dtype)).rsplit(".", 1)[-1]
 
 
 def check_array(x, name: str):

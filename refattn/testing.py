@@ -104,22 +104,24 @@ class GradCheckReport:
         return "\n".join(lines)
 
 
-def check_grads(fn, *arrays, eps=1e-6, rtol=1e-6, atol=1e-9, n_directions=2, seed=0,
+def check_grads(fn, *arrays, fd_step=1e-6, rtol=1e-6, atol=1e-9, n_directions=2, seed=0,
                 raise_on_failure=True, **options):
     """Check ``refattn.vjp(fn, ...)`` against central finite differences in float64.
 
     For a random cotangent ``w`` and random directions ``u`` (one per input, or
     per parameter of a parameter dict), compares the analytic directional
     derivative ``<pullback(w)_i, u>`` with
-    ``(<w, f(x + eps u)> - <w, f(x - eps u)>) / (2 eps)``.
+    ``(<w, f(x + h u)> - <w, f(x - h u)>) / (2 h)``, ``h = fd_step``.
 
     Parameters
     ----------
     fn : callable with a refattn backward pass (e.g. :func:`refattn.sdpa`, a layer)
     *arrays : the differentiable inputs (arrays, or a dict of arrays)
-    eps : float
-        Step; the truncation error is ``O(eps^2)`` and the rounding error
-        ``O(1e-16 / eps)``, both below ``1e-9`` relative at ``1e-6``.
+    fd_step : float
+        Finite-difference step (named so as not to shadow a core's own ``eps``
+        option, which is passed through like any other).  The truncation error is
+        ``O(fd_step^2)`` and the rounding error ``O(1e-16 / fd_step)``, both below
+        ``1e-9`` relative at ``1e-6``.
     rtol, atol : float
         A direction passes when
         ``|numeric - analytic| <= rtol * max(|numeric|, |analytic|, atol / rtol)``.
@@ -174,7 +176,7 @@ def check_grads(fn, *arrays, eps=1e-6, rtol=1e-6, atol=1e-9, n_directions=2, see
                 u = rng.standard_normal(np.shape(x0))
                 values = []
                 for sign in (1.0, -1.0):
-                    xs = x0 + sign * eps * u
+                    xs = x0 + sign * fd_step * u
                     new = dict(base) if key is not None else None
                     if key is not None:
                         new[key] = xs
@@ -185,7 +187,7 @@ def check_grads(fn, *arrays, eps=1e-6, rtol=1e-6, atol=1e-9, n_directions=2, see
                         args = list(arrays)
                         args[t] = moved
                         values.append(objective(tuple(args), options))
-                numeric = (values[0] - values[1]) / (2 * eps)
+                numeric = (values[0] - values[1]) / (2 * fd_step)
                 analytic = _vdot(gx, u)
                 diff = abs(numeric - analytic)
                 # Relative error, floored so that a true zero derivative (e.g. a key bias,

@@ -57,6 +57,7 @@ class Study:
     summary: str
     run: Callable
     requires: tuple = ()   # optional modules (e.g. "torch"); the study is skipped without them
+    metric_names: tuple = ()  # names of ``StudyResult.metrics`` that asv tracks
 
 
 _STUDIES: dict = {}

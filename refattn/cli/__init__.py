@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ("report", "info", "cases")
+COMMAND_MODULES = ("report", "info", "bench", "cond", "cases")
 
 
 def _commands():
@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv or ["report"])
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["report"] + argv   # `refattn --variants sdpa` = `refattn report --variants sdpa`
+    args = parser.parse_args(argv)
     return int(args._run(args) or 0)
 
 

@@ -5,3 +5,5 @@ here plus one line below.
 """
 
 from . import sdpa  # noqa: F401
+from . import quaternion  # noqa: F401
+from . import preconditioned  # noqa: F401

@@ -2,3 +2,4 @@
 
 from ._base import LayerConfig, Projection, RealOutputProjection  # noqa: F401
 from . import standard  # noqa: F401
+from . import quaternion  # noqa: F401

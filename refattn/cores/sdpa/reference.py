@@ -16,7 +16,7 @@ from ..._softmax import masked_softmax, probs_from_lse, softmax_backward
 
 def _work(xp, *arrays):
     """Upcast float16 to float32 for the arithmetic (accumulate in float32)."""
-    if arrays[0].dtype == xp.float16:
+    if getattr(xp, "float16", None) is not None and arrays[0].dtype == xp.float16:
         return tuple(None if a is None else xp.astype(a, xp.float32) for a in arrays)
     return arrays
 

@@ -1,0 +1,124 @@
+"""asv suite generated from the refattn registry.
+
+For every registered variant: ``time_forward``, ``time_forward_backward`` and
+``peakmem_forward_backward`` over its ``"bench"`` cases x backends x dtypes
+(a backend that is not available, or not implemented for the variant, shows
+as n/a).  For every performance study: ``track_`` benchmarks of its metrics
+(ratios, exponents), measured side by side inside one process.
+
+Numba kernels are compiled and warmed up in ``setup`` so compile time never
+counts; CUDA work is synchronised before the clock stops.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+
+import refattn
+from refattn.backends import BACKENDS, available_backends
+from refattn.bench import studies
+
+DTYPES = ["float32", "float64"]
+#: ``REFATTN_ASV_SMOKE=1`` swaps the bench sizes for the small "default" problems:
+#: CI runs every benchmark once that way, so the suite never rots, in seconds.
+CASE_KIND = "default" if os.environ.get("REFATTN_ASV_SMOKE") else "bench"
+
+
+@functools.lru_cache(maxsize=None)
+def _labels(variant_name):
+    return tuple(c.name for c in refattn.get_variant(variant_name).cases(CASE_KIND, "float32"))
+
+
+def _to_backend(backend, x):
+    if backend != "cupy":
+        return x
+    import cupy
+
+    if isinstance(x, dict):
+        return {k: cupy.asarray(v) for k, v in x.items()}
+    return cupy.asarray(x)
+
+
+def _sync(backend):
+    if backend == "cupy":
+        import cupy
+
+        cupy.cuda.get_current_stream().synchronize()
+
+
+def _variant_suite(variant_name):
+    class VariantSuite:
+        params = [list(_labels(variant_name)), list(BACKENDS), DTYPES]
+        param_names = ["case", "backend", "dtype"]
+        timeout = 600
+
+        def setup(self, label, backend, dtype):
+            variant = refattn.get_variant(variant_name)
+            if backend not in available_backends() or backend not in variant.backends:
+                raise NotImplementedError(f"{backend} not available for {variant_name}")
+            case = next(c for c in variant.cases(CASE_KIND, dtype) if c.name == label)
+            if case.backends is not None and backend not in case.backends:
+                raise NotImplementedError(f"{label} is not meant for {backend}")
+            self.backend = backend
+            self.fn = case.fn
+            self.arrays = tuple(_to_backend(backend, a) for a in case.arrays)
+            self.options = {k: _to_backend(backend, v) if isinstance(v, np.ndarray) else v
+                            for k, v in case.options.items()}
+            out, pullback = refattn.vjp(self.fn, *self.arrays, backend=backend, **self.options)
+            self.dout = _to_backend(backend, np.ones(out.shape, dtype=dtype))
+            pullback(self.dout)          # warm up: compile kernels, fill caches
+            _sync(backend)
+
+        def time_forward(self, *_):
+            self.fn(*self.arrays, backend=self.backend, **self.options)
+            _sync(self.backend)
+
+        def time_forward_backward(self, *_):
+            _, pullback = refattn.vjp(self.fn, *self.arrays, backend=self.backend, **self.options)
+            pullback(self.dout)
+            _sync(self.backend)
+
+        def peakmem_forward_backward(self, *_):
+            _, pullback = refattn.vjp(self.fn, *self.arrays, backend=self.backend, **self.options)
+            pullback(self.dout)
+
+    VariantSuite.__name__ = VariantSuite.__qualname__ = (
+        "Variant_" + variant_name.replace("-", "_"))
+    return VariantSuite
+
+
+for _name in sorted(refattn.variants()):
+    _suite = _variant_suite(_name)
+    globals()[_suite.__name__] = _suite
+
+
+class Studies:
+    """Headline ratios of the performance studies (quick size), tracked across commits."""
+
+    params = [[f"{s.name}:{m}" for s in studies().values() for m in s.metric_names]
+              or ["none:none"]]
+    param_names = ["study_metric"]
+    timeout = 900
+    unit = "ratio"
+
+    def setup_cache(self):
+        import importlib.util
+
+        metrics = {}
+        for name, study in studies().items():
+            if any(importlib.util.find_spec(m) is None for m in study.requires):
+                continue
+            try:
+                result = study.run("quick")
+            except Exception:  # a broken study shows as n/a, the others still run
+                continue
+            metrics.update({f"{name}:{k}": float(v) for k, v in result.metrics.items()})
+        return metrics
+
+    def track_metric(self, metrics, study_metric):
+        if study_metric not in metrics:
+            raise NotImplementedError(study_metric)
+        return metrics[study_metric]

@@ -1,0 +1,226 @@
+"""``refattn cond``: condition numbers per head, before and after preconditioning.
+
+Prints, per head, ``kappa(P)``, ``kappa(A)``, ``kappa(CA)`` and ``kappa(CA)/kappa(A)``
+(``refattn.conditioning``), on a default seeded layer or on a user's ``.npz``,
+and with ``--plot FILE.png`` draws their distribution over heads and over the
+sequence length (prefixes of the sequence).
+
+The ``.npz`` holds either
+
+* **core inputs**: ``q (..., H, L, E)``, ``k (..., Hkv, S, E)``, ``v (..., Hkv, S, Ev)``
+  (same float dtype), optional ``mask`` (bool, ``True`` = attend, broadcastable
+  to ``(..., H, L, S)``); or
+* **a layer input**: ``x (..., L, d_model)``, optional weights ``w_q, w_k, w_v,
+  w_o`` (all four, each ``(d_model, d_model)``; default: seeded ``layer.init``)
+  and ``mask``; ``--heads`` sets the number of heads.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import zipfile
+
+import numpy as np
+
+NAME = "cond"
+HELP = "condition numbers kappa(P), kappa(A), kappa(CA) per head (default problem or --npz)"
+
+_WEIGHTS = ("w_q", "w_k", "w_v", "w_o")
+
+
+class InputError(ValueError):
+    """A user input the command cannot use; printed without a traceback."""
+
+
+def add_arguments(parser):
+    parser.add_argument("--npz", metavar="FILE", help="inputs: q, k, v [, mask] or x [, w_q, w_k, "
+                        "w_v, w_o, mask] (see `refattn cond --help` and the module docs)")
+    parser.add_argument("--plot", metavar="FILE.png", help="write the distributions of kappa "
+                        "over heads and over sequence length (needs matplotlib)")
+    parser.add_argument("--preconditioner", default="row_norm", help="registered preconditioner "
+                        "(default: row_norm)")
+    parser.add_argument("--eps", type=float, default=1e-6, help="preconditioner eps (default 1e-6)")
+    parser.add_argument("--core", default="sdpa", help="the attention core producing A (default: "
+                        "sdpa; a preconditioned core means its inner core)")
+    parser.add_argument("--causal", action="store_true", help="causal attention")
+    parser.add_argument("--batch", type=int, default=2, help="default problem: batch (2)")
+    parser.add_argument("--length", type=int, default=128, help="default problem: L = S (128)")
+    parser.add_argument("--d-model", type=int, default=64, help="default problem: d_model (64)")
+    parser.add_argument("--heads", type=int, default=4, help="heads of the layer (4)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of inputs/weights (0)")
+
+
+def _load_npz(path):
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise InputError(f"{path}: not a readable .npz archive ({exc})") from None
+
+
+def _problem(args):
+    """``(kind, label, arrays)``, kind ``"core"`` (arrays q, k, v, mask) or ``"layer"``."""
+    import refattn
+
+    if args.npz is None:
+        rng = np.random.default_rng(args.seed)
+        layer = refattn.Attention(args.d_model, args.heads, core=args.core, causal=args.causal)
+        x = rng.standard_normal((args.batch, args.length, args.d_model))
+        return ("layer", f"default problem: Attention(d_model={args.d_model}, "
+                f"n_heads={args.heads}, core={args.core!r}, causal={args.causal}), x ~ N(0, 1) of shape {x.shape}, "
+                f"seed {args.seed}", {"layer": layer, "params": layer.init(seed=args.seed), "x": x,
+                                      "mask": None})
+    data = _load_npz(args.npz)
+    found = ", ".join(sorted(data)) or "none"
+    mask = data.pop("mask", None)
+    if all(n in data for n in ("q", "k", "v")):
+        extra = sorted(set(data) - {"q", "k", "v"})
+        if extra:
+            raise InputError(f"{args.npz}: unexpected arrays {extra} beside q, k, v")
+        return "core", f"{args.npz}: core inputs q {data['q'].shape}, k {data['k'].shape}, " \
+                       f"v {data['v'].shape}", {**data, "mask": mask}
+    if "x" in data:
+        x = data.pop("x")
+        if x.ndim < 2:
+            raise InputError(f"{args.npz}: x must have shape (..., L, d_model), got {x.shape}")
+        given = [n for n in _WEIGHTS if n in data]
+        extra = sorted(set(data) - set(_WEIGHTS))
+        if extra:
+            raise InputError(f"{args.npz}: unexpected arrays {extra} beside x and {list(_WEIGHTS)}")
+        if given and len(given) != len(_WEIGHTS):
+            raise InputError(f"{args.npz}: give all of {list(_WEIGHTS)} or none; found {given}")
+        try:
+            layer = refattn.Attention(int(x.shape[-1]), args.heads, core=args.core,
+                                      causal=args.causal)
+        except ValueError as exc:
+            raise InputError(f"{args.npz}: {exc} (set --heads)") from None
+        params = {n: data[n] for n in _WEIGHTS} if given else layer.init(
+            seed=args.seed, dtype=x.dtype if x.dtype.kind == "f" else np.float64)
+        return "layer", f"{args.npz}: layer input x {x.shape}, " + (
+            "weights from the file" if given else f"weights layer.init(seed={args.seed})"), \
+            {"layer": layer, "params": params, "x": x, "mask": mask}
+    raise InputError(f"{args.npz}: expected arrays q, k, v (core inputs) or x (layer input); "
+                     f"found {found}")
+
+
+def _head_inputs(kind, arrays, args):
+    """``(q, k, v, mask)`` the core sees (after the layer's projection)."""
+    if kind == "core":
+        return arrays["q"], arrays["k"], arrays["v"], arrays["mask"]
+    layer = arrays["layer"]
+    x = arrays["x"]
+    layer._check_inputs(x, None)
+    layer._check_params(arrays["params"], str(x.dtype))
+    q, k, v, _ = layer.scheme.project_in(arrays["params"], x, x, layer.config)
+    return q, k, v, arrays["mask"]
+
+
+def _conditioning(kind, arrays, args):
+    import refattn
+
+    if kind == "layer":
+        return refattn.layer_conditioning(arrays["layer"], arrays["params"], arrays["x"],
+                                          mask=arrays["mask"], preconditioner=args.preconditioner,
+                                          eps=args.eps)
+    return refattn.attention_conditioning(arrays["q"], arrays["k"], arrays["v"],
+                                          inner_core=args.core, mask=arrays["mask"],
+                                          causal=args.causal,
+                                          preconditioner=args.preconditioner, eps=args.eps)
+
+
+def _prefix(x, axis_lengths):
+    """``x[..., :l, :s]`` on the last axes that are not broadcast (size 1)."""
+    index = [slice(None)] * x.ndim
+    for axis, n in axis_lengths.items():
+        if x.shape[axis] != 1:
+            index[axis] = slice(0, n)
+    return x[tuple(index)]
+
+
+def length_sweep(q, k, v, mask, *, core, causal, preconditioner, eps, n_lengths=6):
+    """``{l: HeadConditioning}`` on the prefixes of ``l`` queries (and ``ceil(l S / L)`` keys)."""
+    import refattn
+
+    L, S = q.shape[-2], k.shape[-2]
+    lengths = sorted({int(round(x)) for x in np.geomspace(min(8, L), L, n_lengths)})
+    out = {}
+    for ell in lengths:
+        s = max(1, math.ceil(ell * S / L))
+        m = None if mask is None else _prefix(np.asarray(mask), {-2: ell, -1: s})
+        out[ell] = refattn.attention_conditioning(
+            q[..., :ell, :], k[..., :s, :], v[..., :s, :], inner_core=core, mask=m, causal=causal,
+            preconditioner=preconditioner, eps=eps)
+    return out
+
+
+def plot(path, heads, sweep, title):
+    """Write the two-panel figure: kappa over heads (paired) and over sequence length."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise InputError("--plot needs matplotlib, which is not installed: "
+                         "pip install 'refattn[plot]' (or pip install matplotlib)") from None
+    fig = Figure(figsize=(14, 4.5), layout="constrained")
+    ax1, ax_ratio, ax2 = fig.subplots(1, 3, width_ratios=(1, 1, 1.4))
+    rec = heads.to_records()
+    jitter = np.random.default_rng(0).uniform(-0.08, 0.08, len(rec))
+    for i, x in enumerate((rec.kappa_a, rec.kappa_o)):
+        ax1.scatter(i + jitter, x, s=18, alpha=0.7, color=f"C{i + 1}")
+        ax1.boxplot([x[np.isfinite(x)]], positions=[i], widths=0.4, showfliers=False)
+    for a, o, j in zip(rec.kappa_a, rec.kappa_o, jitter):
+        ax1.plot([j, 1 + j], [a, o], color="0.6", lw=0.6, zorder=0)
+    ax1.set_xticks([0, 1], ["kappa(A)", "kappa(CA)"])
+    ax1.set_yscale("log")
+    ax1.set_ylabel("condition number (log)")
+    median_p = np.median(rec.kappa_p) if np.isfinite(rec.kappa_p).any() else float("nan")
+    ax1.set_title(f"over heads x batch ({len(rec)}), paired\nmedian kappa(P) = {median_p:.3g}")
+    ratio = rec.ratio[np.isfinite(rec.ratio)]
+    ax_ratio.hist(ratio, bins=min(30, max(5, len(ratio) // 2)), color="C2", alpha=0.8)
+    ax_ratio.axvline(1.0, color="k", lw=1)
+    ax_ratio.set_xlabel("kappa(CA) / kappa(A)   (< 1: preconditioning helped)")
+    ax_ratio.set_ylabel("heads x batch")
+    ax_ratio.set_title(f"ratio over heads: {int((ratio > 1).sum())} of {len(ratio)} raised")
+    lengths = np.array(sorted(sweep))
+    for name, field, style in (("kappa(P)", "kappa_p", ":"), ("kappa(A)", "kappa_a", "-"),
+                               ("kappa(CA)", "kappa_o", "--")):
+        if getattr(sweep[lengths[0]], field) is None:
+            continue
+        vals = [np.ravel(getattr(sweep[n], field)) for n in lengths]
+        q25, q50, q75 = (np.array([np.percentile(x, p) for x in vals]) for p in (25, 50, 75))
+        line, = ax2.plot(lengths, q50, style, marker="o", label=f"median {name}")
+        ax2.fill_between(lengths, q25, q75, color=line.get_color(), alpha=0.2)
+    ax2.set_xscale("log", base=2)
+    ax2.set_yscale("log")
+    ax2.set_xlabel("sequence length L (prefix)")
+    ax2.set_title("over sequence length (band: 25-75% of heads)")
+    ax2.legend()
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=110)
+
+
+def run(args) -> int:
+    try:
+        try:
+            kind, label, arrays = _problem(args)
+            result = _conditioning(kind, arrays, args)
+        except InputError:
+            raise
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"{args.npz or 'default problem'}: {exc}") from None
+        print(label)
+        print(result)
+        if args.plot:
+            q, k, v, mask = _head_inputs(kind, arrays, args)
+            sweep = length_sweep(q, k, v, mask, core=args.core, causal=args.causal,
+                                 preconditioner=args.preconditioner, eps=args.eps)
+            heads = result.heads if kind == "layer" else result
+            plot(args.plot, heads, sweep, f"{label}; preconditioner={args.preconditioner}, "
+                 f"eps={args.eps:g}")
+            print(f"wrote {args.plot}")
+    except InputError as exc:
+        print(f"refattn cond: {exc}", file=sys.stderr)
+        return 2
+    return 0

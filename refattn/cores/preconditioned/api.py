@@ -1,0 +1,271 @@
+"""Preconditioned attention (``VARIANTS.md`` section 4), a drop-in around any core.
+
+Shape legend
+------------
+``*batch``  any number of batch dimensions;  ``H`` query heads, ``Hkv`` kv heads
+``L``       query length; ``S`` key length;  ``E`` query/key features
+``F``       features of one output row: ``Ev`` for a real core, ``4 d`` for a
+            quaternion core (its ``(4, d)`` axes flattened)
+
+Per head, with ``A = core(q, k, v)`` the inner core's output::
+
+    c = C(q, k, v, A)        (*batch, H, L)       the preconditioner's diagonal
+    O = diag(c) A            (*batch, H, L, ...)  same shape as A
+
+The inner core runs through its own ``forward``/``backward``, so every backend
+it has (numba, cupy) serves the preconditioned core too; the diagonal scaling
+is array-API code (NumPy, CuPy).  Backward (``docs/cores/preconditioned.md``)::
+
+    stop_gradient=True:   dA = c dO                      (c treated as a constant)
+    stop_gradient=False:  dA = c dO + dA_C,  dc_i = <dO_i, A_i>
+                          (dq_C, dk_C, dv_C, dA_C) = preconditioner.vjp(..., dc)
+    (dq, dk, dv) = core.backward(dA) + (dq_C, dk_C, dv_C)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..._array import namespace, product
+from ..._registry import Core, get_core
+from ..._validate import _dtype_name, check_float_array, check_positive_float
+from .preconditioners import Preconditioner, get_preconditioner
+
+__all__ = ["PreconditionedResiduals", "forward", "backward", "preconditioned_sdpa",
+           "make_core", "apply_preconditioner", "inner_core_of", "DEFAULT_EPS"]
+
+DEFAULT_EPS = 1e-6
+
+#: ``{preconditioned core name: inner core name}`` of the cores built by :func:`make_core`.
+_WRAPPED: dict[str, str] = {}
+
+#: Options every core takes besides its ``Core.options`` (the layer passes them).
+_COMMON_OPTIONS = ("mask", "causal")
+
+
+@dataclass
+class PreconditionedResiduals:
+    """What :func:`backward` needs: the inner core's residuals and the diagonal."""
+
+    core: Core
+    inner: Any
+    preconditioner: Preconditioner
+    eps: float
+    stop_gradient: bool
+    c: Any                 # (*batch, H, L), working precision
+    out_shape: tuple
+    out_dtype: Any
+    a: Any = None          # (*batch, H, L, F), only for stop_gradient=False
+    qkv: tuple = ()        # (q, k, v), only for stop_gradient=False
+
+
+def _feature_axes(core: Core) -> int:
+    return 2 if core.layout == "quaternion" else 1
+
+
+def _working(xp, x):
+    """float16 rows are scaled in float32: ``1/eps`` overflows float16 (max 65504)."""
+    return xp.astype(x, xp.float32) if _dtype_name(x) == "float16" else x
+
+
+def _check_options(eps, stop_gradient, preconditioner, inner_core, inner_options):
+    eps = check_positive_float(eps, "eps")
+    if not isinstance(stop_gradient, bool):
+        raise TypeError(f"stop_gradient must be a bool, got {type(stop_gradient).__name__}")
+    pre = get_preconditioner(preconditioner)
+    if not stop_gradient and pre.vjp is None:
+        raise ValueError(f"preconditioner {pre.name!r} has no derivative rule (vjp=None); use "
+                         "stop_gradient=True or register it with a vjp")
+    if isinstance(inner_core, Core):
+        core = inner_core
+    elif isinstance(inner_core, str):
+        core = get_core(inner_core)
+    else:
+        raise TypeError(f"inner_core must be a core name (str), got {type(inner_core).__name__}")
+    unknown = sorted(set(inner_options) - set(core.options) - set(_COMMON_OPTIONS))
+    if unknown:
+        raise TypeError(f"unexpected option(s) {', '.join(unknown)} for inner_core="
+                        f"{core.name!r}, which takes {list(_COMMON_OPTIONS + core.options)}")
+    return eps, pre, core
+
+
+def apply_preconditioner(pre: Preconditioner, q, k, v, a, eps: float, feature_axes: int = 1):
+    """``(c, a_rows)``: the diagonal ``c (*batch, H, L)`` of ``a`` and ``a`` as rows ``(.., L, F)``.
+
+    Both in the working precision (float32 for float16).  ``O = c[..., None] * a_rows``.
+    """
+    xp = namespace(a)
+    f = feature_axes
+    rows = tuple(a.shape[: a.ndim - f])                               # (*batch, H, L)
+    a_rows = _working(xp, xp.reshape(a, rows + (product(a.shape[a.ndim - f:]),)))  # (.., L, F)
+    c = pre.diagonal(q, k, v, a_rows, eps=eps)
+    if tuple(c.shape) != rows:
+        raise ValueError(f"preconditioner {pre.name!r} returned a diagonal of shape "
+                         f"{tuple(c.shape)}, expected (..., H, L) = {rows}")
+    return xp.astype(c, a_rows.dtype), a_rows
+
+
+def forward(q, k, v, *, eps=DEFAULT_EPS, stop_gradient=True, preconditioner="row_norm",
+            inner_core="sdpa", backend="auto", **inner_options):
+    """Forward pass returning ``(o, residuals)`` for :func:`backward`.
+
+    Same arguments as :func:`preconditioned_sdpa`; ``residuals.c`` is the diagonal.
+    """
+    eps, pre, core = _check_options(eps, stop_gradient, preconditioner, inner_core,
+                                    inner_options)
+    a, inner = core.forward(q, k, v, backend=backend, **inner_options)
+    xp = namespace(a)
+    c, a_rows = apply_preconditioner(pre, q, k, v, a, eps, _feature_axes(core))
+    o = xp.astype(xp.reshape(c[..., None] * a_rows, tuple(a.shape)), a.dtype)
+    res = PreconditionedResiduals(core, inner, pre, eps, stop_gradient, c, tuple(a.shape),
+                                  a.dtype)
+    if not stop_gradient:
+        res.a, res.qkv = a_rows, (q, k, v)
+    return o, res
+
+
+def _add(xp, g, extra):
+    return g if extra is None else g + xp.astype(extra, g.dtype)
+
+
+def backward(res: PreconditionedResiduals, do):
+    """Backward pass: ``(dq, dk, dv)`` plus whatever extra gradients the inner core returns
+    (e.g. ``dbias`` of :func:`refattn.sdpa`)."""
+    check_float_array(do, "cotangent")
+    if tuple(do.shape) != res.out_shape:
+        raise ValueError(f"cotangent has shape {tuple(do.shape)}, expected the output shape "
+                         f"{res.out_shape}")
+    xp = namespace(do)
+    rows = tuple(res.c.shape)
+    do_rows = xp.astype(xp.reshape(do, rows + (-1,)), res.c.dtype)   # (*batch, H, L, F)
+    da = res.c[..., None] * do_rows
+    extra = (None, None, None)
+    if not res.stop_gradient:
+        dc = xp.sum(do_rows * res.a, axis=-1)                          # (*batch, H, L)
+        q, k, v = res.qkv
+        *extra, da_c = res.preconditioner.vjp(q, k, v, res.a, res.c, dc, eps=res.eps)
+        da = _add(xp, da, da_c)
+    da = xp.astype(xp.reshape(da, res.out_shape), res.out_dtype)
+    grads = tuple(res.core.backward(res.inner, da))
+    return tuple(_add(xp, g, e) for g, e in zip(grads[:3], extra)) + grads[3:]
+
+
+def preconditioned_sdpa(q, k, v, *, eps=DEFAULT_EPS, stop_gradient=True,
+                        preconditioner="row_norm", inner_core="sdpa", return_diagonal=False,
+                        backend="auto", **sdpa_options):
+    r"""Preconditioned attention: a diagonal ``C(q, k, v, A)`` applied to each head's output.
+
+    .. math::
+
+        A = \mathrm{softmax}(\text{scale}\; q k^\top + \text{mask})\, v, \qquad
+        c_i = \frac{1}{\lVert A_i \rVert_2 + \varepsilon}, \qquad O = \mathrm{diag}(c)\, A
+
+    with the default ``preconditioner="row_norm"`` (a **reconstruction**: the
+    paper's ``C`` is diagonal and depends on ``Q, K, V``; its formula could not
+    be read).  ``inner_core`` swaps SDPA for any registered core (a drop-in).
+    A fully masked query row has ``A_i = 0``, ``c_i = 1/eps`` and ``O_i = 0``.
+
+    Parameters
+    ----------
+    q : array (..., H, L, E)
+    k : array (..., Hkv, S, E)
+    v : array (..., Hkv, S, Ev)
+        Other layouts when ``inner_core`` takes them (e.g. ``(..., H, L, 4, d)``).
+    eps : float > 0
+        Keeps ``c`` finite on zero rows; ``||O_i|| = ||A_i|| / (||A_i|| + eps) < 1``.
+    stop_gradient : bool
+        ``True`` (default): the backward pass treats ``c`` as a constant (like
+        ``c.detach()``), so it is *not* the derivative of the forward pass.
+        ``False``: the full derivative, through ``c``.
+    preconditioner : str or Preconditioner
+        ``"row_norm"``, ``"identity"`` or a registered one
+        (:func:`refattn.register_preconditioner`).
+    inner_core : str
+        The core producing ``A``: ``"sdpa"`` or any registered core.
+    return_diagonal : bool
+        Also return ``c (..., H, L)``.
+    backend : {"auto", "reference", "numba", "cupy"}
+        Passed to the inner core.
+    **sdpa_options
+        Options of the inner core: ``mask``, ``causal``, ``causal_align``,
+        ``scale``, ``bias``, ``dropout_mask``, ``dropout_p`` for SDPA.
+
+    Returns
+    -------
+    o : array (..., H, L, Ev), the dtype of ``q``
+    c : array (..., H, L), only with ``return_diagonal=True``
+        In the working precision: float32 for float16 inputs (``1/eps`` overflows float16).
+
+    Examples
+    --------
+    >>> import numpy as np, refattn
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((2, 4, 6, 8)) for _ in range(3))
+    >>> o, c = refattn.preconditioned_sdpa(q, k, v, causal=True, return_diagonal=True)
+    >>> o.shape, c.shape
+    ((2, 4, 6, 8), (2, 4, 6))
+    >>> bool(np.allclose(np.linalg.norm(o, axis=-1), 1.0, atol=1e-5))  # rows equilibrated
+    True
+    >>> o, pullback = refattn.vjp(refattn.preconditioned_sdpa, q, k, v, stop_gradient=False)
+    >>> [g.shape for g in pullback(np.ones_like(o))]
+    [(2, 4, 6, 8), (2, 4, 6, 8), (2, 4, 6, 8)]
+    """
+    o, res = forward(q, k, v, eps=eps, stop_gradient=stop_gradient,
+                     preconditioner=preconditioner, inner_core=inner_core, backend=backend,
+                     **sdpa_options)
+    if return_diagonal:
+        return o, res.c
+    return o
+
+
+def _vjp(q, k, v, *, return_diagonal=False, **options):
+    if return_diagonal:
+        raise ValueError("vjp(preconditioned_sdpa, ...) differentiates the output o only; "
+                         "drop return_diagonal")
+    o, res = forward(q, k, v, **options)
+    return o, lambda do: backward(res, do)
+
+
+preconditioned_sdpa.__refattn_vjp__ = _vjp
+
+
+def make_core(inner_core: str, name: str | None = None) -> Core:
+    """The :class:`~refattn._registry.Core` ``diag(c) inner_core(q, k, v)`` for the layer frame.
+
+    Its options are ``eps``, ``stop_gradient``, ``preconditioner`` and the inner
+    core's; its backends and layout are the inner core's.  Register it with
+    :func:`refattn._registry.register_core`.
+    """
+    inner = get_core(inner_core)
+    f = _feature_axes(inner)
+
+    def core_forward(q, k, v, *, backend="auto", **options):
+        return forward(q, k, v, inner_core=inner.name, backend=backend, **options)
+
+    def core_flops(batch, heads, q_len, kv_len, head_dim, value_dim, eps=None,
+                   stop_gradient=None, preconditioner=None, **options):
+        # the row norm (2 F) and the scaling (F) per output row, F = value_dim
+        rows = max(product(batch), 1) * heads * q_len
+        return inner.flops(batch, heads, q_len, kv_len, head_dim, value_dim,
+                           **options) + 3.0 * rows * value_dim
+
+    name = name or f"preconditioned-{inner.name}"
+    _WRAPPED[name] = inner.name
+    return Core(
+        name=name,
+        forward=core_forward,
+        backward=backward,
+        layout=inner.layout,
+        backends=inner.backends,
+        options=("eps", "stop_gradient", "preconditioner") + tuple(inner.options),
+        flops=core_flops if inner.flops is not None else None,
+        summary=f"diag(c) {inner.name}(q, k, v), c = preconditioner(q, k, v, A)"
+                + (" (rows of (4, d))" if f == 2 else ""),
+    )
+
+
+
+def inner_core_of(core_name: str):
+    """The inner core's name if ``core_name`` is a preconditioned core, else ``None``."""
+    return _WRAPPED.get(core_name)

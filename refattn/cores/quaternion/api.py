@@ -1,0 +1,241 @@
+"""Quaternion attention: the public front end shared by all backends.
+
+Shape legend
+------------
+``*batch``  any number of batch dimensions (zero or more)
+``H``       query heads;  ``Hkv`` key/value heads (``H % Hkv == 0``, GQA)
+``L``       query length; ``S`` key length
+``4``       the quaternion component axis ``(r, i, j, k)``
+``d``       units per component of a query/key head; ``dv`` of a value head
+
+The front end validates ``q, k, v`` (component axis of size 4), then validates
+``mask``, ``bias``, ``causal`` and ``scale`` with SDPA's own front end on the
+component-flattened problem, so they mean exactly what they mean for
+:func:`refattn.sdpa`.  Backends: ``"reference"`` evaluates the explicit formulas
+(:mod:`.reference`); every other backend is SDPA's kernel for that backend,
+reached by an exact reduction (:mod:`.reduction`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ... import backends as _backends
+from ..._array import namespace, product, sum_to_shape
+from ..._validate import AttentionShapes, attention_shapes, check_choice, check_float_array
+from ..sdpa import api as _sdpa_api
+from . import reference as _reference
+from .algebra import MODES, n_maps, score_terms
+from .reduction import SDPAReduction
+
+__all__ = ["quaternion_attention", "forward", "backward", "score_maps", "pair_costs", "PairCosts",
+           "flops", "IMPLEMENTED", "MODES"]
+
+#: Every backend of SDPA: ``"reference"`` is the explicit formulas, the others reduce to SDPA.
+IMPLEMENTED = _sdpa_api.IMPLEMENTED
+
+
+@dataclass(frozen=True)
+class PairCosts:
+    """Work per (query, key) pair and head, read off the score-term table.
+
+    ``score_mults``: multiplications of the score maps (Hamilton ``16 d``, shared ``4 d``);
+    ``value_mults``: multiplications of ``A V`` (``4 dv`` both); ``softmaxes``: score maps.
+    """
+
+    score_mults: int
+    value_mults: int
+    softmaxes: int
+
+
+def pair_costs(mode: str, d: int, dv: int | None = None) -> PairCosts:
+    """:class:`PairCosts` of a core with ``d`` (``dv``) units per component."""
+    dv = d if dv is None else dv
+    return PairCosts(len(score_terms(mode)) * d, 4 * dv, n_maps(mode))
+
+
+def flops(batch, heads, q_len, kv_len, head_dim, value_dim, causal=False, *, mode, **_):
+    """Forward FLOPs; ``head_dim = 4 d`` and ``value_dim = 4 dv`` are the flattened sizes.
+
+    Two FLOPs per multiplication of :func:`pair_costs`, over the kept pairs (SDPA's count).
+    """
+    costs = pair_costs(mode, head_dim // 4, value_dim // 4)
+    return _sdpa_api.flops(batch, heads, q_len, kv_len, costs.score_mults, costs.value_mults,
+                           causal=causal)
+
+
+@dataclass
+class QuaternionResiduals:
+    """What the backward pass needs: the backend's saved arrays and the validated options."""
+
+    mode: str
+    backend: str
+    saved: Any
+    options: Any            # SDPAOptions of the flattened problem
+    shapes: AttentionShapes
+    dtype: Any              # of the inputs; the cotangent is cast to it
+    bias_shape: tuple | None = None
+
+    @property
+    def output(self) -> tuple:
+        s = self.shapes
+        return (*s.batch, s.heads, s.q_len, 4, s.value_dim)
+
+
+def _flat_components(xp, x):
+    return xp.reshape(x, (*x.shape[:-2], 4 * x.shape[-1]))        # (..., 4f)
+
+
+def _flat_batch(xp, x, shapes):
+    return xp.reshape(x, (max(product(shapes.batch), 1),) + tuple(x.shape[len(shapes.batch):]))
+
+
+def _prepare(q, k, v, mode, mask, bias, causal, causal_align, scale):
+    check_choice(mode, "mode", MODES)
+    shapes = attention_shapes(q, k, v, feature_axes=2, legend_feature="d")
+    xp = namespace(q, k, v)
+    if scale is None:
+        scale = 1.0 / math.sqrt(4 * shapes.head_dim)
+    # SDPA's own validation on the flattened problem: same errors, same mask semantics.
+    _, _, options = _sdpa_api._prepare(
+        *(_flat_components(xp, x) for x in (q, k, v)), mask, bias, causal, causal_align, scale,
+        None, 0.0)
+    return xp, shapes, options
+
+
+def _implementation(backend: str):
+    if backend == "reference":
+        return _reference
+    return SDPAReduction(_backends.load_implementation("refattn.cores.sdpa", backend))
+
+
+def forward(q, k, v, *, mode="shared", mask=None, bias=None, causal=False,
+            causal_align="upper_left", scale=None, backend="auto"):
+    """Quaternion attention forward pass returning ``(o, residuals)`` for :func:`backward`.
+
+    Same arguments as :func:`quaternion_attention`.
+    """
+    xp, shapes, options = _prepare(q, k, v, mode, mask, bias, causal, causal_align, scale)
+    backend = _backends.resolve(backend, IMPLEMENTED, q, core=f"quaternion attention ({mode})")
+    q5, k5, v5 = (_flat_batch(xp, x, shapes) for x in (q, k, v))   # (B, H|Hkv, L|S, 4, d|dv)
+    o5, saved = _implementation(backend).forward(q5, k5, v5, options, mode)
+    res = QuaternionResiduals(mode, backend, saved, options, shapes, q.dtype,
+                              None if bias is None else tuple(bias.shape))
+    return xp.reshape(o5, res.output), res
+
+
+def backward(res: QuaternionResiduals, do):
+    """Backward pass: ``(dq, dk, dv)``, plus ``dbias`` (summed to its shape) with a float bias."""
+    shapes = res.shapes
+    check_float_array(do, "cotangent")
+    if tuple(do.shape) != res.output:
+        raise ValueError(f"cotangent has shape {tuple(do.shape)}, expected the output shape "
+                         f"(..., H, L, 4, dv) = {res.output}")
+    xp = namespace(do)
+    do5 = _flat_batch(xp, xp.astype(do, res.dtype), shapes)            # (B, H, L, 4, dv)
+    dq, dk, dv, dscores = _implementation(res.backend).backward(res.saved, do5, res.options,
+                                                                res.mode)
+    batch = shapes.batch
+    grads = tuple(xp.reshape(g, (*batch, *g.shape[1:])) for g in (dq, dk, dv))
+    if res.bias_shape is not None:
+        dscores = xp.reshape(dscores, shapes.scores)                   # (..., H, L, S)
+        grads = grads + (sum_to_shape(xp, dscores, res.bias_shape),)
+    return grads
+
+
+def quaternion_attention(q, k, v, *, mode="shared", mask=None, bias=None, causal=False,
+                         causal_align="upper_left", scale=None, backend="auto"):
+    r"""Quaternion self-attention with shared scores or Hamilton (component-wise) scores.
+
+    Each head holds ``d`` quaternion units: ``q[..., h, l, c, u]`` is component ``c``
+    (``r, i, j, k``) of unit ``u`` of query ``l``.
+
+    ``mode="shared"`` (Yamauchi et al. 2026): one score map and one softmax,
+
+    .. math:: A = \mathrm{softmax}(\text{scale}\,\mathrm{Re}(Q \otimes K^*)), \quad O_c = A V_c,
+              \quad \mathrm{Re}(Q \otimes K^*) = \textstyle\sum_c Q_c K_c^\top
+
+    ``mode="hamilton"`` (Tay et al. 2019): four maps, the components of
+    :math:`\sum_u q_u \otimes k_u`, four softmaxes,
+    :math:`O_c = \mathrm{softmax}(\text{scale}\,S_c) V_c`.
+
+    Parameters
+    ----------
+    q : array (..., H, L, 4, d)
+    k : array (..., Hkv, S, 4, d)
+        ``Hkv`` must divide ``H`` (grouped-query attention, as :func:`refattn.sdpa`).
+    v : array (..., Hkv, S, 4, dv)
+    mode : {"shared", "hamilton"}
+    mask : bool array broadcastable to (..., H, L, S), optional
+        ``True`` = attend; applies to every score map.
+    bias : float array broadcastable to (..., H, L, S), optional
+        Added to the scaled scores of every map.
+    causal : bool
+    causal_align : {"upper_left", "lower_right"}
+    scale : float, optional
+        Defaults to ``1/sqrt(4 d)``.
+    backend : {"auto", "reference", "numba", "cupy"}
+        ``"reference"`` evaluates the explicit formulas; the others run SDPA's kernels
+        through an exact reduction (available wherever :func:`refattn.sdpa` has them).
+
+    Returns
+    -------
+    o : array (..., H, L, 4, dv)
+
+    Examples
+    --------
+    >>> import numpy as np, refattn
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((2, 4, 6, 4, 3)) for _ in range(3))
+    >>> o = refattn.quaternion_attention(q, k, v, mode="hamilton", causal=True)
+    >>> o.shape
+    (2, 4, 6, 4, 3)
+    >>> flat = lambda x: x.reshape(*x.shape[:-2], -1)     # (..., 4, d) -> (..., 4d)
+    >>> shared = refattn.quaternion_attention(q, k, v, mode="shared")
+    >>> bool(np.allclose(flat(shared), refattn.sdpa(flat(q), flat(k), flat(v))))
+    True
+    """
+    return forward(q, k, v, mode=mode, mask=mask, bias=bias, causal=causal,
+                   causal_align=causal_align, scale=scale, backend=backend)[0]
+
+
+def _quaternion_vjp(q, k, v, **options):
+    o, res = forward(q, k, v, **options)
+    return o, lambda do: backward(res, do)
+
+
+quaternion_attention.__refattn_vjp__ = _quaternion_vjp
+
+
+def score_maps(q, k, *, mode="hamilton"):
+    """The unscaled score maps the core softmaxes: ``(..., H, M, L, S)``, ``M = 4`` or ``1``.
+
+    ``mode="hamilton"``: ``[..., c, :, :]`` is component ``c`` of ``sum_u q_u (x) k_u``;
+    ``mode="shared"``: the single map ``Re(Q (x) K*)``.  Same computation as the
+    reference backend (for inspection and tests).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> q = np.zeros((1, 1, 4, 1)); k = np.zeros((1, 1, 4, 1))
+    >>> q[0, 0, :, 0] = [0, 1, 0, 0]; k[0, 0, :, 0] = [0, 0, 1, 0]   # i and j
+    >>> score_maps(q, k)[0, :, 0, 0].tolist()                        # i (x) j = k
+    [0.0, 0.0, 0.0, 1.0]
+    """
+    check_choice(mode, "mode", MODES)
+    shapes = attention_shapes(q, k, k, feature_axes=2, legend_feature="d")
+    xp = namespace(q, k)
+    q5, k5 = _flat_batch(xp, q, shapes), _flat_batch(xp, k, shapes)
+    kh = _reference.expand_heads(xp, k5, shapes.group)                  # (B, H, S, 4, d)
+    maps = _reference.score_maps(xp, q5, kh, mode)                      # (B, H, M, L, S)
+    return xp.reshape(maps, (*shapes.batch, *maps.shape[1:]))
+
+
+def _registry_functions(mode):
+    """The registry's ``forward(q, k, v, **options)`` for one mode."""
+    fwd = functools.partial(forward, mode=mode)
+    fl = functools.partial(flops, mode=mode)
+    return fwd, fl
