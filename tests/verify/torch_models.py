@@ -53,8 +53,11 @@ def _repeat_kv(x, heads, head_axis):
 
 
 def sdpa(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_left", scale=None,
-         bug=None):
-    """``softmax(scale q k^T + bias) v``: q (..., H, L, E), k, v (..., Hkv, S, E|Ev)."""
+         dropout_mask=None, dropout_p=0.0, bug=None):
+    """``softmax(scale q k^T + bias) v``: q (..., H, L, E), k, v (..., Hkv, S, E|Ev).
+
+    Dropout takes an explicit keep-mask: kept probabilities are scaled by ``1/(1-p)``.
+    """
     H, L, E = q.shape[-3:]
     S = k.shape[-2]
     k, v = _repeat_kv(k, H, -3), _repeat_kv(v, H, -3)
@@ -65,7 +68,19 @@ def sdpa(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_lef
         s = s + bias
     keep = keep_mask(mask, causal, causal_align, L, S, q.device, bug)
     p = masked_softmax(s, keep, dim=-2 if bug == "softmax_axis" else -1)
+    if dropout_mask is not None:
+        p = p * dropout_mask / (1.0 - dropout_p)
     return p @ v
+
+
+def preconditioned(q, k, v, *, eps=1e-6, stop_gradient=True, preconditioner="row_norm",
+                   bug=None, **sdpa_options):
+    """``O = diag(c) A`` with ``A = sdpa(q, k, v)``, ``c_i = 1 / (||A_i|| + eps)`` (row_norm)."""
+    a = sdpa(q, k, v, bug=bug, **sdpa_options)
+    if preconditioner == "identity":
+        return a
+    c = 1.0 / (torch.linalg.vector_norm(a, dim=-1, keepdim=True) + eps)
+    return (c.detach() if stop_gradient else c) * a
 
 
 _HAMILTON = {  # S_c = sum over (a, b, sign): sign * Q_a K_b^T   (components r, i, j, k = 0..3)
@@ -170,7 +185,10 @@ class RealAttention(nn.Module):
         else:
             v = xkv
         core = dict(spec.core_options)
-        if spec.core == "elementwise":
+        if spec.core == "preconditioned":
+            o = preconditioned(_split(self.q(xq), h), _split(k, h), _split(v, h), mask=mask,
+                               causal=spec.causal, bug=self.bug, **core)
+        elif spec.core == "elementwise":
             o = elementwise_attention(_split(self.q(xq), h), _split(k, h), _split(v, h),
                                       causal=spec.causal, mask=mask, bug=self.bug, **core)
         else:
