@@ -342,6 +342,13 @@ def verify(candidate, variant, *, framework=None, dtypes=("float64", "float32"),
     description = _describe(candidate)
     candidate = _known(candidate, variant.kind, fw_name)
     if variant.kind == "layer" and not isinstance(candidate, Layer):
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(candidate, torch.nn.Module):
+            raise TypeError(f"pass a factory (spec -> module) or the module class, not a "
+                            f"{type(candidate).__name__} instance: the cases of {variant.name!r} "
+                            f"need layers of several configurations (bias, causal, sizes), "
+                            f"e.g. verify(lambda spec: {type(candidate).__name__}(spec.d_model, "
+                            f"spec.n_heads, ...), {variant.name!r})")
         candidate = Layer(candidate, params=params, call=call)
     if variant.kind == "core" and not callable(candidate):
         raise TypeError(f"candidate must be callable, got {type(candidate).__name__}")

@@ -187,6 +187,11 @@ def test_framework_must_be_named_when_undetectable():
         V.verify(functools.partial(lambda q, k, v: q), "sdpa")
 
 
+def test_module_instance_is_refused_with_a_hint():
+    with pytest.raises(TypeError, match=r"pass a factory \(spec -> module\) or the module class"):
+        V.verify(torch.nn.MultiheadAttention(8, 2), "mha-standard")
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="dtypes must be a non-empty subset"):
         V.verify(M.sdpa, "sdpa", framework="torch", dtypes=("float8",))
