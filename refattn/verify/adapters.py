@@ -29,7 +29,8 @@ import numpy as np
 from .._masks import causal_keep, causal_offset
 from . import params as _params
 
-__all__ = ["Unsupported", "LayerSpec", "Layer", "accepts", "torch_sdpa",
+__all__ = ["Unsupported", "LayerSpec", "Layer", "accepts", "default_torch_call",
+           "default_jax_call", "torch_sdpa",
            "jax_dot_product_attention", "torch_multihead_attention"]
 
 
@@ -90,7 +91,8 @@ class LayerSpec:
         return self.d_model // self.n_heads
 
 
-def _default_call(module, xq, xkv, mask, spec):
+def default_torch_call(module, xq, xkv, mask, spec):
+    """``module(xq[, xkv][, mask=mask])``: the default ``call`` of a PyTorch :class:`Layer`."""
     args = (xq,) if xkv is None else (xq, xkv)
     if mask is None:
         return module(*args)
@@ -99,7 +101,8 @@ def _default_call(module, xq, xkv, mask, spec):
     return module(*args, mask=mask)
 
 
-def _default_jax_call(fn, params, xq, xkv, mask, spec):
+def default_jax_call(fn, params, xq, xkv, mask, spec):
+    """``fn(params, xq[, xkv][, mask=mask])``: the default ``call`` of a JAX :class:`Layer`."""
     args = (params, xq) if xkv is None else (params, xq, xkv)
     if mask is None:
         return fn(*args)

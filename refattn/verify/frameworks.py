@@ -89,7 +89,7 @@ class TorchFramework(Framework):
         flat = [t for p in tensors for t in (p.values() if isinstance(p, dict) else [p])]
         return tensors, flat
 
-    def grad(self, out, flat, cotangent, dtype):
+    def grad(self, out, flat, cotangent):
         """``torch.autograd.grad`` for ``cotangent``; an unused input gets a zero gradient."""
         torch = self.torch
         if not isinstance(out, torch.Tensor):
@@ -108,7 +108,7 @@ class TorchFramework(Framework):
     def vjp(self, f, primals, cotangent, dtype):
         tensors, flat = self.leaves(primals, dtype)
         out = f(*tensors)
-        grads = iter(self.grad(out, flat, cotangent, dtype))
+        grads = iter(self.grad(out, flat, cotangent))
         shaped = [{k: next(grads) for k in p} if isinstance(p, dict) else next(grads)
                   for p in primals]
         return self.to_numpy(out), shaped, self.dtype_name(out)
@@ -184,7 +184,7 @@ def _module_of(obj) -> str:
 
 
 def detect_framework(candidate) -> str | None:
-    """``"torch"`` or ``"jax"`` when the candidate tells (its module, a torch ``nn.Module``), else None.
+    """``"torch"`` or ``"jax"`` when the candidate tells (its module, an ``nn.Module``), else None.
 
     Only frameworks already imported are consulted: detection never imports one.
     """

@@ -134,7 +134,7 @@ def _group(data, prefix):
 
 
 def load_cases(path):
-    """Read a golden file: ``(header, cases)``, each case a dict of its groups (see the module doc)."""
+    """Read a golden file: ``(header, cases)``, each case a dict of its groups (module doc)."""
     with np.load(path, allow_pickle=False) as data:
         if "format" not in data.files or str(data["format"]) != FORMAT:
             found = str(data["format"]) if "format" in data.files else "no format entry"

@@ -11,8 +11,9 @@ from .._registry import Variant, get_variant
 from .._vjp import vjp
 from ..testing import max_errors
 from . import tolerance
-from .adapters import (Layer, LayerSpec, Unsupported, accepts, jax_dot_product_attention,
-                       torch_multihead_attention, torch_sdpa)
+from .adapters import (Layer, LayerSpec, Unsupported, accepts, default_jax_call,
+                       default_torch_call, jax_dot_product_attention, torch_multihead_attention,
+                       torch_sdpa)
 from .frameworks import detect_framework, load_framework
 from .params import resolve_map
 from .report import Check, VerifyReport
@@ -25,7 +26,7 @@ def _map(f, x):
 
 
 def _input_names(fn, count):
-    """Names of the first ``count`` positional parameters of ``fn`` (``q, k, v``; ``params, xq``)."""
+    """The first ``count`` positional parameter names of ``fn`` (``q, k, v``; ``params, xq``)."""
     names = [p.name for p in inspect.signature(fn).parameters.values()
              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return names[:count]
@@ -156,21 +157,15 @@ def _run_torch_layer(layer, problem, fw):
             named[cname].copy_(fw.asarray(value, problem.dtype))
     leaves = [named[c].requires_grad_(True) for c in mapping]
     inputs, flat_inputs = fw.leaves([xq] + ([xkv] if xkv is not None else []), problem.dtype)
-    call = layer.call or _default_torch_call
+    call = layer.call or default_torch_call
     out = call(module, inputs[0], inputs[1] if xkv is not None else None,
                None if mask is None else fw.asarray(mask), spec)
-    grads = fw.grad(out, leaves + flat_inputs, problem.cotangent, problem.dtype)
+    grads = fw.grad(out, leaves + flat_inputs, problem.cotangent)
     dparams = {}
-    for cname, conv, g in zip(mapping, mapping.values(), grads):
+    for conv, g in zip(mapping.values(), grads):
         dparams.update(conv.to_refattn(g))
     return (problem.quantities(fw.to_numpy(out), (dparams, *grads[len(leaves):])),
             fw.dtype_name(out))
-
-
-def _default_torch_call(module, xq, xkv, mask, spec):
-    from .adapters import _default_call
-
-    return _default_call(module, xq, xkv, mask, spec)
 
 
 def _run_jax_layer(layer, problem, fw):
@@ -184,9 +179,7 @@ def _run_jax_layer(layer, problem, fw):
                            if all(n in params for n in conv.names)])
     cand_params = {c: conv.to_candidate(params) for c, conv in mapping.items()}
     mask_ = None if mask is None else fw.asarray(mask)
-    from .adapters import _default_jax_call
-
-    call = layer.call or _default_jax_call
+    call = layer.call or default_jax_call
 
     def f(p, xq_, *rest):
         return call(fn, p, xq_, rest[0] if rest else None, mask_, spec)
@@ -262,7 +255,7 @@ def _describe(candidate) -> str:
     return f"{mod}.{name}" if mod and mod not in ("__main__", "builtins") else name
 
 
-def _framework_of(candidate, variant, params, call, cases):
+def _framework_of(candidate, variant, cases):
     found = detect_framework(getattr(candidate, "factory", candidate))
     if found is None and variant.kind == "layer" and cases:
         # A factory reveals its framework by what it builds.
@@ -337,7 +330,7 @@ def verify(candidate, variant, *, framework=None, dtypes=("float64", "float32"),
         raise TypeError(f"params= and call= apply to layer variants; {variant.name!r} is a core")
     case_list = (variant.cases(cases, "float64", seed) if isinstance(cases, str)
                  else list(cases))
-    fw_name = framework or _framework_of(candidate, variant, params, call, case_list)
+    fw_name = framework or _framework_of(candidate, variant, case_list)
     fw = load_framework(fw_name)
     description = _describe(candidate)
     candidate = _known(candidate, variant.kind, fw_name)

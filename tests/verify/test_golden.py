@@ -1,4 +1,4 @@
-"""Golden files: export -> load without pickle -> re-check; tampering is caught; the CLI's exit code."""
+"""Golden files: export, load without pickle, re-check; tampering caught; the CLI's exit code."""
 
 from __future__ import annotations
 

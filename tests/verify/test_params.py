@@ -1,4 +1,4 @@
-"""Parameter maps: rearrangements that load refattn weights into a candidate and map gradients back."""
+"""Parameter maps: rearrangements loading refattn weights into a candidate, gradients back."""
 
 from __future__ import annotations
 

@@ -125,7 +125,7 @@ def elementwise_attention(q, k, v, *, order=None, causal=False, causal_align="up
     H, L, D = q.shape[-3:]
     S = k.shape[-2]
     k, v = _repeat_kv(k, H, -3), _repeat_kv(v, H, -3)
-    qi, kj = q[..., :, None, :], k[..., None, :, :]                  # (..., L, 1, D), (..., 1, S, D)
+    qi, kj = q[..., :, None, :], k[..., None, :, :]                # (..., L, 1, D), (..., 1, S, D)
     if order is None:
         w = torch.exp(-scale * (qi - kj) ** 2)                        # (..., L, S, D)
     else:
