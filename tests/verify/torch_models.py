@@ -130,7 +130,10 @@ def elementwise_attention(q, k, v, *, order=None, causal=False, causal_align="up
         w = torch.exp(-scale * (qi - kj) ** 2)                        # (..., L, S, D)
     else:
         x = (1.0 if bug == "scale" else 2.0) * scale * qi * kj
-        w = torch.exp(-scale * kj ** 2) * sum(x ** n / math.factorial(n) for n in range(order + 1))
+        taylor = torch.ones_like(x)                                   # Horner: 1 + x(1 + x/2(...))
+        for n in range(order, 0, -1):
+            taylor = 1.0 + x / n * taylor
+        w = torch.exp(-scale * kj ** 2) * taylor
     keep = keep_mask(mask, causal, causal_align, L, S, q.device, bug)
     if keep is not None:
         w = w * torch.broadcast_to(keep, w.shape[:-1])[..., None]
