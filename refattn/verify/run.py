@@ -237,14 +237,14 @@ def _known(candidate, kind, fw_name):
     torch, jax = sys.modules.get("torch"), sys.modules.get("jax")
     if fw_name == "torch" and torch is not None:
         if kind == "core" and candidate is torch.nn.functional.scaled_dot_product_attention:
-            return torch_sdpa()
+            return torch_sdpa(), "torch.nn.functional.scaled_dot_product_attention"
         if kind == "layer" and isinstance(candidate, type) and issubclass(
                 candidate, torch.nn.MultiheadAttention):
-            return torch_multihead_attention(candidate)
+            return torch_multihead_attention(candidate), f"torch.nn.{candidate.__name__}"
     if fw_name == "jax" and jax is not None and kind == "core":
         if candidate is jax.nn.dot_product_attention:
-            return jax_dot_product_attention()
-    return candidate
+            return jax_dot_product_attention(), "jax.nn.dot_product_attention"
+    return candidate, _describe(candidate)
 
 
 def _describe(candidate) -> str:
@@ -332,8 +332,7 @@ def verify(candidate, variant, *, framework=None, dtypes=("float64", "float32"),
                  else list(cases))
     fw_name = framework or _framework_of(candidate, variant, case_list)
     fw = load_framework(fw_name)
-    description = _describe(candidate)
-    candidate = _known(candidate, variant.kind, fw_name)
+    candidate, description = _known(candidate, variant.kind, fw_name)
     if variant.kind == "layer" and not isinstance(candidate, Layer):
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(candidate, torch.nn.Module):
