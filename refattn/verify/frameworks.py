@@ -150,6 +150,8 @@ class JaxFramework(Framework):
             raise RuntimeError("JAX float64 needs x64 mode (refattn.verify enables it around "
                                "float64 runs)")
         args = [jax.tree_util.tree_map(lambda a: self.asarray(a, dtype), p) for p in primals]
+        # One compiled program per shape: much faster than op-by-op dispatch, and jax.vjp
+        # traces the candidate anyway (value-dependent Python control flow fails either way).
         out, pullback = jax.vjp(jax.jit(f), *args)
         if not hasattr(out, "shape"):
             raise TypeError(f"the candidate returned {type(out).__name__}, expected an array")
