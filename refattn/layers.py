@@ -239,5 +239,26 @@ def register_layer_variant(name, *, projection, core, summary="", layer_options=
                                     summary=summary or f"{projection} projection x {core} core"))
 
 
+#: The two settings of Hosseini & Hosseini (arXiv 2403.01643): label -> (L = l, d_model, n_heads).
+PAPER_SETTINGS = {"ViT-like": (196, 256, 8), "NLP-like": (128, 512, 8)}
+
+
+def paper_bench_sizes(with_seq_len=False):
+    """Bench sizes at :data:`PAPER_SETTINGS` (batch 1); ``with_seq_len`` sets ``seq_len = L`` (super)."""
+    return {f"{name} B1 L{L} d{d} H{h}": (1, L, d, h, {"seq_len": L} if with_seq_len else {})
+            for name, (L, d, h) in PAPER_SETTINGS.items()}
+
+
 register_layer_variant("mha-standard", projection="standard", core="sdpa",
-                       summary="multi-head attention, standard projection, sdpa core")
+                       summary="multi-head attention, standard projection, sdpa core",
+                       bench_sizes=paper_bench_sizes())
+register_layer_variant("mha-optimised", projection="optimised", core="sdpa",
+                       summary="Optimised Attention: V_h = x_h (no W_V), sdpa core",
+                       bench_sizes=paper_bench_sizes())
+register_layer_variant("mha-efficient", projection="efficient", core="sdpa",
+                       summary="Efficient Attention: K_h = V_h = x_h (no W_K, W_V), sdpa core",
+                       bench_sizes=paper_bench_sizes())
+# seq_len=8 > the test cases' S = 7 > L = 5: the cases use strict top-left blocks of w_a.
+register_layer_variant("mha-super", projection="super", core="sdpa", layer_options={"seq_len": 8},
+                       summary="Super Attention: K_h = x_h, V_h = W_A x_h (token mixing), sdpa core",
+                       bench_sizes=paper_bench_sizes(with_seq_len=True))

@@ -3,3 +3,5 @@
 from ._base import LayerConfig, Projection, RealOutputProjection  # noqa: F401
 from . import standard  # noqa: F401
 from . import quaternion  # noqa: F401
+from . import optimised, efficient, super  # noqa: F401,E401  (Hosseini & Hosseini schemes)
+from ..bench import projection_schemes  # noqa: F401,E402  (registers the study)

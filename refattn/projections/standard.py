@@ -9,7 +9,19 @@ from .._array import namespace
 from .._registry import register_projection
 from ._base import RealOutputProjection, linear_backward, linear_forward, merge_heads, split_heads
 
-__all__ = ["StandardProjection", "project_linear", "project_linear_backward"]
+__all__ = ["StandardProjection", "linear_param_shapes", "project_linear",
+           "project_linear_backward"]
+
+
+def linear_param_shapes(cfg, names):
+    """``{w_<name>: ((d, d), d), b_<name>: ((d,), d)}`` for each ``name`` (biases only with ``cfg.bias``)."""
+    d = cfg.d_model
+    shapes = {}
+    for n in names:
+        shapes[f"w_{n}"] = ((d, d), d)
+        if cfg.bias:
+            shapes[f"b_{n}"] = ((d,), d)
+    return shapes
 
 
 def project_linear(xp, params, name, x, cfg):
@@ -29,15 +41,11 @@ def project_linear_backward(xp, params, name, x, dheads, cfg, grads):
 
 class StandardProjection(RealOutputProjection):
     name = "standard"
+    #: Input-projection matrix products per head (``Q_h``, ``K_h``, ``V_h``).
+    matmuls_per_head = 3
 
     def param_shapes(self, cfg):
-        d = cfg.d_model
-        shapes = {}
-        for n in ("q", "k", "v"):
-            shapes[f"w_{n}"] = ((d, d), d)
-            if cfg.bias:
-                shapes[f"b_{n}"] = ((d,), d)
-        return {**shapes, **self.out_shapes(cfg)}
+        return {**linear_param_shapes(cfg, ("q", "k", "v")), **self.out_shapes(cfg)}
 
     def project_in(self, params, xq, xkv, cfg):
         xp = namespace(xq, xkv)
