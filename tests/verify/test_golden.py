@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import pytest
 
 import refattn
-from refattn.cli import cases as cases_cli
+from refattn.cli import main
 from refattn.verify import golden
 
 
 def _cli(*argv):
-    parser = argparse.ArgumentParser()
-    cases_cli.add_arguments(parser)
-    return cases_cli.run(parser.parse_args(list(argv)))
+    return main(["cases", *argv])
 
 
 @pytest.fixture(scope="module")
