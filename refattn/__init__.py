@@ -14,6 +14,8 @@ from ._registry import cores, get_core, get_variant, projections, variants
 from ._vjp import vjp
 from .backends import available_backends
 from .cores.sdpa import sdpa
+from .cores.elementwise import (elementwise_attention, elementwise_state, elementwise_step,
+                                elementwise_taylor_error)
 from .cores.quaternion import quaternion_attention
 from .projections.quaternion import quaternion_linear
 from .cores.preconditioned import (Preconditioner, preconditioned_sdpa, preconditioners,
@@ -29,6 +31,10 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "sdpa",
+    "elementwise_attention",
+    "elementwise_state",
+    "elementwise_step",
+    "elementwise_taylor_error",
     "quaternion_attention",
     "quaternion_linear",
     "vjp",

@@ -14,7 +14,7 @@ import numpy as np
 from ._array import namespace
 from ._registry import Case, Variant, get_core, get_projection, register_variant
 from ._validate import check_float_array, check_same_dtype
-from .projections._base import LayerConfig
+from ._config import LayerConfig
 
 __all__ = ["Attention", "register_layer_variant"]
 
@@ -193,11 +193,14 @@ class Attention:
 
 
 def register_layer_variant(name, *, projection, core, summary="", layer_options=None,
-                           test_sizes=None, default_size=(2, 64, 64, 4), bench_sizes=None):
+                           test_sizes=None, default_size=(2, 64, 64, 4), bench_sizes=None,
+                           key_mask=False):
     """Register an ``Attention`` configuration as a variant (tests, benchmarks, CLI).
 
     ``*_sizes`` are ``(batch, L, d_model, n_heads)`` tuples; ``bench_sizes`` may
     also be a dict ``{label: (batch, L, d_model, n_heads, extra_layer_options)}``.
+    ``key_mask=True``: the masked test case uses a key-padding mask ``(1, S)``, for
+    cores that honour only masks on keys (e.g. Taylor element-wise attention).
     """
     layer_options = dict(layer_options or {})
 
@@ -229,10 +232,14 @@ def register_layer_variant(name, *, projection, core, summary="", layer_options=
         b, L, d, h = test_sizes or (2, 5, 8, 2)
         mask = rng.random((L, L + 2)) > 0.3
         mask[1] = False
+        label = "cross S=L+2, mask with empty row"
+        if key_mask:
+            mask = mask[:1]                             # (1, S): about 30% of the keys masked
+            label = "cross S=L+2, key-padding mask"
         return [
             _case("self", rng, dtype, b, L, d, h),
             _case("self causal, bias", rng, dtype, b, L, d, h, causal=True, bias=True),
-            _case("cross S=L+2, mask with empty row", rng, dtype, b, L, d, h, S=L + 2, mask=mask),
+            _case(label, rng, dtype, b, L, d, h, S=L + 2, mask=mask),
         ]
 
     return register_variant(Variant(name=name, kind="layer", make_cases=make_cases, core=core,

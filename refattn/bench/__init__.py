@@ -74,4 +74,5 @@ def studies() -> dict:
     from .._registry import _load_all
 
     _load_all()
+    from . import numba_studies  # noqa: F401  (registers the numba studies)
     return dict(_STUDIES)

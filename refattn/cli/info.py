@@ -35,6 +35,7 @@ def collect() -> dict:
         facts["numba threads"] = str(numba.config.NUMBA_NUM_THREADS)
         facts["numba threading layer"] = str(numba.config.THREADING_LAYER)
         facts["numba cache dir"] = numba.config.CACHE_DIR or "(beside the sources)"
+        facts.update(_numba_kernel_facts())
     except Exception as exc:  # pragma: no cover
         facts["numba"] = f"unavailable ({exc})"
     try:
@@ -49,6 +50,30 @@ def collect() -> dict:
             facts["gpu"] = "none visible to CuPy"
     except Exception:
         facts["cupy"] = "not installed"
+    return facts
+
+
+def _numba_kernel_facts() -> dict:
+    """refattn's numba plumbing: cache, threading layer, BLAS threads, first-call times."""
+    from refattn.backends import numba_support as ns
+
+    facts = {}
+    status = ns.cache_status()
+    facts["numba cache"] = (f"on: {status['dir']}" if status["enabled"]
+                            else f"OFF ({status['reason']})")
+    facts["numba threading layer"] = (f"{ns.threading_layer()} (available: "
+                                      f"{', '.join(ns.available_threading_layers())})")
+    blas = ns.blas_threads()
+    facts["BLAS in kernels"] = ("OpenBLAS, 1 thread per kernel thread (was "
+                                f"{blas} outside kernels)" if blas is not None
+                                else "not OpenBLAS: threads left to the BLAS")
+    times = ns.first_call_times()
+    hits, misses = times.pop("cache")
+    how = "compiled" if misses and not hits else "loaded from cache" if hits and not misses \
+        else "partly cached"
+    for label, seconds in times.items():
+        facts[f"first call {label}"] = f"{seconds:.2f} s (fwd+bwd)"
+    facts["first calls"] = f"{how} ({hits} cache hits, {misses} compiled)"
     return facts
 
 

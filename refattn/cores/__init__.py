@@ -5,5 +5,6 @@ here plus one line below.
 """
 
 from . import sdpa  # noqa: F401
-from . import quaternion  # noqa: F401
+from . import elementwise  # noqa: F401
 from . import preconditioned  # noqa: F401
+from . import quaternion  # noqa: F401

@@ -1,0 +1,315 @@
+"""How refattn compiles and launches Numba kernels: one place for every core.
+
+* :func:`jit` is ``numba.njit(cache=True, fastmath=False, nogil=True, error_model="numpy")``.
+  ``fastmath`` stays off: its ``nnan``/``ninf`` flags would let LLVM assume that
+  ``-inf`` (a masked score) never occurs.  ``error_model="numpy"`` drops the
+  Python division checks so that loops vectorise.
+* Cache: Numba writes compiled kernels to ``NUMBA_CACHE_DIR`` when it is set,
+  else to ``__pycache__`` beside the sources, else to a per-user folder.  When
+  ``NUMBA_CACHE_DIR`` names a folder that cannot be written, or no location is
+  writable at all, :func:`jit` warns once (:class:`NumbaCacheWarning`) and
+  compiles in memory instead of crashing; every process then pays the compile
+  time again.
+* Threads: parallel kernels (``prange``) run on Numba's threading layer.  Its
+  default order (``tbb``, then ``omp``, then ``workqueue``) already prefers the
+  layers that accept launches from several Python threads at once; the
+  ``workqueue`` layer does not (it aborts the process), so :func:`launch` holds a
+  lock around parallel launches whenever ``workqueue`` is (or may become) the
+  layer in use.
+* :func:`first_call_times` measures what the first call of each core costs
+  (compiling, or loading from the cache); ``refattn info`` prints it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import threading
+import time
+import warnings
+
+import numba
+import numpy as np
+
+__all__ = ["jit", "NumbaCacheWarning", "cache_status", "launch", "threading_layer",
+           "available_threading_layers", "kernels", "first_call_times", "fast_exp",
+           "num_threads", "blas_threads"]
+
+
+class NumbaCacheWarning(RuntimeWarning):
+    """The Numba cache cannot be written: kernels are compiled in memory on every run."""
+
+
+def _writable_dir(path: str) -> tuple[bool, str]:
+    """Whether ``path`` exists (or can be created) and accepts a new file."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".refattn-probe-"):
+            pass
+    except OSError as exc:
+        return False, f"{type(exc).__name__}: {exc}"
+    return True, ""
+
+
+def cache_status() -> dict:
+    """Where compiled kernels go: ``{"enabled": bool, "dir": str, "reason": str}``."""
+    user_dir = numba.config.CACHE_DIR
+    if user_dir:
+        ok, why = _writable_dir(user_dir)
+        return {"enabled": ok, "dir": user_dir,
+                "reason": "" if ok else f"NUMBA_CACHE_DIR={user_dir!r} is not writable ({why})"}
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "__pycache__")
+    return {"enabled": True, "dir": f"{here} (or Numba's per-user cache folder)", "reason": ""}
+
+
+_KERNELS: list = []
+_warned = set()
+
+
+def _warn_once(message: str):
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message + "; kernels are compiled in memory on every run (set "
+                      "NUMBA_CACHE_DIR to a writable folder to keep them)", NumbaCacheWarning,
+                      stacklevel=3)
+
+
+def jit(fn=None, *, parallel: bool = False, **options):
+    """``numba.njit`` with refattn's settings (see the module docstring).
+
+    Use as ``@jit`` or ``@jit(parallel=True)``.  The dispatcher is recorded in
+    :func:`kernels` so that ``refattn info`` can report compile and cache figures.
+    """
+    if fn is None:
+        return lambda f: jit(f, parallel=parallel, **options)
+    settings = dict(fastmath=False, nogil=True, error_model="numpy", parallel=parallel)
+    settings.update(options)
+    status = cache_status()
+    cache = status["enabled"]
+    if not cache:
+        _warn_once(f"refattn: {status['reason']}")
+    try:
+        dispatcher = numba.njit(cache=cache, **settings)(fn)
+    except RuntimeError as exc:  # Numba found no writable cache location at all
+        _warn_once(f"refattn: Numba cannot cache {fn.__qualname__} ({exc})")
+        dispatcher = numba.njit(cache=False, **settings)(fn)
+    _KERNELS.append(dispatcher)
+    return dispatcher
+
+
+def kernels() -> list:
+    """Every dispatcher created through :func:`jit` so far."""
+    return list(_KERNELS)
+
+
+# --------------------------------------------------------------------------- threads
+
+_LAUNCH_LOCK = threading.RLock()
+_THREADSAFE_LAYERS = ("tbb", "omp")
+
+
+def available_threading_layers() -> tuple:
+    """Threading layers whose libraries load here, in Numba's order of preference."""
+    out = []
+    for layer, module in (("tbb", "tbbpool"), ("omp", "omppool"), ("workqueue", "workqueue")):
+        try:
+            __import__(f"numba.np.ufunc.{module}")
+        except Exception:
+            continue
+        out.append(layer)
+    return tuple(out)
+
+
+def threading_layer() -> str:
+    """The layer in use, or the one Numba will pick at its first parallel launch."""
+    try:
+        return numba.threading_layer()
+    except ValueError:  # no parallel launch yet
+        requested = str(numba.config.THREADING_LAYER)
+        available = available_threading_layers()
+        if requested in available:
+            return requested
+        if requested in ("safe",):
+            return "tbb" if "tbb" in available else "none (safe needs tbb)"
+        return available[0] if available else "none"
+
+
+def num_threads() -> int:
+    return numba.get_num_threads()
+
+
+class _SingleThreadedBlas:
+    """Keep the BLAS that ``np.dot`` calls inside kernels on one thread per caller.
+
+    ``np.dot`` in ``njit`` code calls SciPy's OpenBLAS.  Called from the threads
+    of a ``prange`` loop, a multi-threaded OpenBLAS oversubscribes the cores and,
+    inside an OpenMP region, can hang ("Detect OpenMP Loop and this application may
+    hang"): measured 40x slower here.  While any kernel runs, the BLAS thread count
+    is set to 1 and restored when the last concurrent launch ends.  A BLAS without
+    these entry points (MKL detects nesting itself) is left alone.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._saved = None
+        self._get = self._set = None
+        self._found = False
+
+    def _find(self):
+        self._found = True
+        try:
+            import ctypes
+
+            import scipy.linalg.cython_blas as cython_blas
+
+            lib = ctypes.CDLL(cython_blas.__file__)   # dlsym also searches its dependencies
+        except Exception:  # pragma: no cover - SciPy is a dependency
+            return
+        for prefix in ("scipy_openblas_", "scipy_openblas64_", "openblas_"):
+            get = getattr(lib, f"{prefix}get_num_threads", None)
+            set_ = getattr(lib, f"{prefix}set_num_threads", None)
+            if get is not None and set_ is not None:
+                get.restype, get.argtypes = ctypes.c_int, []
+                set_.restype, set_.argtypes = None, [ctypes.c_int]
+                self._get, self._set = get, set_
+                return
+
+    def __enter__(self):
+        with self._lock:
+            if not self._found:
+                self._find()
+            if self._depth == 0 and self._set is not None:
+                self._saved = self._get()
+                if self._saved != 1:
+                    self._set(1)
+            self._depth += 1
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0 and self._set is not None and self._saved not in (None, 1):
+                self._set(self._saved)
+
+
+_BLAS = _SingleThreadedBlas()
+
+
+def blas_threads() -> int | None:
+    """Threads of the BLAS used inside kernels (None when it is not OpenBLAS)."""
+    if not _BLAS._found:
+        _BLAS._find()
+    return None if _BLAS._get is None else _BLAS._get()
+
+
+@contextlib.contextmanager
+def launch():
+    """Context for parallel kernel launches.
+
+    * keeps the BLAS called by ``np.dot`` inside kernels single-threaded (see
+      :class:`_SingleThreadedBlas`): the kernel's ``prange`` threads own the cores;
+    * serialises launches on the ``workqueue`` layer, which aborts the process when
+      two Python threads launch at once (``tbb`` and ``omp`` accept that).
+    """
+    with _BLAS:
+        if threading_layer() in _THREADSAFE_LAYERS:
+            yield
+            return
+        with _LAUNCH_LOCK:
+            yield
+
+
+# --------------------------------------------------------------------------- exp
+
+_F32 = np.float32
+_F64 = np.float64
+
+
+def _exp32(x):
+    # Cephes expf: exp(x) = 2^n exp(r), |r| <= ln2/2, degree-6 polynomial for exp(r);
+    # 2^n is written into the exponent bits.  Max relative error 1.2e-7 (2 ulp).
+    # Written so that LLVM vectorises it (no libm call per element).
+    xc = min(max(x, _F32(-87.0)), _F32(88.0))
+    fx = np.floor(xc * _F32(1.44269504088896341) + _F32(0.5))
+    r = xc - fx * _F32(0.693359375) - fx * _F32(-2.12194440e-4)
+    z = r * r
+    y = ((((_F32(1.9875691500e-4) * r + _F32(1.3981999507e-3)) * r + _F32(8.3334519073e-3)) * r
+          + _F32(4.1665795894e-2)) * r + _F32(1.6666665459e-1)) * r + _F32(5.0000001201e-1)
+    y = y * z + r + _F32(1.0)
+    out = y * np.int32((np.int32(fx) + np.int32(127)) << np.int32(23)).view(_F32)
+    if x < _F32(-87.0):  # exp(-87) = 1.6e-38: the zero of a masked (-inf) score, exactly
+        out = _F32(0.0)
+    if x != x:
+        out = x
+    return out
+
+
+def _exp64(x):
+    # Cephes exp: 2^n exp(r) with a (3,3) Pade form for exp(r); max relative error 2.2e-16.
+    xc = min(max(x, -708.0), 709.0)
+    fx = np.floor(xc * 1.4426950408889634073599 + 0.5)
+    r = xc - fx * 6.93145751953125e-1 - fx * 1.42860682030941723212e-6
+    rr = r * r
+    px = r * ((1.26177193074810590878e-4 * rr + 3.02994407707441961300e-2) * rr
+              + 9.99999999999999999910e-1)
+    qx = ((3.00198505138664455042e-6 * rr + 2.52448340349684104192e-3) * rr
+          + 2.27265548208155028766e-1) * rr + 2.00000000000000000009e0
+    y = 1.0 + 2.0 * (px / (qx - px))
+    out = y * np.int64((np.int64(fx) + np.int64(1023)) << np.int64(52)).view(_F64)
+    if x < -708.0:  # exp(-708) = 3.3e-308
+        out = 0.0
+    if x != x:
+        out = x
+    return out
+
+
+def fast_exp(x):
+    """``exp(x)`` for float32/float64 scalars in a form LLVM vectorises.
+
+    Inside kernels it resolves at compile time to the float32 or float64
+    polynomial; ``exp(-inf)`` is exactly 0 and NaN propagates.
+    """
+    if isinstance(x, np.float32):
+        return _exp32(x)
+    return _exp64(_F64(x))
+
+
+@numba.extending.overload(fast_exp, jit_options={"fastmath": False, "error_model": "numpy"})
+def _fast_exp_overload(x):
+    if x == numba.types.float32:
+        return lambda x: _exp32_nb(x)
+    return lambda x: _exp64_nb(x)
+
+
+_exp32_nb = numba.njit(fastmath=False, error_model="numpy")(_exp32)
+_exp64_nb = numba.njit(fastmath=False, error_model="numpy")(_exp64)
+
+
+# --------------------------------------------------------------------------- compile time
+
+def first_call_times() -> dict:
+    """Seconds of the first numba call (forward + backward) of each core, per dtype.
+
+    Runs the first ``"test"`` case of every core variant whose core has a numba
+    backend.  The first call compiles the kernels or loads them from the cache;
+    ``"cache"`` holds ``(hits, misses)`` summed over refattn's dispatchers, so a
+    reader can tell which.  For ``refattn info``.
+    """
+    from .._registry import variants
+
+    out = {}
+    for name, variant in sorted(variants().items()):
+        if variant.kind != "core" or "numba" not in variant.backends:
+            continue
+        for dtype in ("float32", "float64"):
+            case = variant.cases("test", dtype)[0]
+            t0 = time.perf_counter()
+            o, pullback = case.vjp("numba")
+            pullback(np.ones_like(o))
+            out[f"{name} {dtype}"] = time.perf_counter() - t0
+    hits = sum(sum(d.stats.cache_hits.values()) for d in _KERNELS)
+    misses = sum(sum(d.stats.cache_misses.values()) for d in _KERNELS)
+    out["cache"] = (hits, misses)
+    return out

@@ -1,0 +1,232 @@
+"""Studies of the numba backend: against PyTorch, its memory bound, against the reference.
+
+* ``sdpa-vs-torch``: forward and forward+backward throughput of the numba SDPA
+  kernel over ``torch.nn.functional.scaled_dot_product_attention`` (CPU), float32,
+  causal and not, interleaved in one process; with this machine's float32 GEMM
+  rate (NumPy matmul) as the ceiling.  Needs torch (the ``bench`` extra).
+* ``sdpa-memory``: peak resident memory of numba SDPA forward+backward above its
+  inputs and outputs, measured in a fresh subprocess (Numba's allocations escape
+  ``tracemalloc``, so this reads the kernel's RSS high-water mark).
+* ``numba-vs-reference``: every registered core with a numba backend, numba over
+  the NumPy reference, forward and forward+backward.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+from . import Study, StudyResult, compare, register_study
+
+__all__ = ["sdpa_vs_torch", "sdpa_memory", "numba_vs_reference"]
+
+#: Targets of issue 7 (ratios of throughput, MiB).
+TORCH_RATIO_TARGET = 1.0
+MEMORY_TARGET_MIB = 64.0
+REFERENCE_SPEEDUP_TARGET = 5.0
+
+
+def _gemm_rate(n: int, rounds: int) -> float:
+    """float32 GFLOP/s of a square NumPy matmul (all BLAS threads): the ceiling."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, n)).astype(np.float32) for _ in range(2))
+    t = compare({"gemm": lambda: a @ b}, rounds=rounds)["gemm"]
+    return 2.0 * n ** 3 / t / 1e9
+
+
+def sdpa_vs_torch(size: str = "quick") -> StudyResult:
+    import torch
+
+    from ..cores.sdpa import api
+
+    B, H, L, E = (1, 8, 2048, 64) if size == "full" else (1, 4, 512, 64)
+    rounds = 5 if size == "full" else 2
+    rng = np.random.default_rng(0)
+    q, k, v, do = (rng.standard_normal((B, H, L, E)).astype(np.float32) for _ in range(4))
+    tq, tk, tv, tdo = (torch.from_numpy(x) for x in (q, k, v, do))
+    sdpa_t = torch.nn.functional.scaled_dot_product_attention
+
+    rows, metrics, failures = [], {}, []
+    gemm = _gemm_rate(2048 if size == "full" else 1024, rounds)
+    metrics["gemm_gflops"] = gemm
+    for causal in (False, True):
+        def numba_fwd():
+            return api.forward(q, k, v, causal=causal, backend="numba")[0]
+
+        def numba_fwd_bwd():
+            o, res = api.forward(q, k, v, causal=causal, backend="numba")
+            return api.backward(res, do)
+
+        def torch_fwd():
+            with torch.no_grad():
+                return sdpa_t(tq, tk, tv, is_causal=causal)
+
+        def torch_fwd_bwd():
+            a, b, c = (x.detach().requires_grad_() for x in (tq, tk, tv))
+            sdpa_t(a, b, c, is_causal=causal).backward(tdo)
+            return a.grad
+
+        t = compare({"numba fwd": numba_fwd, "torch fwd": torch_fwd,
+                     "numba fwd+bwd": numba_fwd_bwd, "torch fwd+bwd": torch_fwd_bwd},
+                    rounds=rounds)
+        fwd_flops = api.flops((B,), H, L, L, E, E, causal=causal)
+        # forward+backward = 2 + 5 tile products: 3.5x the forward FLOPs (FlashAttention count)
+        label = "causal" if causal else "full"
+        for what, flops in (("fwd", fwd_flops), ("fwd+bwd", 3.5 * fwd_flops)):
+            tn, tt = t[f"numba {what}"], t[f"torch {what}"]
+            ratio = tt / tn
+            metrics[f"{label}_{what}_ratio"] = ratio
+            rows.append([f"{label} {what}", f"{tn * 1e3:.1f}", f"{tt * 1e3:.1f}", f"{ratio:.2f}",
+                         f"{flops / tn / 1e9:.0f}", f"{flops / tt / 1e9:.0f}",
+                         f"{flops / tn / 1e9 / gemm:.0%}"])
+            if size == "full" and ratio < TORCH_RATIO_TARGET:
+                failures.append(f"sdpa {label} {what}: numba/torch throughput {ratio:.2f} < "
+                                f"{TORCH_RATIO_TARGET}")
+    return StudyResult(
+        title=f"numba vs torch SDPA, float32 (B, H, L, E) = {(B, H, L, E)}",
+        headers=["pass", "numba ms", "torch ms", "numba/torch", "numba GFLOP/s",
+                 "torch GFLOP/s", "numba / GEMM"],
+        rows=rows, metrics=metrics, failures=failures,
+        notes=[f"ceiling: float32 GEMM (NumPy matmul) {gemm:.0f} GFLOP/s",
+               "ratio = torch time / numba time (> 1: numba faster); medians of interleaved "
+               "rounds", "target >= 1.0 at (1, 8, 2048, 64), judged at size 'full'"])
+
+
+_MEMORY_SCRIPT = """
+import json, sys
+import numpy as np
+from refattn.cores.sdpa import api
+
+L, E, causal = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+
+def status(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+rng = np.random.default_rng(0)
+# Warm up on a problem with the same tile shapes: compiles (or loads) the kernels and lets
+# the BLAS allocate its per-thread work buffers, a fixed cost that is not the kernel's.
+small = [rng.standard_normal((1, 1, 512, E)).astype(np.float32) for _ in range(4)]
+o, res = api.forward(*small[:3], causal=causal, backend="numba")
+api.backward(res, small[3])
+q, k, v, do = (rng.standard_normal((1, 1, L, E)).astype(np.float32) for _ in range(4))
+with open("/proc/self/clear_refs", "w") as f:    # reset the high-water mark (VmHWM)
+    f.write("5")
+base = status("VmRSS")
+o, res = api.forward(q, k, v, causal=causal, backend="numba")
+grads = api.backward(res, do)
+peak = status("VmHWM")
+outputs = o.nbytes + res.lse.nbytes + sum(g.nbytes for g in grads)
+print(json.dumps({"extra": peak - base - outputs, "outputs": outputs,
+                  "inputs": 4 * q.nbytes, "scores": L * L * 4}))
+"""
+
+
+def _measure_memory(L, E, causal):
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+        root, os.environ.get("PYTHONPATH", "")]))}
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_MEMORY_SCRIPT), str(L), str(E),
+                           "1" if causal else "0"], capture_output=True, text=True, env=env,
+                          timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory probe failed: {proc.stderr.strip()[-500:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def sdpa_memory(size: str = "quick") -> StudyResult:
+    L = 16384 if size == "full" else 4096
+    E = 64
+    rows, metrics, failures, notes = [], {}, [], []
+    if not os.path.exists("/proc/self/clear_refs"):
+        return StudyResult(title="numba SDPA peak memory", headers=["L"], rows=[],
+                           notes=["needs Linux /proc (VmHWM reset); not measured here"])
+    for causal in (False, True):
+        m = _measure_memory(L, E, causal)
+        extra = max(m["extra"], 0) / 2 ** 20
+        label = "causal" if causal else "full"
+        metrics[f"{label}_extra_mib"] = extra
+        rows.append([label, L, f"{m['inputs'] / 2 ** 20:.0f}", f"{m['outputs'] / 2 ** 20:.0f}",
+                     f"{extra:.1f}", f"{m['scores'] / 2 ** 20:.0f}"])
+        if size == "full" and extra >= MEMORY_TARGET_MIB:
+            failures.append(f"sdpa memory {label}: {extra:.1f} MiB >= {MEMORY_TARGET_MIB} MiB")
+    notes.append(f"target < {MEMORY_TARGET_MIB:.0f} MiB at L = 16384 (size 'full')")
+    notes.append("extra = RSS high-water mark during forward+backward minus RSS before it, "
+                 "minus the outputs (o, lse, dq, dk, dv); fresh subprocess, kernels warm")
+    return StudyResult(
+        title=f"numba SDPA forward+backward peak memory, H=1, E={E}, float32",
+        headers=["mask", "L", "inputs MiB", "outputs MiB", "extra MiB", "one L x L MiB"],
+        rows=rows, metrics=metrics, failures=failures, notes=notes)
+
+
+def _core_inputs(core, L, dtype, rng):
+    if core.layout == "quaternion":
+        shape = (1, 2, L, 4, 16)
+    else:
+        shape = (1, 2, L, 64)
+    return tuple(rng.standard_normal(shape).astype(dtype) for _ in range(3))
+
+
+def numba_vs_reference(size: str = "quick") -> StudyResult:
+    from .._registry import cores
+
+    L = 2048 if size == "full" else 256
+    rounds = 3 if size == "full" else 1
+    dtypes = ("float32", "float64") if size == "full" else ("float32",)
+    rows, metrics, failures = [], {}, []
+    rng = np.random.default_rng(0)
+    for name, core in sorted(cores().items()):
+        if "numba" not in core.backends:
+            continue
+        for dtype in dtypes:
+            q, k, v = _core_inputs(core, L, dtype, rng)
+
+            def fwd(backend):
+                return lambda: core.forward(q, k, v, backend=backend)[0]
+
+            def fwd_bwd(backend):
+                def run():
+                    out, res = core.forward(q, k, v, backend=backend)
+                    return core.backward(res, np.ones_like(out))
+                return run
+
+            try:
+                t = compare({"numba fwd": fwd("numba"), "reference fwd": fwd("reference"),
+                             "numba fwd+bwd": fwd_bwd("numba"),
+                             "reference fwd+bwd": fwd_bwd("reference")}, rounds=rounds)
+            except Exception as exc:  # report, do not hide: one core must not stop the study
+                rows.append([name, dtype, "error", "", "", str(exc)[:60]])
+                failures.append(f"{name} {dtype}: {type(exc).__name__}: {exc}")
+                continue
+            speed_f = t["reference fwd"] / t["numba fwd"]
+            speed_fb = t["reference fwd+bwd"] / t["numba fwd+bwd"]
+            metrics[f"{name}_{dtype}_fwd_speedup"] = speed_f
+            metrics[f"{name}_{dtype}_fwd_bwd_speedup"] = speed_fb
+            rows.append([name, dtype, f"{t['numba fwd'] * 1e3:.1f}",
+                         f"{t['reference fwd'] * 1e3:.1f}", f"{speed_f:.1f}", f"{speed_fb:.1f}"])
+            for what, s in (("fwd", speed_f), ("fwd+bwd", speed_fb)):
+                if size == "full" and s < REFERENCE_SPEEDUP_TARGET:
+                    failures.append(f"{name} {dtype} {what}: numba/reference {s:.1f}x < "
+                                    f"{REFERENCE_SPEEDUP_TARGET}x")
+    return StudyResult(
+        title=f"numba over the NumPy reference, L = S = {L}, 2 heads, default options",
+        headers=["core", "dtype", "numba fwd ms", "reference fwd ms", "fwd speedup",
+                 "fwd+bwd speedup"],
+        rows=rows, metrics=metrics, failures=failures,
+        notes=[f"target: >= {REFERENCE_SPEEDUP_TARGET}x at L = 2048 (size 'full')"])
+
+
+register_study(Study("sdpa-vs-torch", "numba SDPA throughput over PyTorch CPU SDPA, float32",
+                     sdpa_vs_torch, requires=("torch",)))
+register_study(Study("sdpa-memory", "peak memory of numba SDPA forward+backward above its "
+                     "inputs and outputs", sdpa_memory))
+register_study(Study("numba-vs-reference", "every numba core over the NumPy reference",
+                     numba_vs_reference))
