@@ -51,7 +51,7 @@ VARIANTS = {
 def test_every_registered_variant_has_a_pytorch_model():
     missing = sorted(set(refattn.variants()) - set(VARIANTS))
     assert not missing, (f"variants {missing} have no plain PyTorch model in "
-                         f"tests/verify/torch_models.py: add one (and its planted bugs) to VARIANTS")
+                         f"tests/verify/torch_models.py: add one and its planted bugs to VARIANTS")
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
