@@ -324,9 +324,11 @@ class LayerConditioning:
 
 def layer_conditioning(layer, params, xq, xkv=None, mask=None, *, preconditioner=None, eps=None,
                        rtol=None, backend="auto") -> LayerConditioning:
-    """Condition numbers of an :class:`refattn.Attention` layer (real heads).
+    """Condition numbers of an :class:`refattn.Attention` layer.
 
-    The heads are those the layer's core sees: ``q, k, v = projection(params, x)``.
+    The heads are those the layer's core sees: ``q, k, v = projection(params, x)``;
+    quaternion heads ``(L, 4, d)`` are measured as rows ``(L, 4 d)``, like the
+    preconditioner sees them.
     ``preconditioner``/``eps`` default to the layer's own (a ``"preconditioned"``
     core) or to ``"row_norm"``/``1e-6``.
 
@@ -340,9 +342,6 @@ def layer_conditioning(layer, params, xq, xkv=None, mask=None, *, preconditioner
     >>> res.heads.kappa_a.shape, bool(res.bound_applies.all()), bool(res.bound_holds.all())
     ((1, 2), True, True)
     """
-    if layer.core.layout != "real":
-        raise ValueError(f"layer_conditioning takes layers with real heads; core "
-                         f"{layer.core_name!r} has {layer.core.layout} heads")
     layer._check_inputs(xq, xkv)
     layer._check_params(params, str(xq.dtype))
     xkv_ = xq if xkv is None else xkv

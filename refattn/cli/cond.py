@@ -42,7 +42,9 @@ def add_arguments(parser):
                         "(default: row_norm)")
     parser.add_argument("--eps", type=float, default=1e-6, help="preconditioner eps (default 1e-6)")
     parser.add_argument("--core", default="sdpa", help="the attention core producing A (default: "
-                        "sdpa; a preconditioned core means its inner core)")
+                        "sdpa; a preconditioned core such as preconditioned-elementwise or "
+                        "preconditioned-shared means its inner core; quaternion cores get the "
+                        "quaternion projection)")
     parser.add_argument("--causal", action="store_true", help="causal attention")
     parser.add_argument("--batch", type=int, default=2, help="default problem: batch (2)")
     parser.add_argument("--length", type=int, default=128, help="default problem: L = S (128)")
@@ -61,13 +63,21 @@ def _load_npz(path):
         raise InputError(f"{path}: not a readable .npz archive ({exc})") from None
 
 
+def _projection(core):
+    """The projection producing the heads ``core`` takes: quaternion heads or real ones."""
+    from .._registry import get_core
+
+    return "quaternion" if get_core(core).layout == "quaternion" else "standard"
+
+
 def _problem(args):
     """``(kind, label, arrays)``, kind ``"core"`` (arrays q, k, v, mask) or ``"layer"``."""
     import refattn
 
     if args.npz is None:
         rng = np.random.default_rng(args.seed)
-        layer = refattn.Attention(args.d_model, args.heads, core=args.core, causal=args.causal)
+        layer = refattn.Attention(args.d_model, args.heads, projection=_projection(args.core),
+                                  core=args.core, causal=args.causal)
         x = rng.standard_normal((args.batch, args.length, args.d_model))
         return ("layer", f"default problem: Attention(d_model={args.d_model}, "
                 f"n_heads={args.heads}, core={args.core!r}, causal={args.causal}), x ~ N(0, 1) of shape {x.shape}, "
@@ -93,7 +103,8 @@ def _problem(args):
         if given and len(given) != len(_WEIGHTS):
             raise InputError(f"{args.npz}: give all of {list(_WEIGHTS)} or none; found {given}")
         try:
-            layer = refattn.Attention(int(x.shape[-1]), args.heads, core=args.core,
+            layer = refattn.Attention(int(x.shape[-1]), args.heads,
+                                      projection=_projection(args.core), core=args.core,
                                       causal=args.causal)
         except ValueError as exc:
             raise InputError(f"{args.npz}: {exc} (set --heads)") from None
@@ -144,14 +155,19 @@ def length_sweep(q, k, v, mask, *, core, causal, preconditioner, eps, n_lengths=
     """``{l: HeadConditioning}`` on the prefixes of ``l`` queries (and ``ceil(l S / L)`` keys)."""
     import refattn
 
-    L, S = q.shape[-2], k.shape[-2]
+    from .._registry import get_core
+    from ..cores.preconditioned.api import _feature_axes, inner_core_of
+
+    f = _feature_axes(get_core(inner_core_of(core) or core))   # (L, E) or (L, 4, d) per head
+    L, S = q.shape[-1 - f], k.shape[-1 - f]
     lengths = sorted({int(round(x)) for x in np.geomspace(min(8, L), L, n_lengths)})
     out = {}
     for ell in lengths:
         s = max(1, math.ceil(ell * S / L))
         m = None if mask is None else _prefix(np.asarray(mask), {-2: ell, -1: s})
         out[ell] = refattn.attention_conditioning(
-            q[..., :ell, :], k[..., :s, :], v[..., :s, :], inner_core=core, mask=m, causal=causal,
+            _prefix(q, {-1 - f: ell}), _prefix(k, {-1 - f: s}), _prefix(v, {-1 - f: s}),
+            inner_core=core, mask=m, causal=causal,
             preconditioner=preconditioner, eps=eps)
     return out
 

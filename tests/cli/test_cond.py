@@ -88,6 +88,38 @@ def test_plot_npz_with_mask_and_preconditioned_core(tmp_path, capsys):
     assert len(_table_rows(capsys.readouterr().out)) == 2 and png.stat().st_size > 10_000
 
 
+@pytest.mark.parametrize("core, projection", [("preconditioned-elementwise", "standard"),
+                                              ("preconditioned-shared", "quaternion")])
+def test_default_problem_with_drop_in_cores(core, projection, capsys):
+    # the layer gets the projection whose heads the core takes; quaternion heads (L, 4, d)
+    # are measured as rows (L, 4 d), the matrix the preconditioner scales
+    import refattn
+
+    argv = ["--length", "16", "--d-model", "16", "--heads", "2", "--causal", "--core", core]
+    assert _run(argv) == 0
+    rows = _table_rows(capsys.readouterr().out)
+    assert len(rows) == 2 and all(r[1] == "-" for r in rows)       # no P outside softmax sdpa
+    layer = refattn.Attention(16, 2, projection=projection, core=core, causal=True)
+    params = layer.init(seed=0)
+    x = np.random.default_rng(0).standard_normal((2, 16, 16))
+    q, k, v, _ = layer.scheme.project_in(params, x, x, layer.config)
+    inner = core.removeprefix("preconditioned-")
+    a = refattn.get_core(inner).forward(q, k, v, causal=True)[0]
+    kappa_a = np.linalg.cond(a.reshape(2, 2, 16, -1))               # (batch, H): rows (L, F)
+    assert rows[0][2] == f"{np.median(kappa_a[:, 0]):.3g}"
+
+
+def test_plot_npz_quaternion_heads(tmp_path, capsys):
+    # the length sweep cuts the sequence axis of (..., L, 4, d) heads, not the last axis
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((1, 2, 24, 4, 2)) for _ in range(3))
+    path, png = tmp_path / "quaternion.npz", tmp_path / "quaternion.png"
+    np.savez(path, q=q, k=k, v=v)
+    assert _run(["--npz", str(path), "--core", "preconditioned-shared", "--causal",
+                 "--plot", str(png)]) == 0
+    assert len(_table_rows(capsys.readouterr().out)) == 2 and png.stat().st_size > 10_000
+
+
 def test_unknown_core_or_preconditioner(capsys):
     assert _run(["--length", "8", "--d-model", "8", "--heads", "2", "--core", "nope"]) == 2
     assert "refattn cond: default problem: core must be one of" in capsys.readouterr().err

@@ -11,7 +11,8 @@ import pytest
 
 import refattn
 from refattn import Preconditioner, preconditioned_sdpa, register_preconditioner
-from refattn.cores.preconditioned import make_core
+from refattn._registry import cores
+from refattn.cores.preconditioned import DEFAULT_EPS, DROP_INS, register_preconditioned
 from refattn.testing import check_grads
 
 
@@ -171,39 +172,126 @@ def test_layer_with_the_preconditioned_core():
         refattn.Attention(8, 2, core="preconditioned", epsilon=1e-3)
 
 
-def _drop_in_params():
-    """The first ``"test"`` case of every core variant that is not itself preconditioned."""
-    from refattn.cores.preconditioned.api import inner_core_of
-
-    out = []
-    for name, variant in sorted(refattn.variants().items()):
-        if variant.kind == "core" and inner_core_of(variant.core) is None:
-            out.append(pytest.param(name, id=name))
-    return out
+INNER_CORES = sorted(DROP_INS)
 
 
-@pytest.mark.parametrize("variant_name", _drop_in_params())
-def test_drop_in_around_every_core(variant_name):
-    # Any core wraps: O = diag(c) core(q, k, v) row-wise over its output features,
-    # and the full backward matches finite differences through the inner core's backward.
-    variant = refattn.get_variant(variant_name)
-    case = variant.cases("test", "float64")[0]
-    core = refattn.get_core(variant.core)
-    q, k, v = case.arrays
-    # the core's own options (a variant's function may take selectors such as mode=)
-    options = {n: x for n, x in case.options.items() if n in core.options + ("mask", "causal")}
-    a, _ = core.forward(q, k, v, **options)
-    o, c = preconditioned_sdpa(q, k, v, inner_core=variant.core, return_diagonal=True, **options)
-    rows = a.reshape(c.shape + (-1,))
-    np.testing.assert_allclose(c, 1.0 / (np.linalg.norm(rows, axis=-1) + 1e-6), rtol=1e-15)
+def _drop_in_case(inner):
+    """The first ``"test"`` case of ``preconditioned-<inner>`` (float64) and its inner case."""
+    case = refattn.get_variant(f"preconditioned-{inner}").cases("test", "float64")[0]
+    variant_name, case_name = case.name.split(": ", 1)
+    inner_case = next(c for c in refattn.get_variant(variant_name).cases("test", "float64")
+                      if c.name == case_name)
+    return case, inner_case
+
+
+def test_every_drop_in_is_registered_with_its_inner_cores_frame():
+    for inner in INNER_CORES:
+        core, wrapped = refattn.get_core(inner), refattn.get_core(f"preconditioned-{inner}")
+        assert wrapped.layout == core.layout and wrapped.backends == core.backends
+        assert set(wrapped.options) == {"eps", "stop_gradient", "preconditioner", *core.options}
+        assert refattn.get_variant(wrapped.name).core == wrapped.name
+
+
+@pytest.mark.parametrize("inner", INNER_CORES)
+def test_drop_in_with_identity_is_the_inner_case(inner):
+    # The wrapped case runs the inner case's exact problem: with c = 1 it IS the inner
+    # case, output and every gradient (so no option of the inner case was lost).
+    case, inner_case = _drop_in_case(inner)
+    o, pull = refattn.vjp(case.fn, *case.arrays, **{**case.options, "preconditioner": "identity"})
+    a, pull_a = inner_case.vjp()
+    np.testing.assert_array_equal(o, a)
+    w = np.random.default_rng(10).standard_normal(o.shape)
+    grads, grads_a = pull(w), pull_a(w)
+    assert len(grads) == len(grads_a)
+    for g, ga in zip(grads, grads_a):
+        np.testing.assert_array_equal(g, ga)
+
+
+@pytest.mark.parametrize("inner", INNER_CORES)
+def test_drop_in_row_norm_forward(inner):
+    # O = diag(c) A row-wise over the inner core's output features (4 d for quaternion heads).
+    case, inner_case = _drop_in_case(inner)
+    a = inner_case.run()
+    o, c = case.fn(*case.arrays, return_diagonal=True, **case.options)
+    rows = a.reshape(c.shape + (-1,))                      # (*batch, H, L, F)
+    np.testing.assert_allclose(c, 1.0 / (np.linalg.norm(rows, axis=-1) + DEFAULT_EPS),
+                               rtol=1e-15)
     np.testing.assert_allclose(o, (c[..., None] * rows).reshape(a.shape), rtol=1e-15)
-    check_grads(preconditioned_sdpa, q, k, v, inner_core=variant.core, stop_gradient=False,
-                **options)
-    wrapped = make_core(variant.core)
-    assert wrapped.layout == core.layout and wrapped.backends == core.backends
-    o2, res = wrapped.forward(q, k, v, **options)
-    np.testing.assert_array_equal(o2, o)
-    assert len(wrapped.backward(res, np.ones_like(o2))) >= 3
+
+
+@pytest.mark.parametrize("stop_gradient", [True, False])
+@pytest.mark.parametrize("inner", INNER_CORES)
+def test_drop_in_gradients_match_finite_differences(inner, stop_gradient):
+    # float64 central differences through the registered core: the full derivative for
+    # stop_gradient=False; for True the derivative with c frozen at the evaluation point.
+    case, _ = _drop_in_case(inner)
+    options = {**case.options, "stop_gradient": stop_gradient}
+    core = refattn.get_core(f"preconditioned-{inner}")
+    core_options = {n: x for n, x in options.items() if n != "inner_core"}
+    o, res = core.forward(*case.arrays, **core_options)
+    w = np.random.default_rng(11).standard_normal(o.shape)
+    grads = core.backward(res, w)
+    if stop_gradient:
+        _, c0 = case.fn(*case.arrays, return_diagonal=True, **options)
+        reference = {**options, "preconditioner": _constant(c0), "stop_gradient": False}
+        check_grads(case.fn, *case.arrays, **reference)
+        _, pull = refattn.vjp(case.fn, *case.arrays, **reference)
+    else:
+        check_grads(case.fn, *case.arrays, **options)
+        _, pull = refattn.vjp(case.fn, *case.arrays, **options)
+    for g, gr in zip(grads, pull(w)):
+        # the same arithmetic in the same order: equal to rounding
+        np.testing.assert_allclose(g, gr, rtol=1e-13, atol=1e-13)
+
+
+def test_layer_with_the_preconditioned_shared_core():
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((2, 5, 16))
+    plain = refattn.Attention(16, 2, projection="quaternion", core="shared", causal=True)
+    params = plain.init(seed=0)
+    same = refattn.Attention(16, 2, projection="quaternion", core="preconditioned-shared",
+                             causal=True, preconditioner="identity")
+    np.testing.assert_array_equal(same(params, x), plain(params, x))
+    for stop_gradient in (True, False):
+        layer = refattn.Attention(16, 2, projection="quaternion", core="preconditioned-shared",
+                                  causal=True, eps=1e-3, stop_gradient=stop_gradient)
+        y = layer(params, x)
+        # each head's quaternion rows, flattened over (4, d), have norm ||A_i|| / (||A_i|| + eps) < 1
+        q, k, v, _ = layer.scheme.project_in(params, x, x, layer.config)
+        o = refattn.preconditioned_sdpa(q, k, v, inner_core="shared", causal=True, eps=1e-3)
+        assert np.all(np.linalg.norm(o.reshape(o.shape[:-2] + (-1,)), axis=-1) < 1)
+        assert y.shape == x.shape
+        if not stop_gradient:
+            check_grads(layer, params, x)
+    with pytest.raises(ValueError, match="produces real heads"):
+        refattn.Attention(16, 2, core="preconditioned-shared")
+
+
+def test_layer_with_the_preconditioned_elementwise_core_takes_its_options():
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((2, 6, 8))
+    plain = refattn.Attention(8, 2, core="elementwise", causal=True, order=6)
+    params = plain.init(seed=0)
+    same = refattn.Attention(8, 2, core="preconditioned-elementwise", causal=True, order=6,
+                             preconditioner="identity")
+    np.testing.assert_array_equal(same(params, x), plain(params, x))
+    layer = refattn.Attention(8, 2, core="preconditioned-elementwise", causal=True, order=6,
+                              stop_gradient=False)
+    exact = refattn.Attention(8, 2, core="preconditioned-elementwise", causal=True)
+    assert not np.array_equal(layer(params, x), exact(params, x))    # order=6 reached the core
+    check_grads(layer, params, x)
+    with pytest.raises(ValueError, match="order"):
+        refattn.Attention(8, 2, core="preconditioned-elementwise", order=3)(params, x)
+
+
+def test_register_preconditioned_errors():
+    with pytest.raises(ValueError, match="already registered"):
+        register_preconditioned("elementwise")
+    with pytest.raises(ValueError, match="has no test case"):
+        register_preconditioned("sdpa", test_cases={"sdpa": ("no such case",)})
+    with pytest.raises(ValueError, match="runs core 'elementwise', not 'sdpa'"):
+        register_preconditioned("sdpa", test_cases={"elementwise": ("plain",)})
+    assert "preconditioned-sdpa" not in cores()       # nothing registered on failure
 
 
 def test_errors():
