@@ -14,6 +14,7 @@ classic mistakes:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -75,16 +76,6 @@ def sdpa(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_lef
     return p @ v
 
 
-def preconditioned(q, k, v, *, eps=1e-6, stop_gradient=True, preconditioner="row_norm",
-                   bug=None, **sdpa_options):
-    """``O = diag(c) A`` with ``A = sdpa(q, k, v)``, ``c_i = 1 / (||A_i|| + eps)`` (row_norm)."""
-    a = sdpa(q, k, v, bug=bug, **sdpa_options)
-    if preconditioner == "identity":
-        return a
-    c = 1.0 / (torch.linalg.vector_norm(a, dim=-1, keepdim=True) + eps)
-    return (c.detach() if stop_gradient else c) * a
-
-
 _HAMILTON = {  # S_c = sum over (a, b, sign): sign * Q_a K_b^T   (components r, i, j, k = 0..3)
     0: ((0, 0, 1), (1, 1, -1), (2, 2, -1), (3, 3, -1)),
     1: ((0, 1, 1), (1, 0, 1), (2, 3, 1), (3, 2, -1)),
@@ -144,6 +135,23 @@ def elementwise_attention(q, k, v, *, order=None, causal=False, causal_align="up
     den = w.sum(-2)
     safe = torch.where(den > 0, den, torch.ones_like(den))
     return torch.where(den > 0, num / safe, torch.zeros_like(num))
+
+
+def preconditioned(q, k, v, *, eps=1e-6, stop_gradient=True, preconditioner="row_norm",
+                   inner_core="sdpa", bug=None, **inner_options):
+    """``O = diag(c) A``, ``A`` = the inner core's output, ``c_i = 1 / (||A_i|| + eps)``.
+
+    ``||A_i||`` is the norm of query row ``i`` over all its features (quaternion: 4 x d).
+    """
+    inner = {"sdpa": sdpa, "elementwise": elementwise_attention,
+             "shared": functools.partial(quaternion_attention, mode="shared"),
+             "hamilton": functools.partial(quaternion_attention, mode="hamilton")}[inner_core]
+    a = inner(q, k, v, bug=bug, **inner_options)
+    if preconditioner == "identity":
+        return a
+    features = (-2, -1) if inner_core in ("shared", "hamilton") else (-1,)
+    c = 1.0 / (torch.linalg.vector_norm(a, dim=features, keepdim=True) + eps)
+    return (c.detach() if stop_gradient else c) * a
 
 
 # -- layers -----------------------------------------------------------------------------
