@@ -1,7 +1,8 @@
 """Element-wise attention (``VARIANTS.md`` section 5): exact, Taylor and recurrent forms.
 
-``reference.py`` (array API) and ``numba.py`` implement the backend contract
-documented in :mod:`refattn.cores.elementwise.api`.
+``reference.py`` (array API), ``numba.py`` (CPU kernels) and ``cupy.py`` (CUDA
+kernels in ``elementwise.cu``) implement the backend contract documented in
+:mod:`refattn.cores.elementwise.api`.
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ __all__ = ["ElementwiseOptions", "ElementwiseResiduals", "ElementwiseState", "Ta
            "IMPLEMENTED", "TAYLOR_BLOCK"]
 
 #: Backends with an implementation of this core (modules beside this file).
-IMPLEMENTED = ("reference", "numba")
+IMPLEMENTED = ("reference", "numba", "cupy")
 
 #: Query block of the reference causal Taylor scan: keys on the diagonal block are
 #: weighted pair by pair (O(L * block * D)), earlier keys through moments.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..._registry import Case, Core, Variant, register_core, register_variant
+from . import gpu_study  # noqa: F401  (registers the study sdpa-gpu-vs-torch)
 from .api import IMPLEMENTED, backward, flops, forward, sdpa
 
 __all__ = ["sdpa", "forward", "backward", "CORE"]

@@ -38,7 +38,7 @@ __all__ = ["SDPAOptions", "SDPAResiduals", "sdpa", "forward", "backward", "IMPLE
            "as_batched_4d", "flops"]
 
 #: Backends with an implementation of this core (modules beside this file).
-IMPLEMENTED = ("reference", "numba")
+IMPLEMENTED = ("reference", "numba", "cupy")
 
 _PACKAGE = __name__.rsplit(".", 1)[0]
 _SCORES = "(..., H, L, S)"

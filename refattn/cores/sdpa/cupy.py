@@ -1,0 +1,225 @@
+"""SDPA CuPy backend: fused FlashAttention-2 kernels (``sdpa.cu`` beside this file).
+
+Forward: one kernel, a tiled online softmax that never forms the ``(L, S)``
+scores in memory and saves only the log-sum-exp.  Backward: one kernel per
+key block that recomputes the probabilities from the log-sum-exp, accumulates
+``dK``, ``dV`` in registers over every query tile (and every query head of a
+GQA group) and ``dQ`` with atomics.  float16 runs on the tensor cores with
+float32 accumulation; float32 runs on the tensor cores as 3xTF32 (float32
+accuracy; :data:`FLOAT32_MATH` = ``"simt"`` selects CUDA cores instead);
+float64 runs on CUDA cores.  See ``docs/backends/cupy.md``.
+
+The log-sum-exp is kept in the accumulation type (float32 for float16 inputs):
+rounding it to float16 would cost the backward pass ~1e-2 relative accuracy.
+
+Backend contract: :mod:`refattn.cores.sdpa.api`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+
+from ...backends import cupy_support as cs
+
+__all__ = ["forward", "backward", "MAX_HEAD_DIM", "FLOAT32_MATH", "SOURCE"]
+
+#: Largest ``E`` / ``Ev`` the kernels take (register tiles are sized at compile time).
+MAX_HEAD_DIM = 256
+
+#: float32 matrix products: ``"tf32x3"`` (tensor cores, split operands) or ``"simt"``.
+FLOAT32_MATH = "tf32x3"
+
+# Shared memory a block may use when no device is at hand (the CI compile test):
+# Hopper's 227 KiB.  At run time the device's own opt-in limit decides.
+_DEFAULT_SMEM_LIMIT = 227 * 1024
+
+# Template codes of sdpa.cu per kind: (forward DT, its shared element size, backward
+# DT, its shared element size, row padding in elements, accumulator dtype).
+_KINDS = {
+    "float16": (0, 2, 0, 2, 8, "float32"),
+    "tf32x3": (1, 4, 1, 4, 4, "float32"),
+    "float64": (2, 8, 2, 8, 2, "float64"),
+    "simt": (3, 4, 3, 4, 4, "float32"),
+}
+
+
+def _kind(dtype, float32_math=None) -> str:
+    name = np.dtype(dtype).name
+    if name == "float32":
+        return float32_math or FLOAT32_MATH
+    if name in ("float16", "float64"):
+        return name
+    raise TypeError(f"backend='cupy' supports float16, float32 and float64, got {name}")
+
+
+def _pad16(n: int) -> int:
+    return max(16, -(-n // 16) * 16)
+
+
+# Kinds whose matrix products take P straight from registers (no P tile in shared memory).
+_REGISTER_P = ("float16", "tf32x3")
+# Kinds whose forward double-buffers the K, V tiles (cp.async).
+_TWO_STAGES = ("float16", "tf32x3")
+# Kinds whose backward double-buffers the query-side tiles (cp.async).
+_TWO_STAGES_BWD = ("float16",)
+
+
+def _fwd_smem(kind, EP, EVP, NW, BN) -> int:
+    _, item, _, _, pad, _ = _KINDS[kind]
+    BM = 16 * NW
+    p_tile = 0 if kind in _REGISTER_P else BM * (BN + pad)
+    stages = 2 if kind in _TWO_STAGES else 1
+    return item * (BM * (EP + pad) + stages * BN * (EP + EVP + 2 * pad) + p_tile)
+
+
+def _bwd_smem(kind, EP, EVP, NW) -> int:
+    _, _, _, item, pad, acc = _KINDS[kind]
+    BM = BN = 16 * NW
+    stages = 2 if kind in _TWO_STAGES_BWD else 1   # Q, dO, lse, D tiles
+    tiles = BN * (EP + pad) + BN * (EVP + pad) + BN * (BM + pad)
+    tiles += stages * (BM * (EP + pad) + BM * (EVP + pad))
+    return item * tiles + stages * 2 * BM * np.dtype(acc).itemsize
+
+
+def _first_fitting(choices, smem, limit, what):
+    # Prefer two blocks per multiprocessor (half the opt-in limit, at least 99 KiB:
+    # the whole of it on consumer GPUs), then anything that fits.
+    for budget in (max(limit // 2, min(limit, 99 * 1024)), limit):
+        for c in choices:
+            if smem(c) <= budget:
+                return c
+    raise ValueError(f"backend='cupy': {what} needs {min(map(smem, choices))} bytes of shared "
+                     f"memory per block, the device allows {limit}; use backend='reference'")
+
+
+def device_smem_limit() -> int:
+    """Shared memory a block of the current device may opt in to (bytes)."""
+    cp = cs.cupy()
+    dev = cp.cuda.Device()
+    return _smem_limit(dev.id)
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_limit(device_id: int) -> int:
+    cp = cs.cupy()
+    return int(cp.cuda.runtime.deviceGetAttribute(
+        cp.cuda.runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin, device_id))
+
+
+def kernel_config(dtype, E: int, Ev: int, float32_math=None, smem_limit=_DEFAULT_SMEM_LIMIT):
+    """Kernel names and shared-memory sizes for one problem.
+
+    Returns
+    -------
+    dict with ``fwd`` / ``bwd`` (template name expressions), ``fwd_smem`` /
+    ``bwd_smem`` (bytes), ``fwd_rows`` (queries per forward block), ``bwd_rows``
+    (keys per backward block) and ``acc`` (accumulation dtype).
+    """
+    if max(E, Ev) > MAX_HEAD_DIM:
+        raise ValueError(f"backend='cupy' supports head dims up to {MAX_HEAD_DIM}, got E={E}, "
+                         f"Ev={Ev}; use backend='reference'")
+    kind = _kind(dtype, float32_math)
+    dt, _, dtb, _, _, acc = _KINDS[kind]
+    EP, EVP = _pad16(E), _pad16(Ev)
+    # Forward: 4 warps x 16 queries against 64-key tiles when they fit; float64
+    # and wide heads take smaller tiles (registers hold 16 x EVP outputs per warp).
+    fwd_choices = [(2, 32), (1, 16)] if kind == "float64" else [(4, 64), (4, 32), (2, 32), (1, 16)]
+    if max(EP, EVP) > 128:
+        fwd_choices = [c for c in fwd_choices if c[1] <= 32]
+    NW, BN = _first_fitting(fwd_choices, lambda c: _fwd_smem(kind, EP, EVP, *c), smem_limit,
+                            f"the forward pass for E={E}, Ev={Ev} in {kind}")
+    # Backward: each warp holds dK, dV of 16 keys (2 x 16 x E accumulators).
+    bwd_choices = [4, 2, 1] if (kind != "float64" and max(EP, EVP) <= 64) else [2, 1]
+    NWB = _first_fitting(bwd_choices, lambda c: _bwd_smem(kind, EP, EVP, c), smem_limit,
+                         f"the backward pass for E={E}, Ev={Ev} in {kind}")
+    return {
+        "fwd": f"sdpa_fwd<{dt},{EP},{EVP},{NW},{BN}>",
+        "bwd": f"sdpa_bwd<{dtb},{EP},{EVP},{NWB}>",
+        "fwd_smem": _fwd_smem(kind, EP, EVP, NW, BN),
+        "bwd_smem": _bwd_smem(kind, EP, EVP, NWB),
+        "fwd_rows": 16 * NW,
+        "bwd_rows": 16 * NWB,
+        "fwd_threads": 32 * NW,
+        "bwd_threads": 32 * NWB,
+        "acc": acc,
+    }
+
+
+def _instantiations():
+    """Every code path: each element type and float32 math with narrow, odd-sized (E != Ev,
+    unvectorised loads) and wide heads, and the widest heads once (they only change
+    constants; each instantiation costs seconds of NVRTC time)."""
+    names = []
+    for dtype, math in (("float16", None), ("float32", "tf32x3"), ("float32", "simt"),
+                        ("float64", None)):
+        shapes = ((8, 8), (40, 72), (128, 128)) + (((256, 256),) if dtype == "float16" else ())
+        for E, Ev in shapes:
+            cfg = kernel_config(dtype, E, Ev, math)
+            names += [cfg["fwd"], cfg["bwd"]]
+    return tuple(dict.fromkeys(names))
+
+
+SOURCE = cs.KernelSource(os.path.join(os.path.dirname(__file__), "sdpa.cu"), _instantiations)
+
+
+def _launch(name, smem, grid, threads, args):
+    fn = SOURCE.function(name)
+    if smem > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
+        fn.max_dynamic_shared_size_bytes = smem  # opt in beyond the default 48 KiB
+    fn(grid, (threads,), args, shared_mem=smem)
+
+
+def _mods_args(opts, H, Hkv, L, S, E, Ev):
+    """The score-modifier arguments shared by both kernels (see ``MODS_PARAMS``)."""
+    args = []
+    for m in (opts.mask, opts.bias, opts.dropout_mask):
+        args.append(cs.pointer_or_null(m))
+        args += [np.int64(s) for s in (cs.strides4(m) if m is not None else (0, 0, 0, 0))]
+    causal = opts.causal_offset is not None
+    args += cs.scalar_args(H, Hkv, L, S, E, Ev, float(opts.scale), int(causal),
+                           int(opts.causal_offset) if causal else 0, float(opts.dropout_scale))
+    return args
+
+
+def forward(q, k, v, opts):
+    """``(o (B, H, L, Ev), lse (B, H, L))``; see :mod:`refattn.cores.sdpa.api`."""
+    cp = cs.cupy()
+    B, H, L, E = q.shape
+    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    cfg = kernel_config(q.dtype, E, Ev, smem_limit=device_smem_limit())
+    q, k, v = (cp.ascontiguousarray(x) for x in (q, k, v))
+    o = cp.empty((B, H, L, Ev), dtype=q.dtype)
+    lse = cp.empty((B, H, L), dtype=cfg["acc"])
+    if o.size == 0:
+        return o, lse
+    rows = cfg["fwd_rows"]
+    _launch(cfg["fwd"], cfg["fwd_smem"], (B * H, -(-L // rows)), cfg["fwd_threads"],
+            [q, k, v, o, lse] + _mods_args(opts, H, Hkv, L, S, E, Ev))
+    return o, lse
+
+
+def backward(q, k, v, o, lse, do, opts):
+    """``(dq, dk, dv, dscores)``; see :mod:`refattn.cores.sdpa.api`."""
+    cp = cs.cupy()
+    B, H, L, E = q.shape
+    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    cfg = kernel_config(q.dtype, E, Ev, smem_limit=device_smem_limit())
+    acc = cfg["acc"]
+    q, k, v, do = (cp.ascontiguousarray(x) for x in (q, k, v, do))
+    # D = rowsum(dO * O) (B, H, L), in the accumulation type.
+    rowdot = cp.sum(do.astype(acc, copy=False) * o.astype(acc, copy=False), axis=-1)
+    dq = cp.zeros((B, H, L, E), dtype=acc)       # accumulated over key blocks (atomics)
+    dk = cp.zeros((B, Hkv, S, E), dtype=q.dtype)
+    dv = cp.zeros((B, Hkv, S, Ev), dtype=q.dtype)
+    # Score gradient for a float bias; causal-skipped tiles stay 0.
+    dscores = cp.zeros((B, H, L, S), dtype=q.dtype) if opts.need_bias_grad else None
+    if B * Hkv * S > 0 and L > 0:
+        rows = cfg["bwd_rows"]
+        lse_acc = cp.ascontiguousarray(lse.astype(acc, copy=False))
+        _launch(cfg["bwd"], cfg["bwd_smem"], (B * Hkv, -(-S // rows)), cfg["bwd_threads"],
+                [q, k, v, do, lse_acc, rowdot, dq, dk, dv, cs.pointer_or_null(dscores)]
+                + _mods_args(opts, H, Hkv, L, S, E, Ev))
+    return dq.astype(q.dtype, copy=False), dk, dv, dscores

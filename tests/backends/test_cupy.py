@@ -1,0 +1,162 @@
+"""CuPy backend on a GPU: device residency, ``auto`` dispatch, float16, multi-tile problems.
+
+The generic tests (``tests/test_variants.py``) already compare every cupy core with
+the float64 reference on the registered test cases (float64, float32).  Those cases
+are small (one tile), so this file adds problems that span several query and key
+tiles, every head-dim configuration and float16.  Skipped without a CUDA device.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import refattn
+from refattn.backends import cupy_support as cs, resolve
+from refattn.testing import assert_close
+
+pytestmark = pytest.mark.skipif(not cs.available(), reason="needs CuPy and a CUDA device")
+
+
+def _cp():
+    return cs.cupy()
+
+
+def _problem(rng, B, H, Hkv, L, S, E, Ev, mask=False, bias=False, dropout=False, dtype="float64"):
+    q = rng.standard_normal((B, H, L, E))
+    k = rng.standard_normal((B, Hkv, S, E))
+    v = rng.standard_normal((B, Hkv, S, Ev))
+    opts = {}
+    if mask:
+        m = rng.random((B, 1, L, S)) > 0.2
+        m[:, :, 3] = False                                      # an empty row
+        opts["mask"] = m
+    if bias:
+        opts["bias"] = rng.standard_normal((1, H, L, S)).astype(dtype)
+    if dropout:
+        opts["dropout_mask"] = rng.random((B, H, L, S)) > 0.1
+        opts["dropout_p"] = 0.1
+    return (q.astype(dtype), k.astype(dtype), v.astype(dtype)), opts
+
+
+def _compare(arrays, opts, dtype, rtol=None, atol=None, **kw):
+    """cupy in ``dtype`` against the float64 reference (on the dtype-rounded inputs)."""
+    cp = _cp()
+    ref_arrays = tuple(a.astype(np.float64) for a in arrays)
+    ref_opts = {k: (v.astype(np.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f"
+                    else v) for k, v in opts.items()}
+    out_ref, pull_ref = refattn.vjp(refattn.sdpa, *ref_arrays, backend="reference", **ref_opts,
+                                    **kw)
+    dout = np.random.default_rng(7).standard_normal(out_ref.shape)
+    grads_ref = pull_ref(dout)
+    dev = tuple(cp.asarray(a.astype(dtype)) for a in arrays)
+    dev_opts = {k: (cp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in opts.items()}
+    out, pull = refattn.vjp(refattn.sdpa, *dev, backend="cupy", **dev_opts, **kw)
+    assert isinstance(out, cp.ndarray) and str(out.dtype) == dtype
+    assert_close(out, out_ref, dtype, "output", rtol, atol)
+    grads = pull(cp.asarray(dout.astype(dtype)))
+    assert len(grads) == len(grads_ref)
+    for i, (g, gr) in enumerate(zip(grads, grads_ref)):
+        assert isinstance(g, cp.ndarray) and str(g.dtype) == dtype
+        assert_close(g, gr, dtype, f"gradient {i}", rtol, atol)
+
+
+# Tiles are 64 (16 for float64 with wide heads) rows: these sizes cross tile edges.
+MULTI_TILE = [
+    dict(B=2, H=4, Hkv=2, L=150, S=200, E=64, Ev=64),
+    dict(B=1, H=2, Hkv=2, L=130, S=70, E=40, Ev=72),
+    dict(B=1, H=3, Hkv=1, L=97, S=97, E=128, Ev=128),
+    dict(B=1, H=1, Hkv=1, L=40, S=70, E=256, Ev=200),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("shape", MULTI_TILE, ids=lambda s: "L{L} S{S} E{E} Ev{Ev}".format(**s))
+@pytest.mark.parametrize("causal, align", [(False, "upper_left"), (True, "upper_left"),
+                                           (True, "lower_right")])
+def test_multi_tile_matches_reference(shape, dtype, causal, align):
+    arrays, opts = _problem(np.random.default_rng(0), **shape, dtype=dtype)
+    _compare(arrays, opts, dtype, causal=causal, causal_align=align)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_mask_bias_dropout_together(dtype):
+    arrays, opts = _problem(np.random.default_rng(1), 2, 4, 2, 90, 150, 32, 48, mask=True,
+                            bias=True, dropout=True, dtype=dtype)
+    _compare(arrays, opts, dtype, causal=True, causal_align="lower_right")
+
+
+def test_float32_on_cuda_cores_matches_reference(monkeypatch):
+    from refattn.cores.sdpa import cupy as sdpa_cupy
+
+    monkeypatch.setattr(sdpa_cupy, "FLOAT32_MATH", "simt")
+    arrays, opts = _problem(np.random.default_rng(2), 1, 2, 2, 100, 130, 64, 64, mask=True,
+                            bias=True, dtype="float32")
+    _compare(arrays, opts, "float32", causal=True)
+
+
+@pytest.mark.parametrize("shape", MULTI_TILE[:2], ids=["E64", "E40 Ev72"])
+def test_float16_matches_reference(shape):
+    # Inputs are rounded to float16 first, so the reference sees the same operands;
+    # what remains is float16 rounding of P, dS and the outputs (unit roundoff
+    # 4.9e-4, a few roundings deep): the float16 tolerances of refattn.testing.
+    arrays, opts = _problem(np.random.default_rng(3), **shape, mask=True, bias=True,
+                            dtype="float16")
+    _compare(arrays, opts, "float16", causal=True)
+
+
+def test_outputs_and_lse_stay_on_the_device():
+    cp = _cp()
+    rng = np.random.default_rng(4)
+    q, k, v = (cp.asarray(rng.standard_normal((2, 3, 20, 16)).astype(np.float32))
+               for _ in range(3))
+    o, lse = refattn.sdpa(q, k, v, causal=True, return_lse=True)
+    assert isinstance(o, cp.ndarray) and isinstance(lse, cp.ndarray)
+    assert o.device == q.device
+    _, lse_ref = refattn.sdpa(*(x.get().astype(np.float64) for x in (q, k, v)), causal=True,
+                              return_lse=True, backend="reference")
+    assert_close(lse, lse_ref, "float32", "lse")
+
+
+def test_auto_picks_cupy_for_cupy_arrays():
+    cp = _cp()
+    q = cp.zeros((1, 1, 4, 8), dtype=cp.float32)
+    assert resolve("auto", refattn.get_core("sdpa").backends, q) == "cupy"
+    _, res = refattn.get_core("sdpa").forward(q, q, q)
+    assert res.backend == "cupy"
+
+
+def test_reference_backend_still_runs_on_cupy_arrays():
+    cp = _cp()
+    rng = np.random.default_rng(5)
+    q, k, v = (cp.asarray(rng.standard_normal((1, 2, 9, 8))) for _ in range(3))
+    o_ref = refattn.sdpa(q, k, v, backend="reference")
+    o = refattn.sdpa(q, k, v, backend="cupy")
+    assert isinstance(o_ref, cp.ndarray)
+    assert_close(o, o_ref, "float64", "output")
+
+
+def test_fully_masked_rows_give_zero_output_and_gradient():
+    cp = _cp()
+    rng = np.random.default_rng(6)
+    q, k, v = (cp.asarray(rng.standard_normal((1, 2, 70, 16)).astype(np.float32))
+               for _ in range(3))
+    mask = cp.ones((70, 70), dtype=bool)
+    mask[5] = False
+    mask[66] = False
+    o, pull = refattn.vjp(refattn.sdpa, q, k, v, mask=mask)
+    assert bool(cp.all(o[..., [5, 66], :] == 0))
+    dq, _, _ = pull(cp.ones_like(o))
+    assert bool(cp.all(dq[..., [5, 66], :] == 0)) and bool(cp.all(cp.isfinite(dq)))
+
+
+def test_cupy_backend_rejects_numpy_arrays():
+    with pytest.raises(TypeError, match="CuPy arrays"):
+        refattn.sdpa(*(np.zeros((1, 1, 2, 4)),) * 3, backend="cupy")
+
+
+def test_head_dims_beyond_the_kernels_limit_are_rejected():
+    cp = _cp()
+    q = cp.zeros((1, 1, 4, 320), dtype=cp.float32)
+    with pytest.raises(ValueError, match="head dims up to 256"):
+        refattn.sdpa(q, q, q, backend="cupy")
