@@ -54,5 +54,15 @@ __all__ = [
     "condition_number",
     "attention_conditioning",
     "layer_conditioning",
+    "verify",
     "__version__",
 ]
+
+
+def __getattr__(name):
+    # refattn.verify is imported on first use; it imports torch/JAX only for their candidates.
+    if name == "verify":
+        import importlib
+
+        return importlib.import_module(f"{__name__}.verify")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -194,13 +194,14 @@ class Attention:
 
 def register_layer_variant(name, *, projection, core, summary="", layer_options=None,
                            test_sizes=None, default_size=(2, 64, 64, 4), bench_sizes=None,
-                           key_mask=False):
+                           key_mask=False, default_options=None):
     """Register an ``Attention`` configuration as a variant (tests, benchmarks, CLI).
 
     ``*_sizes`` are ``(batch, L, d_model, n_heads)`` tuples; ``bench_sizes`` may
     also be a dict ``{label: (batch, L, d_model, n_heads, extra_layer_options)}``.
     ``key_mask=True``: the masked test case uses a key-padding mask ``(1, S)``, for
     cores that honour only masks on keys (e.g. Taylor element-wise attention).
+    ``default_options`` are extra layer options of the default problem only.
     """
     layer_options = dict(layer_options or {})
 
@@ -223,7 +224,8 @@ def register_layer_variant(name, *, projection, core, summary="", layer_options=
         dtype = np.dtype(dtype)
         if kind == "default":
             b, L, d, h = default_size
-            return [_case(f"B{b} L{L} d{d} H{h}", rng, dtype, b, L, d, h)]
+            return [_case(f"B{b} L{L} d{d} H{h}", rng, dtype, b, L, d, h,
+                          **(default_options or {}))]
         if kind == "bench":
             sizes = bench_sizes or {f"B1 L{L} d{d} H{h}": (1, L, d, h, {})
                                     for (L, d, h) in ((128, 256, 8),)}
@@ -267,5 +269,6 @@ register_layer_variant("mha-efficient", projection="efficient", core="sdpa",
                        bench_sizes=paper_bench_sizes())
 # seq_len=8 > the test cases' S = 7 > L = 5: the cases use strict top-left blocks of w_a.
 register_layer_variant("mha-super", projection="super", core="sdpa", layer_options={"seq_len": 8},
+                       default_options={"seq_len": 64},
                        summary="Super Attention: K_h = x_h, V_h = W_A x_h (token mixing), sdpa core",
                        bench_sizes=paper_bench_sizes(with_seq_len=True))

@@ -74,3 +74,15 @@ def test_backend_matches_reference(name, index, backend, dtype):
                 assert_close(g[key], gr[key], dtype, f"{name} d{key}")
         else:
             assert_close(g, gr, dtype, f"{name} gradient {i}")
+
+
+@pytest.mark.parametrize("name", sorted(refattn.variants()))
+def test_default_and_bench_cases_build_and_the_default_runs(name):
+    """The report's default problem runs, and every asv bench case can be built."""
+    variant = refattn.get_variant(name)
+    (case,) = variant.cases("default", "float32")
+    backend = "reference" if case.backends is None else case.backends[0]
+    out = case.run(backend)
+    assert np.all(np.isfinite(np.asarray(out)))
+    labels = [c.name for c in variant.cases("bench", "float32")]
+    assert labels and len(set(labels)) == len(labels)

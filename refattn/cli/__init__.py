@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ("report", "info", "bench", "cond", "params")
+COMMAND_MODULES = ("report", "info", "bench", "cond", "params", "cases")
 
 
 def _commands():

@@ -160,3 +160,4 @@ def test_head_dims_beyond_the_kernels_limit_are_rejected():
     q = cp.zeros((1, 1, 4, 320), dtype=cp.float32)
     with pytest.raises(ValueError, match="head dims up to 256"):
         refattn.sdpa(q, q, q, backend="cupy")
+

@@ -194,7 +194,9 @@ def test_concurrent_python_threads_get_correct_results():
 
 
 def _run(script: str, **env):
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    # Put this checkout first but keep the caller's PYTHONPATH (dependencies may live there).
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    full_env = {**os.environ, "PYTHONPATH": path, **env}
     return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=full_env,
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
 

@@ -57,7 +57,8 @@ def _interleaved(contenders, measure, rounds):
 
 def run(size="quick") -> StudyResult:
     B, H, L, E = SIZES[size]
-    title = f"sdpa-gpu-vs-torch: (B, H, L, E) = ({B}, {H}, {L}, {E}), throughput ratio torch/refattn"
+    title = (f"sdpa-gpu-vs-torch: (B, H, L, E) = ({B}, {H}, {L}, {E}), "
+             "throughput ratio torch/refattn")
     headers = ["dtype", "causal", "pass", "refattn ms", "torch ms", "refattn TFLOP/s", "ratio",
                "target"]
     skipped = _device_ready()
@@ -131,4 +132,6 @@ STUDY = register_study(Study(
     summary="CuPy SDPA kernels vs torch scaled_dot_product_attention on one GPU (ratios)",
     run=run,
     requires=("cupy", "torch"),
+    metric_names=tuple(f"{dtype}_{mask}_{label}" for dtype in ("float32", "float16")
+                       for mask in ("full", "causal") for label in ("fwd", "fwd+bwd")),
 ))

@@ -1,0 +1,128 @@
+"""The result of :func:`refattn.verify.verify`: one row per compared quantity."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["Check", "VerifyReport"]
+
+#: Row statuses.  ``ok``/``FAIL``: a comparison was made.  ``n/a``: the candidate
+#: cannot express the case (e.g. an explicit dropout keep-mask); reported, not failed.
+#: ``error``: the candidate raised or returned something unusable (counts as a failure).
+STATUSES = ("ok", "FAIL", "n/a", "error")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One compared quantity of one case in one dtype.
+
+    Attributes
+    ----------
+    case, dtype, quantity : str
+        ``quantity`` is ``"out"`` or a gradient ``"d<input>"`` (``"dq"``, ``"dw_q"``,
+        ``"dxq"``, ...), or ``"-"`` for a case that did not run.
+    max_abs : float
+        ``max |candidate - reference|`` against the float64 reference.
+    rel : float
+        ``max_abs / max |reference|``.
+    reference_rel : float
+        The same error of refattn's own reference in the candidate's dtype
+        (see :mod:`refattn.verify.tolerance`).
+    allowed : float
+        The largest accepted ``rel``.
+    status : {"ok", "FAIL", "n/a", "error"}
+    note : str
+        Why a row failed or did not run.
+    """
+
+    case: str
+    dtype: str
+    quantity: str
+    max_abs: float = float("nan")
+    rel: float = float("nan")
+    reference_rel: float = float("nan")
+    allowed: float = float("nan")
+    status: str = "ok"
+    note: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.status in ("FAIL", "error")
+
+
+def _num(x: float) -> str:
+    return "-" if x != x else f"{x:.2e}"
+
+
+@dataclass
+class VerifyReport:
+    """Errors of a candidate against the float64 reference, per case, dtype and quantity.
+
+    ``repr(report)`` is a table; :meth:`assert_` raises an ``AssertionError``
+    listing the failures (use it in pytest); :attr:`ok` is the verdict.
+    """
+
+    variant: str
+    candidate: str
+    framework: str
+    checks: list = field(default_factory=list)
+    legend: str = ("rel err = max|candidate - float64 reference| / scale; allowed = factor x "
+                   "ref err + floor, ref err = refattn's own error in that dtype "
+                   "(refattn.verify.tolerance)")
+
+    @property
+    def compared(self) -> list:
+        return [c for c in self.checks if c.status in ("ok", "FAIL")]
+
+    @property
+    def failures(self) -> list:
+        return [c for c in self.checks if c.failed]
+
+    @property
+    def not_run(self) -> list:
+        return [c for c in self.checks if c.status == "n/a"]
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing failed and at least one comparison was made."""
+        return not self.failures and bool(self.compared)
+
+    def summary(self) -> str:
+        verdict = "PASSED" if self.ok else "FAILED"
+        text = (f"{verdict}: {self.candidate} ({self.framework}) vs refattn {self.variant!r}: "
+                f"{len(self.compared) - sum(c.status == 'FAIL' for c in self.compared)} of "
+                f"{len(self.compared)} checks within tolerance")
+        raised = {c.case for c in self.checks if c.status == "error"}
+        if raised:
+            text += f", {len(raised)} case(s) raised"
+        not_run = {c.case for c in self.not_run}
+        if not_run:
+            text += f", {len(not_run)} case(s) not expressible by the candidate (n/a)"
+        if not self.compared:
+            text += " (nothing was compared)"
+        return text
+
+    def table(self, checks=None) -> str:
+        """The rows as an aligned text table (all rows by default)."""
+        checks = self.checks if checks is None else checks
+        head = ("case", "dtype", "value", "max abs", "rel err", "allowed", "ref err", "status")
+        rows = [(c.case, c.dtype, c.quantity, _num(c.max_abs), _num(c.rel), _num(c.allowed),
+                 _num(c.reference_rel), c.status + (f"  {c.note}" if c.note else ""))
+                for c in checks]
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head) - 1)]
+        lines = []
+        for r in [head, *rows]:
+            cells = [r[i].ljust(widths[i]) if i < 3 else r[i].rjust(widths[i])
+                     for i in range(len(widths))]
+            lines.append("  ".join(cells + [r[-1]]).rstrip())
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return "\n".join([self.summary(), self.legend, self.table()])
+
+    def assert_(self) -> "VerifyReport":
+        """Raise ``AssertionError`` with the failing rows unless :attr:`ok`; return ``self``."""
+        if not self.ok:
+            shown = self.failures or self.checks
+            raise AssertionError(f"{self.summary()}\n{self.table(shown)}")
+        return self

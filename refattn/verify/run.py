@@ -1,0 +1,382 @@
+"""``verify``: run a framework candidate and the float64 reference on seeded cases, compare."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+
+import numpy as np
+
+from .._registry import Variant, get_variant
+from .._vjp import vjp
+from ..testing import max_errors
+from . import tolerance
+from .adapters import (Layer, LayerSpec, Unsupported, accepts, default_jax_call,
+                       default_torch_call, jax_dot_product_attention, torch_multihead_attention,
+                       torch_sdpa)
+from .frameworks import detect_framework, load_framework
+from .params import resolve_map
+from .report import Check, VerifyReport
+
+__all__ = ["verify", "reference_problem", "Problem", "quantities"]
+
+
+def _map(f, x):
+    return {k: f(a) for k, a in x.items()} if isinstance(x, dict) else f(x)
+
+
+def _input_names(fn, count):
+    """The first ``count`` positional parameter names of ``fn`` (``q, k, v``; ``params, xq``)."""
+    names = [p.name for p in inspect.signature(fn).parameters.values()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return names[:count]
+
+
+def quantities(out, grads, names) -> dict:
+    """Flatten ``out`` and the gradients of inputs ``names`` into ``{quantity: float64 array}``.
+
+    ``"out"``, then ``"d<name>"`` per input (a parameter dict gives ``"d<param>"``
+    per parameter) and ``"dbias"`` when the gradients include a bias's.
+    """
+    result = {"out": np.asarray(out, np.float64)}
+    names = list(names) + (["bias"] if len(grads) > len(names) else [])
+    for name, g in zip(names, grads):
+        if isinstance(g, dict):
+            result.update({f"d{k}": np.asarray(v, np.float64) for k, v in g.items()})
+        else:
+            result[f"d{name}"] = np.asarray(g, np.float64)
+    return result
+
+
+class Problem:
+    """One case in one dtype: rounded inputs, cotangent, and the reference's answers.
+
+    Attributes
+    ----------
+    case : refattn Case (float64)
+    dtype : str
+    arrays : tuple
+        The case's differentiable inputs rounded to ``dtype`` (held as float64).
+    options : dict
+        The case's options; a float ``bias`` rounded like the inputs.
+    names : list of str
+        Input names (``["q", "k", "v"]``, ``["params", "xq", "xkv"]``).
+    cotangent : ndarray
+        Seeded, rounded to ``dtype``.
+    expected : dict
+        ``{quantity: float64 reference}``: ``"out"``, ``"d<name>"`` per input (a
+        parameter dict contributes ``"d<param>"`` per parameter), ``"dbias"``.
+    float32 : dict
+        The same quantities from the reference run in float32.
+    """
+
+    def __init__(self, case, dtype, fw, seed):
+        self.case, self.dtype = case, dtype
+        self.names = _input_names(case.fn, len(case.arrays))
+        self.arrays = tuple(_map(lambda a: fw.round(a, dtype), a) for a in case.arrays)
+        self.options = dict(case.options)
+        if self.options.get("bias") is not None:
+            self.options["bias"] = fw.round(self.options["bias"], dtype)
+        out, pullback = vjp(case.fn, *self.arrays, backend="reference", **self.options)
+        rng = np.random.default_rng(seed)
+        self.cotangent = fw.round(rng.standard_normal(np.shape(out)), dtype)
+        self.expected = self.quantities(out, pullback(self.cotangent))
+        to32 = (lambda a: np.asarray(a, np.float32) if isinstance(a, np.ndarray)
+                and a.dtype == np.float64 else a)
+        out32, pull32 = vjp(case.fn, *(_map(to32, a) for a in self.arrays), backend="reference",
+                            **{k: to32(v) for k, v in self.options.items()})
+        self.float32 = self.quantities(out32, pull32(to32(self.cotangent)))
+
+    @property
+    def is_layer(self) -> bool:
+        return self.names[:1] == ["params"]
+
+    def quantities(self, out, grads) -> dict:
+        return quantities(out, grads, self.names)
+
+    def layer_spec(self):
+        return LayerSpec.from_layer(self.case.fn, self.dtype)
+
+
+def reference_problem(case, dtype="float64", seed=0, framework=None):
+    """The :class:`Problem` of ``case`` in ``dtype`` (rounding through ``framework``, or NumPy)."""
+    return Problem(case, dtype, framework or _NumpyRounding(), seed)
+
+
+class _NumpyRounding:
+    @staticmethod
+    def round(x, dtype):
+        return np.asarray(np.asarray(x).astype(dtype), np.float64)
+
+
+# -- running candidates ----------------------------------------------------------------
+
+def _run_core(fn, problem, fw, selectors=()):
+    options = dict(problem.options)
+    for key in list(options):
+        if not accepts(fn, key):
+            if key in selectors:                     # e.g. mode="shared": names the variant
+                del options[key]
+                continue
+            raise Unsupported(f"the candidate takes no {key}= keyword")
+    bias = options.pop("bias", None)
+    static = {k: (fw.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in options.items()}
+    primals = list(problem.arrays) + ([bias] if bias is not None else [])
+    n = len(problem.arrays)
+
+    def f(*xs):
+        extra = {"bias": xs[n]} if bias is not None else {}
+        return fn(*xs[:n], **static, **extra)
+
+    out, grads, out_dtype = fw.vjp(f, primals, problem.cotangent, problem.dtype)
+    return problem.quantities(out, grads), out_dtype
+
+
+def _layer_inputs(problem):
+    params, xq, *rest = problem.arrays
+    return params, xq, (rest[0] if rest else None), problem.options.get("mask")
+
+
+def _run_torch_layer(layer, problem, fw):
+    torch = fw.torch
+    spec = problem.layer_spec()
+    params, xq, xkv, mask = _layer_inputs(problem)
+    module = layer.factory(spec)
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"the factory returned {type(module).__name__}, expected a torch.nn.Module")
+    module = module.to(getattr(torch, problem.dtype))
+    named = dict(module.named_parameters())
+    mapping = resolve_map(layer.param_map(spec), list(params), list(named))
+    with torch.no_grad():
+        for cname, conv in mapping.items():
+            value = conv.to_candidate(params)
+            if tuple(named[cname].shape) != value.shape:
+                raise ValueError(f"candidate parameter {cname!r} has shape "
+                                 f"{tuple(named[cname].shape)}; the parameter map builds "
+                                 f"{value.shape} from refattn's {list(conv.names)}")
+            named[cname].copy_(fw.asarray(value, problem.dtype))
+    leaves = [named[c].requires_grad_(True) for c in mapping]
+    inputs, flat_inputs = fw.leaves([xq] + ([xkv] if xkv is not None else []), problem.dtype)
+    call = layer.call or default_torch_call
+    out = call(module, inputs[0], inputs[1] if xkv is not None else None,
+               None if mask is None else fw.asarray(mask), spec)
+    grads = fw.grad(out, leaves + flat_inputs, problem.cotangent)
+    dparams = {}
+    for conv, g in zip(mapping.values(), grads):
+        dparams.update(conv.to_refattn(g))
+    return (problem.quantities(fw.to_numpy(out), (dparams, *grads[len(leaves):])),
+            fw.dtype_name(out))
+
+
+def _run_jax_layer(layer, problem, fw):
+    spec = problem.layer_spec()
+    params, xq, xkv, mask = _layer_inputs(problem)
+    fn = layer.factory(spec)
+    mapping = layer.param_map(spec)
+    mapping = resolve_map(mapping, list(params),
+                          list(params) if mapping is None else
+                          [c for c, conv in mapping.items()
+                           if all(n in params for n in conv.names)])
+    cand_params = {c: conv.to_candidate(params) for c, conv in mapping.items()}
+    mask_ = None if mask is None else fw.asarray(mask)
+    call = layer.call or default_jax_call
+
+    def f(p, xq_, *rest):
+        return call(fn, p, xq_, rest[0] if rest else None, mask_, spec)
+
+    primals = [cand_params, xq] + ([xkv] if xkv is not None else [])
+    out, grads, out_dtype = fw.vjp(f, primals, problem.cotangent, problem.dtype)
+    dparams = {}
+    for cname, conv in mapping.items():
+        dparams.update(conv.to_refattn(grads[0][cname]))
+    return problem.quantities(out, (dparams, *grads[1:])), out_dtype
+
+
+# -- comparing -------------------------------------------------------------------------
+
+def _compare(problem, got, out_dtype):
+    checks = []
+    label = problem.case.name
+    for quantity, expected in problem.expected.items():
+        ref32_err = max_errors(problem.float32[quantity], expected)[0]
+        scale = tolerance.scale(float(np.max(np.abs(expected), initial=0.0)), ref32_err)
+        ref_err = (ref32_err if problem.dtype == "float32"
+                   else tolerance.reference_error(ref32_err, problem.dtype))
+        allowed = tolerance.bound(problem.dtype, ref_err, scale, quantity != "out")
+        if quantity not in got:
+            checks.append(Check(label, problem.dtype, quantity, status="FAIL",
+                                note="the candidate returned no such gradient"))
+            continue
+        try:
+            abs_err = max_errors(got[quantity], expected)[0]
+        except AssertionError as exc:                   # shape mismatch
+            checks.append(Check(label, problem.dtype, quantity, status="FAIL", note=str(exc)))
+            continue
+        ok = abs_err <= allowed
+        note = "" if ok else _hint(got[quantity], expected)
+        if quantity == "out" and out_dtype != problem.dtype:
+            ok, note = False, f"returned {out_dtype}, expected {problem.dtype}"
+        checks.append(Check(label, problem.dtype, quantity, abs_err, abs_err / scale,
+                            ref_err / scale, allowed / scale, "ok" if ok else "FAIL", note))
+    return checks
+
+
+def _hint(got, expected):
+    """Where the largest error sits (index), to point at a masked row or a head."""
+    diff = np.abs(np.asarray(got) - expected)
+    if np.isnan(diff).any():
+        return "NaN where the reference is finite"
+    idx = np.unravel_index(int(np.argmax(diff)), diff.shape)
+    return f"worst at {tuple(int(i) for i in idx)}: {got[idx]:+.4g} vs {expected[idx]:+.4g}"
+
+
+# -- the entry point -------------------------------------------------------------------
+
+def _known(candidate, kind, fw_name):
+    """Wrap the frameworks' own attention (recognised by identity) in their adapters."""
+    torch, jax = sys.modules.get("torch"), sys.modules.get("jax")
+    if fw_name == "torch" and torch is not None:
+        if kind == "core" and candidate is torch.nn.functional.scaled_dot_product_attention:
+            return torch_sdpa(), "torch.nn.functional.scaled_dot_product_attention"
+        if kind == "layer" and isinstance(candidate, type) and issubclass(
+                candidate, torch.nn.MultiheadAttention):
+            return torch_multihead_attention(candidate), f"torch.nn.{candidate.__name__}"
+    if fw_name == "jax" and jax is not None and kind == "core":
+        if candidate is jax.nn.dot_product_attention:
+            return jax_dot_product_attention(), "jax.nn.dot_product_attention"
+    return candidate, _describe(candidate)
+
+
+def _describe(candidate) -> str:
+    obj = getattr(candidate, "factory", candidate)
+    obj = getattr(obj, "func", obj)                              # functools.partial
+    name = getattr(obj, "__qualname__", None) or type(obj).__name__
+    mod = getattr(obj, "__module__", "") or ""
+    return f"{mod}.{name}" if mod and mod not in ("__main__", "builtins") else name
+
+
+def _framework_of(candidate, variant, cases):
+    found = detect_framework(getattr(candidate, "factory", candidate))
+    if found is None and variant.kind == "layer" and cases:
+        # A factory reveals its framework by what it builds.
+        factory = getattr(candidate, "factory", candidate)
+        probe = next((c for c in cases if hasattr(c.fn, "config")), None)
+        if probe is not None:
+            try:
+                found = detect_framework(factory(LayerSpec.from_layer(probe.fn)))
+            except Exception:
+                found = None
+    if found is None:
+        raise TypeError(f"cannot tell whether {_describe(candidate)} is a PyTorch or a JAX "
+                        f"candidate; pass framework='torch' or framework='jax'")
+    return found
+
+
+def verify(candidate, variant, *, framework=None, dtypes=("float64", "float32"), cases="test",
+           seed=0, params=None, call=None):
+    """Verify a PyTorch or JAX implementation against refattn's float64 reference.
+
+    For every seeded case of ``variant`` (its registry ``"test"`` cases: shapes,
+    masks, causal alignments, GQA, ...) and every dtype, the inputs are drawn in
+    float64 and rounded to the dtype; the candidate runs on them and its
+    framework's autograd computes the gradients for a random cotangent
+    (``torch.autograd.grad`` / ``jax.vjp``); refattn's float64 reference runs on the
+    same rounded values.  Each output and gradient passes when its error is within
+    a small multiple of the error refattn's own reference makes in that dtype,
+    plus a floor (:mod:`refattn.verify.tolerance`).
+
+    Parameters
+    ----------
+    candidate : callable or Layer
+        A core: ``candidate(q, k, v, **options) -> o`` on framework arrays, in
+        refattn's conventions (head-first, ``mask`` True = attend; see
+        :mod:`refattn.verify.adapters`).  ``torch.nn.functional.scaled_dot_product_attention``
+        and ``jax.nn.dot_product_attention`` are recognised and adapted.
+        A layer: a :class:`refattn.verify.Layer`, or a factory ``factory(spec)``
+        returning a ``torch.nn.Module`` (or JAX function); the class
+        ``torch.nn.MultiheadAttention`` is recognised.
+    variant : str or Variant
+        A registered variant (``refattn.variants()``): ``"sdpa"``, ``"mha-standard"``, ...
+    framework : {"torch", "jax"}, optional
+        Detected from the candidate when possible.
+    dtypes : sequence of str
+        Among ``"float64", "float32", "float16", "bfloat16"``.
+    cases : str or list of Case
+        A case kind of the registry (``"test"``) or explicit float64 cases.
+    seed : int
+        Seeds the cases and the cotangents.
+    params, call
+        For a layer factory: the parameter map and call adapter of :class:`Layer`.
+
+    Returns
+    -------
+    VerifyReport
+        ``repr`` is a table; ``report.assert_()`` raises with the failures.
+
+    Examples
+    --------
+    >>> import refattn
+    >>> torch = __import__("pytest").importorskip("torch")
+    >>> report = refattn.verify.verify(torch.nn.functional.scaled_dot_product_attention, "sdpa")
+    >>> report.ok
+    True
+    """
+    variant = variant if isinstance(variant, Variant) else get_variant(variant)
+    dtypes = tuple(dtypes)
+    bad = [d for d in dtypes if d not in tolerance.DTYPES]
+    if bad or not dtypes:
+        raise ValueError(f"dtypes must be a non-empty subset of {tolerance.DTYPES}, got {dtypes}")
+    if variant.kind == "core" and (params is not None or call is not None):
+        raise TypeError(f"params= and call= apply to layer variants; {variant.name!r} is a core")
+    case_list = (variant.cases(cases, "float64", seed) if isinstance(cases, str)
+                 else list(cases))
+    fw_name = framework or _framework_of(candidate, variant, case_list)
+    fw = load_framework(fw_name)
+    candidate, description = _known(candidate, variant.kind, fw_name)
+    if variant.kind == "layer" and not isinstance(candidate, Layer):
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(candidate, torch.nn.Module):
+            raise TypeError(f"pass a factory (spec -> module) or the module class, not a "
+                            f"{type(candidate).__name__} instance: the cases of {variant.name!r} "
+                            f"need layers of several configurations (bias, causal, sizes), "
+                            f"e.g. verify(lambda spec: {type(candidate).__name__}(spec.d_model, "
+                            f"spec.n_heads, ...), {variant.name!r})")
+        candidate = Layer(candidate, params=params, call=call)
+    if variant.kind == "core" and not callable(candidate):
+        raise TypeError(f"candidate must be callable, got {type(candidate).__name__}")
+    report = VerifyReport(variant.name, description, f"{fw.name} {fw.version}")
+    selectors = _selectors(case_list)
+    for index, case in enumerate(case_list):
+        for dtype in dtypes:
+            report.checks.extend(_check(candidate, case, dtype, fw, seed * 1000 + index,
+                                        selectors))
+    return report
+
+
+def _selectors(case_list):
+    """String options with one value in every case (``mode="shared"``): they name the variant.
+
+    A candidate that implements only that variant need not accept them.
+    """
+    if not case_list:
+        return ()
+    first = case_list[0].options
+    return tuple(k for k, v in first.items() if isinstance(v, str)
+                 and all(c.options.get(k) == v for c in case_list))
+
+
+def _check(candidate, case, dtype, fw, seed, selectors=()):
+    with fw.precision(dtype):
+        problem = Problem(case, dtype, fw, seed)
+        try:
+            if problem.is_layer:
+                run = _run_torch_layer if fw.name == "torch" else _run_jax_layer
+                got, out_dtype = run(candidate, problem, fw)
+            else:
+                got, out_dtype = _run_core(candidate, problem, fw, selectors)
+        except Unsupported as exc:
+            return [Check(case.name, dtype, "-", status="n/a", note=str(exc))]
+        except Exception as exc:                       # the candidate's failure, reported
+            return [Check(case.name, dtype, "-", status="error",
+                          note=f"{type(exc).__name__}: {exc}".splitlines()[0])]
+    return _compare(problem, got, out_dtype)
