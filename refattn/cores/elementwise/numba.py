@@ -27,6 +27,7 @@ import math
 import numba
 import numpy as np
 
+from ...backends.numba_support import jit, launch
 from .api import taylor_coefficients
 
 __all__ = ["forward", "backward"]
@@ -41,10 +42,10 @@ def _visible_end(i, S, offset):
     return min(S, max(0, i + offset + 1))
 
 
-_visible_end = numba.njit(cache=True, inline="always")(_visible_end)
+_visible_end = jit(_visible_end, inline="always")
 
 
-@numba.njit(cache=True, parallel=True)
+@jit(parallel=True)
 def _exact_forward(q, k, v, keep, has_mask, offset, o, lse):
     B, H, L, D = q.shape
     S = k.shape[2]
@@ -90,13 +91,13 @@ def _exact_forward(q, k, v, keep, has_mask, offset, o, lse):
                     lse[b, h, i, c] = -np.inf
 
 
-@numba.njit(cache=True, inline="always")
+@jit(inline="always")
 def _lse_or_inf(x):
     """``lse`` with ``-inf`` (an empty row) mapped to ``+inf``, so ``exp(s - lse) = 0`` there."""
     return x if x > -np.inf else np.inf
 
 
-@numba.njit(cache=True, parallel=True)
+@jit(parallel=True)
 def _exact_dq(q, k, v, o, lse, do, keep, has_mask, offset, dq):
     B, H, L, D = q.shape
     S = k.shape[2]
@@ -122,7 +123,7 @@ def _exact_dq(q, k, v, o, lse, do, keep, has_mask, offset, dq):
                 dq[b, h, i, c] = acc[c]
 
 
-@numba.njit(cache=True, parallel=True)
+@jit(parallel=True)
 def _exact_dkdv(q, k, v, o, lse, do, keep, has_mask, offset, dk, dv):
     """Per query head: ``dk, dv (B, H, S, D)``."""
     B, H, L, D = q.shape
@@ -153,7 +154,7 @@ def _exact_dkdv(q, k, v, o, lse, do, keep, has_mask, offset, dk, dv):
                 dv[b, h, j, c] = gv[c]
 
 
-@numba.njit(cache=True, inline="always")
+@jit(inline="always")
 def _add_key(A, Bm, mu, cc, kk, vv, order):
     """Add one key to channel ``cc`` of the shifted moments ``A, Bm (t + 1, width)``."""
     x = kk * kk
@@ -171,7 +172,7 @@ def _add_key(A, Bm, mu, cc, kk, vv, order):
         p *= kk
 
 
-@numba.njit(cache=True, inline="always")
+@jit(inline="always")
 def _add_keys_until(A, Bm, mu, k, v, keep, has_mask, b, h, hk, c0, added, end, order):
     """Add keys ``[added, end)`` (the kept ones) to channels ``c0 ...``; returns ``end``."""
     for j in range(added, end):
@@ -183,7 +184,7 @@ def _add_keys_until(A, Bm, mu, k, v, keep, has_mask, b, h, hk, c0, added, end, o
     return max(added, end)
 
 
-@numba.njit(cache=True, parallel=True)
+@jit(parallel=True)
 def _taylor_forward(q, k, v, keep, has_mask, offset, coeffs, o, m, den):
     B, H, L, D = q.shape
     S = k.shape[2]
@@ -219,7 +220,7 @@ def _taylor_forward(q, k, v, keep, has_mask, offset, coeffs, o, m, den):
                 den[b, h, i, c] = dd
 
 
-@numba.njit(cache=True, parallel=True)
+@jit(parallel=True)
 def _taylor_backward(q, k, v, o, m, den, do, keep, has_mask, offset, coeffs, dq, dk, dv):
     """``dq (B, H, L, D)``; per query head ``dk, dv (B, H, S, D)``."""
     B, H, L, D = q.shape
@@ -330,12 +331,14 @@ def forward(q, k, v, opts):
     if opts.order is None:
         keep, has_mask = _keep(opts.mask, (B, H, L, S))
         lse = np.empty_like(q)
-        _exact_forward(q, k, v, keep, has_mask, _offset(opts), o, lse)
+        with launch():
+            _exact_forward(q, k, v, keep, has_mask, _offset(opts), o, lse)
         return o, (lse,)
     keep, has_mask = _keep(opts.mask, (B, H, 1, S))
     m, den = np.empty_like(q), np.empty_like(q)
     coeffs = np.asarray(taylor_coefficients(opts.order), dtype=np.float64)
-    _taylor_forward(q, k, v, keep, has_mask, _offset(opts), coeffs, o, m, den)
+    with launch():
+        _taylor_forward(q, k, v, keep, has_mask, _offset(opts), coeffs, o, m, den)
     return o, (m, den)
 
 
@@ -349,12 +352,14 @@ def backward(q, k, v, o, saved, do, opts):
     if opts.order is None:
         keep, has_mask = _keep(opts.mask, (B, H, L, S))
         (lse,) = saved
-        _exact_dq(q, k, v, o, lse, do, keep, has_mask, _offset(opts), dq)
-        _exact_dkdv(q, k, v, o, lse, do, keep, has_mask, _offset(opts), dk, dv)
+        with launch():
+            _exact_dq(q, k, v, o, lse, do, keep, has_mask, _offset(opts), dq)
+            _exact_dkdv(q, k, v, o, lse, do, keep, has_mask, _offset(opts), dk, dv)
     else:
         keep, has_mask = _keep(opts.mask, (B, H, 1, S))
         m, den = saved
         coeffs = np.asarray(taylor_coefficients(opts.order), dtype=np.float64)
-        _taylor_backward(q, k, v, o, m, den, do, keep, has_mask, _offset(opts), coeffs, dq, dk,
-                         dv)
+        with launch():
+            _taylor_backward(q, k, v, o, m, den, do, keep, has_mask, _offset(opts), coeffs, dq,
+                             dk, dv)
     return dq, _reduce_groups(dk, k.shape[1]), _reduce_groups(dv, k.shape[1])
