@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
+# The JAX adapter tests verify the adapters on the CPU, as CI runs them.  On a GPU
+# machine JAX would otherwise preallocate 75% of the device memory in every test
+# process (starving the CuPy tests) and run float32 matmuls in TF32, which
+# refattn.verify rightly reports as float32 failures (see docs/verify.md).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import pytest  # noqa: E402
 
 import refattn
 from refattn.backends import available_backends
