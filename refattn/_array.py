@@ -19,6 +19,7 @@ __all__ = [
     "is_cupy",
     "sum_to_shape",
     "matrix_transpose",
+    "flatten_batch",
 ]
 
 
@@ -54,6 +55,11 @@ def sum_to_shape(xp, g, shape):
     if axes:
         g = xp.sum(g, axis=axes, keepdims=True)
     return g
+
+
+def flatten_batch(xp, x, batch):
+    """``(*batch, ...) -> (B, ...)`` with ``B = prod(batch)`` (1 when there are no batch dims)."""
+    return xp.reshape(x, (max(product(batch), 1),) + tuple(x.shape[len(batch):]))
 
 
 def product(shape) -> int:

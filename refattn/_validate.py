@@ -24,6 +24,7 @@ __all__ = [
     "check_positive_float",
     "check_dropout",
     "attention_shapes",
+    "check_cotangent",
 ]
 
 SUPPORTED_FLOATS = ("float16", "float32", "float64")
@@ -217,3 +218,12 @@ def attention_shapes(q, k, v, *, feature_axes: int = 1, legend_feature: str = "E
             "(grouped-query attention needs H % Hkv == 0)"
         )
     return AttentionShapes(batch, H, Hkv, L, S, q.shape[-1], v.shape[-1], _dtype_name(q))
+
+
+def check_cotangent(do, expected_shape, legend: str = ""):
+    """Validate the cotangent handed to a pullback: a float array of the output's shape."""
+    check_float_array(do, "cotangent")
+    if tuple(do.shape) != tuple(expected_shape):
+        raise ValueError(f"cotangent has shape {tuple(do.shape)}, expected the output shape "
+                         f"{legend + ' = ' if legend else ''}{tuple(expected_shape)}")
+    return do

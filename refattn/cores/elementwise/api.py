@@ -43,9 +43,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ... import backends as _backends
-from ..._array import namespace, product, to_numpy
+from ..._array import flatten_batch, namespace, product, to_numpy
 from ..._masks import CAUSAL_ALIGNS, causal_offset
 from ..._validate import (AttentionShapes, attention_shapes, check_bool_array, check_broadcastable,
+                          check_cotangent,
                           check_choice, check_float_array, check_positive_float)
 from ..sdpa.api import as_batched_4d
 
@@ -123,10 +124,6 @@ class ElementwiseResiduals:
     root_scale: float
 
 
-def _flat(xp, x, shapes):
-    return xp.reshape(x, (max(product(shapes.batch), 1),) + tuple(x.shape[len(shapes.batch):]))
-
-
 def _prepare(q, k, v, order, causal, causal_align, scale, mask):
     shapes = attention_shapes(q, k, v, legend_feature="D", same_value_dim=True)
     xp = namespace(q, k, v)
@@ -160,7 +157,7 @@ def forward(q, k, v, *, order=None, causal=False, causal_align="upper_left", sca
     impl = _backends.load_implementation(_PACKAGE, backend)
     root = math.sqrt(scale)
     # psi = sqrt(scale) q, kappa = sqrt(scale) k: exp(-scale (q - k)^2) = exp(-(psi - kappa)^2)
-    q4, k4, v4 = (_flat(xp, x, shapes) for x in (q, k, v))       # (B, H|Hkv, L|S, D)
+    q4, k4, v4 = (flatten_batch(xp, x, shapes.batch) for x in (q, k, v))       # (B, H|Hkv, L|S, D)
     if root != 1.0:
         q4, k4 = q4 * root, k4 * root
     o4, saved = impl.forward(q4, k4, v4, options)
@@ -172,12 +169,9 @@ def backward(res: ElementwiseResiduals, do):
     """Element-wise attention backward pass: ``(dq, dk, dv)``."""
     shapes = res.shapes
     xp = namespace(res.q)
-    check_float_array(do, "cotangent")
-    if tuple(do.shape) != shapes.output:
-        raise ValueError(f"cotangent has shape {tuple(do.shape)}, expected the output shape "
-                         f"(..., H, L, D) = {shapes.output}")
+    check_cotangent(do, shapes.output, "(..., H, L, D)")
     impl = _backends.load_implementation(_PACKAGE, res.backend)
-    do4 = _flat(xp, xp.astype(do, res.o.dtype), shapes)
+    do4 = flatten_batch(xp, xp.astype(do, res.o.dtype), shapes.batch)
     dq, dk, dv = impl.backward(res.q, res.k, res.v, res.o, res.saved, do4, res.options)
     if res.root_scale != 1.0:                                   # chain rule of the pre-scaling
         dq, dk = dq * res.root_scale, dk * res.root_scale

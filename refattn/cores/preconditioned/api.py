@@ -29,7 +29,7 @@ from typing import Any
 
 from ..._array import namespace, product
 from ..._registry import Core, get_core
-from ..._validate import _dtype_name, check_float_array, check_positive_float
+from ..._validate import _dtype_name, check_cotangent, check_positive_float
 from .preconditioners import Preconditioner, get_preconditioner
 
 __all__ = ["PreconditionedResiduals", "forward", "backward", "preconditioned_sdpa",
@@ -132,10 +132,7 @@ def _add(xp, g, extra):
 def backward(res: PreconditionedResiduals, do):
     """Backward pass: ``(dq, dk, dv)`` plus whatever extra gradients the inner core returns
     (e.g. ``dbias`` of :func:`refattn.sdpa`)."""
-    check_float_array(do, "cotangent")
-    if tuple(do.shape) != res.out_shape:
-        raise ValueError(f"cotangent has shape {tuple(do.shape)}, expected the output shape "
-                         f"{res.out_shape}")
+    check_cotangent(do, res.out_shape)
     xp = namespace(do)
     rows = tuple(res.c.shape)
     do_rows = xp.astype(xp.reshape(do, rows + (-1,)), res.c.dtype)   # (*batch, H, L, F)

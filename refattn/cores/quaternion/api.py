@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ... import backends as _backends
-from ..._array import namespace, product, sum_to_shape
-from ..._validate import AttentionShapes, attention_shapes, check_choice, check_float_array
+from ..._array import flatten_batch, namespace, sum_to_shape
+from ..._validate import AttentionShapes, attention_shapes, check_choice, check_cotangent
 from ..sdpa import api as _sdpa_api
 from . import reference as _reference
 from .algebra import MODES, n_maps, score_terms
@@ -89,10 +89,6 @@ def _flat_components(xp, x):
     return xp.reshape(x, (*x.shape[:-2], 4 * x.shape[-1]))        # (..., 4f)
 
 
-def _flat_batch(xp, x, shapes):
-    return xp.reshape(x, (max(product(shapes.batch), 1),) + tuple(x.shape[len(shapes.batch):]))
-
-
 def _prepare(q, k, v, mode, mask, bias, causal, causal_align, scale):
     check_choice(mode, "mode", MODES)
     shapes = attention_shapes(q, k, v, feature_axes=2, legend_feature="d")
@@ -120,7 +116,7 @@ def forward(q, k, v, *, mode="shared", mask=None, bias=None, causal=False,
     """
     xp, shapes, options = _prepare(q, k, v, mode, mask, bias, causal, causal_align, scale)
     backend = _backends.resolve(backend, IMPLEMENTED, q, core=f"quaternion attention ({mode})")
-    q5, k5, v5 = (_flat_batch(xp, x, shapes) for x in (q, k, v))   # (B, H|Hkv, L|S, 4, d|dv)
+    q5, k5, v5 = (flatten_batch(xp, x, shapes.batch) for x in (q, k, v))   # (B, H|Hkv, L|S, 4, d|dv)
     o5, saved = _implementation(backend).forward(q5, k5, v5, options, mode)
     res = QuaternionResiduals(mode, backend, saved, options, shapes, q.dtype,
                               None if bias is None else tuple(bias.shape))
@@ -130,12 +126,9 @@ def forward(q, k, v, *, mode="shared", mask=None, bias=None, causal=False,
 def backward(res: QuaternionResiduals, do):
     """Backward pass: ``(dq, dk, dv)``, plus ``dbias`` (summed to its shape) with a float bias."""
     shapes = res.shapes
-    check_float_array(do, "cotangent")
-    if tuple(do.shape) != res.output:
-        raise ValueError(f"cotangent has shape {tuple(do.shape)}, expected the output shape "
-                         f"(..., H, L, 4, dv) = {res.output}")
+    check_cotangent(do, res.output, "(..., H, L, 4, dv)")
     xp = namespace(do)
-    do5 = _flat_batch(xp, xp.astype(do, res.dtype), shapes)            # (B, H, L, 4, dv)
+    do5 = flatten_batch(xp, xp.astype(do, res.dtype), shapes.batch)            # (B, H, L, 4, dv)
     dq, dk, dv, dscores = _implementation(res.backend).backward(res.saved, do5, res.options,
                                                                 res.mode)
     batch = shapes.batch
@@ -228,7 +221,7 @@ def score_maps(q, k, *, mode="hamilton"):
     check_choice(mode, "mode", MODES)
     shapes = attention_shapes(q, k, k, feature_axes=2, legend_feature="d")
     xp = namespace(q, k)
-    q5, k5 = _flat_batch(xp, q, shapes), _flat_batch(xp, k, shapes)
+    q5, k5 = flatten_batch(xp, q, shapes.batch), flatten_batch(xp, k, shapes.batch)
     kh = _reference.expand_heads(xp, k5, shapes.group)                  # (B, H, S, 4, d)
     maps = _reference.score_maps(xp, q5, kh, mode)                      # (B, H, M, L, S)
     return xp.reshape(maps, (*shapes.batch, *maps.shape[1:]))

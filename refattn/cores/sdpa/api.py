@@ -29,9 +29,10 @@ from typing import Any
 import array_api_compat
 
 from ... import backends as _backends
-from ..._array import namespace, product, sum_to_shape
+from ..._array import flatten_batch, namespace, product, sum_to_shape
 from ..._masks import CAUSAL_ALIGNS, causal_offset
 from ..._validate import (AttentionShapes, attention_shapes, check_bool_array, check_broadcastable,
+                          check_cotangent,
                           check_choice, check_dropout, check_float_array, check_same_dtype)
 
 __all__ = ["SDPAOptions", "SDPAResiduals", "sdpa", "forward", "backward", "IMPLEMENTED",
@@ -131,10 +132,6 @@ def _prepare(q, k, v, mask, bias, causal, causal_align, scale, dropout_mask, dro
     return xp, shapes, options
 
 
-def _flat(xp, x, shapes):
-    return xp.reshape(x, (max(product(shapes.batch), 1),) + tuple(x.shape[len(shapes.batch):]))
-
-
 def forward(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_left", scale=None,
             dropout_mask=None, dropout_p=0.0, backend="auto"):
     """SDPA forward pass returning ``(o, residuals)`` for :func:`backward`.
@@ -147,7 +144,7 @@ def forward(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_
                                    dropout_mask, dropout_p)
     backend = _backends.resolve(backend, IMPLEMENTED, q, core="sdpa")
     impl = _backends.load_implementation(_PACKAGE, backend)
-    q4, k4, v4 = (_flat(xp, x, shapes) for x in (q, k, v))
+    q4, k4, v4 = (flatten_batch(xp, x, shapes.batch) for x in (q, k, v))
     o4, lse = impl.forward(q4, k4, v4, options)
     res = SDPAResiduals(backend, q4, k4, v4, o4, lse, options, shapes,
                         None if bias is None else tuple(bias.shape))
@@ -161,12 +158,9 @@ def backward(res: SDPAResiduals, do):
     """
     shapes = res.shapes
     xp = namespace(res.q)
-    check_float_array(do, "cotangent")
-    if tuple(do.shape) != shapes.output:
-        raise ValueError(f"cotangent has shape {tuple(do.shape)}, expected the output shape "
-                         f"(..., H, L, Ev) = {shapes.output}")
+    check_cotangent(do, shapes.output, "(..., H, L, Ev)")
     impl = _backends.load_implementation(_PACKAGE, res.backend)
-    do4 = _flat(xp, xp.astype(do, res.o.dtype), shapes)
+    do4 = flatten_batch(xp, xp.astype(do, res.o.dtype), shapes.batch)
     dq, dk, dv, dscores = impl.backward(res.q, res.k, res.v, res.o, res.lse, do4, res.options)
     batch = shapes.batch
     grads = (xp.reshape(dq, (*batch,) + tuple(dq.shape[1:])),
