@@ -99,7 +99,7 @@ def run(size: str = "quick") -> StudyResult:
     exact = (f"exact form up to L={_EXACT_MAX[size]}" if _EXACT_MAX[size] >= lengths[0]
              else "exact form at size 'full' only")
     notes = [f"B=1 H={_H} D={_D} float32, forward, backend auto; O(L^2) contenders only where "
-             f"they fit: causal sdpa (reference) up to L={_SDPA_MAX[size]}, {exact}; peak "
+             f"they fit: causal sdpa (backend auto, numba here) up to L={_SDPA_MAX[size]}, {exact}; peak "
              "memory by tracemalloc",
              "exponents: least-squares slope of log(cost) against log(L); 1.0 is linear"]
     return StudyResult(
