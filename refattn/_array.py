@@ -20,6 +20,7 @@ __all__ = [
     "sum_to_shape",
     "matrix_transpose",
     "flatten_batch",
+    "upcast_half",
 ]
 
 
@@ -55,6 +56,16 @@ def sum_to_shape(xp, g, shape):
     if axes:
         g = xp.sum(g, axis=axes, keepdims=True)
     return g
+
+
+def upcast_half(xp, *arrays):
+    """Cast float16 arrays to float32 for the arithmetic (accumulate in float32).
+
+    Arrays of any other dtype come back unchanged; ``None`` entries stay ``None``.
+    """
+    if getattr(xp, "float16", None) is not None and arrays[0].dtype == xp.float16:
+        return tuple(None if a is None else xp.astype(a, xp.float32) for a in arrays)
+    return arrays
 
 
 def flatten_batch(xp, x, batch):

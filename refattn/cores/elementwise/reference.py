@@ -21,7 +21,7 @@ denominator is at least ``min_x T_t(x) > 0`` for a row with a key.
 
 from __future__ import annotations
 
-from ..._array import matrix_transpose, namespace
+from ..._array import matrix_transpose, namespace, upcast_half
 from ..._masks import keep_mask
 from ..._softmax import masked_softmax, probs_from_lse, softmax_backward
 from ..sdpa.reference import expand_kv_heads, reduce_kv_heads
@@ -29,12 +29,6 @@ from .api import TAYLOR_BLOCK, taylor_coefficients
 
 __all__ = ["forward", "backward", "state_update", "state_read"]
 
-
-def _work(xp, *arrays):
-    """Upcast float16 to float32 for the arithmetic (accumulate in float32)."""
-    if arrays[0].dtype == getattr(xp, "float16", None):      # array-api-strict has no float16
-        return tuple(None if a is None else xp.astype(a, xp.float32) for a in arrays)
-    return arrays
 
 
 def _channels_first(xp, x):
@@ -309,7 +303,7 @@ def _add_rows(xp, dk, dv, a, b, gk, gv):
 def forward(q, k, v, opts):
     xp = namespace(q, k, v)
     dtype = q.dtype
-    q, k, v = _work(xp, q, k, v)
+    q, k, v = upcast_half(xp, q, k, v)
     group = q.shape[1] // k.shape[1]
     kh, vh = expand_kv_heads(xp, k, group), expand_kv_heads(xp, v, group)
     # ``saved`` stays in the working precision: float16 would round lse (|lse| up to
@@ -324,8 +318,8 @@ def forward(q, k, v, opts):
 def backward(q, k, v, o, saved, do, opts):
     xp = namespace(q, k, v)
     dtype = q.dtype
-    q, k, v, o, do = _work(xp, q, k, v, o, do)
-    saved = _work(xp, *saved)
+    q, k, v, o, do = upcast_half(xp, q, k, v, o, do)
+    saved = upcast_half(xp, *saved)
     kv_heads = k.shape[1]
     group = q.shape[1] // kv_heads
     kh, vh = expand_kv_heads(xp, k, group), expand_kv_heads(xp, v, group)

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import array_api_compat
 
-from ..._array import matrix_transpose, namespace
+from ..._array import matrix_transpose, namespace, upcast_half
 from ..._masks import keep_mask
 from ..._softmax import masked_softmax, probs_from_lse, softmax_backward
-from ..sdpa.reference import _work, expand_kv_heads, reduce_kv_heads
+from ..sdpa.reference import expand_kv_heads, reduce_kv_heads
 from .algebra import n_maps, score_terms
 
 __all__ = ["forward", "backward", "score_maps", "key_mixes", "expand_heads"]
@@ -126,7 +126,7 @@ def _probabilities_setup(xp, q, k, v, opts, mode):
 def forward(q, k, v, opts, mode):
     xp = namespace(q, k, v)
     dtype = q.dtype
-    q, k, v = _work(xp, q, k, v)
+    q, k, v = upcast_half(xp, q, k, v)
     kh, vh, s, keep = _probabilities_setup(xp, q, k, v, opts, mode)
     p, lse = masked_softmax(xp, s, keep)                 # (B, H, M, L, S), (B, H, M, L)
     o = _from_value_groups(xp, p @ _value_groups(xp, vh, n_maps(mode)))   # (B, H, L, 4, dv)
@@ -137,7 +137,7 @@ def backward(saved, do, opts, mode):
     q, k, v, o, lse = saved
     xp = namespace(q, k, v)
     dtype = do.dtype
-    (do,) = _work(xp, do)
+    (do,) = upcast_half(xp, do)
     do = xp.astype(do, q.dtype)
     maps = n_maps(mode)
     kh, vh, s, keep = _probabilities_setup(xp, q, k, v, opts, mode)

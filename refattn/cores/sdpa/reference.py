@@ -9,16 +9,10 @@ from __future__ import annotations
 
 import array_api_compat
 
-from ..._array import matrix_transpose, namespace
+from ..._array import matrix_transpose, namespace, upcast_half
 from ..._masks import keep_mask
 from ..._softmax import masked_softmax, probs_from_lse, softmax_backward
 
-
-def _work(xp, *arrays):
-    """Upcast float16 to float32 for the arithmetic (accumulate in float32)."""
-    if getattr(xp, "float16", None) is not None and arrays[0].dtype == xp.float16:
-        return tuple(None if a is None else xp.astype(a, xp.float32) for a in arrays)
-    return arrays
 
 
 def expand_kv_heads(xp, x, group: int):
@@ -56,7 +50,7 @@ def _dropout(xp, p, opts):
 def forward(q, k, v, opts):
     xp = namespace(q, k, v)
     dtype = q.dtype
-    q, k, v = _work(xp, q, k, v)
+    q, k, v = upcast_half(xp, q, k, v)
     group = q.shape[1] // k.shape[1]
     kh, vh = expand_kv_heads(xp, k, group), expand_kv_heads(xp, v, group)
     s, keep = _scores(xp, q, kh, opts)
@@ -68,7 +62,7 @@ def forward(q, k, v, opts):
 def backward(q, k, v, o, lse, do, opts):
     xp = namespace(q, k, v)
     dtype = q.dtype
-    q, k, v, o, lse, do = _work(xp, q, k, v, o, lse, do)
+    q, k, v, o, lse, do = upcast_half(xp, q, k, v, o, lse, do)
     kv_heads = k.shape[1]
     group = q.shape[1] // kv_heads
     kh, vh = expand_kv_heads(xp, k, group), expand_kv_heads(xp, v, group)
