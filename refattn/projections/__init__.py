@@ -1,6 +1,6 @@
 """Projection schemes: one module each, registered on import."""
 
-from ._base import LayerConfig, Projection, RealOutputProjection  # noqa: F401
+from ._base import LayerConfig, OutputProjection, Projection, RealOutputProjection  # noqa: F401
 from . import standard  # noqa: F401
 from . import quaternion  # noqa: F401
 from . import optimised, efficient, super  # noqa: F401,E401  (Hosseini & Hosseini schemes)

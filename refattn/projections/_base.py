@@ -15,7 +15,7 @@ from .._array import matrix_transpose, namespace
 from .._config import LayerConfig
 
 __all__ = ["LayerConfig", "Projection", "linear_forward", "linear_backward", "split_heads",
-           "merge_heads", "RealOutputProjection"]
+           "merge_heads", "OutputProjection", "RealOutputProjection"]
 
 
 def linear_forward(xp, x, w, b=None):
@@ -97,7 +97,35 @@ class Projection:
         raise NotImplementedError
 
 
-class RealOutputProjection(Projection):
+class OutputProjection(Projection):
+    """Output projection ``y = merge_heads(O) W_O + b_O``, written once for every scheme.
+
+    A scheme picks its linear map and head layout through four hooks
+    (``_linear_forward``, ``_linear_backward``, ``_merge_heads``, ``_split_heads``);
+    the real schemes use a plain linear map on contiguous head slices, the
+    quaternion scheme a Hamilton-product layer on per-unit heads.
+    """
+
+    _linear_forward = staticmethod(linear_forward)
+    _linear_backward = staticmethod(linear_backward)
+    _merge_heads = staticmethod(merge_heads)
+    _split_heads = staticmethod(split_heads)
+
+    def project_out(self, params, o, cfg):
+        xp = namespace(o)
+        merged = self._merge_heads(xp, o)                            # (*batch, L, d)
+        return self._linear_forward(xp, merged, params["w_o"], params.get("b_o")), merged
+
+    def backward_out(self, params, merged, dy, cfg):
+        xp = namespace(dy)
+        dmerged, dw, db = self._linear_backward(xp, merged, params["w_o"], dy, cfg.bias)
+        grads = {"w_o": dw}
+        if cfg.bias:
+            grads["b_o"] = db
+        return grads, self._split_heads(xp, dmerged, cfg.n_heads)    # the core's head layout
+
+
+class RealOutputProjection(OutputProjection):
     """Output projection ``y = concat_h(O_h) W_O + b_O`` shared by the real schemes."""
 
     def out_shapes(self, cfg):
@@ -105,19 +133,6 @@ class RealOutputProjection(Projection):
         if cfg.bias:
             shapes["b_o"] = ((cfg.d_model,), cfg.d_model)
         return shapes
-
-    def project_out(self, params, o, cfg):
-        xp = namespace(o)
-        merged = merge_heads(xp, o)                                  # (*batch, L, d)
-        return linear_forward(xp, merged, params["w_o"], params.get("b_o")), merged
-
-    def backward_out(self, params, merged, dy, cfg):
-        xp = namespace(dy)
-        dmerged, dw, db = linear_backward(xp, merged, params["w_o"], dy, cfg.bias)
-        grads = {"w_o": dw}
-        if cfg.bias:
-            grads["b_o"] = db
-        return grads, split_heads(xp, dmerged, cfg.n_heads)          # (*batch, H, L, d_k)
 
     def out_flops(self, cfg, q_len):
         return 2.0 * q_len * cfg.d_model * cfg.d_model

@@ -22,7 +22,7 @@ from .._array import namespace
 from .._registry import register_projection
 from .._validate import check_float_array, check_same_dtype
 from ..cores.quaternion.algebra import SIGN
-from ._base import Projection, linear_backward, linear_forward
+from ._base import OutputProjection, linear_backward, linear_forward
 
 __all__ = ["quaternion_linear", "linear_matrix", "linear_matrix_adjoint",
            "quaternion_linear_forward", "quaternion_linear_backward", "split_quaternion_heads",
@@ -160,11 +160,16 @@ def merge_quaternion_heads(xp, x):
     return xp.reshape(x, (*batch, L, 4 * H * dh))
 
 
-class QuaternionProjection(Projection):
+class QuaternionProjection(OutputProjection):
     """Quaternion ``Q, K, V`` and output layers; heads own units of every component."""
 
     name = "quaternion"
     layout = "quaternion"
+    # The shared output projection, on the Hamilton-product layer and per-unit heads.
+    _linear_forward = staticmethod(quaternion_linear_forward)
+    _linear_backward = staticmethod(quaternion_linear_backward)
+    _merge_heads = staticmethod(merge_quaternion_heads)
+    _split_heads = staticmethod(split_quaternion_heads)
 
     def check(self, cfg):
         if cfg.d_model % (4 * cfg.n_heads):
@@ -214,19 +219,6 @@ class QuaternionProjection(Projection):
         dxkv = (self._project_backward(xp, params, "k", xkv, dk, cfg, grads)
                 + self._project_backward(xp, params, "v", xkv, dv, cfg, grads))
         return grads, dxq, dxkv
-
-    def project_out(self, params, o, cfg):
-        xp = namespace(o)
-        merged = merge_quaternion_heads(xp, o)                           # (*batch, L, d)
-        return quaternion_linear_forward(xp, merged, params["w_o"], params.get("b_o")), merged
-
-    def backward_out(self, params, merged, dy, cfg):
-        xp = namespace(dy)
-        dmerged, dw, db = quaternion_linear_backward(xp, merged, params["w_o"], dy, cfg.bias)
-        grads = {"w_o": dw}
-        if cfg.bias:
-            grads["b_o"] = db
-        return grads, split_quaternion_heads(xp, dmerged, cfg.n_heads)  # (*batch, H, L, 4, dh)
 
     def flops(self, cfg, q_len, kv_len):
         """Each quaternion layer is one real ``(d, d)`` GEMM: ``2 d^2`` FLOPs per token."""
