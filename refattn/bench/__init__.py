@@ -75,4 +75,5 @@ def studies() -> dict:
 
     _load_all()
     from . import numba_studies  # noqa: F401  (registers the numba studies)
+    from . import training  # noqa: F401  (registers the training study)
     return dict(_STUDIES)

@@ -1,0 +1,370 @@
+"""Study ``training``: the papers' comparisons, trained end to end on refattn's own backward passes.
+
+Two tasks, each model trained from ``len(seeds)`` seeds with the same budget (epochs,
+minibatch, Adam step size and its cosine decay):
+
+* **digits** (non-causal): a one-block ViT on scikit-learn's bundled 8x8 digits, 2x2 patches
+  (16 tokens), ``d_model = 32``, 2 heads, mean read-out; projection schemes standard,
+  Optimised, Efficient, Super; quaternion attention with shared scores vs Hamilton; Taylor
+  element-wise attention; preconditioned vs plain SDPA.  Test accuracy, parameters, seconds
+  per epoch, and the condition numbers of the attention matrices through training.
+* **recall** (causal): multi-query associative recall (:func:`~.data.recall_batch`) with
+  ``n`` pairs (``L = 2 n`` tokens): causal SDPA, causal Taylor element-wise attention of
+  order 2, 4, 6, and preconditioned SDPA; query accuracy against ``n``.
+
+Then every claim of the seed papers gets a verdict (:mod:`.claims`).
+
+Backends: every core runs on the NumPy ``reference`` backend, except causal Taylor
+element-wise attention in the full run, which runs on ``numba``: at these sizes (at most
+64 tokens, 32 features) the reference SDPA and quaternion cores beat the numba kernels
+(thread start-up dominates), while the reference causal Taylor scan is 3-10x slower than
+the numba one at 16-64 tokens; the quick run stays on the reference backend to spend no
+time compiling.  BLAS runs on one thread (``threadpoolctl``): on these small matrices
+OpenBLAS threads cost more than they save.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ...cli._progress import Progress
+from .. import Study, StudyResult, register_study
+from .claims import combine, compare_scores, matches, outperforms
+from .data import digits, recall_batch
+from .loss import accuracy
+from .model import TinyTransformer
+from .train import minibatches, train
+
+__all__ = ["Budget", "BUDGETS", "DIGITS_MODELS", "RECALL_MODELS", "TrainingResult", "run",
+           "run_digits", "run_recall", "MATCH_MARGIN"]
+
+D_MODEL, N_HEADS = 32, 2
+PATCH = 2
+DIGITS_LR, RECALL_LR = 1e-2, 5e-3
+#: Recall vocabulary: keys and values (chance accuracy 1 / RECALL_VALUES).
+RECALL_KEYS, RECALL_VALUES = 32, 8
+#: Test images on which the condition numbers are measured.
+CONDITIONING_IMAGES = 32
+#: Accuracy difference below which two models count as equal ("matches"), 2 points.
+MATCH_MARGIN = 0.02
+#: Seed of the fixed recall test sequences.
+RECALL_TEST_SEED = 12345
+
+#: Model name -> attention options (``refattn.Attention`` keywords).
+DIGITS_MODELS = {
+    "standard": {},
+    "optimised": {"projection": "optimised"},
+    "efficient": {"projection": "efficient"},
+    "super": {"projection": "super"},
+    "quaternion-shared": {"projection": "quaternion", "core": "shared"},
+    "quaternion-hamilton": {"projection": "quaternion", "core": "hamilton"},
+    "elementwise-t4": {"core": "elementwise", "order": 4},
+    "preconditioned": {"core": "preconditioned"},
+}
+RECALL_MODELS = {
+    "sdpa": {},
+    "elementwise-t2": {"core": "elementwise", "order": 2},
+    "elementwise-t4": {"core": "elementwise", "order": 4},
+    "elementwise-t6": {"core": "elementwise", "order": 6},
+    "preconditioned": {"core": "preconditioned"},
+}
+#: Models whose condition numbers are followed through training.
+CONDITIONING_MODELS = ("standard", "preconditioned")
+
+
+@dataclass(frozen=True)
+class Budget:
+    seeds: tuple
+    digits_epochs: int
+    digits_batch: int
+    recall_pairs: tuple
+    recall_epochs: int
+    recall_steps: int          # minibatches per recall epoch (fresh sequences each)
+    recall_batch: int
+    recall_test: int           # fixed test sequences
+    causal_elementwise_backend: str
+
+
+BUDGETS = {
+    "quick": Budget(seeds=(0,), digits_epochs=3, digits_batch=64, recall_pairs=(4,),
+                    recall_epochs=2, recall_steps=40, recall_batch=32, recall_test=128,
+                    causal_elementwise_backend="reference"),
+    "full": Budget(seeds=(0, 1, 2), digits_epochs=12, digits_batch=64, recall_pairs=(4, 8, 16),
+                   recall_epochs=5, recall_steps=50, recall_batch=32, recall_test=256,
+                   causal_elementwise_backend="numba"),
+}
+
+
+@dataclass
+class Run:
+    """One model trained from one seed."""
+
+    model: TinyTransformer
+    accuracy: float
+    mean_train_loss: float
+    epoch_seconds: float
+    conditioning: list = field(default_factory=list)   # per epoch (kappa_P, kappa_A, kappa_CA)
+
+
+def _median_kappas(model, params, x):
+    from ...conditioning import layer_conditioning
+
+    (layer, layer_params, a), = model.attention_inputs(params, x)
+    heads = layer_conditioning(layer, layer_params, a, backend=model.backend).heads
+    return tuple(float(np.median(k)) for k in (heads.kappa_p, heads.kappa_a, heads.kappa_o))
+
+
+def run_digits(name, seed, budget: Budget, data, *, conditioning=False) -> Run:
+    """Train the digits model ``name`` from ``seed``."""
+    model = TinyTransformer(D_MODEL, N_HEADS, n_classes=data.n_classes,
+                            n_tokens=data.x_train.shape[1], patch_dim=data.x_train.shape[2],
+                            **DIGITS_MODELS[name])
+    params = model.init(seed=seed)
+    rng = np.random.default_rng(1000 + seed)
+
+    def batches(epoch):
+        return [(data.x_train[i], data.y_train[i], None)
+                for i in minibatches(rng, len(data.y_train), budget.digits_batch)]
+
+    probe = data.x_test[:CONDITIONING_IMAGES]
+    history = train(model, params, epochs=budget.digits_epochs, batches=batches, lr=DIGITS_LR,
+                    evaluate=lambda p: accuracy(model(p, inputs=data.x_test), data.y_test),
+                    monitor=(lambda p: _median_kappas(model, p, probe)) if conditioning else None)
+    return Run(model, history.final_accuracy, history.mean_train_loss,
+               float(np.mean(history.epoch_seconds)), history.monitor)
+
+
+def run_recall(name, seed, n_pairs, budget: Budget) -> Run:
+    """Train the recall model ``name`` on ``n_pairs`` pairs from ``seed``."""
+    options = dict(RECALL_MODELS[name])
+    backend = budget.causal_elementwise_backend if options.get("core") == "elementwise" else \
+        "reference"
+    model = TinyTransformer(D_MODEL, N_HEADS, n_classes=RECALL_VALUES, n_tokens=2 * n_pairs,
+                            vocab=(RECALL_KEYS, RECALL_VALUES + 1), readout="tokens",
+                            causal=True, backend=backend, **options)
+    params = model.init(seed=seed)
+    rng = np.random.default_rng(2000 + seed)
+    test = recall_batch(np.random.default_rng(RECALL_TEST_SEED), budget.recall_test, n_pairs,
+                        RECALL_KEYS, RECALL_VALUES)
+
+    def batches(epoch):
+        for _ in range(budget.recall_steps):
+            b = recall_batch(rng, budget.recall_batch, n_pairs, RECALL_KEYS, RECALL_VALUES)
+            yield b.inputs, b.labels, b.weights
+
+    history = train(model, params, epochs=budget.recall_epochs, batches=batches, lr=RECALL_LR,
+                    evaluate=lambda p: accuracy(model(p, inputs=test.inputs), test.labels,
+                                                test.weights))
+    return Run(model, history.final_accuracy, history.mean_train_loss,
+               float(np.mean(history.epoch_seconds)))
+
+
+class TrainingResult(StudyResult):
+    """The claims table, printed after the tables it is drawn from (``sections``)."""
+
+    def __init__(self, *args, sections=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sections = list(sections)
+
+    def format(self) -> str:
+        return "\n\n".join([s.format() for s in self.sections] + [super().format()])
+
+
+def _pct(x):
+    return f"{100 * x:.1f}"
+
+
+def _spread(xs):
+    return f"{100 * np.std(xs, ddof=1):.1f}" if len(xs) > 1 else "-"
+
+
+def _kappa(x):
+    return f"{x:.3g}" if np.isfinite(x) else "inf"
+
+
+def _digits_table(runs, budget):
+    rows, metrics = [], {}
+    for name, rs in runs.items():
+        acc = [r.accuracy for r in rs]
+        m = rs[0].model
+        rows.append([name, m.attention_params(), m.num_params(), _pct(np.mean(acc)), _spread(acc),
+                     f"{_pct(min(acc))}-{_pct(max(acc))}",
+                     f"{np.mean([r.mean_train_loss for r in rs]):.3f}",
+                     f"{np.median([r.epoch_seconds for r in rs]):.2f}"])
+        metrics[f"digits.{name}.accuracy"] = float(np.mean(acc))
+        metrics[f"digits.{name}.attention_params"] = float(m.attention_params())
+    return StudyResult(
+        f"digits ViT (non-causal): test accuracy after {budget.digits_epochs} epochs, "
+        f"seeds {list(budget.seeds)}",
+        ["model", "attn params", "params", "acc %", "sd", "min-max", "mean train loss",
+         "s/epoch"], rows, metrics=metrics,
+        notes=[f"d_model={D_MODEL}, {N_HEADS} heads, 1 block, 2x2 patches (16 tokens), batch "
+               f"{budget.digits_batch}, Adam lr {DIGITS_LR:g} with cosine decay; sd = sample "
+               f"standard deviation over seeds; mean train loss = mean over epochs (area under "
+               f"the loss curve); s/epoch = median over seeds of the training steps' time"])
+
+
+def _recall_table(runs, budget):
+    rows, metrics = [], {}
+    for name in RECALL_MODELS:
+        row = [name]
+        for n in budget.recall_pairs:
+            acc = [r.accuracy for r in runs[name, n]]
+            row += [_pct(np.mean(acc)), _spread(acc)]
+            metrics[f"recall.{name}.n{n}.accuracy"] = float(np.mean(acc))
+        row.append(f"{np.median([r.epoch_seconds for n in budget.recall_pairs for r in runs[name, n]]):.2f}")
+        rows.append(row)
+    headers = ["model"] + [h for n in budget.recall_pairs for h in (f"n={n} acc %", "sd")] + \
+        ["s/epoch"]
+    return StudyResult(
+        f"associative recall (causal): query accuracy against n pairs (L = 2n tokens), "
+        f"seeds {list(budget.seeds)}", headers, rows, metrics=metrics,
+        notes=[f"{RECALL_KEYS} keys, {RECALL_VALUES} values (chance {_pct(1 / RECALL_VALUES)}%), "
+               f"{budget.recall_epochs} epochs x {budget.recall_steps} minibatches of "
+               f"{budget.recall_batch} fresh sequences, Adam lr {RECALL_LR:g} with cosine decay; "
+               f"{budget.recall_test} fixed test sequences; causal Taylor element-wise on the "
+               f"{budget.causal_elementwise_backend} backend"])
+
+
+def _conditioning_table(runs, budget):
+    epochs = sorted({0, 1, budget.digits_epochs // 2, budget.digits_epochs})
+    rows = []
+    for e in epochs:
+        row = [e]
+        for name in CONDITIONING_MODELS:
+            per_seed = np.array([r.conditioning[e] for r in runs[name]])    # (seeds, 3)
+            row += [_kappa(x) for x in np.median(per_seed, axis=0)]
+        rows.append(row)
+    headers = ["epoch"] + [f"{name} {k}" for name in CONDITIONING_MODELS
+                           for k in ("k(P)", "k(A)", "k(CA)")]
+    return StudyResult(
+        "condition numbers of the attention matrices during digits training (median over "
+        f"{CONDITIONING_IMAGES} test images x {N_HEADS} heads, then over seeds)", headers, rows,
+        notes=["P (16 x 16) softmax probabilities, A = P V (16 x 16) head output, CA = diag(c) A "
+               "with the row-norm preconditioner c_i = 1/(||A_i|| + 1e-6) (what the "
+               "preconditioned model outputs; for standard, what it would output); "
+               "refattn.layer_conditioning, SciPy singular values"])
+
+
+def _claims(digits_runs, recall_runs, budget):
+    acc = {n: [r.accuracy for r in rs] for n, rs in digits_runs.items()}
+    loss = {n: [-r.mean_train_loss for r in rs] for n, rs in digits_runs.items()}  # higher=better
+    params = {n: rs[0].model.attention_params() for n, rs in digits_runs.items()}
+    rows = []
+
+    def add(claim, paper, setting, comparison, verdict, unit=" pts", scale=100.0):
+        rows.append([claim, paper, setting, comparison.describe(scale, unit), verdict])
+
+    c = compare_scores(acc["super"], acc["standard"])
+    add("Super outperforms standard", "Hosseini & Hosseini", "digits acc, super - standard", c,
+        outperforms(c, MATCH_MARGIN))
+    for scheme in ("optimised", "efficient"):
+        c = compare_scores(acc[scheme], acc["standard"])
+        fewer = params[scheme] < params["standard"]
+        verdict = matches(c, MATCH_MARGIN) if fewer else "not reproduced"
+        add(f"{scheme.capitalize()} matches standard with fewer params", "Hosseini & Hosseini",
+            f"digits acc, {scheme} - standard (attn params {params[scheme]} vs "
+            f"{params['standard']})", c, verdict)
+    c = compare_scores(acc["elementwise-t4"], acc["standard"])
+    add("element-wise comparable to softmax (non-causal)", "Feng",
+        "digits acc, elementwise-t4 - standard", c, matches(c, MATCH_MARGIN))
+    verdicts = []
+    for t in (2, 4, 6):
+        for n in budget.recall_pairs:
+            c = compare_scores([r.accuracy for r in recall_runs[f"elementwise-t{t}", n]],
+                               [r.accuracy for r in recall_runs["sdpa", n]])
+            v = matches(c, MATCH_MARGIN)
+            verdicts.append(v)
+            add(f"element-wise comparable to softmax (causal, t={t})", "Feng",
+                f"recall acc n={n}, elementwise-t{t} - sdpa", c, v)
+    rows.append(["element-wise comparable to softmax (causal), all t and n", "Feng", "", "",
+                 combine(verdicts)])
+    c = compare_scores(loss["preconditioned"], loss["standard"])
+    add("preconditioning eases optimisation", "preconditioned attention",
+        "digits mean train loss, standard - preconditioned", c, outperforms(c, 0.0), unit="",
+        scale=1.0)
+    c = compare_scores(acc["preconditioned"], acc["standard"])
+    add("preconditioning keeps accuracy", "preconditioned attention",
+        "digits acc, preconditioned - standard", c, matches(c, MATCH_MARGIN))
+    c = compare_scores(acc["quaternion-shared"], acc["quaternion-hamilton"])
+    add("shared-score quaternion matches Hamilton", "Yamauchi",
+        "digits acc, shared - hamilton", c, matches(c, MATCH_MARGIN))
+    return rows
+
+
+class _Log:
+    """One line per trained model on ``stream``, or a progress bar on a terminal's stderr."""
+
+    def __init__(self, stream, total):
+        self.stream, self.t0 = stream, time.perf_counter()
+        self.bar = Progress(total, "training") if stream is None else None
+
+    def __call__(self, what, result: Run):
+        if self.bar is not None:
+            self.bar.update(what)
+            return
+        print(f"[{time.perf_counter() - self.t0:6.0f} s] {what}: accuracy "
+              f"{_pct(result.accuracy)}%, {result.epoch_seconds:.2f} s/epoch", file=self.stream,
+              flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run(size="quick", log=None) -> TrainingResult:
+    """Train every model of both tasks at ``size`` ("quick" or "full"); the tables and verdicts.
+
+    ``log``: a text stream for one line per trained model (default: a progress bar on
+    stderr when it is a terminal).
+    """
+    from threadpoolctl import threadpool_limits
+
+    if size not in BUDGETS:
+        raise ValueError(f"size must be one of {sorted(BUDGETS)}, got {size!r}")
+    budget = BUDGETS[size]
+    n_seeds = len(budget.seeds)
+    logger = _Log(log, n_seeds * (len(DIGITS_MODELS) + len(RECALL_MODELS) *
+                                  len(budget.recall_pairs)))
+    t0 = time.perf_counter()
+
+    def logged(what, result):
+        logger(what, result)
+        return result
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        data = digits(PATCH)
+        digits_runs = {name: [logged(f"digits {name} seed {s}",
+                                     run_digits(name, s, budget, data,
+                                                conditioning=name in CONDITIONING_MODELS))
+                              for s in budget.seeds] for name in DIGITS_MODELS}
+        recall_runs = {(name, n): [logged(f"recall {name} n={n} seed {s}",
+                                          run_recall(name, s, n, budget))
+                                   for s in budget.seeds]
+                       for name in RECALL_MODELS for n in budget.recall_pairs}
+    logger.close()
+    sections = [_digits_table(digits_runs, budget), _recall_table(recall_runs, budget),
+                _conditioning_table(digits_runs, budget)]
+    metrics = {k: v for s in sections for k, v in s.metrics.items()}
+    rows = _claims(digits_runs, recall_runs, budget)
+    notes = [f"verdict rules: refattn/bench/training/claims.py (interval delta +- 2 se over "
+             f"seeds; 'matches' = inside +-{100 * MATCH_MARGIN:g} points)",
+             f"{platform.processor() or platform.machine()}, {time.perf_counter() - t0:.0f} s "
+             f"in all; NumPy {np.__version__}"]
+    return TrainingResult("the papers' claims at this scale", ["claim", "paper", "setting",
+                                                              "measured", "verdict"], rows,
+                          metrics=metrics, notes=notes, sections=sections)
+
+
+STUDY = register_study(Study(
+    name="training",
+    summary="tiny ViT on digits and causal associative recall trained with refattn's own "
+            "backward passes (NumPy only): the papers' claims, reproduced or not",
+    run=run,
+    requires=("sklearn", "threadpoolctl"),
+    metric_names=("digits.standard.accuracy", "recall.sdpa.n4.accuracy"),
+))
