@@ -93,8 +93,8 @@ BUDGETS = {
     "quick": Budget(seeds=(0,), digits_epochs=3, digits_batch=64, recall_pairs=(4,),
                     recall_epochs=2, recall_steps=40, recall_batch=32, recall_test=128,
                     causal_elementwise_backend="reference"),
-    "full": Budget(seeds=(0, 1, 2), digits_epochs=12, digits_batch=64, recall_pairs=(4, 8, 16),
-                   recall_epochs=5, recall_steps=50, recall_batch=32, recall_test=256,
+    "full": Budget(seeds=(0, 1, 2), digits_epochs=10, digits_batch=64, recall_pairs=(4, 8, 16),
+                   recall_epochs=4, recall_steps=40, recall_batch=32, recall_test=256,
                    causal_elementwise_backend="numba"),
 }
 
@@ -107,15 +107,16 @@ class Run:
     accuracy: float
     mean_train_loss: float
     epoch_seconds: float
-    conditioning: list = field(default_factory=list)   # per epoch (kappa_P, kappa_A, kappa_CA)
+    conditioning: list = field(default_factory=list)   # per epoch (H, 3): kappa_P, _A, _CA
 
 
-def _median_kappas(model, params, x):
+def _head_kappas(model, params, x):
+    """``(H, 3)``: per head, medians over the images of ``kappa(P), kappa(A), kappa(CA)``."""
     from ...conditioning import layer_conditioning
 
     (layer, layer_params, a), = model.attention_inputs(params, x)
-    heads = layer_conditioning(layer, layer_params, a, backend=model.backend).heads
-    return tuple(float(np.median(k)) for k in (heads.kappa_p, heads.kappa_a, heads.kappa_o))
+    heads = layer_conditioning(layer, layer_params, a, backend=model.backend).heads.per_head()
+    return np.stack([heads["kappa_p"], heads["kappa_a"], heads["kappa_o"]], axis=1)
 
 
 def run_digits(name, seed, budget: Budget, data, *, conditioning=False) -> Run:
@@ -133,7 +134,7 @@ def run_digits(name, seed, budget: Budget, data, *, conditioning=False) -> Run:
     probe = data.x_test[:CONDITIONING_IMAGES]
     history = train(model, params, epochs=budget.digits_epochs, batches=batches, lr=DIGITS_LR,
                     evaluate=lambda p: accuracy(model(p, inputs=data.x_test), data.y_test),
-                    monitor=(lambda p: _median_kappas(model, p, probe)) if conditioning else None)
+                    monitor=(lambda p: _head_kappas(model, p, probe)) if conditioning else None)
     return Run(model, history.final_accuracy, history.mean_train_loss,
                float(np.mean(history.epoch_seconds)), history.monitor)
 
@@ -234,20 +235,21 @@ def _conditioning_table(runs, budget):
     epochs = sorted({0, 1, budget.digits_epochs // 2, budget.digits_epochs})
     rows = []
     for e in epochs:
-        row = [e]
-        for name in CONDITIONING_MODELS:
-            per_seed = np.array([r.conditioning[e] for r in runs[name]])    # (seeds, 3)
-            row += [_kappa(x) for x in np.median(per_seed, axis=0)]
-        rows.append(row)
-    headers = ["epoch"] + [f"{name} {k}" for name in CONDITIONING_MODELS
-                           for k in ("k(P)", "k(A)", "k(CA)")]
+        for h in range(N_HEADS):
+            row = [e, h]
+            for name in CONDITIONING_MODELS:
+                per_seed = np.array([r.conditioning[e][h] for r in runs[name]])   # (seeds, 3)
+                row += [_kappa(x) for x in np.median(per_seed, axis=0)]
+            rows.append(row)
+    headers = ["epoch", "head"] + [f"{name} {k}" for name in CONDITIONING_MODELS
+                                   for k in ("k(P)", "k(A)", "k(CA)")]
     return StudyResult(
-        "condition numbers of the attention matrices during digits training (median over "
-        f"{CONDITIONING_IMAGES} test images x {N_HEADS} heads, then over seeds)", headers, rows,
+        "condition numbers of the attention matrices during digits training, per head (median "
+        f"over {CONDITIONING_IMAGES} test images, then over seeds)", headers, rows,
         notes=["P (16 x 16) softmax probabilities, A = P V (16 x 16) head output, CA = diag(c) A "
                "with the row-norm preconditioner c_i = 1/(||A_i|| + 1e-6) (what the "
                "preconditioned model outputs; for standard, what it would output); "
-               "refattn.layer_conditioning, SciPy singular values"])
+               "refattn.layer_conditioning, SciPy singular values; epoch 0 = at initialisation"])
 
 
 def _claims(digits_runs, recall_runs, budget):
