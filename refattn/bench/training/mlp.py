@@ -8,7 +8,8 @@ r"""The transformer block's two-layer perceptron with a GELU, forward and hand-d
 (the tanh form of GELU).  Backward::
 
     da = dy W_2^T,  dW_2 = sum_rows a^T dy,  db_2 = sum_rows dy
-    dh = da * gelu'(h),  gelu'(h) = (1 + tanh u)/2 + h (1 - tanh^2 u)/2 * sqrt(2/pi) (1 + 3 0.044715 h^2)
+    dh = da * gelu'(h),
+    gelu'(h) = (1 + tanh u)/2 + h (1 - tanh^2 u)/2 * sqrt(2/pi) (1 + 3 0.044715 h^2)
     dx = dh W_1^T,  dW_1 = sum_rows x^T dh,  db_1 = sum_rows dh
 
 Shape legend: ``...`` leading axes (rows), ``d`` features, ``m`` hidden units.

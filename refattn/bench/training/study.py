@@ -217,7 +217,8 @@ def _recall_table(runs, budget):
             acc = [r.accuracy for r in runs[name, n]]
             row += [_pct(np.mean(acc)), _spread(acc)]
             metrics[f"recall.{name}.n{n}.accuracy"] = float(np.mean(acc))
-        row.append(f"{np.median([r.epoch_seconds for n in budget.recall_pairs for r in runs[name, n]]):.2f}")
+        seconds = [r.epoch_seconds for n in budget.recall_pairs for r in runs[name, n]]
+        row.append(f"{np.median(seconds):.2f}")
         rows.append(row)
     headers = ["model"] + [h for n in budget.recall_pairs for h in (f"n={n} acc %", "sd")] + \
         ["s/epoch"]

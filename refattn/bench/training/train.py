@@ -44,7 +44,7 @@ class History:
 
 
 def minibatches(rng, n, batch) -> list:
-    """A random permutation of ``range(n)`` cut into index arrays of ``batch`` (last one shorter)."""
+    """A random permutation of ``range(n)`` cut into index arrays of ``batch`` (last shorter)."""
     order = rng.permutation(n)
     return [order[i:i + batch] for i in range(0, n, batch)]
 
