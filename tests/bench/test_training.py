@@ -266,6 +266,9 @@ def test_quick_run_reports_every_table_and_claim(quick):
     verdicts = [row[-1] for row in quick.rows]
     assert verdicts and set(verdicts) <= set(claims.VERDICTS)
     assert all(v == "inconclusive" for v in verdicts)            # one seed: no spread
+    markdown = quick.markdown()
+    separators = [line for line in markdown.splitlines() if line.startswith("|---|")]
+    assert len(separators) == 4 and "| standard |" in markdown
 
 
 def test_training_is_listed(capsys):

@@ -174,6 +174,17 @@ class TrainingResult(StudyResult):
     def format(self) -> str:
         return "\n\n".join([s.format() for s in self.sections] + [super().format()])
 
+    def markdown(self) -> str:
+        """Every table as Markdown (for ``docs/fidelity.md``), notes as bullet lists."""
+        out = []
+        for table in self.sections + [self]:
+            out.append(f"**{table.title}**\n")
+            out.append("| " + " | ".join(map(str, table.headers)) + " |")
+            out.append("|" + "---|" * len(table.headers))
+            out += ["| " + " | ".join(map(str, row)) + " |" for row in table.rows]
+            out += [""] + [f"* {note}" for note in table.notes] + [""]
+        return "\n".join(out)
+
 
 def _pct(x):
     return f"{100 * x:.1f}"
