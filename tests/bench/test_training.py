@@ -168,6 +168,16 @@ def test_model_rejects_wrong_params_and_inputs():
         tokens(tokens.init(seed=0), inputs=np.zeros((1, 4), np.int64))
 
 
+def test_init_follows_the_documented_initialisers():
+    model = TinyTransformer(16, 2, n_classes=3, n_tokens=40, vocab=(50, 4), readout="tokens")
+    params = model.init(seed=0)
+    assert np.all(params["block0.ln1.g"] == 1) and np.all(params["block0.mlp.b1"] == 0)
+    assert np.abs(params["block0.mlp.w1"]).max() <= 1 / math.sqrt(16)
+    assert np.std(params["embed.keys"]) == pytest.approx(1.0, rel=0.1)
+    assert np.std(params["embed.pos"]) == pytest.approx(0.02, rel=0.1)
+    np.testing.assert_array_equal(params["head.w"], model.init(seed=0)["head.w"])   # seeded
+
+
 def test_super_model_uses_the_token_count_as_seq_len():
     model = TinyTransformer(8, 2, n_classes=3, n_tokens=4, patch_dim=5, projection="super")
     assert model.param_shapes()["block0.attn.w_a"] == (4, 4)

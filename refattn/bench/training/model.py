@@ -123,22 +123,30 @@ class TinyTransformer:
                 f"attention={self.layers[0]!r})")
 
     # -- parameters -----------------------------------------------------------------
-    def param_shapes(self) -> dict:
+    def _specs(self) -> dict:
+        """``{name: (shape, initialiser)}`` of the non-attention parameters, and the layers'."""
         d, m, N = self.d_model, self.mlp_hidden, self.n_tokens
         if self.vocab is None:
-            shapes = {"embed.w": (self.patch_dim, d), "embed.b": (d,)}
+            specs = {"embed.w": ((self.patch_dim, d), "linear"), "embed.b": ((d,), "zeros")}
         else:
-            shapes = {"embed.keys": (self.vocab[0], d), "embed.values": (self.vocab[1], d)}
-        shapes["embed.pos"] = (N, d)
+            specs = {"embed.keys": ((self.vocab[0], d), "table"),
+                     "embed.values": ((self.vocab[1], d), "table")}
+        specs["embed.pos"] = ((N, d), "position")
         for i, layer in enumerate(self.layers):
             p = f"block{i}."
-            shapes.update({p + "ln1.g": (d,), p + "ln1.b": (d,)})
-            shapes.update({p + "attn." + n: s for n, s in layer.param_shapes().items()})
-            shapes.update({p + "ln2.g": (d,), p + "ln2.b": (d,), p + "mlp.w1": (d, m),
-                           p + "mlp.b1": (m,), p + "mlp.w2": (m, d), p + "mlp.b2": (d,)})
-        shapes.update({"final.g": (d,), "final.b": (d,), "head.w": (d, self.n_classes),
-                       "head.b": (self.n_classes,)})
-        return shapes
+            specs.update({p + "ln1.g": ((d,), "ones"), p + "ln1.b": ((d,), "zeros")})
+            specs.update({p + "attn." + n: (s, "attention") for n, s in
+                          layer.param_shapes().items()})
+            specs.update({p + "ln2.g": ((d,), "ones"), p + "ln2.b": ((d,), "zeros"),
+                          p + "mlp.w1": ((d, m), "linear"), p + "mlp.b1": ((m,), "zeros"),
+                          p + "mlp.w2": ((m, d), "linear"), p + "mlp.b2": ((d,), "zeros")})
+        specs.update({"final.g": ((d,), "ones"), "final.b": ((d,), "zeros"),
+                      "head.w": ((d, self.n_classes), "linear"),
+                      "head.b": ((self.n_classes,), "zeros")})
+        return specs
+
+    def param_shapes(self) -> dict:
+        return {name: shape for name, (shape, _) in self._specs().items()}
 
     def num_params(self) -> int:
         return int(sum(math.prod(s) for s in self.param_shapes().values()))
@@ -148,25 +156,20 @@ class TinyTransformer:
         return int(sum(layer.num_params() for layer in self.layers))
 
     def init(self, seed=0) -> dict:
-        """Linear maps ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, LayerNorm ``g = 1, b = 0``,
-        token tables ``N(0, 1)``, positions ``N(0, 0.02^2)``; float64."""
+        """Float64 parameters: linear maps ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, biases 0,
+        LayerNorm gains 1, token tables ``N(0, 1)``, positions ``N(0, 0.02^2)``, attention
+        layers by their own ``init``."""
         rng = np.random.default_rng(seed)
-        params = {}
-        for name, shape in self.param_shapes().items():
-            part, _, leaf = name.rpartition(".")
-            if ".attn" in name:
-                continue
-            if name.endswith(".g"):
-                params[name] = np.ones(shape)
-            elif leaf == "b" or leaf.startswith("b") and part.endswith("mlp"):
-                params[name] = np.zeros(shape)
-            elif name == "embed.pos":
-                params[name] = POS_INIT_STD * rng.standard_normal(shape)
-            elif name in ("embed.keys", "embed.values"):
-                params[name] = rng.standard_normal(shape)
-            else:
-                bound = 1.0 / math.sqrt(shape[0])
-                params[name] = rng.uniform(-bound, bound, size=shape)
+        draw = {
+            "zeros": np.zeros,
+            "ones": np.ones,
+            "table": rng.standard_normal,
+            "position": lambda shape: POS_INIT_STD * rng.standard_normal(shape),
+            "linear": lambda shape: rng.uniform(-1 / math.sqrt(shape[0]), 1 / math.sqrt(shape[0]),
+                                                size=shape),
+        }
+        params = {name: draw[kind](shape) for name, (shape, kind) in self._specs().items()
+                  if kind != "attention"}
         for i, layer in enumerate(self.layers):
             for n, p in layer.init(seed=int(rng.integers(1 << 31))).items():
                 params[f"block{i}.attn.{n}"] = p
