@@ -240,12 +240,18 @@ def test_digits_split_is_fixed_and_stratified():
     ([0.900, 0.901, 0.902], [0.899, 0.900, 0.902], claims.outperforms, "not reproduced"),
     ([0.80, 0.95, 0.70], [0.85, 0.80, 0.90], claims.outperforms, "inconclusive"),
     ([0.900, 0.901, 0.902], [0.899, 0.900, 0.902], claims.matches, "reproduced"),
+    ([0.95, 0.96, 0.95], [0.90, 0.91, 0.92], claims.matches, "reproduced"),     # better: not worse
     ([0.70, 0.71, 0.70], [0.90, 0.91, 0.92], claims.matches, "not reproduced"),
     ([0.80, 0.95, 0.70], [0.85, 0.80, 0.90], claims.matches, "inconclusive"),
     ([0.99], [0.10], claims.outperforms, "inconclusive"),
 ])
 def test_verdict_rules(a, b, claim, verdict):
     assert claim(claims.compare_scores(a, b), 0.02) == verdict
+
+
+def test_a_reference_at_chance_has_not_learned():
+    assert not claims.learned([0.11, 0.12], chance=0.1, factor=3.0)
+    assert claims.learned([0.90, 0.95], chance=0.1, factor=3.0)
 
 
 # -- the quick run, as CI runs it ----------------------------------------------------------------

@@ -8,11 +8,15 @@ interval ``delta +- 2 se``.
 * "``a`` outperforms ``b``": **reproduced** if the interval lies above 0; **not reproduced**
   if it lies below 0, or inside ``+-margin`` (no difference that matters at this scale);
   otherwise **inconclusive**.
-* "``a`` matches ``b``": **reproduced** if the interval lies inside ``+-margin``; **not
-  reproduced** if it lies entirely below ``-margin`` (``a`` clearly worse) or above
-  ``+margin`` (clearly different); otherwise **inconclusive**.
+* "``a`` matches ``b``" (every such claim of the seed papers is that a cheaper ``a`` loses
+  nothing against ``b``, so it is judged as *not worse*): **reproduced** if the interval lies
+  above ``-margin``; **not reproduced** if it lies entirely below ``-margin`` (``a`` clearly
+  worse); otherwise **inconclusive**.  An ``a`` clearly better than ``b`` reproduces it too
+  (the measured difference says so).
 
-With fewer than two seeds on a side there is no spread, and every verdict is inconclusive.
+With fewer than two seeds on a side there is no spread, and every verdict is inconclusive;
+so is every verdict whose reference ``b`` did not learn (see :func:`learned`): two models at
+chance level "match" without saying anything.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Comparison", "compare_scores", "outperforms", "matches", "combine", "VERDICTS"]
+__all__ = ["Comparison", "compare_scores", "outperforms", "matches", "learned", "combine",
+           "VERDICTS"]
 
 VERDICTS = ("reproduced", "not reproduced", "inconclusive")
 
@@ -74,14 +79,19 @@ def outperforms(c: Comparison, margin: float) -> str:
 
 
 def matches(c: Comparison, margin: float) -> str:
-    """Verdict on "a matches b" (see the module docstring)."""
+    """Verdict on "a matches b", judged as "a is not worse than b" (see the module docstring)."""
     if c.n < 2:
         return "inconclusive"
-    if c.low >= -margin and c.high <= margin:
+    if c.low >= -margin:
         return "reproduced"
-    if c.high < -margin or c.low > margin:
+    if c.high < -margin:
         return "not reproduced"
     return "inconclusive"
+
+
+def learned(scores, chance: float, factor: float) -> bool:
+    """Whether the mean of ``scores`` is above ``factor`` times the ``chance`` accuracy."""
+    return float(np.mean(scores)) > factor * chance
 
 
 def combine(verdicts) -> str:
