@@ -25,6 +25,7 @@ OpenBLAS threads cost more than they save.
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -317,6 +318,18 @@ def _claims(digits_runs, recall_runs, budget, n_classes):
     return rows
 
 
+def _cpu_model() -> str:
+    """The CPU model (``model name`` of ``/proc/cpuinfo`` on Linux), else the platform's word."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 class _Log:
     """One line per trained model on ``stream``, or a progress bar on a terminal's stderr."""
 
@@ -375,7 +388,7 @@ def run(size="quick", log=None) -> TrainingResult:
     notes = [f"verdict rules: refattn/bench/training/claims.py (interval delta +- 2 se over "
              f"seeds; 'matches' = not worse by more than {100 * MATCH_MARGIN:g} points; "
              f"inconclusive when the reference is not above {LEARNED_FACTOR:g}x chance)",
-             f"{platform.processor() or platform.machine()}, {time.perf_counter() - t0:.0f} s "
+             f"{_cpu_model()} ({os.cpu_count()} logical CPUs), {time.perf_counter() - t0:.0f} s "
              f"in all; NumPy {np.__version__}"]
     return TrainingResult("the papers' claims at this scale", ["claim", "paper", "setting",
                                                               "measured", "verdict"], rows,
