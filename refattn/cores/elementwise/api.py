@@ -306,6 +306,11 @@ def elementwise_state(batch_shape, H, D, order, dtype="float64", *, scale=1.0, l
     order = _check_order(order)
     if order is None:
         raise ValueError("order must be an even integer: the exact form has no recurrent state")
+    if isinstance(batch_shape, numbers.Integral) and not isinstance(batch_shape, bool):
+        batch_shape = (batch_shape,)              # elementwise_state(2, H, D, t): one batch dim
+    if not isinstance(batch_shape, (tuple, list)):
+        raise TypeError(f"batch_shape must be a tuple of non-negative ints (or one int), got "
+                        f"{type(batch_shape).__name__}")
     batch_shape = tuple(batch_shape)
     for name, n in (("H", H), ("D", D)):
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:

@@ -229,7 +229,7 @@ def _taylor_scan(xp, q, kh, vh, opts, backward_from=None):
             # d w_ij / d psi_i = exp(m_i - kappa_j^2) kappa_j P'(psi_i kappa_j)
             dw = w * 2.0 * kh[..., None, p:e, :] * _horner(xp, coeffs[:-1], x)
             outs.append(r * (pref + xp.sum(dw * (vj - o[..., :, None, :]), axis=-2)))
-    cat = lambda xs: xp.concat(xs, axis=-2)                   # noqa: E731
+    cat = lambda xs: xp.concat(xs, axis=-2) if xs else xp.zeros_like(q)   # noqa: E731 (L = 0)
     if backward_from is not None:
         return cat(outs)
     return cat(outs), cat(shifts), cat(dens)

@@ -139,7 +139,8 @@ def backward(res: PreconditionedResiduals, do):
     check_cotangent(do, res.out_shape)
     xp = namespace(do)
     rows = tuple(res.c.shape)
-    do_rows = xp.astype(xp.reshape(do, rows + (-1,)), res.c.dtype)   # (*batch, H, L, F)
+    features = product(res.out_shape[len(rows):])
+    do_rows = xp.astype(xp.reshape(do, rows + (features,)), res.c.dtype)   # (*batch, H, L, F)
     da = res.c[..., None] * do_rows
     extra = (None, None, None)
     if not res.stop_gradient:
