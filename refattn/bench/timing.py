@@ -47,10 +47,11 @@ def clock_resolution() -> float:
 def time_per_call(fn, *, min_batch=MIN_BATCH_SECONDS, batches=3, warmup=1, max_calls=1 << 16):
     """Median seconds per call of ``fn()``, each sample a batch of ``n`` back-to-back calls.
 
-    ``n`` doubles (from 1) until one batch lasts at least
-    ``max(min_batch, 1000 * clock_resolution())``, so that neither the clock's
-    resolution nor the scheduler's tick quantises the result; then ``batches``
-    batches of ``n`` calls are timed and the median of ``batch time / n`` returned.
+    Every sample is a batch lasting at least ``max(min_batch, 1000 *
+    clock_resolution())``, so that neither the clock's resolution nor the
+    scheduler's tick quantises the result: ``n`` starts at 1 and grows (the
+    samples so far are dropped) whenever a batch is shorter; the median of
+    ``batch time / n`` over ``batches`` samples is returned.
 
     Returns
     -------
@@ -68,21 +69,17 @@ def time_per_call(fn, *, min_batch=MIN_BATCH_SECONDS, batches=3, warmup=1, max_c
     for _ in range(warmup):
         _sync(fn())
     floor = max(min_batch, 1000 * clock_resolution())
-    n = 1
-    while True:
+    n, samples = 1, []
+    while len(samples) < batches:
         t0 = time.perf_counter()
         for _ in range(n):
             _sync(fn())
-        first = time.perf_counter() - t0
-        if first >= floor or n >= max_calls:
-            break
-        n = min(max_calls, n * 2 if first <= 0 else max(n * 2, int(n * 1.2 * floor / first)))
-    samples = [first / n]
-    for _ in range(batches - 1):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            _sync(fn())
-        samples.append((time.perf_counter() - t0) / n)
+        elapsed = time.perf_counter() - t0
+        if elapsed >= floor or n >= max_calls:
+            samples.append(elapsed / n)
+        else:                              # too short: more calls per batch, start over
+            grow = 2 if elapsed <= 0 else 1.2 * floor / elapsed
+            n, samples = min(max_calls, max(2 * n, int(n * grow))), []
     return statistics.median(samples), n
 
 

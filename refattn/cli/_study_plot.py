@@ -174,10 +174,12 @@ def _metrics(ax, result):
         ax.text(v, y, f" {v:.3g}", va="center", ha="left" if v >= 0 else "right", fontsize=7)
     ax.set_yticks(ypos, names, fontsize=7)
     ax.invert_yaxis()
+    title = "headline metrics"
     if any(w in " ".join(names) for w in ("ratio", "speedup", "exponent")):
         ax.axvline(1.0, color="k", lw=0.8, linestyle="--")
+        title += " (dashed: 1 = parity, or linear for an exponent)"
     ax.axvline(0.0, color="0.5", lw=0.5)
-    ax.set_title("headline metrics (dashed: 1 = parity / linear)")
+    ax.set_title(title)
 
 
 def plot_study(result, path, *, name, size):

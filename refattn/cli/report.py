@@ -143,9 +143,10 @@ def _jobs(args):
     from refattn.backends import BACKENDS, available_backends
 
     names = check_names("--variants", args.variants or [], sorted(refattn.variants()), "variant")
-    names = names or sorted(refattn.variants())
+    names = list(dict.fromkeys(names)) or sorted(refattn.variants())   # each name once
     usable = available_backends()
-    chosen = check_names("--backends", args.backends or [], BACKENDS, "backend") or list(usable)
+    chosen = list(dict.fromkeys(check_names("--backends", args.backends or [], BACKENDS,
+                                            "backend"))) or list(usable)
     missing = [b for b in chosen if b not in usable]
     if missing:
         why = {"cupy": "CuPy is not installed or sees no CUDA device"}
