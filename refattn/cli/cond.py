@@ -195,6 +195,8 @@ _STYLE = {"kappa_p": dict(color="C0", linestyle=":", marker="^", markersize=6),
 def plot(path, heads, sweep, title):
     """Write the three-panel figure: kappa over heads, the ratio CA / A, kappa over length.
 
+    Returns the :class:`matplotlib.figure.Figure`.
+
     Every quantity named in a title or legend is plotted; the caption defines
     P, A and CA; overlapping curves differ in marker and line style.
     """
@@ -259,6 +261,7 @@ def plot(path, heads, sweep, title):
     fig.text(0.5, -0.01, caption + ". kappa_2 = sigma_max / sigma_min over the non-zero rows.",
              ha="center", va="top", fontsize=8.5, wrap=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
+    return fig
 
 
 def run(args) -> int:
