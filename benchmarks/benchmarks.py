@@ -11,8 +11,8 @@ Two selections (environment variables, read when asv discovers the suite):
 * default, the **quick selection**: one variant per core (``sdpa``,
   ``elementwise``, ``quaternion-hamilton``, ..., :func:`quick_variants`), its
   first bench case, float32, the fused backends (numba; cupy where a GPU is
-  visible), ``time_forward_backward`` and ``peakmem_forward_backward``, one
-  process and at most 5 samples per benchmark, plus the studies.
+  visible), ``time_forward_backward`` only, one process and at most 5 samples
+  per benchmark, plus the studies: 9 benchmarks.
   ``asv continuous HEAD~1 HEAD`` finishes in about 15 minutes on 2 cores (README).
 * ``REFATTN_ASV_FULL=1``: the full matrix, every bench case x backend
   (reference too) x dtype, with asv's default sampling (about 1 h 40 min on 2
@@ -115,7 +115,7 @@ def _variant_suite(variant_name):
     for attribute, value in QUICK_SAMPLING.items():
         setattr(VariantSuite, attribute, value)
     if not FULL:                     # the quick selection times forward+backward only
-        del VariantSuite.time_forward
+        del VariantSuite.time_forward, VariantSuite.peakmem_forward_backward
     VariantSuite.__name__ = VariantSuite.__qualname__ = (
         "Variant_" + variant_name.replace("-", "_"))
     return VariantSuite

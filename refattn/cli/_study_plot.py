@@ -22,7 +22,7 @@ import textwrap
 
 import numpy as np
 
-__all__ = ["plot_study", "numeric", "unit_of"]
+__all__ = ["plot_study", "numeric", "unit_of", "plain_log_ticks"]
 
 _NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?%?")
 #: Columns that say which problem a row is (part of its label), not a measurement.
@@ -104,7 +104,7 @@ def _row_label(result, row, labels):
     return " ".join(parts) or "-"
 
 
-def _plain_log_ticks(axis):
+def plain_log_ticks(axis):
     """Tick labels 1024, 0.5, 200 on a log axis instead of 2^10, 5x10^-1, 2x10^2."""
     from matplotlib.ticker import FuncFormatter
 
@@ -124,8 +124,8 @@ def _lines(ax, result, x, cols, values, unit):
                 linestyle=_LINESTYLES[n % len(_LINESTYLES)], label=headers[i])
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    _plain_log_ticks(ax.xaxis)
-    _plain_log_ticks(ax.yaxis)
+    plain_log_ticks(ax.xaxis)
+    plain_log_ticks(ax.yaxis)
     ax.set_xlabel("sequence length L")
     ax.set_ylabel(unit)
     ax.set_title(f"{unit} against L")
@@ -148,7 +148,7 @@ def _bars(ax, result, labels, cols, values, unit):
     finite = np.array([v[i] for v in vals for i in cols if v[i] is not None], float)
     if finite.size and unit != "ratio" and finite.min() > 0 and finite.max() / finite.min() > 50:
         ax.set_xscale("log")
-        _plain_log_ticks(ax.xaxis)
+        plain_log_ticks(ax.xaxis)
     if unit in ("ratio", "percent"):
         ax.axvline(1.0 if unit == "ratio" else 0.0, color="k", lw=0.8)
     ax.set_xlabel(", ".join(headers[i] for i in cols) if len(cols) == 1 else unit)

@@ -193,7 +193,7 @@ _STYLE = {"kappa_p": dict(color="C0", linestyle=":", marker="^", markersize=6),
 
 
 def plot(path, heads, sweep, title):
-    """Write the three-panel figure: kappa over heads, the ratio CA / A, kappa over length.
+    """Write the three-panel figure: kappa(A), kappa(CA) per head, their ratio, kappa over L.
 
     Returns the :class:`matplotlib.figure.Figure`.
 
@@ -206,11 +206,14 @@ def plot(path, heads, sweep, title):
     except ImportError:
         raise InputError("--plot needs matplotlib, which is not installed: "
                          "pip install 'refattn[plot]' (or pip install matplotlib)") from None
+    from ._study_plot import plain_log_ticks
+
     fig = Figure(figsize=(15, 5.2), layout="constrained")
     ax1, ax_ratio, ax2 = fig.subplots(1, 3, width_ratios=(1.1, 1, 1.4))
     rec = heads.to_records()
-    p = np.asarray(rec.kappa_p, float)
-    fields = (["kappa_p"] if np.isfinite(p).any() else []) + ["kappa_a", "kappa_o"]
+    # kappa(P) is often orders of magnitude above kappa(A): it is drawn over L (right panel)
+    # only, so this panel's scale shows each head's A -> CA change.
+    fields = ["kappa_a", "kappa_o"]
     jitter = np.random.default_rng(0).uniform(-0.08, 0.08, len(rec))
     for i, f in enumerate(fields):
         x = getattr(rec, f)
@@ -218,11 +221,11 @@ def plot(path, heads, sweep, title):
         ax1.scatter(i + jitter, x, s=20, alpha=0.75, color=st["color"], marker=st["marker"])
         ax1.boxplot([x[np.isfinite(x)]], positions=[i], widths=0.45, showfliers=False,
                     medianprops=dict(color="k"))
-    ia, io = fields.index("kappa_a"), fields.index("kappa_o")
     for a, o, j in zip(rec.kappa_a, rec.kappa_o, jitter):
-        ax1.plot([ia + j, io + j], [a, o], color="0.6", lw=0.6, zorder=0)
+        ax1.plot([j, 1 + j], [a, o], color="0.6", lw=0.6, zorder=0)
     ax1.set_xticks(range(len(fields)), [f"kappa({MATRICES[f][0]})" for f in fields])
     ax1.set_yscale("log")
+    plain_log_ticks(ax1.yaxis)
     ax1.set_ylabel("condition number kappa_2 (log scale)")
     ax1.set_title(f"per head ({len(rec)} = heads x batch); box: quartiles,\n"
                   f"grey lines pair one head's kappa(A) and kappa(CA)", fontsize=10)
@@ -245,6 +248,8 @@ def plot(path, heads, sweep, title):
         line, = ax2.plot(lengths, q50, label=f"kappa({MATRICES[f][0]}), median", **_STYLE[f])
         ax2.fill_between(lengths, q25, q75, color=line.get_color(), alpha=0.15)
     ax2.set_xscale("log", base=2)
+    ax2.set_xticks(lengths, [str(n) for n in lengths])
+    ax2.minorticks_off()
     ax2.set_yscale("log")
     ax2.set_xlabel("sequence length L (prefix of the sequence)")
     ax2.set_ylabel("condition number kappa_2 (log scale)")
@@ -257,7 +262,7 @@ def plot(path, heads, sweep, title):
     ax2.legend()
     fig.suptitle(title, fontsize=9)
     caption = "; ".join(f"{label}: {text}" for label, text in
-                        (MATRICES[f] for f in MATRICES if f in medians or f in fields))
+                        (MATRICES[f] for f in MATRICES if f in medians))
     fig.text(0.5, -0.01, caption + ". kappa_2 = sigma_max / sigma_min over the non-zero rows.",
              ha="center", va="top", fontsize=8.5, wrap=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
