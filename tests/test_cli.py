@@ -1,4 +1,8 @@
-"""The command line: the main report, info, bench, variants, --version, --debug."""
+"""The command line: the main report, info, bench, variants, --version, --debug.
+
+The table of user mistakes (exit status and message per argument) is
+tests/cli/test_edge_inputs.py; damaged golden files are in tests/verify/test_golden.py.
+"""
 
 from __future__ import annotations
 
@@ -97,6 +101,6 @@ def test_entry_point_runs_as_module():
 
 
 def test_report_options_work_without_the_command_name(capsys):
-    assert main(["--variants", "sdpa", "--backends", "reference", "--dtypes", "float64",
+    assert main(["--variants", "sdpa", "--backends", "reference", "--dtypes", "float32",
                  "--no-studies"]) == 0
     assert "all 1 checks passed" in capsys.readouterr().out

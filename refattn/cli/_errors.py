@@ -35,9 +35,10 @@ def check_names(argument: str, names, choices, what: str = "name") -> list:
     >>> check_names("--dtypes", ["float32"], ["float64", "float32"])
     ['float32']
     >>> check_names("--backends", ["cupyy"], ["reference", "numba", "cupy"], "backend")
+    ... # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    refattn.cli._errors.UsageError: --backends: unknown backend 'cupyy' (did you mean 'cupy'?); choose from reference, numba, cupy
+    refattn.cli._errors.UsageError: --backends: unknown backend 'cupyy' (did you mean 'cupy'?); ...
     """
     choices = list(choices)
     for name in names:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ._errors import FAILED, OK, TARGETS_NOT_MET, UsageError
 

@@ -18,7 +18,7 @@ __all__ = ["Progress"]
 
 
 class Progress:
-    """A context manager: ``with Progress(total, "checking") as bar: bar.doing(...); bar.advance()``.
+    """A context manager: ``with Progress(total, "checking") as bar: bar.advance()``.
 
     Parameters
     ----------

@@ -1,4 +1,4 @@
-"""``refattn bench --plot DIR``: one PNG per study, drawn from its :class:`~refattn.bench.StudyResult`.
+"""``refattn bench --plot DIR``: one PNG per study, from its :class:`~refattn.bench.StudyResult`.
 
 A study's table becomes
 

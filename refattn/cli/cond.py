@@ -88,7 +88,8 @@ def _problem(args):
                                   core=args.core, causal=args.causal)
         x = rng.standard_normal((args.batch, args.length, args.d_model))
         return ("layer", f"default problem: Attention(d_model={args.d_model}, "
-                f"n_heads={args.heads}, core={args.core!r}, causal={args.causal}), x ~ N(0, 1) of shape {x.shape}, "
+                f"n_heads={args.heads}, core={args.core!r}, causal={args.causal}), "
+                f"x ~ N(0, 1) of shape {x.shape}, "
                 f"seed {args.seed}", {"layer": layer, "params": layer.init(seed=args.seed), "x": x,
                                       "mask": None})
     data = _load_npz(args.npz)

@@ -10,7 +10,8 @@ HELP = ("print parameters, FLOPs and matmuls per head of the standard, optimised
 
 
 def add_arguments(parser):
-    parser.add_argument("--d-model", type=positive_int, help="model width (default: the paper's settings)")
+    parser.add_argument("--d-model", type=positive_int,
+                        help="model width (default: the paper's settings)")
     parser.add_argument("--heads", type=positive_int, default=8, help="number of heads (default 8)")
     parser.add_argument("--seq-len", type=positive_int,
                         help="sequence length l = L = S (super's w_a is (l, l))")

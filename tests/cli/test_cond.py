@@ -97,11 +97,11 @@ def test_plot_explains_its_matrices_and_keeps_overlapping_curves_apart(tmp_path)
     assert "median" not in over_heads.get_title()                      # nothing unplotted quoted
     counts = ratio.get_yticks()
     assert np.allclose(counts, np.round(counts)) and ratio.get_ylabel() == "number of heads"
-    lines = [l for l in over_length.get_lines() if l.get_label().startswith("kappa")]
+    lines = [line for line in over_length.get_lines() if line.get_label().startswith("kappa")]
     assert len(lines) == 3
-    assert len({(l.get_marker(), l.get_linestyle()) for l in lines}) == 3
-    assert {l.get_label() for l in lines} == {"kappa(P), median", "kappa(A), median",
-                                              "kappa(CA), median"}
+    assert len({(line.get_marker(), line.get_linestyle()) for line in lines}) == 3
+    assert {line.get_label() for line in lines} == {"kappa(P), median", "kappa(A), median",
+                                                    "kappa(CA), median"}
 
 
 def test_plot_npz_with_mask_and_preconditioned_core(tmp_path, capsys):
