@@ -118,6 +118,9 @@ def run(args) -> int:
         outcomes = run_studies(selected, size, emit=bar.emit, progress=bar)
     if args.plot:
         write_plots(outcomes, args.plot)
+    if all(o.status == "skipped" for o in outcomes):   # nothing measured is not a success
+        raise UsageError(f"no study ran: {'; '.join(f'{o.name} {o.message}' for o in outcomes)}"
+                         f" (install the extras, e.g. pip install 'refattn[test]')")
     status = exit_status(0, outcomes, args.strict)
     print()
     for line in summary_lines(0, 0, outcomes, args.strict):

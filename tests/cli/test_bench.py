@@ -73,6 +73,17 @@ def test_strict(fixture_studies, capsys):
     assert main(["bench", "fixture-scaling", "--strict"]) == 0
 
 
+def test_a_run_where_every_study_is_skipped_is_an_error(monkeypatch, capsys):
+    needs = Study("fixture-needs", "needs a missing module", _pairs,
+                  requires=("refattn_no_such_module",))
+    monkeypatch.setitem(_STUDIES, needs.name, needs)
+    assert main(["bench", "fixture-needs"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("refattn bench: error: no study ran: fixture-needs needs "
+                           "refattn_no_such_module (install the extras, e.g. pip install "
+                           "'refattn[test]')")
+
+
 def test_plot_panels_follow_the_table_units():
     scaling = _scaling("quick")
     x, labels, groups, _ = _columns(scaling)
