@@ -10,11 +10,37 @@ from __future__ import annotations
 
 import sys
 
+import datetime
+
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress as _RichProgress,
-                           TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+                           ProgressColumn, TextColumn, TimeElapsedColumn)
+from rich.text import Text
 
-__all__ = ["Progress"]
+__all__ = ["Progress", "eta_seconds"]
+
+
+def eta_seconds(elapsed: float, done: float, total: float):
+    """Seconds left at the mean pace so far, ``None`` before the first step.
+
+    >>> eta_seconds(30.0, 3, 12)
+    90.0
+    >>> eta_seconds(5.0, 0, 12) is None
+    True
+    """
+    if not done or elapsed is None:
+        return None
+    return elapsed / done * max(total - done, 0)
+
+
+class _EtaColumn(ProgressColumn):
+    """``ETA h:mm:ss`` from the mean time per finished step (steps take seconds to minutes,
+    longer than rich's own 30 s speed window)."""
+
+    def render(self, task) -> Text:
+        left = eta_seconds(task.elapsed, task.completed, task.total)
+        text = "-:--:--" if left is None else str(datetime.timedelta(seconds=int(left)))
+        return Text(f"ETA {text}", style="progress.remaining")
 
 
 class Progress:
@@ -36,7 +62,7 @@ class Progress:
         self.enabled = self.console.is_terminal
         self._bar = _RichProgress(
             TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            TimeElapsedColumn(), _EtaColumn(),
             TextColumn("{task.fields[what]}"),
             console=self.console, transient=True, disable=not self.enabled,
             redirect_stdout=False, redirect_stderr=False)
