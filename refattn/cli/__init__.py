@@ -2,8 +2,7 @@
 
 ``refattn`` with no arguments runs the main job (:mod:`refattn.cli.report`).
 Each subcommand is a module here defining ``NAME``, ``HELP``,
-``add_arguments(parser)`` and ``run(args) -> int``; list it in
-``COMMAND_MODULES``.
+``add_arguments(parser)`` and ``run(args) -> int``; list it in ``COMMANDS``.
 
 No user error prints a traceback: :func:`main` turns a
 :class:`~refattn.cli._errors.UsageError` (and a ``ValueError``, ``TypeError`` or
@@ -15,13 +14,15 @@ listed in :mod:`refattn.cli._errors`.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
+from .._version import __version__
+from . import bench, cases, cond, info, params, report, variants
 from ._errors import INTERNAL, USAGE, UsageError
 
-COMMAND_MODULES = ("report", "variants", "info", "bench", "cond", "params", "cases")
+#: The subcommands, in the order ``refattn --help`` lists them.
+COMMANDS = (report, variants, info, bench, cond, params, cases)
 #: Exit statuses of an interrupted run (128 + SIGINT) and of output into a closed pipe
 #: (128 + SIGPIPE, ``refattn variants | head``), as shells report them.
 INTERRUPTED, BROKEN_PIPE = 130, 141
@@ -34,13 +35,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _commands():
-    return [importlib.import_module(f"{__name__}.{m}") for m in COMMAND_MODULES]
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
-
     parser = _Parser(
         prog="refattn",
         description="Reference engine for attention mechanisms. With no command, checks and "
@@ -51,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="show the Python traceback of an error (anywhere on the line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for mod in _commands():
+    for mod in COMMANDS:
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)

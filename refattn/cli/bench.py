@@ -13,8 +13,11 @@ import os
 import sys
 import time
 
+from ..bench import studies
 from ._errors import UsageError, check_names
 from ._outcome import StudyOutcome, check_json_path, exit_status, summary_lines, write_json
+from ._progress import Progress
+from ._study_plot import plot_study
 
 NAME = "bench"
 HELP = "run the performance studies (ratios measured side by side in one process)"
@@ -35,8 +38,6 @@ def add_arguments(parser):
 
 def select_studies(names, argument="STUDY") -> dict:
     """``{name: Study}`` of ``names`` (all when empty); :class:`UsageError` for an unknown one."""
-    from refattn.bench import studies
-
     available = studies()
     check_names(argument, names or [], available, "study")
     return {n: available[n] for n in (names or available)}
@@ -79,8 +80,6 @@ def run_studies(selected: dict, size: str, emit=print, progress=None) -> list:
 
 def write_plots(outcomes, folder, emit=print) -> list:
     """One PNG per study that ran, ``folder/<study>.png``; returns the paths."""
-    from ._study_plot import plot_study
-
     os.makedirs(folder, exist_ok=True)
     paths = []
     for o in outcomes:
@@ -104,8 +103,6 @@ def _check_plot_folder(folder):
 
 
 def run(args) -> int:
-    from ._progress import Progress
-
     if args.list:
         for name, s in select_studies([]).items():
             print(f"{name:<28} {s.summary}")

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 
+from ..catalog import variants
+from ..verify import golden
 from ._errors import FAILED, OK, UsageError, check_names, non_negative_int
 
 NAME = "cases"
@@ -39,11 +41,8 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    import refattn
-    from refattn.verify import golden
-
     if args.action == "export":
-        check_names("VARIANT", [args.variant], sorted(refattn.variants()), "variant")
+        check_names("VARIANT", [args.variant], sorted(variants()), "variant")
         folder = os.path.dirname(os.path.abspath(args.out))
         if not os.path.isdir(folder):
             raise UsageError(f"--out: folder {folder} does not exist")

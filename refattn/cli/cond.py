@@ -23,7 +23,11 @@ import zipfile
 
 import numpy as np
 
+from ..conditioning import attention_conditioning, layer_conditioning
+from ..cores import get_core
+from ..layers import Attention
 from ._errors import UsageError, non_negative_float, non_negative_int, positive_int
+from ._study_plot import plain_log_ticks
 
 NAME = "cond"
 HELP = "condition numbers kappa(P), kappa(A), kappa(CA) per head (default problem or --npz)"
@@ -73,18 +77,14 @@ def _load_npz(path):
 
 def _projection(core):
     """The projection producing the heads ``core`` takes: quaternion heads or real ones."""
-    from .._registry import get_core
-
     return "quaternion" if get_core(core).layout == "quaternion" else "standard"
 
 
 def _problem(args):
     """``(kind, label, arrays)``, kind ``"core"`` (arrays q, k, v, mask) or ``"layer"``."""
-    import refattn
-
     if args.npz is None:
         rng = np.random.default_rng(args.seed)
-        layer = refattn.Attention(args.d_model, args.heads, projection=_projection(args.core),
+        layer = Attention(args.d_model, args.heads, projection=_projection(args.core),
                                   core=args.core, causal=args.causal)
         x = rng.standard_normal((args.batch, args.length, args.d_model))
         return ("layer", f"default problem: Attention(d_model={args.d_model}, "
@@ -112,7 +112,7 @@ def _problem(args):
         if given and len(given) != len(_WEIGHTS):
             raise InputError(f"{args.npz}: give all of {list(_WEIGHTS)} or none; found {given}")
         try:
-            layer = refattn.Attention(int(x.shape[-1]), args.heads,
+            layer = Attention(int(x.shape[-1]), args.heads,
                                       projection=_projection(args.core), core=args.core,
                                       causal=args.causal)
         except ValueError as exc:
@@ -139,13 +139,11 @@ def _head_inputs(kind, arrays, args):
 
 
 def _conditioning(kind, arrays, args):
-    import refattn
-
     if kind == "layer":
-        return refattn.layer_conditioning(arrays["layer"], arrays["params"], arrays["x"],
+        return layer_conditioning(arrays["layer"], arrays["params"], arrays["x"],
                                           mask=arrays["mask"], preconditioner=args.preconditioner,
                                           eps=args.eps)
-    return refattn.attention_conditioning(arrays["q"], arrays["k"], arrays["v"],
+    return attention_conditioning(arrays["q"], arrays["k"], arrays["v"],
                                           inner_core=args.core, mask=arrays["mask"],
                                           causal=args.causal,
                                           preconditioner=args.preconditioner, eps=args.eps)
@@ -162,19 +160,14 @@ def _prefix(x, axis_lengths):
 
 def length_sweep(q, k, v, mask, *, core, causal, preconditioner, eps, n_lengths=6):
     """``{l: HeadConditioning}`` on the prefixes of ``l`` queries (and ``ceil(l S / L)`` keys)."""
-    import refattn
-
-    from .._registry import get_core
-    from ..cores.preconditioned.api import _feature_axes, inner_core_of
-
-    f = _feature_axes(get_core(inner_core_of(core) or core))   # (L, E) or (L, 4, d) per head
+    f = get_core(get_core(core).inner or core).feature_axes   # (L, E) or (L, 4, d) per head
     L, S = q.shape[-1 - f], k.shape[-1 - f]
     lengths = sorted({int(round(x)) for x in np.geomspace(min(8, L), L, n_lengths)})
     out = {}
     for ell in lengths:
         s = max(1, math.ceil(ell * S / L))
         m = None if mask is None else _prefix(np.asarray(mask), {-2: ell, -1: s})
-        out[ell] = refattn.attention_conditioning(
+        out[ell] = attention_conditioning(
             _prefix(q, {-1 - f: ell}), _prefix(k, {-1 - f: s}), _prefix(v, {-1 - f: s}),
             inner_core=core, mask=m, causal=causal,
             preconditioner=preconditioner, eps=eps)
@@ -207,8 +200,6 @@ def plot(path, heads, sweep, title):
     except ImportError:
         raise InputError("--plot needs matplotlib, which is not installed: "
                          "pip install 'refattn[plot]' (or pip install matplotlib)") from None
-    from ._study_plot import plain_log_ticks
-
     fig = Figure(figsize=(15, 5.2), layout="constrained")
     ax1, ax_ratio, ax2 = fig.subplots(1, 3, width_ratios=(1.1, 1, 1.4))
     rec = heads.to_records()

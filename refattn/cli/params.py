@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..bench.scheme_counts import counts_table, super_scan_table
+from ..catalog.layers import PAPER_SETTINGS
 from ._errors import UsageError, positive_int
 
 NAME = "params"
@@ -20,9 +22,6 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from refattn.layers import PAPER_SETTINGS
-    from refattn.projections.counts import counts_table, super_scan_table
-
     if (args.d_model is None) != (args.seq_len is None):
         raise UsageError("--d-model, --seq-len: give both, or neither (the paper's settings)")
     if args.d_model is None:

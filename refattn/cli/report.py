@@ -28,7 +28,15 @@ import traceback
 
 import numpy as np
 
+from .._version import __version__
+from ..backends import BACKENDS, available_backends
+from ..bench.timing import MIN_BATCH_SECONDS, clock_resolution, time_per_call
+from ..catalog import get_variant, variants
+from ..testing import check_grads, max_errors
 from ._errors import UsageError, check_names
+from ._outcome import check_json_path, exit_status, summary_lines, write_json
+from ._progress import Progress
+from .bench import run_studies, select_studies
 
 NAME = "report"
 HELP = "check forward/backward of every variant on every backend and time it (the default)"
@@ -60,8 +68,6 @@ def add_arguments(parser):
 
 
 def _grad_errors(grads, grads_ref):
-    from refattn.testing import max_errors
-
     worst = 0.0
     for g, r in zip(grads, grads_ref):
         pairs = [(g[k], r[k]) for k in r] if isinstance(r, dict) else [(g, r)]
@@ -75,9 +81,6 @@ def check_row(variant, backend, dtype, doing=lambda what: None):
 
     ``doing(text)`` is told what runs now (for the progress bar).
     """
-    from refattn.bench.timing import time_per_call
-    from refattn.testing import check_grads, max_errors
-
     label = f"{variant.name} {backend} {dtype}"
     case = variant.cases("default", dtype)[0]
     ref = variant.cases("default", "float64")[0]
@@ -139,11 +142,8 @@ class RowFormat:
 
 
 def _jobs(args):
-    import refattn
-    from refattn.backends import BACKENDS, available_backends
-
-    names = check_names("--variants", args.variants or [], sorted(refattn.variants()), "variant")
-    names = list(dict.fromkeys(names)) or sorted(refattn.variants())   # each name once
+    names = check_names("--variants", args.variants or [], sorted(variants()), "variant")
+    names = list(dict.fromkeys(names)) or sorted(variants())   # each name once
     usable = available_backends()
     chosen = list(dict.fromkeys(check_names("--backends", args.backends or [], BACKENDS,
                                             "backend"))) or list(usable)
@@ -153,8 +153,8 @@ def _jobs(args):
         raise UsageError(f"--backends: {missing[0]} is not available on this machine "
                          f"({why.get(missing[0], 'its dependency does not import')}); "
                          f"available: {', '.join(usable)}")
-    jobs = [(refattn.get_variant(n), b, d) for n in names for b in chosen
-            if b in refattn.get_variant(n).backends for d in args.dtypes]
+    jobs = [(get_variant(n), b, d) for n in names for b in chosen
+            if b in get_variant(n).backends for d in args.dtypes]
     if not jobs:
         raise UsageError(f"--backends: none of {', '.join(chosen)} implements "
                          f"{', '.join(names)}: nothing to check")
@@ -162,20 +162,13 @@ def _jobs(args):
 
 
 def run(args) -> int:
-    import refattn
-    from refattn.bench.timing import MIN_BATCH_SECONDS, clock_resolution
-
-    from ._outcome import (check_json_path, exit_status, summary_lines, write_json)
-    from ._progress import Progress
-    from .bench import run_studies, select_studies
-
     names, chosen, jobs = _jobs(args)
     selected = {} if args.no_studies else select_studies(args.studies, "--studies")
     check_json_path(args.json)
     started = datetime.datetime.now(datetime.timezone.utc)
     t0 = time.perf_counter()
     fmt = RowFormat(names)
-    print(f"refattn {refattn.__version__}: {len(jobs)} checks on backends {', '.join(chosen)}"
+    print(f"refattn {__version__}: {len(jobs)} checks on backends {', '.join(chosen)}"
           + (f", then {len(selected)} studies (size quick)" if selected else ""))
     rows, errors = [], []
     with Progress(len(jobs), "checking") as bar:
@@ -211,7 +204,7 @@ def run(args) -> int:
         print(line)
     if args.json:
         write_json(args.json, {
-            "command": "report", "refattn_version": refattn.__version__,
+            "command": "report", "refattn_version": __version__,
             "started_utc": started.isoformat(timespec="seconds"),
             "seconds": time.perf_counter() - t0, "checks_seconds": checks_seconds,
             "machine": {"platform": platform.platform(), "processor": platform.processor(),

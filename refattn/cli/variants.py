@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from ..backends import available_backends
+from ..catalog import variants
+from ..cores import get_core
+
 NAME = "variants"
 HELP = "list the registered variants: kind, core, backends (* = available here), options"
 
@@ -23,22 +27,18 @@ def describe() -> list:
     >>> "causal_align" in rows["sdpa"]["options"]
     True
     """
-    import refattn
-
     rows = []
-    for name, v in sorted(refattn.variants().items()):
+    for name, v in sorted(variants().items()):
         projection = "-"
         if v.kind == "layer":
             projection = v.cases("default", "float64")[0].fn.scheme.name
         rows.append({"name": name, "kind": v.kind, "core": v.core, "projection": projection,
                      "backends": tuple(v.backends),
-                     "options": tuple(refattn.get_core(v.core).options), "summary": v.summary})
+                     "options": tuple(get_core(v.core).options), "summary": v.summary})
     return rows
 
 
 def run(args) -> int:
-    from refattn.backends import available_backends
-
     usable = set(available_backends())
     rows = describe()
     table = [("variant", "kind", "core", "projection", "backends", "options")]

@@ -52,7 +52,9 @@ import zlib
 
 import numpy as np
 
-from .._registry import CASE_KINDS, get_variant
+from ..catalog import CASE_KINDS, get_variant
+from ..layers import Attention
+from .._version import __version__
 from .._vjp import vjp
 from ..testing import TOLERANCES, assert_close, max_errors
 from .report import Check, VerifyReport
@@ -141,8 +143,6 @@ def export(variant, path, *, kind="test", seed=0) -> int:
     >>> golden.check(path).ok
     True
     """
-    from .. import __version__
-
     variant = get_variant(variant) if isinstance(variant, str) else variant
     if kind not in CASE_KINDS:
         raise ValueError(f"kind must be one of {', '.join(map(repr, CASE_KINDS))}; got {kind!r}")
@@ -358,8 +358,6 @@ def _reference_call(header, case):
     """``(fn, arrays, input names)`` that reproduce one stored case with the current reference."""
     inputs = case["inputs"]
     if header["variant_kind"] == "layer":
-        from ..layers import Attention
-
         layer = case["layer"]
         fn = Attention(layer["d_model"], layer["n_heads"], projection=layer["projection"],
                        core=layer["core"], causal=layer["causal"], bias=layer["bias"],

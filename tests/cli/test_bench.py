@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from refattn.bench import Study, StudyResult, _STUDIES, compare
+from refattn.bench import STUDIES, Study, StudyResult, compare
 from refattn.cli import main
 from refattn.cli._study_plot import _columns
 
@@ -44,8 +44,8 @@ def _pairs(size):
 
 @pytest.fixture
 def fixture_studies(monkeypatch):
-    monkeypatch.setitem(_STUDIES, "fixture-scaling", Study("fixture-scaling", "cumsum", _scaling))
-    monkeypatch.setitem(_STUDIES, "fixture-pairs", Study("fixture-pairs", "pairs", _pairs))
+    monkeypatch.setitem(STUDIES, "fixture-scaling", Study("fixture-scaling", "cumsum", _scaling))
+    monkeypatch.setitem(STUDIES, "fixture-pairs", Study("fixture-pairs", "pairs", _pairs))
 
 
 def test_plot_writes_one_png_per_study_and_json(fixture_studies, tmp_path, capsys):
@@ -76,7 +76,7 @@ def test_strict(fixture_studies, capsys):
 def test_a_run_where_every_study_is_skipped_is_an_error(monkeypatch, capsys):
     needs = Study("fixture-needs", "needs a missing module", _pairs,
                   requires=("refattn_no_such_module",))
-    monkeypatch.setitem(_STUDIES, needs.name, needs)
+    monkeypatch.setitem(STUDIES, needs.name, needs)
     assert main(["bench", "fixture-needs"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == ("refattn bench: error: no study ran: fixture-needs needs "

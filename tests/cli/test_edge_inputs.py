@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from refattn.cli import main
+from refattn.cli import main, report
 
 EDGE_INPUTS = [
     # the main job (refattn [report])
@@ -77,10 +77,8 @@ EDGE_INPUTS = [
 @pytest.mark.parametrize("argv, status, message", EDGE_INPUTS,
                          ids=[" ".join(a) for a, _, _ in EDGE_INPUTS])
 def test_edge_input(argv, status, message, tmp_path, capsys, monkeypatch):
-    import refattn.backends
-
     # cupy is "not available" on every machine the table runs on, GPU or not
-    monkeypatch.setattr(refattn.backends, "available_backends", lambda: ("reference", "numba"))
+    monkeypatch.setattr(report, "available_backends", lambda: ("reference", "numba"))
     plain = tmp_path / "notes.txt"
     plain.write_text("not an archive\n")
     fill = {"{tmp}": str(tmp_path), "{file}": str(plain)}

@@ -11,7 +11,10 @@ import pytest
 from rich.console import Console
 
 import refattn
-from refattn.bench import Study, StudyResult, _STUDIES
+from refattn._core import Core
+from refattn.bench import STUDIES, Study, StudyResult, compare
+from refattn.catalog import VARIANTS, Variant
+from refattn.cores import CORES
 from refattn.cli import main, report
 from refattn.cli._progress import Progress
 
@@ -22,8 +25,6 @@ def _ratio_study(name, target):
     """A small real study: the time of a 64 x 64 matmul over a 32 x 32 one, against ``target``."""
 
     def run(size):
-        from refattn.bench import compare
-
         a, b = np.ones((64, 64)), np.ones((32, 32))
         t = compare({"64": lambda: a @ a, "32": lambda: b @ b}, rounds=2, min_time=0.001)
         ratio = t["64"] / t["32"]
@@ -46,7 +47,7 @@ def fixture_studies(monkeypatch):
         raise RuntimeError("the study broke")
 
     for study in (met, unmet, Study("fixture-broken", "raises", broken)):
-        monkeypatch.setitem(_STUDIES, study.name, study)
+        monkeypatch.setitem(STUDIES, study.name, study)
 
 
 def _table_lines(out):
@@ -119,12 +120,10 @@ def test_rows_are_printed_as_they_finish(monkeypatch, capsys):
 
 
 def test_no_check_to_run_is_an_error(monkeypatch, capsys):
-    from refattn import _registry
-
-    core = _registry.Core("fixture-core", forward=lambda *a, **k: None,
-                          backward=lambda *a: None, backends=("reference",))
-    monkeypatch.setitem(_registry._CORES, core.name, core)
-    monkeypatch.setitem(_registry._VARIANTS, "fixture-variant", _registry.Variant(
+    core = Core("fixture-core", forward=lambda *a, **k: None, backward=lambda *a: None,
+                backends=("reference",))
+    monkeypatch.setitem(CORES, core.name, core)
+    monkeypatch.setitem(VARIANTS, "fixture-variant", Variant(
         "fixture-variant", "core", lambda kind, dtype, seed: [], core.name))
     assert main(["--variants", "fixture-variant", "--backends", "numba", "--no-studies"]) == 2
     err = capsys.readouterr().err
