@@ -1,6 +1,6 @@
-"""asv suite generated from the refattn registry.
+"""asv suite generated from the refattn catalogue (refattn.catalog.VARIANTS).
 
-For every registered variant: ``time_forward``, ``time_forward_backward`` and
+For every variant of the catalogue: ``time_forward``, ``time_forward_backward`` and
 ``peakmem_forward_backward`` over its ``"bench"`` cases x backends x dtypes
 (a backend that is not available, or not implemented for the variant, shows
 as n/a).  For every performance study: ``track_`` benchmarks of its metrics
@@ -68,7 +68,7 @@ def _sync(backend):
 
 
 def quick_variants() -> list:
-    """One variant per registered core: the core itself where registered, else the first layer."""
+    """One variant per core: the core variant itself where the catalogue has one, else the first layer."""
     chosen = {}
     for name, v in sorted(refattn.variants().items(), key=lambda nv: (nv[1].kind != "core",
                                                                       nv[0])):

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="refattn",
         description="Reference engine for attention mechanisms. With no command, checks and "
-                    "times every registered variant on every available backend.",
+                    "times every variant of the catalogue on every available backend.",
         epilog="exit status: 0 success, 1 a check failed, 2 usage or input error, 3 study "
                "targets not met (--strict), 4 internal error")
     parser.add_argument("--version", action="version", version=f"refattn {__version__}")

@@ -27,7 +27,7 @@ def add_arguments(parser):
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     exp = sub.add_parser("export", help="write a variant's seeded cases with float64 outputs and "
                                         "gradients to an .npz file")
-    exp.add_argument("variant", help="a registered variant (list them with `refattn variants`)")
+    exp.add_argument("variant", help="a variant of the catalogue (list them with `refattn variants`)")
     exp.add_argument("--out", required=True, metavar="FILE.npz", help="output file")
     exp.add_argument("--kind", default="test", choices=("test", "default", "bench"),
                      help="which case set of the variant (default: test)")

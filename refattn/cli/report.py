@@ -1,6 +1,6 @@
 """``refattn`` (no command): check and time every variant on every backend.
 
-For each registered variant, each available backend that implements it and
+For each variant of the catalogue (refattn.catalog), each available backend that implements it and
 each dtype, the default problem is run and:
 
 * the forward output is compared with the float64 reference;
@@ -51,7 +51,7 @@ DTYPES = ("float64", "float32")
 
 def add_arguments(parser):
     parser.add_argument("--variants", nargs="+", metavar="NAME",
-                        help="variants to run (default: all registered; see `refattn variants`)")
+                        help="variants to run (default: the whole catalogue; see `refattn variants`)")
     parser.add_argument("--backends", nargs="+", metavar="NAME",
                         help="backends to run (default: all available; see `refattn info`)")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)

@@ -1,4 +1,4 @@
-"""``refattn variants``: the registered variants, their kind, core, backends and options."""
+"""``refattn variants``: the variants of the catalogue, their kind, core, backends and options."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from ..catalog import variants
 from ..cores import get_core
 
 NAME = "variants"
-HELP = "list the registered variants: kind, core, backends (* = available here), options"
+HELP = "list the variants of the catalogue: kind, core, backends (* = available here), options"
 
 
 def add_arguments(parser):
@@ -15,7 +15,7 @@ def add_arguments(parser):
 
 
 def describe() -> list:
-    """One dict per registered variant, sorted by name.
+    """One dict per variant of the catalogue, sorted by name.
 
     Keys: ``name``, ``kind`` ("core" or "layer"), ``core``, ``projection`` (layers;
     ``"-"`` for cores), ``backends`` (implemented), ``options`` (the core's keyword
