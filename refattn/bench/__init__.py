@@ -15,7 +15,7 @@ line below.
 from __future__ import annotations
 
 from . import (elementwise_scaling, numba_studies, preconditioned_overhead, projection_schemes,
-               quaternion_cores, sdpa_gpu)
+               quaternion_cores, sdpa_gpu, sdpa_options)
 from .study import Study, StudyResult
 from .timing import compare, time_call
 
@@ -28,6 +28,7 @@ STUDIES = {study.name: study for study in (
     elementwise_scaling.STUDY,
     preconditioned_overhead.STUDY,
     *numba_studies.STUDIES,
+    sdpa_options.STUDY,
     sdpa_gpu.STUDY,
 )}
 
