@@ -1,0 +1,114 @@
+"""refattn on Dask: attention and its backward pass over many workers.
+
+Functions here take and return ``dask.array`` arrays and accept the options of
+the single-machine calls.  The chunks of the inputs choose the sharding
+(``docs/distributed.md``):
+
+* chunks along ``*batch`` and ``H`` (GQA groups kept whole): **batch/head
+  sharding**, every core, one task per block, no data movement between
+  blocks (:mod:`refattn.distributed.heads`);
+* :func:`sdpa` also takes chunks along ``S`` (**key/value sharding**: partial
+  outputs merged exactly by log-sum-exp in a tree) and ``L`` (**query
+  sharding**; causal masking schedules no task above the diagonal)
+  (:mod:`refattn.distributed.sequence`);
+* :func:`vjp` of an :class:`refattn.Attention` layer: **data parallel** over
+  batch chunks, parameter gradients tree-reduced (:mod:`refattn.distributed.layers`).
+
+Every block runs the best local backend for its chunk type (numba for NumPy
+chunks, cupy for CuPy chunks).  The same graphs run on the threaded
+scheduler, a ``distributed.LocalCluster`` or a real cluster.
+
+Shape legend: ``*batch`` batch axes, ``H`` query heads, ``Hkv`` kv heads,
+``L`` queries, ``S`` keys, ``E`` features, ``Ev`` value features.
+
+Examples
+--------
+>>> import numpy as np, dask, dask.array as da, refattn
+>>> from refattn import distributed as rd
+>>> rng = np.random.default_rng(0)
+>>> q, k, v = (rng.standard_normal((2, 4, 64, 8)) for _ in range(3))
+>>> dq, dk, dv = (da.from_array(x, chunks=(1, 4, 16, 8)) for x in (q, k, v))
+>>> o = rd.sdpa(dq, dk, dv, causal=True)        # 2 x 4 x 4 blocks, 20 above the diagonal skipped
+>>> bool(np.allclose(o.compute(scheduler="threads"), refattn.sdpa(q, k, v, causal=True)))
+True
+>>> o, pullback = rd.vjp(refattn.sdpa, dq, dk, dv, causal=True)
+>>> grads = pullback(da.ones_like(o))
+>>> [g.chunksize for g in grads]
+[(1, 4, 16, 8), (1, 4, 16, 8), (1, 4, 16, 8)]
+"""
+
+from __future__ import annotations
+
+from ..cores.sdpa import sdpa as _single_sdpa
+from .heads import apply_heads, core_of, vjp_heads
+from .merge import merge_partials
+from .sequence import block_visibility, sdpa_sharded, sdpa_vjp_sharded
+
+__all__ = ["sdpa", "apply", "vjp", "merge_partials", "block_visibility"]
+
+
+def sdpa(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_left", scale=None,
+         dropout_mask=None, dropout_p=0.0, return_lse=False, backend="auto", split_every=4):
+    """:func:`refattn.sdpa` on dask arrays, sharded along ``*batch``, ``H``, ``L`` and ``S``.
+
+    Parameters
+    ----------
+    q : dask array (..., H, L, E)
+        Its batch, head and ``L`` chunks lead; head chunks must be multiples of
+        ``G = H / Hkv`` (``ValueError`` otherwise).  The ``E`` axis is merged into one chunk.
+    k, v : dask arrays (..., Hkv, S, E), (..., Hkv, S, Ev)
+        Rechunked to ``q``'s batch chunks and head chunks ``/ G``; ``k``'s ``S``
+        chunks are the key blocks (``v`` follows them).
+    mask, bias, dropout_mask : arrays broadcastable to (..., H, L, S), optional
+        NumPy or dask; chunked like the score blocks.
+    causal, causal_align, scale, dropout_p, backend
+        As :func:`refattn.sdpa`; ``backend`` is resolved per block.
+    return_lse : bool
+        Also return the merged log-sum-exp ``(..., H, L)``.
+    split_every : int >= 2
+        Fan-in of the merge tree.
+
+    Returns
+    -------
+    o : dask array (..., H, L, Ev), chunked like ``q`` along ``*batch, H, L``
+    lse : dask array (..., H, L), only with ``return_lse=True``
+    """
+    return sdpa_sharded(q, k, v, mask=mask, bias=bias, causal=causal, causal_align=causal_align,
+                        scale=scale, dropout_mask=dropout_mask, dropout_p=dropout_p,
+                        backend=backend, return_lse=return_lse, split_every=split_every)
+
+
+def apply(fn, q, k, v, **options):
+    """``fn(q, k, v, **options)`` on dask arrays, for any refattn core function.
+
+    :func:`refattn.sdpa` goes to :func:`sdpa` (all four shardings); the other
+    cores (``quaternion_attention``, ``elementwise_attention``,
+    ``preconditioned_sdpa``) are sharded along ``*batch`` and ``H``: their
+    ``L``, ``S`` and feature axes are merged into one chunk each.
+    """
+    if fn is _single_sdpa:
+        return sdpa(q, k, v, **options)
+    return apply_heads(fn, q, k, v, **options)
+
+
+def vjp(fn, *arrays, split_every=4, **options):
+    """:func:`refattn.vjp` on dask arrays: ``(out, pullback)``, ``pullback(dout) -> gradients``.
+
+    ``fn`` is a refattn core function (sharded as :func:`apply` shards it) or an
+    :class:`refattn.Attention` layer (data parallel over the batch chunks of
+    ``xq``; ``pullback`` gives ``(dparams, dxq[, dxkv])``, parameter gradients
+    summed over the chunks in a tree of fan-in ``split_every``).
+
+    To run the forward pass once, compute the output and the gradients together
+    (``dask.compute(out, *grads)``): they share the forward tasks.
+    """
+    from ..layers import Attention
+
+    if isinstance(fn, Attention):
+        from .layers import attention_vjp
+
+        return attention_vjp(fn, *arrays, split_every=split_every, **options)
+    if fn is _single_sdpa:
+        return sdpa_vjp_sharded(*arrays, split_every=split_every, **options)
+    core_of(fn, options)
+    return vjp_heads(fn, *arrays, split_every=split_every, **options)
