@@ -40,11 +40,13 @@ True
 from __future__ import annotations
 
 from ..cores.sdpa import sdpa as _single_sdpa
+from ..layers import Attention
 from .heads import apply_heads, core_of, vjp_heads
+from .layers import attention_forward, attention_vjp
 from .merge import merge_partials
 from .sequence import block_visibility, sdpa_sharded, sdpa_vjp_sharded
 
-__all__ = ["sdpa", "apply", "vjp", "merge_partials", "block_visibility"]
+__all__ = ["sdpa", "apply", "vjp", "attention", "merge_partials", "block_visibility"]
 
 
 def sdpa(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_left", scale=None,
@@ -78,6 +80,16 @@ def sdpa(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_lef
                         backend=backend, return_lse=return_lse, split_every=split_every)
 
 
+def attention(layer, params, xq, xkv=None, mask=None, *, backend="auto"):
+    """``layer(params, xq, xkv, mask)`` for an :class:`refattn.Attention` layer, data parallel.
+
+    One task per batch chunk of ``xq`` (``xkv`` and ``mask`` follow its chunks;
+    ``L``, ``S`` and ``d_model`` are merged into one chunk); returns ``y`` as a
+    dask array chunked like ``xq``.
+    """
+    return attention_forward(layer, params, xq, xkv, mask, backend=backend)
+
+
 def apply(fn, q, k, v, **options):
     """``fn(q, k, v, **options)`` on dask arrays, for any refattn core function.
 
@@ -102,11 +114,7 @@ def vjp(fn, *arrays, split_every=4, **options):
     To run the forward pass once, compute the output and the gradients together
     (``dask.compute(out, *grads)``): they share the forward tasks.
     """
-    from ..layers import Attention
-
     if isinstance(fn, Attention):
-        from .layers import attention_vjp
-
         return attention_vjp(fn, *arrays, split_every=split_every, **options)
     if fn is _single_sdpa:
         return sdpa_vjp_sharded(*arrays, split_every=split_every, **options)
