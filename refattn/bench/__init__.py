@@ -75,4 +75,5 @@ def studies() -> dict:
 
     _load_all()
     from . import numba_studies  # noqa: F401  (registers the numba studies)
+    from . import dask_scaling  # noqa: F401  (registers dask-scaling; runs only with dask)
     return dict(_STUDIES)

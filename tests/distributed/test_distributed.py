@@ -280,6 +280,15 @@ def test_errors():
         rd.vjp(layer, layer.init(), da.ones((2, 3, 7)))
 
 
+
+def test_scaling_study_is_registered():
+    from refattn.bench import studies
+
+    study = studies()["dask-scaling"]
+    assert set(study.requires) == {"dask", "distributed"}
+    assert "efficiency" in study.metric_names
+
+
 # -- a LocalCluster of two worker processes -------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -337,3 +346,4 @@ def test_killed_worker_costs_a_retry_not_the_result(client):
     for g, w in zip(got, (want,) + tuple(want_pullback(np.ones(want.shape)))):
         assert_close(g, w)
     assert victim not in client.scheduler_info()["workers"]  # the scheduler saw it die
+
