@@ -39,6 +39,13 @@ True
 
 from __future__ import annotations
 
+try:
+    import dask.array  # noqa: F401
+    import distributed  # noqa: F401
+except ImportError as exc:  # pragma: no cover - the optional extra is missing
+    raise ImportError("refattn.distributed needs Dask: pip install 'refattn[distributed]' "
+                      f"(dask[array] and distributed); {exc}") from exc
+
 from ..cores.sdpa import sdpa as _single_sdpa
 from ..layers import Attention
 from .heads import apply_heads, core_of, vjp_heads

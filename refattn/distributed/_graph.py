@@ -15,12 +15,8 @@ import numpy as np
 from dask.array.utils import meta_from_array
 from dask.highlevelgraph import HighLevelGraph
 
-__all__ = ["block_key", "tree_reduce", "new_array", "chunk_starts"]
-
-
-def block_key(arr, index):
-    """The key of block ``index`` (a tuple of block numbers) of the dask array ``arr``."""
-    return (arr.name,) + tuple(int(i) for i in index)
+__all__ = ["tree_reduce", "new_array", "chunk_starts", "add", "zeros_like_block",
+           "sum_parts", "broadcast_grad"]
 
 
 def chunk_starts(chunks):
@@ -67,11 +63,6 @@ def new_array(name, layer, dependencies, chunks, like, dtype):
     return da.Array(graph, name, chunks, meta=meta)
 
 
-def block_grid(numblocks):
-    """Every block index of a grid of ``numblocks`` blocks, in C order."""
-    return list(np.ndindex(*numblocks))
-
-
 def add(*blocks):
     """Sum of blocks (the combine of a gradient tree reduction)."""
     total = blocks[0]
@@ -113,8 +104,7 @@ def sum_parts(layer, root, parts, index, split_every):
         layer[root] = (add, top, leaves[-1])
 
 
-def broadcast_grad(layer, name, contributions, grad_shape, grad_chunks, like_key, dtype,
-                   split_every):
+def broadcast_grad(layer, name, contributions, grad_chunks, like_key, dtype, split_every):
     """Blocks ``(name, *index)`` of the gradient of a broadcast option (``dbias``).
 
     ``contributions`` maps a block index of the gradient (an axis the option

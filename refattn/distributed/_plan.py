@@ -72,14 +72,6 @@ class Plan:
         extra = x.ndim - len(self.option_shapes[name])
         return x[(0,) * extra] if extra else x
 
-    @property
-    def head_axis(self) -> int:
-        return self.nb
-
-    @property
-    def scores_shape(self) -> tuple:
-        return tuple(self.shapes.scores)
-
     def scores_chunks(self) -> tuple:
         """Chunks of the full score array ``(*batch, H, L, S)``."""
         nb = self.nb

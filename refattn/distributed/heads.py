@@ -188,7 +188,7 @@ def _bias_grad(plan, tasks, pname, token, after, split_every):
         contributions.setdefault(target, []).append(((pname,) + index, 3))
     name = f"dbias-{token}"
     layer = {}
-    broadcast_grad(layer, name, contributions, bias.shape, bias.chunks,
+    broadcast_grad(layer, name, contributions, bias.chunks,
                    (plan.q.name,) + (0,) * plan.q.ndim, bias.dtype, split_every)
     grad = new_array(name, layer, [after], bias.chunks, plan.q, bias.dtype)
     return plan.to_option_shape("bias", grad)

@@ -288,7 +288,7 @@ def _gradients(blocks, layer, part, t, deps, split_every):
             target = tuple(i if m != 1 else 0 for i, m in zip(index, bias.shape))
             contributions.setdefault(target, []).append(((part,) + index, 3))
         name, sub = f"sdpa-dbias-{t}", {}
-        broadcast_grad(sub, name, contributions, bias.shape, bias.chunks,
+        broadcast_grad(sub, name, contributions, bias.chunks,
                        (p.q.name,) + (0,) * p.q.ndim, bias.dtype, split_every)
         grads.append(p.to_option_shape("bias", new_array(name, sub, [dq], bias.chunks, p.q,
                                                           bias.dtype)))
