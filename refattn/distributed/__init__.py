@@ -82,6 +82,8 @@ def sdpa(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_lef
     o : dask array (..., H, L, Ev), chunked like ``q`` along ``*batch, H, L``
     lse : dask array (..., H, L), only with ``return_lse=True``
     """
+    if isinstance(split_every, bool) or not isinstance(split_every, int) or split_every < 2:
+        raise ValueError(f"split_every must be an integer >= 2, got {split_every!r}")
     return sdpa_sharded(q, k, v, mask=mask, bias=bias, causal=causal, causal_align=causal_align,
                         scale=scale, dropout_mask=dropout_mask, dropout_p=dropout_p,
                         backend=backend, return_lse=return_lse, split_every=split_every)
@@ -90,9 +92,21 @@ def sdpa(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_lef
 def attention(layer, params, xq, xkv=None, mask=None, *, backend="auto"):
     """``layer(params, xq, xkv, mask)`` for an :class:`refattn.Attention` layer, data parallel.
 
-    One task per batch chunk of ``xq`` (``xkv`` and ``mask`` follow its chunks;
-    ``L``, ``S`` and ``d_model`` are merged into one chunk); returns ``y`` as a
-    dask array chunked like ``xq``.
+    Parameters
+    ----------
+    layer : refattn.Attention
+    params : dict of NumPy/CuPy arrays
+        From ``layer.init()``; one graph key shared by every task.
+    xq : dask array (..., L, d)
+        One task per batch chunk; ``L`` and ``d`` are merged into one chunk.
+    xkv : dask array (..., S, d), optional
+        Rechunked to the batch chunks of ``xq``.
+    mask : bool array broadcastable to (..., H, L, S), optional
+    backend : str
+
+    Returns
+    -------
+    y : dask array (..., L, d), chunked like ``xq``
     """
     return attention_forward(layer, params, xq, xkv, mask, backend=backend)
 
@@ -100,10 +114,25 @@ def attention(layer, params, xq, xkv=None, mask=None, *, backend="auto"):
 def apply(fn, q, k, v, **options):
     """``fn(q, k, v, **options)`` on dask arrays, for any refattn core function.
 
-    :func:`refattn.sdpa` goes to :func:`sdpa` (all four shardings); the other
-    cores (``quaternion_attention``, ``elementwise_attention``,
-    ``preconditioned_sdpa``) are sharded along ``*batch`` and ``H``: their
-    ``L``, ``S`` and feature axes are merged into one chunk each.
+    Parameters
+    ----------
+    fn : refattn core function
+        :func:`refattn.sdpa` goes to :func:`sdpa` (batch, head, query and key
+        sharding); ``quaternion_attention``, ``elementwise_attention`` and
+        ``preconditioned_sdpa`` are sharded along ``*batch`` and ``H`` (GQA groups
+        whole), their ``L``, ``S`` and feature axes merged into one chunk each.
+    q, k, v : dask arrays
+        ``(..., H, L, E)``, ``(..., Hkv, S, E)``, ``(..., Hkv, S, Ev)`` (quaternion
+        cores: ``(..., H, L, 4, d)`` etc.).
+    **options
+        The options of ``fn``; array options (``mask``, ``bias``, ``dropout_mask``)
+        may be NumPy or dask arrays.
+
+    Returns
+    -------
+    dask array(s)
+        What ``fn`` returns (``(o, c)`` for ``preconditioned_sdpa(...,
+        return_diagonal=True)``), chunked like ``q`` along ``*batch, H``.
     """
     if fn is _single_sdpa:
         return sdpa(q, k, v, **options)
@@ -111,16 +140,36 @@ def apply(fn, q, k, v, **options):
 
 
 def vjp(fn, *arrays, split_every=4, **options):
-    """:func:`refattn.vjp` on dask arrays: ``(out, pullback)``, ``pullback(dout) -> gradients``.
+    """:func:`refattn.vjp` on dask arrays: ``(out, pullback)``.
 
-    ``fn`` is a refattn core function (sharded as :func:`apply` shards it) or an
-    :class:`refattn.Attention` layer (data parallel over the batch chunks of
-    ``xq``; ``pullback`` gives ``(dparams, dxq[, dxkv])``, parameter gradients
-    summed over the chunks in a tree of fan-in ``split_every``).
+    Parameters
+    ----------
+    fn : refattn core function or refattn.Attention
+        A core function is sharded as :func:`apply` shards it; a layer is data
+        parallel over the batch chunks of ``xq``.
+    *arrays
+        ``q, k, v`` (dask arrays) for a core; ``params, xq[, xkv, mask]`` for a layer.
+    split_every : int >= 2
+        Fan-in of the merge and gradient-sum trees.
+    **options
+        The options of ``fn``.
 
-    To run the forward pass once, compute the output and the gradients together
-    (``dask.compute(out, *grads)``): they share the forward tasks.
+    Returns
+    -------
+    out : dask array
+    pullback : callable
+        ``pullback(dout)`` (dask or NumPy/CuPy, the shape of ``out``) returns dask
+        arrays: ``(dq, dk, dv[, dbias])`` for a core (``dbias`` in the bias's own
+        shape), ``(dparams, dxq[, dxkv])`` for a layer (``dparams`` a dict, each
+        summed over the batch chunks in a tree).
+
+    Notes
+    -----
+    Compute the output and the gradients together (``dask.compute(out, *grads)``):
+    they share the forward tasks, which then run once.
     """
+    if isinstance(split_every, bool) or not isinstance(split_every, int) or split_every < 2:
+        raise ValueError(f"split_every must be an integer >= 2, got {split_every!r}")
     if isinstance(fn, Attention):
         return attention_vjp(fn, *arrays, split_every=split_every, **options)
     if fn is _single_sdpa:

@@ -144,6 +144,43 @@ def test_causal_schedules_no_task_above_the_diagonal():
     assert len(_tasks(o_full, "sdpa-block-fwd-")) == n * n
 
 
+def test_merge_partials_of_public_block_calls():
+    """Merging refattn.sdpa over key subsets (any grouping) gives the full call, float32 too."""
+    rng = np.random.default_rng(7)
+    for dtype in ("float64", "float32"):
+        q, k, v = (rng.standard_normal((2, 3, 6, 4)).astype(dtype) for _ in range(3))
+        mask = rng.random((6, 9)) > 0.5
+        mask[:, :3] = False                                       # keys 0-2: no row sees them
+        mask[1] = False                                           # row 1: empty everywhere
+        k, v = (np.concatenate([x, x[..., :3, :]], axis=-2) for x in (k, v))   # S = 9
+        blocks = [slice(0, 3), slice(3, 5), slice(5, 9)]
+        parts = [refattn.sdpa(q, k[..., b, :], v[..., b, :], mask=mask[:, b], return_lse=True)
+                 for b in blocks]
+        assert np.all(np.isneginf(parts[0][1]))                   # a block every row misses
+        want_o, want_lse = refattn.sdpa(q, k, v, mask=mask, return_lse=True)
+        rtol = RTOL if dtype == "float64" else 1e-6
+        for o, lse in (rd.merge_partials(*parts),
+                       rd.merge_partials(rd.merge_partials(*parts[:2]), parts[2]),
+                       rd.merge_partials(parts[0], rd.merge_partials(*parts[1:]))):
+            assert o.dtype == lse.dtype == np.dtype(dtype)
+            assert np.all(o[..., 1, :] == 0) and np.all(np.isneginf(lse[..., 1]))
+            np.testing.assert_allclose(o, want_o, rtol=0, atol=rtol * np.abs(want_o).max())
+            finite = np.isfinite(want_lse)
+            np.testing.assert_array_equal(np.isfinite(lse), finite)
+            np.testing.assert_allclose(lse[finite], want_lse[finite], rtol=rtol)
+
+
+def test_float32_blocks_stay_float32():
+    q, k, v = (x.astype(np.float32) for x in qkv((2,), 2, 2, 9, 9, 4, 4))
+    o, pullback = rd.vjp(refattn.sdpa, *_dask(q, k, v, chunks=[(1, 2, (4, 5), 4)] * 3),
+                         causal=True)
+    got = dask.compute(o, *pullback(np.ones(o.shape, np.float32)), scheduler="threads")
+    want, want_pullback = refattn.vjp(refattn.sdpa, q, k, v, causal=True)
+    for g, w in zip(got, (want,) + tuple(want_pullback(np.ones(want.shape, np.float32)))):
+        assert g.dtype == np.float32
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * np.abs(w).max())
+
+
 def test_merge_is_a_tree():
     """8 key blocks, fan-in 2: 7 merge tasks in 3 levels per query block."""
     q, k, v = (da.from_array(x, chunks=(1, 1, 16, 4)) for x in qkv((1,), 1, 1, 16, 64, 4, 4))
@@ -263,6 +300,10 @@ def test_errors():
         rd.vjp(np.add, *good)
     with pytest.raises(ValueError, match="drop return_lse"):
         rd.vjp(refattn.sdpa, *good, return_lse=True)
+    with pytest.raises(ValueError, match="split_every must be an integer >= 2"):
+        rd.sdpa(*good, split_every=1)
+    with pytest.raises(ValueError, match="split_every must be an integer >= 2"):
+        rd.vjp(refattn.sdpa, *good, split_every=1.5)
     with pytest.raises(TypeError, match="q must be a dask array"):
         rd.sdpa([1.0], *good[1:])
     o, pullback = rd.vjp(refattn.sdpa, *good)
@@ -341,6 +382,7 @@ def test_killed_worker_costs_a_retry_not_the_result(client):
     assert victim is not None, "no worker started a task within 60 s"
     os.kill(before[victim], signal.SIGKILL)
     assert not all(f.done() for f in futures), "finished before the kill: the test saw no fault"
+    distributed.wait(futures, timeout=180)                   # bounded: a hang fails the test
     got = client.gather(futures)
     want, want_pullback = refattn.vjp(refattn.sdpa, q, k, v, causal=True)
     for g, w in zip(got, (want,) + tuple(want_pullback(np.ones(want.shape)))):
