@@ -51,6 +51,7 @@ from ..layers import Attention
 from .heads import apply_heads, core_of, vjp_heads
 from .layers import attention_forward, attention_vjp
 from .merge import merge_partials
+from .scan import taylor_scan_forward, taylor_scan_vjp, wants_scan
 from .sequence import block_visibility, sdpa_sharded, sdpa_vjp_sharded
 
 __all__ = ["sdpa", "apply", "vjp", "attention", "merge_partials", "block_visibility"]
@@ -136,6 +137,8 @@ def apply(fn, q, k, v, **options):
     """
     if fn is _single_sdpa:
         return sdpa(q, k, v, **options)
+    if wants_scan(fn, q, k, options):
+        return taylor_scan_forward(q, k, v, **options)
     return apply_heads(fn, q, k, v, **options)
 
 
@@ -175,4 +178,6 @@ def vjp(fn, *arrays, split_every=4, **options):
     if fn is _single_sdpa:
         return sdpa_vjp_sharded(*arrays, split_every=split_every, **options)
     core_of(fn, options)
+    if len(arrays) == 3 and wants_scan(fn, arrays[0], arrays[1], options):
+        return taylor_scan_vjp(*arrays, **options)
     return vjp_heads(fn, *arrays, split_every=split_every, **options)

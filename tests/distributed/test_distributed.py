@@ -64,6 +64,8 @@ MASK = RNG.random((L, S)) > 0.3
 MASK[3] = False                                               # a fully masked row
 BIAS = RNG.standard_normal((1, 4, L, S))
 DROP = RNG.random((3, 1, L, S)) > 0.2
+KEY_MASK = RNG.random((2, 1, 1, 20)) > 0.3
+KEY_MASK[1] = False                                           # batch 1: every key masked out
 
 
 def qkv(batch, H, Hkv, L, S, E, Ev, quaternion=False):
@@ -229,6 +231,47 @@ def test_tuple_outputs_are_sharded_too():
     want_o, want_c = refattn.preconditioned_sdpa(q, k, v, return_diagonal=True)
     assert_close(o.compute(), want_o, "o")
     assert_close(c.compute(), want_c, "c")
+
+
+# -- element-wise causal Taylor: the chunked scan ------------------------------------------------
+
+TAYLOR_SCAN = {
+    "causal, uneven L and S chunks, GQA": ((2,), 4, 2, 20, 20, (1, 2, (7, 6, 7), 3),
+                                           (2, 1, (5, 8, 7), 3), {"order": 4, "causal": True}),
+    "causal t=6, scale": ((2,), 2, 2, 20, 20, (2, 2, (4, 16), 3), (1, 2, (9, 11), 3),
+                          {"order": 6, "causal": True, "scale": 0.5}),
+    "not causal": ((2,), 2, 2, 16, 12, (1, 2, (8, 8), 3), (2, 2, (5, 7), 3), {"order": 4}),
+    "lower_right L > S (empty rows)": ((1,), 2, 1, 12, 9, (1, 2, (5, 7), 3), (1, 1, (4, 5), 3),
+                                       {"order": 4, "causal": True,
+                                        "causal_align": "lower_right"}),
+    "key padding (a batch all masked)": ((2,), 2, 2, 20, 20, (1, 2, (7, 6, 7), 3),
+                                         (2, 2, (5, 8, 7), 3),
+                                         {"order": 8, "causal": True, "mask": KEY_MASK}),
+    "no batch dims": ((), 2, 2, 10, 10, (2, (3, 7), 3), (2, (6, 4), 3),
+                      {"order": 4, "causal": True}),
+}
+
+
+@pytest.mark.parametrize("batch, H, Hkv, L_, S_, qc, kc, options", TAYLOR_SCAN.values(),
+                         ids=TAYLOR_SCAN.keys())
+def test_elementwise_taylor_chunked_scan(batch, H, Hkv, L_, S_, qc, kc, options):
+    rng = np.random.default_rng(8)
+    q = 0.5 * rng.standard_normal((*batch, H, L_, 3))
+    k = 0.5 * rng.standard_normal((*batch, Hkv, S_, 3))
+    v = rng.standard_normal((*batch, Hkv, S_, 3))
+    out, _ = check_vjp(refattn.elementwise_attention, (q, k, v), (qc, kc, kc), options)
+    assert _tasks(out, "ew-scan-rows-"), "the scan path ran"
+    o = rd.apply(refattn.elementwise_attention, *_dask(q, k, v, chunks=(qc, kc, kc)), **options)
+    assert_close(o.compute(scheduler="threads"), refattn.elementwise_attention(q, k, v, **options))
+
+
+def test_scan_graph_is_linear_in_chunks():
+    """n key chunks: n moment tasks and a chain of n prefix states; tiles only on the diagonal."""
+    n = 5
+    q, k, v = _dask(*qkv((1,), 1, 1, 8 * n, 8 * n, 3, 3), chunks=[(1, 1, 8, 3)] * 3)
+    o = rd.apply(refattn.elementwise_attention, q, k, v, order=4, causal=True)
+    assert len(_tasks(o, "ew-scan-moments-")) == n - 1      # the last chunk is never a prefix
+    assert sorted(key[-2:] for key in _tasks(o, "ew-scan-tile-")) == [(i, i) for i in range(n)]
 
 
 # -- layers ---------------------------------------------------------------------------------------
