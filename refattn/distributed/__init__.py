@@ -11,6 +11,10 @@ the single-machine calls.  The chunks of the inputs choose the sharding
   outputs merged exactly by log-sum-exp in a tree) and ``L`` (**query
   sharding**; causal masking schedules no task above the diagonal)
   (:mod:`refattn.distributed.sequence`);
+* :func:`apply` / :func:`vjp` of ``elementwise_attention(..., order=t)`` with
+  chunks along ``L`` or ``S``: the **chunked scan** of the Taylor form (key
+  moments scanned across chunks, diagonal tiles by the backend)
+  (:mod:`refattn.distributed.scan`);
 * :func:`vjp` of an :class:`refattn.Attention` layer: **data parallel** over
   batch chunks, parameter gradients tree-reduced (:mod:`refattn.distributed.layers`).
 

@@ -24,7 +24,7 @@ Backward, with ``r_i = dO_i / D_i`` and ``g_ij = r_i (v_j - o_i)``, splits into 
 same pieces (the loss is a sum over pairs):
 
 * prefix, queries: ``dpsi_i += r_i e^(m_i - mu) sum_n n a_n psi_i^(n-1) (A_n - o_i B_n)``;
-* prefix, keys: query moments ``G_n = sum_i a_n^0 psi_i^n r_i e^(m_i - nu)`` and ``H_n``
+* prefix, keys: query moments ``G_n = sum_i psi_i^n r_i e^(m_i - nu)`` and ``H_n``
   (the same times ``o_i``), ``nu = max m_i``, summed over the query chunks that see
   key chunk ``j`` fully (a reversed exclusive scan); then
   ``dv_j = e^(nu - kappa_j^2) sum_n a_n kappa_j^n G_n`` and
@@ -256,6 +256,9 @@ class _Scan:
         (qp, kp, vp), arrays = probe_arrays(plan, IMPLEMENTED, backend)
         _single(qp, kp, vp, **{**plan.static, **arrays, "backend": "reference"})
         s = plan.shapes
+        if s.dtype not in ("float32", "float64"):
+            raise TypeError(f"the chunked element-wise scan takes float32 or float64 inputs, got "
+                            f"{s.dtype}; cast them, or keep L and S in one chunk each")
         scale = float(options.get("scale", 1.0))
         offset = causal_offset(options.get("causal_align", "upper_left"), s.q_len, s.kv_len) \
             if options.get("causal", False) else None

@@ -339,6 +339,10 @@ def test_errors():
         rd.apply(refattn.elementwise_attention, *good, order=3)
     with pytest.raises(ValueError, match="depends on the query"):
         rd.apply(refattn.elementwise_attention, *good, order=4, mask=np.ones((5, 5), bool))
+    with pytest.raises(TypeError, match="chunked element-wise scan takes float32 or float64"):
+        rd.apply(refattn.elementwise_attention,
+                 *_dask(*(x.astype(np.float16) for x in (q, k, v)), chunks=[(1, 2, 2, 4)] * 3),
+                 order=4, causal=True)
     with pytest.raises(TypeError, match="not a refattn core function"):
         rd.vjp(np.add, *good)
     with pytest.raises(ValueError, match="drop return_lse"):
@@ -393,6 +397,12 @@ def test_on_local_cluster(client):
     fn, quaternion, options = CORE_PROBLEMS["quaternion hamilton, bias"]
     q, k, v = qkv((3,), 4, 2, 7, 9, 3, 3, quaternion=True)
     check_vjp(fn, (q, k, v), [((2, 1), 2, 7, 4, 3)] * 3, options, scheduler=client.get)
+    batch, H, Hkv, L_, S_, qc, kc, options = TAYLOR_SCAN["causal, uneven L and S chunks, GQA"]
+    rng = np.random.default_rng(8)
+    q, k, v = (0.5 * rng.standard_normal((*batch, h, n, 3)) for h, n in ((H, L_), (Hkv, S_),
+                                                                        (Hkv, S_)))
+    check_vjp(refattn.elementwise_attention, (q, k, v), (qc, kc, kc), options,
+              scheduler=client.get)
     layer = refattn.Attention(8, 2, causal=True)
     params = layer.init(seed=0)
     x = np.random.default_rng(5).standard_normal((3, 4, 8))
