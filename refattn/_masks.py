@@ -10,13 +10,18 @@ from __future__ import annotations
 
 CAUSAL_ALIGNS = ("upper_left", "lower_right")
 
-__all__ = ["CAUSAL_ALIGNS", "causal_offset", "causal_keep", "keep_mask",
+__all__ = ["CAUSAL_ALIGNS", "causal_offset", "causal_keep", "keep_mask", "causal_pairs",
            "from_torch_key_padding_mask", "from_torch_attn_mask"]
 
 
 def causal_offset(causal_align: str, q_len: int, kv_len: int) -> int:
     """Diagonal offset of the causal mask: key ``j`` is kept for query ``i`` iff ``j <= i + offset``."""
     return 0 if causal_align == "upper_left" else kv_len - q_len
+
+
+def causal_pairs(q_len: int, kv_len: int, offset: int = 0) -> int:
+    """Number of kept (query, key) pairs under the causal rule ``j <= i + offset``."""
+    return sum(min(kv_len, max(0, i + 1 + offset)) for i in range(q_len))
 
 
 def causal_keep(xp, q_len: int, kv_len: int, offset: int, device=None):

@@ -391,10 +391,10 @@ def first_call_times() -> dict:
     ``"cache"`` holds ``(hits, misses)`` summed over refattn's dispatchers, so a
     reader can tell which.  For ``refattn info``.
     """
-    from .._registry import variants
+    from ..catalog import VARIANTS   # the catalogue sits above the backends it times
 
     out = {}
-    sdpa_first = sorted(variants().items(), key=lambda item: (item[0] != "sdpa", item[0]))
+    sdpa_first = sorted(VARIANTS.items(), key=lambda item: (item[0] != "sdpa", item[0]))
     for name, variant in sdpa_first:
         if variant.kind != "core" or "numba" not in variant.backends:
             continue

@@ -28,9 +28,9 @@ import time
 
 import numpy as np
 
-from . import Study, StudyResult, register_study
+from .study import Study, StudyResult
 
-__all__ = ["dask_scaling", "EFFICIENCY_TARGET"]
+__all__ = ["dask_scaling", "EFFICIENCY_TARGET", "STUDY"]
 
 EFFICIENCY_TARGET = 0.8
 _SINGLE_THREAD = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
@@ -176,7 +176,7 @@ def dask_scaling(size: str = "quick") -> StudyResult:
                f"target: efficiency >= {EFFICIENCY_TARGET} at size 'full' (L = 32768)"])
 
 
-register_study(Study("dask-scaling", "key-sharded SDPA fwd+bwd on 1 vs 2 Dask workers: "
+STUDY = Study("dask-scaling", "key-sharded SDPA fwd+bwd on 1 vs 2 Dask workers: "
                      "efficiency, merge share, memory, tasks per block", dask_scaling,
                      requires=("dask", "distributed"),
-                     metric_names=("efficiency", "merge_share", "peak_ratio", "tasks_per_block")))
+                     metric_names=("efficiency", "merge_share", "peak_ratio", "tasks_per_block"))

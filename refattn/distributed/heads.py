@@ -23,7 +23,7 @@ import numpy as np
 from dask.base import tokenize
 
 from .. import vjp as _single_vjp
-from .._registry import get_core
+from ..cores import get_core
 from ._graph import broadcast_grad, new_array
 from ._plan import make_plan, probe_arrays
 

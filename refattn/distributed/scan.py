@@ -50,9 +50,10 @@ from dask.base import tokenize
 
 from .._array import flatten_batch, matrix_transpose, namespace
 from .._masks import causal_offset
-from ..backends import load_implementation, resolve
+from ..backends import resolve
 from ..cores.elementwise import elementwise_attention as _single
-from ..cores.elementwise.api import IMPLEMENTED, ElementwiseOptions, taylor_coefficients
+from ..cores.elementwise.api import IMPLEMENTED, ElementwiseOptions, implementation
+from ..cores.elementwise.taylor import taylor_coefficients
 from ..cores.elementwise.reference import state_read, state_update
 from ..cores.sdpa.api import as_batched_4d
 from ..cores.sdpa.reference import expand_kv_heads, reduce_kv_heads
@@ -62,9 +63,6 @@ from ._plan import make_plan, probe_arrays
 from .sequence import block_visibility
 
 __all__ = ["taylor_scan_forward", "taylor_scan_vjp", "combine_moments", "wants_scan"]
-
-_PACKAGE = "refattn.cores.elementwise"
-
 
 def _finite_exp(xp, a, b):
     """``exp(a - b)`` where both are finite, else 0 (``+-inf`` mark empty states and rows)."""
@@ -147,8 +145,7 @@ def _key_moments(q, k, v, mask, spec):
 
 
 def _impl(spec, x):
-    return load_implementation(_PACKAGE, resolve(spec.backend, IMPLEMENTED, x,
-                                                 core="elementwise"))
+    return implementation(resolve(spec.backend, IMPLEMENTED, x, core="elementwise"))
 
 
 def _tile_options(spec, offset, mask, batch):

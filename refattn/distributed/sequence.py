@@ -36,9 +36,9 @@ from dask.base import tokenize
 
 from .._array import flatten_batch, namespace, sum_to_shape
 from .._masks import causal_offset
-from ..backends import load_implementation, resolve
+from ..backends import resolve, route
 from ..cores.sdpa import sdpa as _single_sdpa
-from ..cores.sdpa.api import IMPLEMENTED, SDPAOptions, as_batched_4d
+from ..cores.sdpa.api import IMPLEMENTED, SDPAOptions, as_batched_4d, implementation
 from ._cotangent import as_cotangent
 from ._graph import broadcast_grad, chunk_starts, new_array, sum_parts, tree_reduce, \
     zeros_like_block
@@ -46,9 +46,6 @@ from ._plan import SCORE_ARRAYS, make_plan, probe_arrays
 from .merge import merge_partials
 
 __all__ = ["BlockSpec", "sdpa_sharded", "sdpa_vjp_sharded", "block_visibility"]
-
-_SDPA = "refattn.cores.sdpa"
-
 
 @dataclass(frozen=True)
 class BlockSpec:
@@ -59,12 +56,15 @@ class BlockSpec:
     dropout_scale: float
     need_bias_grad: bool
     backend: str
+    tiles: tuple | None = None
+    float32_math: str | None = None
 
     def options(self, xp, batch, mask, bias, drop):
         four = lambda m: None if m is None else as_batched_4d(xp, m, batch)   # noqa: E731
         return SDPAOptions(scale=self.scale, causal_offset=self.causal_offset, mask=four(mask),
                            bias=four(bias), dropout_mask=four(drop),
-                           dropout_scale=self.dropout_scale, need_bias_grad=self.need_bias_grad)
+                           dropout_scale=self.dropout_scale, need_bias_grad=self.need_bias_grad,
+                           tiles=self.tiles, float32_math=self.float32_math)
 
 
 def block_visibility(l_range, s_range, offset):
@@ -92,8 +92,11 @@ def block_visibility(l_range, s_range, offset):
     return True, offset + l0 - s0
 
 
-def _impl(spec, q):
-    return load_implementation(_SDPA, resolve(spec.backend, IMPLEMENTED, q, core="sdpa"))
+def _impl(spec, xp, arrays, bias):
+    """The backend module for a block: the best local one, or the reference for non-finite or
+    empty data (the single-machine routing rule, ``refattn.backends.route``)."""
+    backend = resolve(spec.backend, IMPLEMENTED, arrays[0], core="sdpa")
+    return implementation(route(backend, xp, arrays, bias))
 
 
 def _flat(xp, x, nb):
@@ -105,8 +108,9 @@ def _forward_block(q, k, v, mask, bias, drop, spec):
     nb = q.ndim - 3
     xp = namespace(q, k, v)
     batch = tuple(q.shape[:nb])
-    o, lse = _impl(spec, q).forward(_flat(xp, q, nb), _flat(xp, k, nb), _flat(xp, v, nb),
-                                    spec.options(xp, batch, mask, bias, drop))
+    opts = spec.options(xp, batch, mask, bias, drop)
+    o, lse = _impl(spec, xp, (q, k, v), opts.bias).forward(
+        _flat(xp, q, nb), _flat(xp, k, nb), _flat(xp, v, nb), opts)
     return (xp.reshape(o, batch + tuple(o.shape[1:])),
             xp.reshape(lse, batch + tuple(lse.shape[1:])))
 
@@ -124,9 +128,10 @@ def _backward_block(q, k, v, o, lse, do, mask, bias, drop, spec):
     nb = q.ndim - 3
     xp = namespace(q, k, v)
     batch = tuple(q.shape[:nb])
-    dq, dk, dv, ds = _impl(spec, q).backward(
+    opts = spec.options(xp, batch, mask, bias, drop)
+    dq, dk, dv, ds = _impl(spec, xp, (q, k, v, do), opts.bias).backward(
         _flat(xp, q, nb), _flat(xp, k, nb), _flat(xp, v, nb), _flat(xp, o, nb),
-        _flat(xp, lse, nb), _flat(xp, do, nb), spec.options(xp, batch, mask, bias, drop))
+        _flat(xp, lse, nb), _flat(xp, do, nb), opts)
     back = lambda g: xp.reshape(g, batch + tuple(g.shape[1:]))   # noqa: E731
     dbias = None
     if spec.need_bias_grad:
@@ -176,6 +181,7 @@ def _make_blocks(q, k, v, options):
     drop_scale = 1.0 / (1.0 - float(options.get("dropout_p", 0.0))) \
         if options.get("dropout_mask") is not None else 1.0
     need_bias = options.get("bias") is not None
+    tiles = None if options.get("tiles") is None else tuple(int(t) for t in options["tiles"])
     nb = plan.nb
     l_ranges = chunk_starts(plan.q.chunks[nb + 1])
     s_ranges = chunk_starts(plan.k.chunks[nb + 1])
@@ -185,7 +191,8 @@ def _make_blocks(q, k, v, options):
             for j, sr in enumerate(s_ranges):
                 visible, local = block_visibility(lr, sr, offset)
                 if visible:
-                    specs[bh + (i, j)] = BlockSpec(scale, local, drop_scale, need_bias, backend)
+                    specs[bh + (i, j)] = BlockSpec(scale, local, drop_scale, need_bias, backend,
+                                                   tiles, options.get("float32_math"))
     token = tokenize("sdpa", plan.q, plan.k, plan.v, sorted(plan.static.items()),
                      *(x.name for x in plan.arrays.values()))
     return _Blocks(plan, token, specs, s.value_dim)

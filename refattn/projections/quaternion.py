@@ -19,7 +19,6 @@ Shape legend: ``*batch`` batch dims, ``L`` query length, ``S`` key length,
 from __future__ import annotations
 
 from .._array import namespace
-from .._registry import register_projection
 from .._validate import check_float_array, check_same_dtype
 from ..cores.quaternion.algebra import SIGN
 from ._base import OutputProjection, linear_backward, linear_forward
@@ -226,4 +225,5 @@ class QuaternionProjection(OutputProjection):
         return 2.0 * d * d * (2 * q_len + 2 * kv_len)
 
 
-register_projection(QuaternionProjection())
+#: The scheme instance the inventory (:data:`refattn.projections.PROJECTIONS`) lists.
+QUATERNION = QuaternionProjection()
