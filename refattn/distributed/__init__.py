@@ -62,7 +62,8 @@ __all__ = ["sdpa", "apply", "vjp", "attention", "merge_partials", "block_visibil
 
 
 def sdpa(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_left", scale=None,
-         dropout_mask=None, dropout_p=0.0, return_lse=False, backend="auto", split_every=4):
+         dropout_mask=None, dropout_p=0.0, return_lse=False, backend="auto", tiles=None,
+         float32_math=None, split_every=4):
     """:func:`refattn.sdpa` on dask arrays, sharded along ``*batch``, ``H``, ``L`` and ``S``.
 
     Parameters
@@ -75,8 +76,9 @@ def sdpa(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_lef
         chunks are the key blocks (``v`` follows them).
     mask, bias, dropout_mask : arrays broadcastable to (..., H, L, S), optional
         NumPy or dask; chunked like the score blocks.
-    causal, causal_align, scale, dropout_p, backend
-        As :func:`refattn.sdpa`; ``backend`` is resolved per block.
+    causal, causal_align, scale, dropout_p, backend, tiles, float32_math
+        As :func:`refattn.sdpa`; ``backend`` is resolved per block (and a block with
+        non-finite or no data runs the reference, as the single-machine call routes).
     return_lse : bool
         Also return the merged log-sum-exp ``(..., H, L)``.
     split_every : int >= 2
@@ -91,7 +93,8 @@ def sdpa(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_lef
         raise ValueError(f"split_every must be an integer >= 2, got {split_every!r}")
     return sdpa_sharded(q, k, v, mask=mask, bias=bias, causal=causal, causal_align=causal_align,
                         scale=scale, dropout_mask=dropout_mask, dropout_p=dropout_p,
-                        backend=backend, return_lse=return_lse, split_every=split_every)
+                        backend=backend, tiles=tiles, float32_math=float32_math,
+                        return_lse=return_lse, split_every=split_every)
 
 
 def attention(layer, params, xq, xkv=None, mask=None, *, backend="auto"):

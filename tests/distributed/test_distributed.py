@@ -83,6 +83,7 @@ SDPA_OPTIONS = {
     "mask (empty row) + causal + bias": {"mask": MASK, "causal": True, "bias": BIAS},
     "2-D bias, scale": {"bias": BIAS[0, 0], "scale": 0.3},
     "dropout + bias per head": {"dropout_mask": DROP, "dropout_p": 0.2, "bias": BIAS[0]},
+    "numba tiles 4 x 4, causal": {"tiles": (4, 4), "causal": True},
 }
 #: (q chunks, k chunks): batch/head only; uneven key blocks; uneven query and key blocks.
 SDPA_CHUNKS = {
