@@ -266,6 +266,34 @@ def test_elementwise_taylor_chunked_scan(batch, H, Hkv, L_, S_, qc, kc, options)
     assert_close(o.compute(scheduler="threads"), refattn.elementwise_attention(q, k, v, **options))
 
 
+def _sharded(fn, chunks):
+    """``fn`` sharded with ``chunks`` as a NumPy-in, NumPy-out function with a refattn vjp."""
+    def call(q, k, v, **options):
+        return rd.apply(fn, *_dask(q, k, v, chunks=chunks), **options).compute(scheduler="threads")
+
+    def rule(q, k, v, **options):
+        out, pullback = rd.vjp(fn, *_dask(q, k, v, chunks=chunks), **options)
+        return out.compute(scheduler="threads"), lambda do: dask.compute(
+            *pullback(do), scheduler="threads")
+
+    call.__refattn_vjp__ = rule
+    return call
+
+
+@pytest.mark.parametrize("fn, shapes, chunks, options", [
+    (refattn.elementwise_attention, ((2, 2, 9, 3), (2, 1, 9, 3)), [(1, 2, (4, 5), 3)] * 3,
+     {"order": 4, "causal": True, "scale": 0.7}),
+    (refattn.sdpa, ((1, 2, 7, 4), (1, 1, 6, 4)), [(1, 2, (3, 4), 4), (1, 1, (2, 4), 4),
+                                                  (1, 1, (2, 4), 4)],
+     {"causal": True, "causal_align": "lower_right", "bias": BIAS[0, :2, :7, :6]}),
+], ids=["element-wise Taylor scan", "key/query-sharded sdpa with bias"])
+def test_sharded_gradients_match_finite_differences(fn, shapes, chunks, options):
+    rng = np.random.default_rng(9)
+    q = 0.5 * rng.standard_normal(shapes[0])
+    k, v = (0.5 * rng.standard_normal(shapes[1]) for _ in range(2))
+    refattn.testing.check_grads(_sharded(fn, chunks), q, k, v, **options)
+
+
 def test_scan_graph_is_linear_in_chunks():
     """n key chunks: n moment tasks and a chain of n prefix states; tiles only on the diagonal."""
     n = 5
