@@ -1,12 +1,14 @@
 """Causal alignment and boolean masks, defined once for every core.
 
-Convention (``VARIANTS.md`` section 0): a boolean ``mask`` is ``True`` where a
+Convention (``docs/variants.md`` section 0): a boolean ``mask`` is ``True`` where a
 query may attend to a key.  ``causal=True`` keeps key ``j`` for query ``i``
 when ``j <= i + offset``, with ``offset = 0`` for ``"upper_left"`` (PyTorch,
 JAX) and ``offset = S - L`` for ``"lower_right"`` (FlashAttention).
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 CAUSAL_ALIGNS = ("upper_left", "lower_right")
 
@@ -55,8 +57,6 @@ def from_torch_key_padding_mask(key_padding_mask):
     Returns a refattn keep-mask of shape ``(N, 1, 1, S)`` (``True`` = attend) that
     broadcasts against scores ``(N, H, L, S)``.
     """
-    import numpy as np
-
     m = np.asarray(key_padding_mask)
     if m.dtype != bool:
         raise TypeError("key_padding_mask must be boolean (True = ignore the key)")
@@ -70,8 +70,6 @@ def from_torch_attn_mask(attn_mask):
     negation.  A float ``attn_mask`` is an additive bias: pass it as ``bias``.
     Returns ``(mask, bias)`` with one of them ``None``.
     """
-    import numpy as np
-
     m = np.asarray(attn_mask)
     if m.dtype == bool:
         return ~m, None

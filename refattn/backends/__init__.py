@@ -26,12 +26,8 @@ __all__ = ["BACKENDS", "available_backends", "numba_available", "cupy_available"
            "needs_exact_path", "route"]
 
 
-@functools.lru_cache(maxsize=None)
 def numba_available() -> bool:
-    try:
-        import numba  # noqa: F401
-    except Exception:  # pragma: no cover - numba is a hard dependency
-        return False
+    """True: Numba is a dependency (the numba backend runs wherever refattn installs)."""
     return True
 
 

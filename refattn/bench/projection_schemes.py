@@ -9,6 +9,8 @@ reach if time followed arithmetic).
 
 from __future__ import annotations
 
+import numpy as np
+
 from .._vjp import vjp
 from ..catalog.layers import PAPER_SETTINGS
 from .scheme_counts import SCHEMES, make_layer, scheme_counts
@@ -32,8 +34,6 @@ def _contenders(layers, x, dy):
 
 
 def run(size="quick") -> StudyResult:
-    import numpy as np
-
 
     batch, rounds, min_time = (1, 3, 0.005) if size == "quick" else (8, 9, 0.05)
     dtype = np.float32

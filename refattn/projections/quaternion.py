@@ -1,7 +1,7 @@
 """Quaternion projections: quaternion linear layers and heads that own units of every component.
 
 A quaternion vector of ``n`` units is stored as four contiguous blocks
-``[r | i | j | k]`` of width ``n`` (``VARIANTS.md`` section 3).  The quaternion
+``[r | i | j | k]`` of width ``n`` (``docs/variants.md`` section 3).  The quaternion
 linear layer ``y = W (x) x`` (Hamilton product, weight on the left) is the real
 product ``y = x @ M`` with the block matrix ``M[b, c] = SIGN[b^c][b] W_(b^c)``
 (:mod:`refattn.cores.quaternion.algebra`): four ``(n_in, n_out)`` blocks, a

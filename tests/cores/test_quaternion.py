@@ -286,6 +286,6 @@ def test_gradients_with_bias_for_both_modes():
 
 
 def test_sign_table_is_the_spec_table():
-    # VARIANTS.md section 3, S_i = Q_r K_i + Q_i K_r + Q_j K_k - Q_k K_j: component 1 terms.
+    # docs/variants.md section 3, S_i = Q_r K_i + Q_i K_r + Q_j K_k - Q_k K_j: component 1 terms.
     terms_i = {(a, b): SIGN[a][b] for a in range(4) for b in range(4) if a ^ b == 1}
     assert terms_i == {(0, 1): 1, (1, 0): 1, (2, 3): 1, (3, 2): -1}

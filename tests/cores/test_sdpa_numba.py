@@ -305,7 +305,7 @@ def test_fast_exp_accuracy():
 
 
 def test_first_call_times_reports_sdpa():
-    from refattn.backends.numba_support import first_call_times
+    from refattn.bench.cold_start import first_call_times
 
     times = first_call_times()
     assert times["sdpa float32"] > 0 and times["sdpa float64"] > 0

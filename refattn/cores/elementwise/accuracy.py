@@ -34,7 +34,7 @@ def kernel_error(x: float, order: int) -> float:
     Examples
     --------
     >>> from refattn.cores.elementwise.accuracy import kernel_error
-    >>> round(kernel_error(-1.0, 6), 6)   # VARIANTS.md: 5e-4 at x = -1 for t = 6
+    >>> round(kernel_error(-1.0, 6), 6)   # docs/variants.md: 5e-4 at x = -1 for t = 6
     0.000479
     >>> round(kernel_error(-2.0, 6), 3)   # and 0.15 at x = -2
     0.149

@@ -1,4 +1,4 @@
-"""Element-wise attention (Feng, arXiv 2501.05730; ``VARIANTS.md`` section 5): the front end.
+"""Element-wise attention (Feng, arXiv 2501.05730; ``docs/variants.md`` section 5): the front end.
 
 Shape legend
 ------------

@@ -1,4 +1,4 @@
-"""Preconditioned attention (``VARIANTS.md`` section 4), a drop-in around any core.
+"""Preconditioned attention (Saratchandran, arXiv 2603.27153; ``docs/variants.md`` section 4), a drop-in around any core.
 
 Shape legend
 ------------
