@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -28,7 +29,14 @@ import time
 
 import numpy as np
 
+from ..cores.sdpa import sdpa
 from .study import Study, StudyResult
+
+try:                        # the optional extra; without it the study is skipped (requires=)
+    from .. import distributed as _distributed
+    from ..distributed.volume import LAYOUTS, communication_volume
+except ImportError:
+    _distributed = None
 
 __all__ = ["dask_scaling", "EFFICIENCY_TARGET", "STUDY"]
 
@@ -55,8 +63,6 @@ print(json.dumps({"seconds": seconds,
 
 
 def _worker_peak():
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -68,12 +74,9 @@ def _single_process(H, L, E, dtype):
 
 
 def _graph(dq, dk, dv):
-    from .. import distributed as rd
-    from .. import sdpa
-
     import dask.array as da
 
-    o, pullback = rd.vjp(sdpa, dq, dk, dv)
+    o, pullback = _distributed.vjp(sdpa, dq, dk, dv)
     return [o, *pullback(da.ones_like(o))]
 
 
@@ -119,8 +122,6 @@ def _shares(stream):
 
 def dask_scaling(size: str = "quick") -> StudyResult:
     import dask.array as da
-
-    from ..distributed.volume import LAYOUTS, communication_volume
 
     H, L, E, blocks, dtype = (2, 32768, 64, 16, "float32") if size == "full" else \
         (1, 4096, 64, 4, "float32")

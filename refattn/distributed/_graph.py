@@ -9,11 +9,14 @@ arguments may be keys of other tasks.
 from __future__ import annotations
 
 import itertools
+import operator
 
 import dask.array as da
 import numpy as np
 from dask.array.utils import meta_from_array
 from dask.highlevelgraph import HighLevelGraph
+
+from .._array import namespace
 
 __all__ = ["tree_reduce", "new_array", "chunk_starts", "add", "zeros_like_block",
            "sum_parts", "broadcast_grad"]
@@ -73,8 +76,6 @@ def add(*blocks):
 
 def zeros_like_block(like, shape, dtype):
     """Zeros of ``shape`` in the array library (and on the device) of the block ``like``."""
-    from .._array import namespace
-
     xp = namespace(like)
     return xp.zeros(tuple(shape), dtype=getattr(xp, np.dtype(dtype).name))
 
@@ -85,8 +86,6 @@ def sum_parts(layer, root, parts, index, split_every):
     The leaves are ``getitem`` tasks (run where the tuple lives, so only the
     needed element travels); ``len(parts) >= 1``.
     """
-    import operator
-
     if len(parts) == 1:
         layer[root] = (operator.getitem, parts[0], index)
         return

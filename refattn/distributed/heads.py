@@ -22,8 +22,13 @@ import operator
 import numpy as np
 from dask.base import tokenize
 
-from .. import vjp as _single_vjp
+from .._vjp import vjp as _single_vjp
 from ..cores import get_core
+from ..cores.elementwise import elementwise_attention
+from ..cores.preconditioned import preconditioned_sdpa
+from ..cores.quaternion import quaternion_attention
+from ..cores.sdpa import sdpa
+from ._cotangent import as_cotangent
 from ._graph import broadcast_grad, new_array
 from ._plan import make_plan, probe_arrays
 
@@ -32,11 +37,6 @@ __all__ = ["apply_heads", "vjp_heads", "core_of"]
 
 def core_of(fn, options):
     """``(core, feature_axes)`` of a refattn core function and its options."""
-    from ..cores.elementwise import elementwise_attention
-    from ..cores.preconditioned import preconditioned_sdpa
-    from ..cores.quaternion import quaternion_attention
-    from ..cores.sdpa import sdpa
-
     if fn is sdpa:
         core = get_core("sdpa")
     elif fn is quaternion_attention:
@@ -151,8 +151,6 @@ def vjp_heads(fn, q, k, v, *, split_every=4, **options):
     o = new_array(o_name, layer, deps, chunks, plan.q, out.dtype)
 
     def pullback(do):
-        from ._cotangent import as_cotangent
-
         do = as_cotangent(do, o)
         ptoken = tokenize(o.name, do)
         pname = f"{fn.__name__}-pullback-block-{ptoken}"

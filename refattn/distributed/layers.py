@@ -22,7 +22,7 @@ import operator
 import numpy as np
 from dask.base import tokenize
 
-from .. import vjp as _single_vjp
+from .._vjp import vjp as _single_vjp
 from .._validate import check_broadcastable
 from ._cotangent import as_cotangent
 from ._graph import add, new_array, tree_reduce

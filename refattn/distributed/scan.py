@@ -45,6 +45,7 @@ from __future__ import annotations
 import math
 import operator
 
+import dask.array as da
 import numpy as np
 from dask.base import tokenize
 
@@ -73,8 +74,6 @@ def _finite_exp(xp, a, b):
 
 def wants_scan(fn, q, k, options):
     """Whether ``fn(q, k, v, **options)`` is element-wise Taylor with ``L`` or ``S`` chunked."""
-    import dask.array as da
-
     if fn is not _single or options.get("order") is None:
         return False
     return any(isinstance(x, da.Array) and x.ndim >= 3 and x.numblocks[-2] > 1 for x in (q, k))
