@@ -30,6 +30,7 @@ LAYERS = {
     "refattn.catalog": 5,
     "refattn.conditioning": 6,
     "refattn.testing": 6,
+    "refattn.distributed": 6,
     "refattn.bench": 7,
     "refattn.verify": 7,
     "refattn.cli": 8,
