@@ -23,6 +23,7 @@ from .cores.preconditioned import (Preconditioner, preconditioned_sdpa, precondi
 from . import conditioning  # noqa: F401
 from .conditioning import attention_conditioning, condition_number, layer_conditioning
 from .layers import Attention
+from .rotary import apply_rotary, apply_rotary_backward
 
 try:
     __version__ = _version("refattn")
@@ -39,6 +40,8 @@ __all__ = [
     "quaternion_linear",
     "vjp",
     "Attention",
+    "apply_rotary",
+    "apply_rotary_backward",
     "available_backends",
     "cores",
     "projections",
