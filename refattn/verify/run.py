@@ -210,7 +210,8 @@ def max_abs_error(got, expected) -> float:
     if (ref_nan & ~got_nan).any():
         return float("inf")
     same = (got == expected) | (got_nan & ref_nan)          # also equal infinities
-    return float(np.max(np.where(same, 0.0, np.abs(got - expected))))
+    with np.errstate(invalid="ignore"):                     # inf - inf where ``same``
+        return float(np.max(np.where(same, 0.0, np.abs(got - expected))))
 
 
 def _compare(problem, got, out_dtype):
@@ -259,7 +260,9 @@ def _hint(got, expected):
     if bad.any():
         idx = tuple(int(i) for i in np.argwhere(bad)[0])
         return f"NaN where the reference is finite, first at {idx} (reference {expected[idx]:+.6g})"
-    diff = np.where(np.isnan(got) & np.isnan(expected), 0.0, np.abs(got - expected))
+    with np.errstate(invalid="ignore"):
+        diff = np.where((got == expected) | (np.isnan(got) & np.isnan(expected)), 0.0,
+                        np.abs(got - expected))
     diff = np.where(np.isnan(diff), np.inf, diff)
     idx = np.unravel_index(int(np.argmax(diff)), diff.shape)
     a, b = float(got[idx]), float(expected[idx])
