@@ -110,10 +110,11 @@ def test_timm_attention():
     try:
         import timm  # noqa: F401
     except Exception as exc:                                        # ImportError, RuntimeError
-        pytest.skip(f"timm does not import here ({type(exc).__name__}: {exc}); it needs "
-                    f"torchvision, and the torchvision wheel for torch 2.13 is a CUDA build "
-                    f"that cannot load against the CPU torch. The adapter's logic is tested on "
-                    f"a timm-style class in test_masking_bugs.py")
+        pytest.skip(f"timm cannot be imported ({type(exc).__name__}: {exc}). It is left out of "
+                    f".ci/requirements.txt: timm imports torchvision, and the torchvision wheel "
+                    f"for torch 2.13 is a CUDA build that cannot load against the CPU torch. "
+                    f"The adapter's logic is tested on a timm-style class in "
+                    f"test_masking_bugs.py")
     report = V.verify(V.timm_attention(), "mha-standard")
     report.assert_()
     assert {CROSS, "cross S=L+2, mask (L, S) (empty rows)", GQA} == set(_na(report))
