@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import masks as _masks
 from . import params as P
 from .adapters import Layer, Unsupported, empty_row_check, reject_unless, torch_keep
 
@@ -39,21 +38,23 @@ _LINEAR_BIAS = P.optional
 
 
 def hf_additive_mask(mask, spec, torch, like, what):
-    """The 4-D additive ``attention_mask (B, 1, L, S)`` of a case (mask AND causal).
+    """The 4-D additive ``attention_mask (B, 1, L, S)`` of a case (mask AND causal), like HF's.
 
-    Always a tensor, also when every key is kept, so that no module infers its
-    own causality from a missing mask.  A case with a query row that keeps no key
-    is ``n/a`` (:data:`HF_EMPTY_ROWS`).
+    ``0`` where a key is kept and ``torch.finfo(dtype).min`` elsewhere, in the
+    dtype of ``like`` (:func:`refattn.masks.to_hf_additive_mask` is the NumPy
+    version).  Always a tensor, also when every key is kept, so that no module
+    infers its own causality from a missing mask.  A case with a query row that
+    keeps no key is ``n/a`` (:data:`HF_EMPTY_ROWS`).
     """
     np_mask = None if mask is None else mask.cpu().numpy()
     empty_row_check(np_mask, spec, what, HF_EMPTY_ROWS)
     keep = torch_keep(np_mask, spec)
     if keep is None:
         keep = np.ones((1, 1, spec.L, spec.S), dtype=bool)
-    dtype = str(like.dtype).replace("torch.", "")
-    additive = _masks.to_hf_additive_mask(np.broadcast_to(keep, np.broadcast_shapes(
-        keep.shape, (1, 1, spec.L, spec.S))), "float64" if dtype == "float64" else "float32")
-    return torch.from_numpy(additive.copy()).to(device=like.device, dtype=like.dtype)
+    keep = np.broadcast_to(keep, np.broadcast_shapes(keep.shape, (1, 1, spec.L, spec.S)))
+    keep = torch.from_numpy(np.array(keep)).to(like.device)
+    additive = torch.zeros(keep.shape, dtype=like.dtype, device=like.device)
+    return additive.masked_fill(~keep, torch.finfo(like.dtype).min)
 
 
 def _set_attention(config, attn_implementation):
@@ -270,7 +271,7 @@ def timm_attention(module_class=None):
         if mask is None:
             return module(xq, is_causal=spec.causal)
         keep = torch_keep(mask, spec)
-        return module(xq, attn_mask=torch.from_numpy(np.ascontiguousarray(keep)).to(xq.device))
+        return module(xq, attn_mask=torch.from_numpy(np.array(keep)).to(xq.device))
 
     mapping = {"qkv.weight": P.packed_linear("w_q", "w_k", "w_v"),
                "qkv.bias": P.concat("b_q", "b_k", "b_v"),
