@@ -37,6 +37,7 @@ import numbers
 import array_api_compat
 
 from ._array import namespace
+from ._vjp import attach_vjp
 from ._validate import check_array, check_float_array
 
 __all__ = ["apply_rotary", "apply_rotary_backward", "rotary_angles", "ROTARY_STYLES"]
@@ -185,9 +186,13 @@ def apply_rotary_backward(dy, *, positions=None, offset=0, base=10000.0, rotary_
     return _rotate(namespace(dy), dy, cos, -sin, r, interleaved)
 
 
-def _rotary_vjp(x, **options):
-    y = apply_rotary(x, **options)
-    return y, lambda dy: (apply_rotary_backward(dy, **options),)
+def _forward(x, **options):
+    """``(y, residuals)``: the residuals are the options (the map is linear in ``x``)."""
+    return apply_rotary(x, **options), options
 
 
-apply_rotary.__refattn_vjp__ = _rotary_vjp
+def _backward(options, dy):
+    return (apply_rotary_backward(dy, **options),)
+
+
+attach_vjp(apply_rotary, _forward, _backward)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import numbers
 
 from .._array import namespace
-from .._registry import register_projection
 from ._base import RealOutputProjection, linear_backward, linear_forward, merge_heads, split_heads
 
 __all__ = ["StandardProjection", "linear_param_shapes", "project_linear",
@@ -96,4 +95,5 @@ class StandardProjection(RealOutputProjection):
         return 2.0 * d * (d * q_len + 2 * d_kv * kv_len) + self.out_flops(cfg, q_len)
 
 
-register_projection(StandardProjection())
+#: The scheme instance the inventory (:data:`refattn.projections.PROJECTIONS`) lists.
+STANDARD = StandardProjection()

@@ -17,7 +17,7 @@ any language.  See ``docs/verify.md``.
 from __future__ import annotations
 
 from .. import masks
-from ..cases import core_case, layer_case
+from ..catalog import core_case, layer_case
 from . import params, tolerance
 from .adapters import (Layer, LayerSpec, Unsupported, jax_dot_product_attention,
                        torch_multihead_attention, torch_sdpa)

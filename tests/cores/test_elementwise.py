@@ -176,7 +176,7 @@ def test_error_shrinks_with_order_for_small_qk():
 
 
 def test_kernel_error_matches_spec_and_docs_table():
-    # VARIANTS.md section 5: t = 6 is 5e-4 relative at x = -1 and 0.15 at x = -2
+    # docs/variants.md section 5: t = 6 is 5e-4 relative at x = -1 and 0.15 at x = -2
     assert kernel_error(-1.0, 6) == pytest.approx(4.8e-4, rel=0.01)
     assert kernel_error(-2.0, 6) == pytest.approx(0.149, rel=0.01)
     doc = pathlib.Path(__file__).parents[2] / "docs" / "cores" / "elementwise.md"

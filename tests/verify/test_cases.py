@@ -7,7 +7,7 @@ import pytest
 
 import refattn
 from refattn import masks
-from refattn.cases import EMPTY_ROWS, core_case, layer_case
+from refattn.catalog import EMPTY_ROWS, core_case, layer_case
 
 LAYER_VARIANTS = sorted(n for n, v in refattn.variants().items() if v.kind == "layer")
 

@@ -1,10 +1,11 @@
-"""Seeded problems (:class:`~refattn._registry.Case`): a public builder, and the layer variants' test set.
+"""Cases (:class:`~refattn.catalog.Case`) from your own arrays, and the layer variants' test set.
 
 A case is one problem of a refattn function or layer, with its inputs and
 options: :func:`layer_case` and :func:`core_case` build one from your own
 arrays, for ``refattn.verify.verify(..., cases=[...])``, golden files or
 ``refattn.testing``.  :func:`layer_test_cases` is the seeded set every layer
-variant tests (``refattn.get_variant("mha-standard").cases()``), built so that
+variant tests (``refattn.get_variant("mha-standard").cases()``, made in
+:mod:`refattn.catalog.layers`), built so that
 a masking or causality bug cannot pass:
 
 * masked **self**-attention with an ``(L, S)`` mask and with a key-padding mask
@@ -20,7 +21,7 @@ a masking or causality bug cannot pass:
 Examples
 --------
 >>> import numpy as np, refattn
->>> from refattn.cases import layer_case
+>>> from refattn.catalog import layer_case
 >>> layer = refattn.Attention(8, 2, causal=True)
 >>> x = np.random.default_rng(0).standard_normal((2, 4, 8))
 >>> padding = np.array([[True] * 4, [True, True, True, False]])     # (B, S), True = token
@@ -35,8 +36,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._registry import Case
-from ._validate import check_bool_array, check_float_array
+from .._validate import check_bool_array, check_float_array
+from .case import Case
 
 __all__ = ["layer_case", "core_case", "layer_test_cases", "EMPTY_ROWS"]
 
@@ -101,7 +102,7 @@ def core_case(fn, *arrays, name="case", **options):
     --------
     >>> import numpy as np, refattn
     >>> q = k = v = np.random.default_rng(0).standard_normal((1, 2, 3, 4))
-    >>> case = refattn.cases.core_case(refattn.sdpa, q, k, v, causal=True, name="causal")
+    >>> case = refattn.catalog.core_case(refattn.sdpa, q, k, v, causal=True, name="causal")
     >>> case.run().shape
     (1, 2, 3, 4)
     """
