@@ -42,7 +42,7 @@ def test_backward_is_the_transpose(options):
     lhs = np.sum(w * apply_rotary(x, **options))
     rhs = np.sum(apply_rotary_backward(w, **options) * x)
     assert lhs == pytest.approx(rhs, rel=1e-13)
-    y, pullback = refattn.vjp(apply_rotary, x, **options)
+    _, pullback = refattn.vjp(apply_rotary, x, **options)
     (dx,) = pullback(w)
     np.testing.assert_array_equal(dx, apply_rotary_backward(w, **options))
 
@@ -50,14 +50,14 @@ def test_backward_is_the_transpose(options):
 def test_scores_depend_on_relative_position_only():
     rng = np.random.default_rng(3)
     q, k = _x(rng, (1, 8)), _x(rng, (1, 8))
-    for interleaved in (False, True):
-        def score(i, j):
-            rq = apply_rotary(q, offset=i, interleaved=interleaved)
-            rk = apply_rotary(k, offset=j, interleaved=interleaved)
-            return float((rq @ rk.T)[0, 0])
+    def score(i, j, interleaved):
+        rq = apply_rotary(q, offset=i, interleaved=interleaved)
+        rk = apply_rotary(k, offset=j, interleaved=interleaved)
+        return float((rq @ rk.T)[0, 0])
 
-        assert score(7, 3) == pytest.approx(score(4, 0), rel=1e-12)
-        assert score(7, 3) != pytest.approx(score(3, 7), rel=1e-3)
+    for interleaved in (False, True):
+        assert score(7, 3, interleaved) == pytest.approx(score(4, 0, interleaved), rel=1e-12)
+        assert score(7, 3, interleaved) != pytest.approx(score(3, 7, interleaved), rel=1e-3)
 
 
 def test_float32_rounds_angles_once():
@@ -139,7 +139,9 @@ def test_layer_rotates_queries_and_keys_after_projection():
     layer = refattn.Attention(8, 2, rotary="half", causal=True)
     plain = refattn.Attention(8, 2, causal=True)
     params, x = layer.init(seed=2), rng.standard_normal((1, 6, 8))
-    heads = lambda w: np.swapaxes((x @ w).reshape(1, 6, 2, 4), 1, 2)  # noqa: E731
+    def heads(w):
+        return np.swapaxes((x @ w).reshape(1, 6, 2, 4), 1, 2)        # (1, H, L, d_k)
+
     q, k = apply_rotary(heads(params["w_q"])), apply_rotary(heads(params["w_k"]))
     o = refattn.sdpa(q, k, heads(params["w_v"]), causal=True)
     expected = np.swapaxes(o, 1, 2).reshape(1, 6, 8) @ params["w_o"]
