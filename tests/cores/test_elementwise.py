@@ -259,7 +259,7 @@ def test_state_errors():
 
 def test_scaling_study_reports_its_metrics(monkeypatch):
     """The study's plumbing on tiny sizes (its timings are not asserted: shared machines)."""
-    from refattn.cores.elementwise import study
+    from refattn.bench import elementwise_scaling as study
 
     monkeypatch.setattr(study, "_LENGTHS", {"quick": (64, 128, 256)})
     monkeypatch.setattr(study, "_SDPA_MAX", {"quick": 64})
