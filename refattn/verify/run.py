@@ -320,7 +320,7 @@ def verify(candidate, variant, *, framework=None, dtypes=("float64", "float32"),
            seed=0, params=None, call=None, name=None):
     """Verify a PyTorch or JAX implementation against refattn's float64 reference.
 
-    For every seeded case of ``variant`` (its registry ``"test"`` cases: shapes,
+    For every seeded case of ``variant`` (its catalogue ``"test"`` cases: shapes,
     masks, causal alignments, GQA, ...) and every dtype, the inputs are drawn in
     float64 and rounded to the dtype; the candidate runs on them and its
     framework's autograd computes the gradients for a random cotangent
@@ -346,7 +346,7 @@ def verify(candidate, variant, *, framework=None, dtypes=("float64", "float32"),
     dtypes : sequence of str
         Among ``"float64", "float32", "float16", "bfloat16"``.
     cases : str or list of Case
-        A case kind of the registry (``"test"``) or explicit float64 cases.
+        A case kind of the catalogue (``"test"``) or explicit float64 cases.
     seed : int
         Seeds the cases and the cotangents.
     params, call
