@@ -23,6 +23,8 @@ PACKAGE = ROOT / "refattn"
 #: layer (no cycle) or a lower one.
 LAYERS = {
     "refattn._": 0,
+    "refattn.masks": 0,
+    "refattn.rotary": 2,
     "refattn.backends": 1,
     "refattn.cores": 2,
     "refattn.projections": 3,
