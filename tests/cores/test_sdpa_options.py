@@ -180,3 +180,20 @@ def test_options_study_reports_every_tracked_metric(monkeypatch):
     assert set(result.metrics) == set(sdpa_options.STUDY.metric_names)
     assert all(np.isfinite(x) and x > 0 for x in result.metrics.values())
     assert sdpa_options._window_pairs(6, 2) == 1 + 2 + 3 + 3 + 3 + 3
+
+
+@pytest.mark.parametrize("rotary", ["half", "interleaved"])
+def test_rotary_is_the_rotation_of_q_and_k_then_sdpa(rotary):
+    q, k, v = _problem(8, E=8)
+    opts = dict(rotary_base=500.0, rotary_dim=6, causal=True, causal_align="lower_right")
+    rope = dict(base=500.0, rotary_dim=6, interleaved=rotary == "interleaved")
+    expected = refattn.sdpa(refattn.apply_rotary(q, offset=8, **rope),
+                            refattn.apply_rotary(k, **rope), v, causal=True,
+                            causal_align="lower_right", backend="reference")
+    for backend in ("reference", "numba"):
+        got = refattn.sdpa(q, k, v, rotary=rotary, rotary_q_offset=8, backend=backend, **opts)
+        assert_close(got, expected, "float64", f"{rotary} rotary on {backend}")
+    check_grads(refattn.sdpa, q[:, :, :5], k[:, :, :7], v[:, :, :7], rotary=rotary,
+                rotary_q_offset=2, backend="reference", **opts)
+    with pytest.raises(ValueError, match="rotary must be one of"):
+        refattn.sdpa(q, k, v, rotary="neox")

@@ -38,6 +38,7 @@ from . import reference as _reference
 from ..._array import flatten_batch, namespace, native_byte_order, product, sum_to_shape
 from ..._masks import CAUSAL_ALIGNS, causal_offset, causal_pairs, window_bounds
 from ..._vjp import attach_vjp
+from ...rotary import ROTARY_STYLES, apply_rotary, apply_rotary_backward
 from ..._validate import (AttentionShapes, attention_shapes, check_bool_array, check_broadcastable,
                           check_cotangent,
                           check_choice, check_dropout, check_float_array, check_same_dtype)
@@ -120,6 +121,7 @@ class SDPAResiduals:
     shapes: AttentionShapes
     bias_shape: tuple | None = None
     alibi_shape: tuple | None = None
+    rotary: dict | None = None        # apply_rotary keywords and the queries' offset
 
 
 def implementation(backend: str):
@@ -258,8 +260,17 @@ def prepare(q, k, v, mask=None, bias=None, causal=False, causal_align="upper_lef
     return xp, shapes, options
 
 
+def _rotary_keywords(rotary, base, rotary_dim):
+    """``apply_rotary`` keywords for ``rotary`` in ``ROTARY_STYLES``, or None without rotary."""
+    if rotary is None:
+        return None
+    check_choice(rotary, "rotary", (None,) + ROTARY_STYLES)
+    return {"base": base, "rotary_dim": rotary_dim, "interleaved": rotary == "interleaved"}
+
+
 def forward(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_left", scale=None,
             dropout_mask=None, dropout_p=0.0, window=None, softcap=None, alibi_slopes=None,
+            rotary=None, rotary_base=10000.0, rotary_dim=None, rotary_q_offset=0,
             backend="auto", tiles=None, float32_math=None):
     """SDPA forward pass returning ``(o, residuals)`` for :func:`backward`.
 
@@ -269,6 +280,12 @@ def forward(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_
     """
     q, k, v, bias, alibi_slopes = (None if x is None else native_byte_order(x)
                                    for x in (q, k, v, bias, alibi_slopes))
+    rope = _rotary_keywords(rotary, rotary_base, rotary_dim)
+    if rope is not None:          # a separate pass before the kernel (docs/rotary.md)
+        attention_shapes(q, k, v)
+        q = apply_rotary(q, offset=rotary_q_offset, **rope)
+        k = apply_rotary(k, **rope)
+        rope = {**rope, "q_offset": rotary_q_offset}
     xp, shapes, options = prepare(q, k, v, mask, bias, causal, causal_align, scale,
                                   dropout_mask, dropout_p, tiles, float32_math, window, softcap,
                                   alibi_slopes)
@@ -281,7 +298,7 @@ def forward(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_
     o4, lse = impl.forward(q4, k4, v4, options)
     res = SDPAResiduals(backend, q4, k4, v4, o4, lse, options, shapes,
                         None if bias is None else tuple(bias.shape),
-                        None if alibi_slopes is None else tuple(alibi_slopes.shape))
+                        None if alibi_slopes is None else tuple(alibi_slopes.shape), rope)
     return xp.reshape(o4, shapes.output), res
 
 
@@ -303,6 +320,10 @@ def backward(res: SDPAResiduals, do):
     grads = (xp.reshape(dq, (*batch,) + tuple(dq.shape[1:])),
              xp.reshape(dk, (*batch,) + tuple(dk.shape[1:])),
              xp.reshape(dv, (*batch,) + tuple(dv.shape[1:])))
+    if res.rotary is not None:    # the rotation is orthogonal: its pullback is R^T
+        rope = {n: x for n, x in res.rotary.items() if n != "q_offset"}
+        grads = (apply_rotary_backward(grads[0], offset=res.rotary["q_offset"], **rope),
+                 apply_rotary_backward(grads[1], **rope), grads[2])
     if res.bias_shape is not None:
         dscores = xp.reshape(dscores, shapes.scores)
         grads = grads + (sum_to_shape(xp, dscores, res.bias_shape),)
@@ -314,6 +335,7 @@ def backward(res: SDPAResiduals, do):
 
 def sdpa(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_left", scale=None,
          dropout_mask=None, dropout_p=0.0, window=None, softcap=None, alibi_slopes=None,
+         rotary=None, rotary_base=10000.0, rotary_dim=None, rotary_q_offset=0,
          return_lse=False, return_probs=False, backend="auto", tiles=None, float32_math=None):
     r"""Scaled dot-product attention.
 
@@ -358,6 +380,18 @@ def sdpa(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_lef
     alibi_slopes : float array (H,) or (..., H), optional
         FlashAttention's ALiBi: adds ``-slope_h * |i + S - L - j|``; ``vjp`` returns
         the slopes' gradient after ``dbias`` (if any).
+    rotary : {None, "half", "interleaved"}
+        Rotary position embeddings applied to ``q`` and ``k`` first
+        (:func:`refattn.apply_rotary`): ``"half"`` pairs ``(x_m, x_{m+r/2})``
+        (GPT-NeoX, Llama), ``"interleaved"`` pairs ``(x_{2m}, x_{2m+1})`` (GPT-J);
+        keys at positions ``0 ... S-1``, queries at ``rotary_q_offset + 0 ... L-1``.
+    rotary_base : float
+        ``theta`` of the frequencies (10000 by default; 500000 in Llama 3).
+    rotary_dim : even int, optional
+        Rotated features per head (default ``E``); the rest pass through.
+    rotary_q_offset : int
+        Position of the first query (e.g. ``S - L`` when the queries are the last
+        ``L`` of ``S`` tokens).
     return_lse : bool
         Also return the log-sum-exp ``(..., H, L)`` of each row.
     return_probs : bool
@@ -394,7 +428,9 @@ def sdpa(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_lef
     """
     o, res = forward(q, k, v, mask=mask, bias=bias, causal=causal, causal_align=causal_align,
                      scale=scale, dropout_mask=dropout_mask, dropout_p=dropout_p, window=window,
-                     softcap=softcap, alibi_slopes=alibi_slopes, backend=backend, tiles=tiles,
+                     softcap=softcap, alibi_slopes=alibi_slopes, rotary=rotary,
+                     rotary_base=rotary_base, rotary_dim=rotary_dim,
+                     rotary_q_offset=rotary_q_offset, backend=backend, tiles=tiles,
                      float32_math=float32_math)
     extra = ()
     xp = namespace(q)
