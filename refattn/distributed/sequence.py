@@ -129,7 +129,7 @@ def _backward_block(q, k, v, o, lse, do, mask, bias, drop, spec):
     xp = namespace(q, k, v)
     batch = tuple(q.shape[:nb])
     opts = spec.options(xp, batch, mask, bias, drop)
-    dq, dk, dv, ds = _impl(spec, xp, (q, k, v, do), opts.bias).backward(
+    dq, dk, dv, ds, _ = _impl(spec, xp, (q, k, v, do), opts.bias).backward(
         _flat(xp, q, nb), _flat(xp, k, nb), _flat(xp, v, nb), _flat(xp, o, nb),
         _flat(xp, lse, nb), _flat(xp, do, nb), opts)
     back = lambda g: xp.reshape(g, batch + tuple(g.shape[1:]))   # noqa: E731
