@@ -23,6 +23,8 @@ PACKAGE = ROOT / "refattn"
 #: layer (no cycle) or a lower one.
 LAYERS = {
     "refattn._": 0,
+    "refattn.masks": 0,
+    "refattn.rotary": 2,
     "refattn.backends": 1,
     "refattn.cores": 2,
     "refattn.projections": 3,
@@ -30,6 +32,7 @@ LAYERS = {
     "refattn.catalog": 5,
     "refattn.conditioning": 6,
     "refattn.testing": 6,
+    "refattn.distributed": 6,
     "refattn.bench": 7,
     "refattn.verify": 7,
     "refattn.cli": 8,

@@ -384,7 +384,7 @@ def _compare(case, quantity, got, stored, rtol, atol) -> Check:
         note = str(exc).splitlines()[0]
     if not note and not err <= allowed:
         note = f"{quantity}: max |recomputed - stored| = {err:.3g} > allowed {allowed:.3g}"
-    return Check(case["name"], "float64", quantity, err, err / scale, float("nan"),
+    return Check(case["name"], "float64", quantity, err, err / scale, None,
                  allowed / scale, "FAIL" if note else "ok", note)
 
 
