@@ -67,8 +67,10 @@ def test_tampered_file_fails_with_nonzero_exit(sdpa_file, tmp_path, capsys):
 
 def test_layer_file_round_trips(tmp_path):
     path = tmp_path / "mha.npz"
-    assert golden.export("mha-standard", path, seed=3) == 3
+    n = len(refattn.get_variant("mha-standard").cases("test", "float64", 3))
+    assert golden.export("mha-standard", path, seed=3) == n
     header, cases = golden.load_cases(path)
+    assert len(cases) == n
     assert header["seed"] == 3 and header["variant_kind"] == "layer"
     biased = cases[1]
     assert biased["layer"] == {"d_model": 8, "n_heads": 2, "projection": "standard",
