@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .._core import COMMON_OPTIONS
 from ..backends import available_backends
 from ..catalog import variants
 from ..cores import get_core
@@ -53,7 +54,8 @@ def run(args) -> int:
             print("  ".join("-" * w for w in widths) + "  " + "-" * len(t[-1]))
         elif args.long:
             print(f"    {rows[j - 1]['summary']}")
+    common = " and ".join(f"{o}=" for o in COMMON_OPTIONS)
     print(f"\n{len(rows)} variants; * = backend available on this machine. Options are the "
           f"keyword options of the core (a layer passes them through: Attention(..., "
-          f"**core_options)); every core also takes mask= and causal=.")
+          f"**core_options)); every core also takes {common}.")
     return 0
