@@ -27,7 +27,7 @@ def test_report_on_one_variant_passes(capsys):
 def test_report_fails_on_a_failing_check(monkeypatch, capsys):
     from refattn.cli import report
 
-    monkeypatch.setitem(report.FORWARD_TOL, "float64", -1.0)  # nothing can pass now
+    monkeypatch.setattr(report, "FLOAT64_FORWARD_RTOL", -1.0)  # nothing can pass now
     rc = main(["report", "--variants", "sdpa", "--backends", "reference", "--dtypes", "float64",
                "--no-studies"])
     assert rc == 1
