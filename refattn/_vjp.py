@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["vjp"]
+__all__ = ["vjp", "attach_vjp"]
 
 
 def vjp(fn, *arrays, **options):
@@ -33,3 +33,18 @@ def vjp(fn, *arrays, **options):
             "refattn functions (sdpa, quaternion_attention, ...) and refattn.Attention layers"
         )
     return rule(*arrays, **options)
+
+
+def attach_vjp(fn, forward, backward):
+    """Give ``fn`` its backward pass for :func:`vjp`; returns ``fn``.
+
+    ``forward(*arrays, **options) -> (out, residuals)`` and
+    ``backward(residuals, cotangent) -> gradients`` are the core's pair; the rule runs
+    the forward pass once and binds the pullback to its residuals.
+    """
+    def rule(*arrays, **options):
+        out, residuals = forward(*arrays, **options)
+        return out, lambda cotangent: backward(residuals, cotangent)
+
+    fn.__refattn_vjp__ = rule
+    return fn

@@ -16,7 +16,6 @@ of float32/float64 and ``reference`` otherwise, among those the core implements.
 from __future__ import annotations
 
 import functools
-import importlib
 
 from .._array import all_finite, is_cupy, is_numpy, no_nan_or_posinf, product
 from .._validate import check_choice
@@ -24,15 +23,11 @@ from .._validate import check_choice
 BACKENDS = ("reference", "numba", "cupy")
 
 __all__ = ["BACKENDS", "available_backends", "numba_available", "cupy_available", "resolve",
-           "load_implementation", "needs_exact_path", "route"]
+           "needs_exact_path", "route"]
 
 
-@functools.lru_cache(maxsize=None)
 def numba_available() -> bool:
-    try:
-        import numba  # noqa: F401
-    except Exception:  # pragma: no cover - numba is a hard dependency
-        return False
+    """True: Numba is a dependency (the numba backend runs wherever refattn installs)."""
     return True
 
 
@@ -88,12 +83,6 @@ def resolve(backend: str, implemented, *arrays, core: str = "this core") -> str:
         if not is_cupy(x):
             raise TypeError("backend='cupy' needs CuPy arrays (use cupy.asarray)")
     return backend
-
-
-@functools.lru_cache(maxsize=None)
-def load_implementation(package: str, backend: str):
-    """Import ``<package>.<backend>`` (e.g. ``refattn.cores.sdpa.numba``)."""
-    return importlib.import_module(f"{package}.{backend}")
 
 
 def needs_exact_path(xp, arrays, bias=None) -> bool:

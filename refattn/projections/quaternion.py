@@ -1,7 +1,7 @@
 """Quaternion projections: quaternion linear layers and heads that own units of every component.
 
 A quaternion vector of ``n`` units is stored as four contiguous blocks
-``[r | i | j | k]`` of width ``n`` (``VARIANTS.md`` section 3).  The quaternion
+``[r | i | j | k]`` of width ``n`` (``docs/variants.md`` section 3).  The quaternion
 linear layer ``y = W (x) x`` (Hamilton product, weight on the left) is the real
 product ``y = x @ M`` with the block matrix ``M[b, c] = SIGN[b^c][b] W_(b^c)``
 (:mod:`refattn.cores.quaternion.algebra`): four ``(n_in, n_out)`` blocks, a
@@ -19,7 +19,6 @@ Shape legend: ``*batch`` batch dims, ``L`` query length, ``S`` key length,
 from __future__ import annotations
 
 from .._array import namespace
-from .._registry import register_projection
 from .._validate import check_float_array, check_same_dtype
 from ..cores.quaternion.algebra import SIGN
 from ._base import OutputProjection, linear_backward, linear_forward
@@ -226,4 +225,5 @@ class QuaternionProjection(OutputProjection):
         return 2.0 * d * d * (2 * q_len + 2 * kv_len)
 
 
-register_projection(QuaternionProjection())
+#: The scheme instance the inventory (:data:`refattn.projections.PROJECTIONS`) lists.
+QUATERNION = QuaternionProjection()

@@ -13,4 +13,6 @@ each with a hand-derived backward pass tested by float64 finite differences
 Results and the papers' claims side by side: ``docs/fidelity.md``.
 """
 
-from . import study  # noqa: F401  (registers the study "training")
+from .study import STUDY
+
+__all__ = ["STUDY"]

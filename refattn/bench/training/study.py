@@ -32,13 +32,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ...cli._progress import Progress
-from .. import Study, StudyResult, register_study
+from ...conditioning import layer_conditioning
+from ..study import Study, StudyResult
 from .claims import combine, compare_scores, learned, matches, outperforms
 from .data import digits, recall_batch
 from .loss import accuracy
 from .model import TinyTransformer
 from .train import minibatches, train
+
+try:  # optional: comes with scikit-learn, which the study needs for its data anyway
+    from threadpoolctl import threadpool_limits
+except ImportError:  # pragma: no cover - the study is skipped without it (Study.requires)
+    threadpool_limits = None
 
 __all__ = ["Budget", "BUDGETS", "DIGITS_MODELS", "RECALL_MODELS", "TrainingResult", "run",
            "run_digits", "run_recall", "MATCH_MARGIN"]
@@ -116,8 +121,6 @@ class Run:
 
 def _head_kappas(model, params, x):
     """``(H, 3)``: per head, medians over the images of ``kappa(P), kappa(A), kappa(CA)``."""
-    from ...conditioning import layer_conditioning
-
     (layer, layer_params, a), = model.attention_inputs(params, x)
     heads = layer_conditioning(layer, layer_params, a, backend=model.backend).heads.per_head()
     return np.stack([heads["kappa_p"], heads["kappa_a"], heads["kappa_o"]], axis=1)
@@ -337,39 +340,31 @@ def _cpu_model() -> str:
 
 
 class _Log:
-    """One line per trained model on ``stream``, or a progress bar on a terminal's stderr."""
+    """One line per trained model on ``stream`` (silent without one)."""
 
-    def __init__(self, stream, total):
+    def __init__(self, stream):
         self.stream, self.t0 = stream, time.perf_counter()
-        self.bar = Progress(total, "training") if stream is None else None
 
     def __call__(self, what, result: Run):
-        if self.bar is not None:
-            self.bar.update(what)
+        if self.stream is None:
             return
         print(f"[{time.perf_counter() - self.t0:6.0f} s] {what}: accuracy "
               f"{_pct(result.accuracy)}%, {result.epoch_seconds:.2f} s/epoch", file=self.stream,
               flush=True)
 
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
 
 def run(size="quick", log=None) -> TrainingResult:
     """Train every model of both tasks at ``size`` ("quick" or "full"); the tables and verdicts.
 
-    ``log``: a text stream for one line per trained model (default: a progress bar on
-    stderr when it is a terminal).
+    ``log``: a text stream for one line per trained model (default: none).
     """
-    from threadpoolctl import threadpool_limits
-
+    if threadpool_limits is None:
+        raise ImportError("the training study needs threadpoolctl (pip install "
+                          "'refattn[bench]', which brings scikit-learn and threadpoolctl)")
     if size not in BUDGETS:
         raise ValueError(f"size must be one of {sorted(BUDGETS)}, got {size!r}")
     budget = BUDGETS[size]
-    n_seeds = len(budget.seeds)
-    logger = _Log(log, n_seeds * (len(DIGITS_MODELS) + len(RECALL_MODELS) *
-                                  len(budget.recall_pairs)))
+    logger = _Log(log)
     t0 = time.perf_counter()
 
     def logged(what, result):
@@ -386,7 +381,6 @@ def run(size="quick", log=None) -> TrainingResult:
                                           run_recall(name, s, n, budget))
                                    for s in budget.seeds]
                        for name in RECALL_MODELS for n in budget.recall_pairs}
-    logger.close()
     sections = [_digits_table(digits_runs, budget), _recall_table(recall_runs, budget),
                 _conditioning_table(digits_runs, budget)]
     metrics = {k: v for s in sections for k, v in s.metrics.items()}
@@ -401,11 +395,11 @@ def run(size="quick", log=None) -> TrainingResult:
                           metrics=metrics, notes=notes, sections=sections)
 
 
-STUDY = register_study(Study(
+STUDY = Study(
     name="training",
     summary="tiny ViT on digits and causal associative recall trained with refattn's own "
             "backward passes (NumPy only): the papers' claims, reproduced or not",
     run=run,
     requires=("sklearn", "threadpoolctl"),
     metric_names=("digits.standard.accuracy", "recall.sdpa.n4.accuracy"),
-))
+)
