@@ -17,7 +17,14 @@ asv benchmarks and the ``refattn`` report pick it up from here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+from .typing import Backend, Pullback
+
+if TYPE_CHECKING:  # the projection schemes import this module to register themselves
+    from .projections._base import Projection
+
+P = TypeVar("P", bound="Projection")
 
 __all__ = ["Core", "Case", "Variant", "register_core", "register_variant", "get_core",
            "cores", "variants", "get_variant", "CASE_KINDS", "register_projection",
@@ -75,10 +82,12 @@ class Case:
     flops: float = 0.0
     backends: tuple | None = None
 
-    def run(self, backend: str = "auto"):
+    def run(self, backend: Backend = "auto") -> Any:
+        """``fn(*arrays, backend=backend, **options)``."""
         return self.fn(*self.arrays, backend=backend, **self.options)
 
-    def vjp(self, backend: str = "auto"):
+    def vjp(self, backend: Backend = "auto") -> tuple[Any, Pullback]:
+        """``refattn.vjp(fn, *arrays, backend=backend, **options)``: ``(out, pullback)``."""
         from ._vjp import vjp
 
         return vjp(self.fn, *self.arrays, backend=backend, **self.options)
@@ -100,7 +109,8 @@ class Variant:
     summary: str = ""
     tags: tuple = ()
 
-    def cases(self, kind: str = "test", dtype: Any = "float64", seed: int = 0):
+    def cases(self, kind: str = "test", dtype: Any = "float64", seed: int = 0) -> list[Case]:
+        """The seeded :class:`Case` list of ``kind`` (one of :data:`CASE_KINDS`) in ``dtype``."""
         return self.make_cases(kind, dtype, seed)
 
     @property
@@ -114,7 +124,7 @@ _VARIANTS: dict[str, Variant] = {}
 _PROJECTIONS: dict[str, Any] = {}
 
 
-def register_projection(scheme):
+def register_projection(scheme: P) -> P:
     """Register a projection scheme (a :class:`refattn.projections.Projection`)."""
     if scheme.name in _PROJECTIONS:
         raise ValueError(f"projection {scheme.name!r} is already registered")
@@ -122,7 +132,8 @@ def register_projection(scheme):
     return scheme
 
 
-def get_projection(name: str):
+def get_projection(name: str) -> Projection:
+    """The registered projection scheme ``name`` (``ValueError`` naming the choices if none)."""
     _load_all()
     if name not in _PROJECTIONS:
         raise ValueError(f"projection must be one of {', '.join(map(repr, sorted(_PROJECTIONS)))}; "
@@ -130,12 +141,14 @@ def get_projection(name: str):
     return _PROJECTIONS[name]
 
 
-def projections() -> dict:
+def projections() -> dict[str, Projection]:
+    """``{name: scheme}`` of every registered projection scheme."""
     _load_all()
     return dict(_PROJECTIONS)
 
 
 def register_core(core: Core) -> Core:
+    """Add ``core`` to the registry (``ValueError`` if its name is taken); returns it."""
     if core.name in _CORES:
         raise ValueError(f"core {core.name!r} is already registered")
     _CORES[core.name] = core
@@ -143,6 +156,7 @@ def register_core(core: Core) -> Core:
 
 
 def register_variant(variant: Variant) -> Variant:
+    """Add ``variant`` to the registry (``ValueError`` if its name is taken); returns it."""
     if variant.name in _VARIANTS:
         raise ValueError(f"variant {variant.name!r} is already registered")
     _VARIANTS[variant.name] = variant
@@ -157,6 +171,7 @@ def _load_all():
 
 
 def get_core(name: str) -> Core:
+    """The registered core ``name`` (``ValueError`` naming the choices if none)."""
     _load_all()
     if name not in _CORES:
         raise ValueError(f"core must be one of {', '.join(map(repr, sorted(_CORES)))}; got {name!r}")
@@ -164,16 +179,19 @@ def get_core(name: str) -> Core:
 
 
 def cores() -> dict[str, Core]:
+    """``{name: core}`` of every registered attention core."""
     _load_all()
     return dict(_CORES)
 
 
 def variants() -> dict[str, Variant]:
+    """``{name: variant}`` of every registered variant: the cores alone and the layers."""
     _load_all()
     return dict(_VARIANTS)
 
 
 def get_variant(name: str) -> Variant:
+    """The registered variant ``name`` (``ValueError`` naming the choices if none)."""
     v = variants()
     if name not in v:
         raise ValueError(f"variant must be one of {', '.join(map(repr, sorted(v)))}; got {name!r}")

@@ -6,16 +6,19 @@ A row whose keys are all masked out has probabilities 0 and log-sum-exp
 
 from __future__ import annotations
 
+from .typing import Array, Namespace
+
 __all__ = ["masked_softmax", "probs_from_lse", "softmax_backward"]
 
 
-def _masked_scores(xp, scores, keep):
+def _masked_scores(xp: Namespace, scores: Array, keep: Array | None) -> Array:
     if keep is None:
         return scores
     return xp.where(keep, scores, xp.asarray(-xp.inf, dtype=scores.dtype))
 
 
-def masked_softmax(xp, scores, keep=None):
+def masked_softmax(xp: Namespace, scores: Array,
+                   keep: Array | None = None) -> tuple[Array, Array]:
     """Row-wise softmax over the last axis of ``scores`` where ``keep`` is True.
 
     Parameters
@@ -44,7 +47,7 @@ def masked_softmax(xp, scores, keep=None):
     return p, lse[..., 0]
 
 
-def probs_from_lse(xp, scores, keep, lse):
+def probs_from_lse(xp: Namespace, scores: Array, keep: Array | None, lse: Array) -> Array:
     """Recompute the probabilities from saved log-sum-exp (FlashAttention-2 backward)."""
     s = _masked_scores(xp, scores, keep)
     lse = lse[..., None]
@@ -53,7 +56,7 @@ def probs_from_lse(xp, scores, keep, lse):
                     xp.zeros_like(s))
 
 
-def softmax_backward(xp, p, dp, row_dot=None):
+def softmax_backward(xp: Namespace, p: Array, dp: Array, row_dot: Array | None = None) -> Array:
     """Gradient of the scores given the gradient of the probabilities.
 
     ``dS = P * (dP - D)`` with ``D = rowsum(P * dP)``; ``row_dot`` may pass a

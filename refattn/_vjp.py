@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
-__all__ = ["vjp"]
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from .typing import Pullback, VjpRule
+
+__all__ = ["vjp", "attach_vjp"]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def vjp(fn, *arrays, **options):
+def attach_vjp(fn: F, rule: VjpRule) -> F:
+    """Make ``rule(*arrays, **options) -> (out, pullback)`` the backward pass of ``fn``.
+
+    :func:`vjp` runs ``rule`` when it is given ``fn``; returns ``fn`` itself.  (A class
+    gives its instances a backward pass with a ``__refattn_vjp__`` method instead.)
+    """
+    setattr(fn, "__refattn_vjp__", rule)
+    return fn
+
+
+def vjp(fn: Callable[..., Any], *arrays: Any, **options: Any) -> tuple[Any, Pullback]:
     """Run ``fn(*arrays, **options)`` and return ``(out, pullback)``.
 
     ``pullback(cotangent)`` returns one gradient per positional array, in order
@@ -26,7 +43,7 @@ def vjp(fn, *arrays, **options):
     >>> dq.shape, dk.shape, dv.shape
     ((1, 2, 4, 8), (1, 2, 4, 8), (1, 2, 4, 8))
     """
-    rule = getattr(fn, "__refattn_vjp__", None)
+    rule: VjpRule | None = getattr(fn, "__refattn_vjp__", None)
     if rule is None:
         raise TypeError(
             f"{getattr(fn, '__name__', type(fn).__name__)} has no refattn backward pass; vjp takes "

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import functools
 import importlib
+from collections.abc import Sequence
+from types import ModuleType
 
 from .._array import is_cupy, is_numpy
 from .._validate import check_choice
+from ..typing import Array
 
 BACKENDS = ("reference", "numba", "cupy")
 
@@ -49,7 +52,7 @@ def cupy_available() -> bool:
         return False
 
 
-def available_backends() -> tuple:
+def available_backends() -> tuple[str, ...]:
     """Backends usable on this machine, in order of preference for ``"auto"``."""
     out = ["reference"]
     if numba_available():
@@ -59,7 +62,8 @@ def available_backends() -> tuple:
     return tuple(out)
 
 
-def resolve(backend: str, implemented, *arrays, core: str = "this core") -> str:
+def resolve(backend: str, implemented: Sequence[str], *arrays: Array,
+            core: str = "this core") -> str:
     """Return the concrete backend for ``arrays`` (``backend`` may be ``"auto"``)."""
     check_choice(backend, "backend", ("auto",) + BACKENDS)
     x = arrays[0]
@@ -91,6 +95,6 @@ def resolve(backend: str, implemented, *arrays, core: str = "this core") -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def load_implementation(package: str, backend: str):
+def load_implementation(package: str, backend: str) -> ModuleType:
     """Import ``<package>.<backend>`` (e.g. ``refattn.cores.sdpa.numba``)."""
     return importlib.import_module(f"{package}.{backend}")

@@ -69,7 +69,7 @@ def cache_status() -> dict:
 
 
 _KERNELS: list = []
-_warned = set()
+_warned: set[str] = set()
 
 
 def _warn_once(message: str):
@@ -393,7 +393,7 @@ def first_call_times() -> dict:
     """
     from .._registry import variants
 
-    out = {}
+    out: dict[str, float | tuple[int, int]] = {}
     sdpa_first = sorted(variants().items(), key=lambda item: (item[0] != "sdpa", item[0]))
     for name, variant in sdpa_first:
         if variant.kind != "core" or "numba" not in variant.backends:

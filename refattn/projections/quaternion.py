@@ -21,7 +21,9 @@ from __future__ import annotations
 from .._array import namespace
 from .._registry import register_projection
 from .._validate import check_float_array, check_same_dtype
+from .._vjp import attach_vjp
 from ..cores.quaternion.algebra import SIGN
+from ..typing import Array, Pullback
 from ._base import OutputProjection, linear_backward, linear_forward
 
 __all__ = ["quaternion_linear", "linear_matrix", "linear_matrix_adjoint",
@@ -84,7 +86,7 @@ def _check_linear(x, w, b):
     check_same_dtype(x=x, w=w, b=b)
 
 
-def quaternion_linear(x, w, b=None):
+def quaternion_linear(x: Array, w: Array, b: Array | None = None) -> Array:
     r"""Quaternion linear layer ``y = w (x) x + b`` on the ``[r | i | j | k]`` block layout.
 
     .. math::
@@ -123,7 +125,8 @@ def quaternion_linear(x, w, b=None):
     return quaternion_linear_forward(namespace(x, w, b), x, w, b)
 
 
-def _quaternion_linear_vjp(x, w, b=None):
+def _quaternion_linear_vjp(x: Array, w: Array,
+                           b: Array | None = None) -> tuple[Array, Pullback]:
     _check_linear(x, w, b)
     xp = namespace(x, w, b)
     y = quaternion_linear_forward(xp, x, w, b)
@@ -138,7 +141,7 @@ def _quaternion_linear_vjp(x, w, b=None):
     return y, pullback
 
 
-quaternion_linear.__refattn_vjp__ = _quaternion_linear_vjp
+attach_vjp(quaternion_linear, _quaternion_linear_vjp)
 
 
 def split_quaternion_heads(xp, x, n_heads: int):
