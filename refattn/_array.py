@@ -25,6 +25,8 @@ __all__ = [
     "matrix_transpose",
     "flatten_batch",
     "upcast_half",
+    "all_finite",
+    "native_byte_order",
 ]
 
 
@@ -74,7 +76,7 @@ def upcast_half(xp: Namespace, *arrays: Array) -> tuple[Array, ...]:
 
 def flatten_batch(xp: Namespace, x: Array, batch: Sequence[int]) -> Array:
     """``(*batch, ...) -> (B, ...)`` with ``B = prod(batch)`` (1 when there are no batch dims)."""
-    return xp.reshape(x, (max(product(batch), 1),) + tuple(x.shape[len(batch):]))
+    return xp.reshape(x, (product(batch),) + tuple(x.shape[len(batch):]))
 
 
 def product(shape: Sequence[int]) -> int:
@@ -86,3 +88,34 @@ def to_numpy(x: Array) -> np.ndarray:
     if is_cupy(x):
         return x.get()
     return np.asarray(x)
+
+
+def all_finite(xp, x) -> bool:
+    """Whether every entry of ``x`` is finite, in one reduction (no temporary array).
+
+    The sum of finite entries is finite unless it overflows; an overflow answers
+    ``False``, which only sends the call down the exact non-finite path.
+    """
+    if x is None or product(x.shape) == 0:
+        return True
+    half = getattr(xp, "float16", None)           # array-api-strict has no float16
+    total = xp.sum(x, dtype=xp.float32) if half is not None and x.dtype == half else xp.sum(x)
+    return bool(xp.isfinite(total))
+
+
+def no_nan_or_posinf(xp, x) -> bool:
+    """Whether ``x`` (a bias, where ``-inf`` means "masked") holds no NaN and no ``+inf``."""
+    if x is None or product(x.shape) == 0:
+        return True
+    return not bool(xp.any(xp.isnan(x) | (x == xp.inf)))
+
+
+def native_byte_order(x):
+    """``x`` itself, or a copy in native byte order for a byte-swapped NumPy array.
+
+    Kernels compiled for native floats (Numba, BLAS) cannot read big-endian data;
+    every other library's arrays come back unchanged.
+    """
+    if isinstance(x, np.ndarray) and x.dtype.byteorder not in ("=", "|"):
+        return x.astype(x.dtype.newbyteorder("="))
+    return x

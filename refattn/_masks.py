@@ -26,16 +26,21 @@ def causal_keep(xp, q_len: int, kv_len: int, offset: int, device=None):
     return j <= i + offset
 
 
-def keep_mask(xp, mask, causal_offset_or_none, q_len: int, kv_len: int, device=None):
-    """Combine a user keep-mask with the causal mask.
+def keep_mask(xp, mask, causal_offset_or_none, q_len: int, kv_len: int, device=None, bias=None):
+    """The kept pairs: a user keep-mask AND the causal rule AND ``bias != -inf``.
 
-    Returns a boolean array broadcastable to the scores ``(..., H, L, S)``, or
-    ``None`` when every key is kept.
+    A ``-inf`` bias entry masks its pair out exactly as ``mask=False`` does; a NaN or
+    ``+inf`` bias entry keeps its pair (and poisons its row, see :mod:`refattn._softmax`).
+    Returns a boolean array broadcastable to the scores ``(..., H, L, S)``, or ``None``
+    when every key is kept.
     """
     keep = mask
     if causal_offset_or_none is not None:
         tri = causal_keep(xp, q_len, kv_len, causal_offset_or_none, device=device)
         keep = tri if keep is None else xp.logical_and(keep, tri)
+    if bias is not None:
+        finite_or_nan = bias != -xp.inf
+        keep = finite_or_nan if keep is None else xp.logical_and(keep, finite_or_nan)
     return keep
 
 

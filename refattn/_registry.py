@@ -16,6 +16,8 @@ asv benchmarks and the ``refattn`` report pick it up from here.
 
 from __future__ import annotations
 
+import sys
+import types
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
@@ -196,3 +198,19 @@ def get_variant(name: str) -> Variant:
     if name not in v:
         raise ValueError(f"variant must be one of {', '.join(map(repr, sorted(v)))}; got {name!r}")
     return v[name]
+
+
+def make_package_callable(module_name: str, listing: Callable) -> None:
+    """Let the package ``module_name`` be called as ``listing()``.
+
+    ``refattn.cores`` is both the package of the cores and, as the public API has it,
+    the function listing them (``refattn.cores()``); the same holds for
+    ``refattn.projections``.  A package's attribute on its parent cannot be two
+    objects, so the package itself becomes callable.
+    """
+
+    class _ListingPackage(types.ModuleType):
+        def __call__(self):
+            return listing()
+
+    sys.modules[module_name].__class__ = _ListingPackage

@@ -158,8 +158,8 @@ class AttentionShapes:
 
     @property
     def group(self) -> int:
-        """Query heads per kv head (grouped-query attention)."""
-        return self.heads // self.kv_heads
+        """Query heads per kv head (grouped-query attention); 1 when there are no heads."""
+        return self.heads // self.kv_heads if self.kv_heads else 1
 
 
 def attention_shapes(q, k, v, *, feature_axes: int = 1, legend_feature: str = "E",
@@ -212,7 +212,7 @@ def attention_shapes(q, k, v, *, feature_axes: int = 1, legend_feature: str = "E
             f"v has feature size {v.shape[-1]} but k has {k.shape[-1]}; this core needs "
             "values as wide as keys"
         )
-    if Hkv == 0 or H % Hkv != 0:
+    if (Hkv == 0 and H != 0) or (Hkv != 0 and H % Hkv != 0):
         raise ValueError(
             f"k and v have {Hkv} heads, which does not divide the {H} heads of q "
             "(grouped-query attention needs H % Hkv == 0)"
@@ -220,10 +220,19 @@ def attention_shapes(q, k, v, *, feature_axes: int = 1, legend_feature: str = "E
     return AttentionShapes(batch, H, Hkv, L, S, q.shape[-1], v.shape[-1], _dtype_name(q))
 
 
-def check_cotangent(do, expected_shape, legend: str = ""):
-    """Validate the cotangent handed to a pullback: a float array of the output's shape."""
+def check_cotangent(do, expected_shape, legend: str = "", like=None):
+    """Validate the cotangent handed to a pullback: a float array of the output's shape.
+
+    ``like`` (the output) also fixes the array library: a NumPy cotangent for a CuPy
+    output is an error, not a silent transfer.  A cotangent of another float dtype is
+    accepted and cast to the output's dtype by the caller.
+    """
     check_float_array(do, "cotangent")
     if tuple(do.shape) != tuple(expected_shape):
         raise ValueError(f"cotangent has shape {tuple(do.shape)}, expected the output shape "
                          f"{legend + ' = ' if legend else ''}{tuple(expected_shape)}")
+    if like is not None and type(do).__module__.split(".")[0] != type(like).__module__.split(".")[0]:
+        raise TypeError(f"cotangent is a {type(do).__module__}.{type(do).__name__} but the output "
+                        f"is a {type(like).__module__}.{type(like).__name__}; pass the same kind "
+                        "of array")
     return do

@@ -13,7 +13,7 @@ import numpy as np
 
 from ._array import namespace
 from ._registry import Case, Variant, get_core, get_projection, register_variant
-from ._validate import check_float_array, check_same_dtype
+from ._validate import check_cotangent, check_float_array, check_same_dtype
 from ._config import LayerConfig
 
 __all__ = ["Attention", "register_layer_variant"]
@@ -167,18 +167,23 @@ class Attention:
         o, res_core = self.core.forward(q, k, v, mask=mask, causal=self.config.causal,
                                         backend=backend, **self.core_options)
         y, res_out = self.scheme.project_out(params, o, self.config)
-        return y, (self_attention, res_in, res_core, res_out, params)
+        return y, (self_attention, res_in, res_core, res_out, params, y)
 
     def backward(self, residuals, dy):
-        """``(dparams, dxq)`` for self-attention, ``(dparams, dxq, dxkv)`` for cross-attention."""
-        self_attention, res_in, res_core, res_out, params = residuals
-        check_float_array(dy, "cotangent")
-        xp = namespace(dy)
+        """``(dparams, dxq)`` for self-attention, ``(dparams, dxq, dxkv)`` for cross-attention.
+
+        ``dy`` must have the output's shape ``(*batch, L, d_model)``; it is cast to the
+        output's dtype, and every gradient has its primal's dtype.
+        """
+        self_attention, res_in, res_core, res_out, params, y = residuals
+        check_cotangent(dy, tuple(y.shape), "(..., L, d_model)", like=y)
+        xp = namespace(y)
+        dy = xp.astype(dy, y.dtype)
         dparams_out, do = self.scheme.backward_out(params, res_out, dy, self.config)
         dq, dk, dv = self.core.backward(res_core, do)[:3]
         dparams_in, dxq, dxkv = self.scheme.backward_in(params, res_in, dq, dk, dv, self.config)
         dparams = {**dparams_in, **dparams_out}
-        dparams = {n: xp.astype(dparams[n], dy.dtype) for n in self.param_shapes()}
+        dparams = {n: xp.astype(dparams[n], params[n].dtype) for n in self.param_shapes()}
         if self_attention:
             return dparams, dxq + dxkv
         return dparams, dxq, dxkv

@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import _tolerance
 from ._array import to_numpy
 from ._vjp import vjp
 
-__all__ = ["check_grads", "GradCheckReport", "TOLERANCES", "assert_close", "max_errors"]
+__all__ = ["check_grads", "GradCheckReport", "TOLERANCES", "assert_close", "max_errors",
+           "nonfinite_mismatch", "assert_within_reference_error"]
 
 #: ``(rtol, atol)`` for comparing a backend with the float64 reference, per dtype.
 #: float64: a different summation order changes results by a few ulps times the
@@ -29,39 +31,155 @@ TOLERANCES = {
 }
 
 
+def _as_float64(x):
+    return np.asarray(to_numpy(x), dtype=np.float64)
+
+
+def _tolerances(dtype):
+    """``(rtol, atol)`` of :data:`TOLERANCES` for a float dtype name, dtype or array dtype."""
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        name = str(dtype).rsplit(".", 1)[-1]
+    if name not in TOLERANCES:
+        raise ValueError(f"dtype must be one of {', '.join(map(repr, TOLERANCES))} (the dtypes "
+                         f"refattn compares in), got {dtype!r}")
+    return TOLERANCES[name]
+
+
+def nonfinite_mismatch(actual, expected):
+    """Where ``actual`` and ``expected`` disagree on a non-finite value (bool array).
+
+    A NaN must meet a NaN, a ``+inf`` a ``+inf`` and a ``-inf`` a ``-inf``: a
+    non-finite value is matched exactly, never within a tolerance.
+    """
+    a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return (np.isnan(a) != np.isnan(e)) | (np.isposinf(a) != np.isposinf(e)) | (
+        np.isneginf(a) != np.isneginf(e))
+
+
 def max_errors(actual, expected):
-    """``(max_abs, max_rel)`` error, relative to the largest magnitude of ``expected``."""
-    a = np.asarray(to_numpy(actual), dtype=np.float64)
-    e = np.asarray(to_numpy(expected), dtype=np.float64)
+    """``(max_abs, max_rel)`` error, relative to the largest finite magnitude of ``expected``.
+
+    Non-finite entries must match exactly (:func:`nonfinite_mismatch`); any mismatch
+    makes both errors ``inf``.  Matching non-finite entries contribute nothing.
+    """
+    a = _as_float64(actual)
+    e = _as_float64(expected)
     if a.shape != e.shape:
         raise AssertionError(f"shape {a.shape} != expected shape {e.shape}")
     if a.size == 0:
         return 0.0, 0.0
-    diff = np.abs(a - e)
-    if np.any(np.isnan(a) != np.isnan(e)):
+    if nonfinite_mismatch(a, e).any():
         return float("inf"), float("inf")
-    diff = np.where(np.isnan(diff), 0.0, diff)
-    scale = max(float(np.max(np.abs(np.nan_to_num(e)))), np.finfo(np.float64).tiny)
+    both = np.isfinite(e)
+    if not both.any():
+        return 0.0, 0.0
+    diff = np.abs(a[both] - e[both])
+    scale = max(float(np.max(np.abs(e[both]))), np.finfo(np.float64).tiny)
     return float(diff.max()), float(diff.max() / scale)
 
 
 def assert_close(actual, expected, dtype, what="value", rtol=None, atol=None):
-    """Assert ``|actual - expected| <= atol + rtol * |expected|`` elementwise (per-dtype defaults)."""
-    r, a = TOLERANCES[str(np.dtype(dtype))]
+    """Assert ``|actual - expected| <= atol + rtol * |expected|`` elementwise (per-dtype defaults).
+
+    Non-finite values are matched exactly: NaN only where NaN is expected, and an
+    infinity only where the same infinity is expected.
+
+    Parameters
+    ----------
+    actual, expected : arrays of the same shape (NumPy, CuPy or any array-API array)
+    dtype : {"float64", "float32", "float16"}
+        Selects the default ``(rtol, atol)`` of :data:`TOLERANCES`.
+    what : str
+        Named in the error message.
+    rtol, atol : float, optional
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from refattn.testing import assert_close
+    >>> assert_close(np.array([1.0, np.nan]), np.array([1.0 + 1e-12, np.nan]), "float64")
+    >>> assert_close(np.array([0.0]), np.array([np.inf]), "float64")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    AssertionError: value: 1 of 1 elements differ ... worst at (0,): 0.0 vs inf
+    """
+    r, a = _tolerances(dtype)
     rtol = r if rtol is None else rtol
     atol = a if atol is None else atol
-    act = np.asarray(to_numpy(actual), dtype=np.float64)
-    exp = np.asarray(to_numpy(expected), dtype=np.float64)
+    act = _as_float64(actual)
+    exp = _as_float64(expected)
     if act.shape != exp.shape:
         raise AssertionError(f"{what}: shape {act.shape} != expected {exp.shape}")
-    bad = ~(np.abs(act - exp) <= atol + rtol * np.abs(exp))
-    bad &= ~(np.isnan(act) & np.isnan(exp))
+    mismatch = nonfinite_mismatch(act, exp)
+    finite = np.isfinite(act) & np.isfinite(exp)
+    with np.errstate(invalid="ignore"):
+        far = finite & ~(np.abs(act - exp) <= atol + rtol * np.abs(exp))
+    bad = mismatch | far
     if bad.any():
-        idx = np.unravel_index(np.argmax(np.where(bad, np.abs(act - exp), -1)), act.shape)
+        size = np.where(mismatch, np.inf, np.where(far, np.abs(act - exp), -1.0))
+        idx = tuple(int(i) for i in np.unravel_index(np.argmax(size), act.shape))
         raise AssertionError(
             f"{what}: {int(bad.sum())} of {act.size} elements differ beyond rtol={rtol:g}, "
-            f"atol={atol:g} ({dtype}); worst at {idx}: {act[idx]!r} vs {exp[idx]!r}"
+            f"atol={atol:g} ({dtype}); worst at {idx}: {float(act[idx])!r} vs "
+            f"{float(exp[idx])!r}"
         )
+
+
+def assert_within_reference_error(actual, expected, reference, dtype, what="value", *,
+                                  gradient=False, problem_scale=0.0):
+    """Assert that ``actual`` is as close to ``expected`` as a plain reference run in ``dtype`` is.
+
+    The bound of :func:`refattn._tolerance.bound` (FlashAttention's and PyTorch's rule):
+    ``max|actual - expected| <= factor * max|reference - expected| + floor``, where
+    ``expected`` is the float64 reference, ``reference`` refattn's reference backend run
+    in ``dtype`` on the same (rounded) inputs, ``factor`` 2 for outputs and 3 for
+    gradients, and the floor a few ulps of ``dtype`` times the quantity's scale.  The
+    tolerance thus follows the problem: a gradient that cancels to about zero in exact
+    arithmetic is judged by the size of the terms it sums, which the reference's own
+    error reveals.  Where the low-precision reference happens to be exact too (a
+    gradient that is exactly 0 on a one-key row), ``problem_scale`` (e.g. the largest
+    magnitude of the case's output and gradients) stands in for the terms' size, like
+    the absolute floor of PyTorch's tolerances.  Non-finite values must match exactly
+    (:func:`nonfinite_mismatch`).
+
+    Examples
+    --------
+    >>> import numpy as np, refattn
+    >>> from refattn.testing import assert_within_reference_error
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((1, 2, 64, 16)) for _ in range(3))
+    >>> exact = refattn.sdpa(q, k, v, backend="reference")
+    >>> low = [x.astype(np.float32) for x in (q, k, v)]
+    >>> assert_within_reference_error(refattn.sdpa(*low, backend="numba"), exact,
+    ...                               refattn.sdpa(*low, backend="reference"), "float32")
+    """
+    name = np.dtype(dtype).name
+    act, exp, ref = (_as_float64(x) for x in (actual, expected, reference))
+    for label, x in (("actual", act), ("reference", ref)):
+        if x.shape != exp.shape:
+            raise AssertionError(f"{what}: {label} shape {x.shape} != expected {exp.shape}")
+    mismatch = nonfinite_mismatch(act, exp)
+    if mismatch.any():
+        idx = tuple(int(i) for i in np.argwhere(mismatch)[0])
+        raise AssertionError(f"{what}: {int(mismatch.sum())} non-finite entries differ; first at "
+                             f"{idx}: {float(act[idx])!r} vs {float(exp[idx])!r}")
+    finite = np.isfinite(exp) & np.isfinite(ref)
+    if not finite.any():
+        return
+    err = float(np.max(np.abs(act - exp)[finite]))
+    ref_err = float(np.max(np.abs(ref - exp)[finite]))
+    float32_err = ref_err * _tolerance.eps("float32") / _tolerance.eps(name)
+    quantity = max(_tolerance.scale(float(np.max(np.abs(exp[finite]))), float32_err),
+                   float(problem_scale))
+    limit = _tolerance.bound(name, ref_err, quantity, gradient)
+    if not err <= limit:
+        raise AssertionError(
+            f"{what}: max error {err:.3e} exceeds the {name} bound {limit:.3e} "
+            f"({_tolerance.GRADIENT_FACTOR if gradient else _tolerance.OUTPUT_FACTOR:g} x the "
+            f"{name} reference's own error {ref_err:.3e} + {_tolerance.FLOOR_ULPS[name]} ulps of "
+            f"the scale {quantity:.3e})")
 
 
 def _map(f, x):

@@ -20,14 +20,14 @@ import importlib
 from collections.abc import Sequence
 from types import ModuleType
 
-from .._array import is_cupy, is_numpy
+from .._array import all_finite, is_cupy, is_numpy, no_nan_or_posinf, product
 from .._validate import check_choice
 from ..typing import Array
 
 BACKENDS = ("reference", "numba", "cupy")
 
 __all__ = ["BACKENDS", "available_backends", "numba_available", "cupy_available", "resolve",
-           "load_implementation"]
+           "load_implementation", "needs_exact_path", "route"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -98,3 +98,24 @@ def resolve(backend: str, implemented: Sequence[str], *arrays: Array,
 def load_implementation(package: str, backend: str) -> ModuleType:
     """Import ``<package>.<backend>`` (e.g. ``refattn.cores.sdpa.numba``)."""
     return importlib.import_module(f"{package}.{backend}")
+
+
+def needs_exact_path(xp, arrays, bias=None) -> bool:
+    """Whether a call must run on the reference backend to keep the non-finite policy.
+
+    The fused kernels (numba, cupy) are written for finite data of non-zero size; a
+    NaN or +-Inf anywhere in ``arrays``, a NaN or ``+inf`` in ``bias`` (``-inf`` is a
+    mask), or a zero-size array send the call to the reference backend, which follows
+    ``docs/conventions.md`` exactly ("Non-finite values and empty inputs").  Checking
+    costs one reduction per array: O(n) against the kernel's O(L S E).
+    """
+    if any(product(a.shape) == 0 for a in arrays if a is not None):
+        return True
+    return not (all(all_finite(xp, a) for a in arrays) and no_nan_or_posinf(xp, bias))
+
+
+def route(backend: str, xp, arrays, bias=None) -> str:
+    """``backend``, or ``"reference"`` when :func:`needs_exact_path` says so."""
+    if backend != "reference" and needs_exact_path(xp, arrays, bias):
+        return "reference"
+    return backend

@@ -186,7 +186,7 @@ def test_bad_arrays(change, error, match):
     (dict(causal_align="bottom"), ValueError, "causal_align must be one of"),
     (dict(causal=1), TypeError, "causal must be a bool"),
     (dict(scale="big"), TypeError, "scale must be a finite real"),
-    (dict(scale=float("nan")), TypeError, "scale must be a finite real"),
+    (dict(scale=float("nan")), ValueError, "scale must be a finite real"),
     (dict(backend="torch"), ValueError, "backend must be one of"),
     (dict(backend="cupy"), (RuntimeError, ValueError, TypeError), "cupy"),
 ])

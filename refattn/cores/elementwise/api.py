@@ -43,12 +43,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ... import backends as _backends
-from ..._array import flatten_batch, namespace, product, to_numpy
+from ..._array import flatten_batch, namespace, native_byte_order, product, to_numpy
 from ..._masks import CAUSAL_ALIGNS, causal_offset
 from ..._validate import (AttentionShapes, attention_shapes, check_bool_array, check_broadcastable,
                           check_cotangent,
                           check_choice, check_float_array, check_positive_float)
 from ..sdpa.api import as_batched_4d
+from . import nonfinite as _nonfinite
 
 __all__ = ["ElementwiseOptions", "ElementwiseResiduals", "ElementwiseState", "TaylorError",
            "elementwise_attention", "elementwise_state", "elementwise_step",
@@ -122,6 +123,7 @@ class ElementwiseResiduals:
     options: ElementwiseOptions
     shapes: AttentionShapes
     root_scale: float
+    nonfinite: Any = None           # a nonfinite.NonFinite when an input held NaN or Inf
 
 
 def _prepare(q, k, v, order, causal, causal_align, scale, mask):
@@ -152,16 +154,24 @@ def forward(q, k, v, *, order=None, causal=False, causal_align="upper_left", sca
 
     Same arguments as :func:`elementwise_attention`.
     """
+    q, k, v = (native_byte_order(x) for x in (q, k, v))
     xp, shapes, options, scale = _prepare(q, k, v, order, causal, causal_align, scale, mask)
     backend = _backends.resolve(backend, IMPLEMENTED, q, core="elementwise")
+    if any(product(x.shape) == 0 for x in (q, k, v)):
+        backend = "reference"                   # the kernels are written for non-empty arrays
     impl = _backends.load_implementation(_PACKAGE, backend)
     root = math.sqrt(scale)
     # psi = sqrt(scale) q, kappa = sqrt(scale) k: exp(-scale (q - k)^2) = exp(-(psi - kappa)^2)
     q4, k4, v4 = (flatten_batch(xp, x, shapes.batch) for x in (q, k, v))       # (B, H|Hkv, L|S, D)
+    bad = _nonfinite.find(xp, q4, k4, v4, options)
+    if bad is not None:                         # the kernels see finite numbers; poison after
+        q4, k4, v4 = (_nonfinite.finite(xp, x) for x in (q4, k4, v4))
     if root != 1.0:
         q4, k4 = q4 * root, k4 * root
     o4, saved = impl.forward(q4, k4, v4, options)
-    res = ElementwiseResiduals(backend, q4, k4, v4, o4, saved, options, shapes, root)
+    res = ElementwiseResiduals(backend, q4, k4, v4, o4, saved, options, shapes, root, bad)
+    if bad is not None:
+        o4 = _nonfinite.poison_output(xp, bad, o4)
     return xp.reshape(o4, shapes.output), res
 
 
@@ -169,12 +179,18 @@ def backward(res: ElementwiseResiduals, do):
     """Element-wise attention backward pass: ``(dq, dk, dv)``."""
     shapes = res.shapes
     xp = namespace(res.q)
-    check_cotangent(do, shapes.output, "(..., H, L, D)")
+    check_cotangent(do, shapes.output, "(..., H, L, D)", like=res.o)
     impl = _backends.load_implementation(_PACKAGE, res.backend)
-    do4 = flatten_batch(xp, xp.astype(do, res.o.dtype), shapes.batch)
+    do4 = flatten_batch(xp, xp.astype(native_byte_order(do), res.o.dtype), shapes.batch)
+    do_flags = _nonfinite.cotangent_flags(xp, do4)
+    if do_flags is not None:
+        do4 = _nonfinite.finite(xp, do4)
     dq, dk, dv = impl.backward(res.q, res.k, res.v, res.o, res.saved, do4, res.options)
     if res.root_scale != 1.0:                                   # chain rule of the pre-scaling
         dq, dk = dq * res.root_scale, dk * res.root_scale
+    if res.nonfinite is not None or do_flags is not None:
+        bad = res.nonfinite or _nonfinite.find(xp, res.q, res.k, res.v, res.options, always=True)
+        dq, dk, dv = _nonfinite.poison_gradients(xp, bad, do_flags, dq, dk, dv)
     batch = shapes.batch
     return tuple(xp.reshape(g, (*batch,) + tuple(g.shape[1:])) for g in (dq, dk, dv))
 
@@ -290,6 +306,11 @@ def elementwise_state(batch_shape, H, D, order, dtype="float64", *, scale=1.0, l
     order = _check_order(order)
     if order is None:
         raise ValueError("order must be an even integer: the exact form has no recurrent state")
+    if isinstance(batch_shape, numbers.Integral) and not isinstance(batch_shape, bool):
+        batch_shape = (batch_shape,)              # elementwise_state(2, H, D, t): one batch dim
+    if not isinstance(batch_shape, (tuple, list)):
+        raise TypeError(f"batch_shape must be a tuple of non-negative ints (or one int), got "
+                        f"{type(batch_shape).__name__}")
     batch_shape = tuple(batch_shape)
     for name, n in (("H", H), ("D", D)):
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:

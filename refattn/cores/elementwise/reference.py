@@ -229,7 +229,7 @@ def _taylor_scan(xp, q, kh, vh, opts, backward_from=None):
             # d w_ij / d psi_i = exp(m_i - kappa_j^2) kappa_j P'(psi_i kappa_j)
             dw = w * 2.0 * kh[..., None, p:e, :] * _horner(xp, coeffs[:-1], x)
             outs.append(r * (pref + xp.sum(dw * (vj - o[..., :, None, :]), axis=-2)))
-    cat = lambda xs: xp.concat(xs, axis=-2)                   # noqa: E731
+    cat = lambda xs: xp.concat(xs, axis=-2) if xs else xp.zeros_like(q)   # noqa: E731 (L = 0)
     if backward_from is not None:
         return cat(outs)
     return cat(outs), cat(shifts), cat(dens)
@@ -304,7 +304,7 @@ def forward(q, k, v, opts):
     xp = namespace(q, k, v)
     dtype = q.dtype
     q, k, v = upcast_half(xp, q, k, v)
-    group = q.shape[1] // k.shape[1]
+    group = q.shape[1] // max(k.shape[1], 1)   # H = Hkv = 0: no heads
     kh, vh = expand_kv_heads(xp, k, group), expand_kv_heads(xp, v, group)
     # ``saved`` stays in the working precision: float16 would round lse (|lse| up to
     # ~100: steps of 0.06, i.e. 6% in exp(s - lse)) and overflow den (> 65504)
@@ -321,7 +321,7 @@ def backward(q, k, v, o, saved, do, opts):
     q, k, v, o, do = upcast_half(xp, q, k, v, o, do)
     saved = upcast_half(xp, *saved)
     kv_heads = k.shape[1]
-    group = q.shape[1] // kv_heads
+    group = q.shape[1] // max(kv_heads, 1)
     kh, vh = expand_kv_heads(xp, k, group), expand_kv_heads(xp, v, group)
     if opts.order is None:
         dq, dk, dv = _exact_backward(xp, q, kh, vh, o, saved[0], do, opts)

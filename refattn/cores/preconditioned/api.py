@@ -103,7 +103,11 @@ def apply_preconditioner(pre: Preconditioner, q, k, v, a, eps: float, feature_ax
     if tuple(c.shape) != rows:
         raise ValueError(f"preconditioner {pre.name!r} returned a diagonal of shape "
                          f"{tuple(c.shape)}, expected (..., H, L) = {rows}")
-    return xp.astype(c, a_rows.dtype), a_rows
+    c = xp.astype(c, a_rows.dtype)
+    # A row holding NaN or Inf makes its diagonal NaN: a preconditioner that saturates
+    # (1 / ||inf|| = 0) would otherwise hide the non-finite value from the whole row.
+    finite_rows = xp.all(xp.isfinite(a_rows), axis=-1)
+    return xp.where(finite_rows, c, xp.asarray(xp.nan, dtype=c.dtype)), a_rows
 
 
 def forward(q, k, v, *, eps=DEFAULT_EPS, stop_gradient=True, preconditioner="row_norm",
@@ -135,7 +139,8 @@ def backward(res: PreconditionedResiduals, do):
     check_cotangent(do, res.out_shape)
     xp = namespace(do)
     rows = tuple(res.c.shape)
-    do_rows = xp.astype(xp.reshape(do, rows + (-1,)), res.c.dtype)   # (*batch, H, L, F)
+    features = product(res.out_shape[len(rows):])
+    do_rows = xp.astype(xp.reshape(do, rows + (features,)), res.c.dtype)   # (*batch, H, L, F)
     da = res.c[..., None] * do_rows
     extra = (None, None, None)
     if not res.stop_gradient:

@@ -19,12 +19,11 @@ reached by an exact reduction (:mod:`.reduction`).
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from ... import backends as _backends
-from ..._array import flatten_batch, namespace, sum_to_shape
+from ..._array import flatten_batch, namespace, native_byte_order, sum_to_shape
 from ..._validate import AttentionShapes, attention_shapes, check_choice, check_cotangent
 from ..sdpa import api as _sdpa_api
 from . import reference as _reference
@@ -93,8 +92,7 @@ def _prepare(q, k, v, mode, mask, bias, causal, causal_align, scale):
     check_choice(mode, "mode", MODES)
     shapes = attention_shapes(q, k, v, feature_axes=2, legend_feature="d")
     xp = namespace(q, k, v)
-    if scale is None:
-        scale = 1.0 / math.sqrt(4 * shapes.head_dim)
+    scale = _sdpa_api.check_scale(scale, 4 * shapes.head_dim, legend="4 d")
     # SDPA's own validation on the flattened problem: same errors, same mask semantics.
     _, _, options = _sdpa_api._prepare(
         *(_flat_components(xp, x) for x in (q, k, v)), mask, bias, causal, causal_align, scale,
@@ -114,8 +112,10 @@ def forward(q, k, v, *, mode="shared", mask=None, bias=None, causal=False,
 
     Same arguments as :func:`quaternion_attention`.
     """
+    q, k, v, bias = (None if x is None else native_byte_order(x) for x in (q, k, v, bias))
     xp, shapes, options = _prepare(q, k, v, mode, mask, bias, causal, causal_align, scale)
     backend = _backends.resolve(backend, IMPLEMENTED, q, core=f"quaternion attention ({mode})")
+    backend = _backends.route(backend, xp, (q, k, v), options.bias)
     q5, k5, v5 = (flatten_batch(xp, x, shapes.batch) for x in (q, k, v))   # (B, H|Hkv, L|S, 4, d|dv)
     o5, saved = _implementation(backend).forward(q5, k5, v5, options, mode)
     res = QuaternionResiduals(mode, backend, saved, options, shapes, q.dtype,
@@ -128,9 +128,12 @@ def backward(res: QuaternionResiduals, do):
     shapes = res.shapes
     check_cotangent(do, res.output, "(..., H, L, 4, dv)")
     xp = namespace(do)
-    do5 = flatten_batch(xp, xp.astype(do, res.dtype), shapes.batch)            # (B, H, L, 4, dv)
-    dq, dk, dv, dscores = _implementation(res.backend).backward(res.saved, do5, res.options,
-                                                                res.mode)
+    do5 = flatten_batch(xp, xp.astype(native_byte_order(do), res.dtype), shapes.batch)
+    # do5 (B, H, L, 4, dv); a non-finite cotangent takes SDPA's exact path (same residuals)
+    impl = _implementation(res.backend)
+    if res.backend != "reference" and _backends.needs_exact_path(xp, (do5,)):
+        impl = SDPAReduction(_backends.load_implementation("refattn.cores.sdpa", "reference"))
+    dq, dk, dv, dscores = impl.backward(res.saved, do5, res.options, res.mode)
     batch = shapes.batch
     grads = tuple(xp.reshape(g, (*batch, *g.shape[1:])) for g in (dq, dk, dv))
     if res.bias_shape is not None:

@@ -25,7 +25,7 @@ import array_api_compat
 
 from ..._array import matrix_transpose, namespace, upcast_half
 from ..._masks import keep_mask
-from ..._softmax import masked_softmax, probs_from_lse, softmax_backward
+from ..._softmax import kept_matmul, masked_softmax, probs_from_lse, softmax_backward
 from ..sdpa.reference import expand_kv_heads, reduce_kv_heads
 from .algebra import n_maps, score_terms
 
@@ -113,14 +113,19 @@ def _from_value_groups(xp, x):
 
 
 def _probabilities_setup(xp, q, k, v, opts, mode):
-    group = q.shape[1] // k.shape[1]
+    group = q.shape[1] // max(k.shape[1], 1)   # H = Hkv = 0: no heads
     kh, vh = expand_heads(xp, k, group), expand_heads(xp, v, group)
     s = opts.scale * score_maps(xp, q, kh, mode)                         # (B, H, M, L, S)
-    if opts.bias is not None:
-        s = s + xp.astype(_with_map_axis(xp, opts.bias), s.dtype)
+    bias = None if opts.bias is None else xp.astype(opts.bias, s.dtype)
+    if bias is not None:
+        s = s + _with_map_axis(xp, bias)
     keep = keep_mask(xp, opts.mask, opts.causal_offset, q.shape[2], k.shape[2],
-                     device=array_api_compat.device(q))
+                     device=array_api_compat.device(q), bias=bias)
     return kh, vh, s, _with_map_axis(xp, keep)
+
+
+def _transposed(xp, keep):
+    return None if keep is None else matrix_transpose(xp, keep)
 
 
 def forward(q, k, v, opts, mode):
@@ -129,7 +134,8 @@ def forward(q, k, v, opts, mode):
     q, k, v = upcast_half(xp, q, k, v)
     kh, vh, s, keep = _probabilities_setup(xp, q, k, v, opts, mode)
     p, lse = masked_softmax(xp, s, keep)                 # (B, H, M, L, S), (B, H, M, L)
-    o = _from_value_groups(xp, p @ _value_groups(xp, vh, n_maps(mode)))   # (B, H, L, 4, dv)
+    o = _from_value_groups(xp, kept_matmul(xp, p, _value_groups(xp, vh, n_maps(mode)), keep))
+    # o (B, H, L, 4, dv)
     return xp.astype(o, dtype), (q, k, v, o, lse)
 
 
@@ -144,14 +150,19 @@ def backward(saved, do, opts, mode):
     p = probs_from_lse(xp, s, keep, lse)                                 # (B, H, M, L, S)
     vg, dog = _value_groups(xp, vh, maps), _value_groups(xp, do, maps)   # (B, H, M, S|L, 4dv/M)
     og = _value_groups(xp, o, maps)                                      # (B, H, M, L, 4dv/M)
-    dvh = _from_value_groups(xp, matrix_transpose(xp, p) @ dog)          # (B, H, S, 4, dv)
+    keep_t = _transposed(xp, keep)
+    dvh = _from_value_groups(xp, kept_matmul(xp, matrix_transpose(xp, p), dog, keep_t))
+    # dvh (B, H, S, 4, dv)
     dp = dog @ matrix_transpose(xp, vg)                                  # (B, H, M, L, S)
-    ds = softmax_backward(xp, p, dp, row_dot=xp.sum(dog * og, axis=-1))  # d(logits) (B, H, M, L, S)
+    ds = softmax_backward(xp, p, dp, row_dot=xp.sum(dog * og, axis=-1), keep=keep)
+    # ds: d(logits) (B, H, M, L, S)
     # logits_m = scale Qflat Kmix_m^T + bias  =>  dQflat = scale sum_m dS_m Kmix_m,
     # dKmix_m = scale dS_m^T Qflat, and dK is dKmix pulled back through the mixing.
     dsc = opts.scale * ds
-    dqf = xp.sum(dsc @ key_mixes(xp, kh, mode), axis=2)                  # (B, H, L, 4d)
-    dmix = matrix_transpose(xp, dsc) @ xp.expand_dims(_flat(xp, q), axis=2)  # (B, H, M, S, 4d)
+    dqf = xp.sum(kept_matmul(xp, dsc, key_mixes(xp, kh, mode), keep), axis=2)   # (B, H, L, 4d)
+    qf = xp.broadcast_to(xp.expand_dims(_flat(xp, q), axis=2),
+                         (*q.shape[:2], ds.shape[2], q.shape[2], 4 * q.shape[-1]))
+    dmix = kept_matmul(xp, matrix_transpose(xp, dsc), qf, keep_t)       # (B, H, M, S, 4d)
     kv_heads = k.shape[1]
     grads = (xp.reshape(dqf, q.shape),                                   # (B, H, L, 4, d)
              _reduce_heads(xp, _key_mixes_adjoint(xp, dmix, mode), kv_heads),  # (B, Hkv, S, 4, d)

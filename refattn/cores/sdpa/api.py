@@ -23,20 +23,22 @@ The front end validates the arguments, flattens the batch dimensions into one
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
 import array_api_compat
+import numpy as np
 
 from ... import backends as _backends
-from ..._array import flatten_batch, namespace, product, sum_to_shape
+from ..._array import flatten_batch, namespace, native_byte_order, product, sum_to_shape
 from ..._masks import CAUSAL_ALIGNS, causal_offset
 from ..._validate import (AttentionShapes, attention_shapes, check_bool_array, check_broadcastable,
                           check_cotangent,
                           check_choice, check_dropout, check_float_array, check_same_dtype)
 
 __all__ = ["SDPAOptions", "SDPAResiduals", "sdpa", "forward", "backward", "IMPLEMENTED",
-           "as_batched_4d", "flops"]
+           "as_batched_4d", "flops", "check_scale"]
 
 #: Backends with an implementation of this core (modules beside this file).
 IMPLEMENTED = ("reference", "numba", "cupy")
@@ -100,16 +102,32 @@ def as_batched_4d(xp, m, batch):
     return xp.reshape(m, (product(batch),) + tail)
 
 
+def check_scale(scale, head_dim: int, legend: str = "E") -> float:
+    """The validated softmax scale: ``scale``, or ``1/sqrt(head_dim)`` when it is None.
+
+    Any real number is accepted (Python or NumPy scalars); it must be finite.
+    """
+    if scale is None:
+        if head_dim == 0:
+            raise ValueError(f"q has feature size {legend} = 0, so the default scale 1/sqrt({legend}) "
+                             "is undefined; pass scale= explicitly (the scores are then all 0)")
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a finite real number or None, got "
+                        f"{type(scale).__name__} {scale!r}")
+    if not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be a finite real number or None, got {scale!r}")
+    return float(scale)
+
+
 def _prepare(q, k, v, mask, bias, causal, causal_align, scale, dropout_mask, dropout_p):
     shapes = attention_shapes(q, k, v)
     xp = namespace(q, k, v)
-    if not isinstance(causal, bool):
+    if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    causal = bool(causal)
     check_choice(causal_align, "causal_align", CAUSAL_ALIGNS)
-    if scale is None:
-        scale = 1.0 / math.sqrt(shapes.head_dim)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TypeError(f"scale must be a finite real number or None, got {scale!r}")
+    scale = check_scale(scale, shapes.head_dim)
     target = shapes.scores
     if mask is not None:
         check_bool_array(mask, "mask", hint=" (True = attend); pass an additive float mask as bias=")
@@ -140,9 +158,11 @@ def forward(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_
     log-sum-exp ``(B, H, L)`` that the backward pass uses to recompute the
     probabilities (FlashAttention-2).
     """
+    q, k, v, bias = (None if x is None else native_byte_order(x) for x in (q, k, v, bias))
     xp, shapes, options = _prepare(q, k, v, mask, bias, causal, causal_align, scale,
                                    dropout_mask, dropout_p)
     backend = _backends.resolve(backend, IMPLEMENTED, q, core="sdpa")
+    backend = _backends.route(backend, xp, (q, k, v), options.bias)
     impl = _backends.load_implementation(_PACKAGE, backend)
     q4, k4, v4 = (flatten_batch(xp, x, shapes.batch) for x in (q, k, v))
     o4, lse = impl.forward(q4, k4, v4, options)
@@ -158,9 +178,9 @@ def backward(res: SDPAResiduals, do):
     """
     shapes = res.shapes
     xp = namespace(res.q)
-    check_cotangent(do, shapes.output, "(..., H, L, Ev)")
-    impl = _backends.load_implementation(_PACKAGE, res.backend)
-    do4 = flatten_batch(xp, xp.astype(do, res.o.dtype), shapes.batch)
+    check_cotangent(do, shapes.output, "(..., H, L, Ev)", like=res.o)
+    do4 = flatten_batch(xp, xp.astype(native_byte_order(do), res.o.dtype), shapes.batch)
+    impl = _backends.load_implementation(_PACKAGE, _backends.route(res.backend, xp, (do4,)))
     dq, dk, dv, dscores = impl.backward(res.q, res.k, res.v, res.o, res.lse, do4, res.options)
     batch = shapes.batch
     grads = (xp.reshape(dq, (*batch,) + tuple(dq.shape[1:])),

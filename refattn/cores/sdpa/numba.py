@@ -183,7 +183,9 @@ def _forward_kernel(q, k, v, mask, bias, drop, has_mask, has_bias, has_drop, cau
                         row[r] = row[r] * drop_scale if drop[b, h, i0 + r, j0 + c] else zero
             gemm(acc, st, True, v[b, hk, j0:j1], False, True)     # acc += P_ij V_j
         for r in range(nr):
-            if row_sum[r] > zero:
+            # row_sum is 0 only for a row with no kept key; a NaN sum (a score that
+            # overflowed to inf) must reach the output, not be taken for an empty row
+            if row_sum[r] != zero:
                 inv = 1 / row_sum[r]
                 for e in range(Ev):
                     o[b, h, i0 + r, e] = acc[r, e] * inv

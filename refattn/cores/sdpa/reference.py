@@ -11,8 +11,7 @@ import array_api_compat
 
 from ..._array import matrix_transpose, namespace, upcast_half
 from ..._masks import keep_mask
-from ..._softmax import masked_softmax, probs_from_lse, softmax_backward
-
+from ..._softmax import kept_matmul, masked_softmax, probs_from_lse, softmax_backward
 
 
 def expand_kv_heads(xp, x, group: int):
@@ -33,11 +32,14 @@ def reduce_kv_heads(xp, g, kv_heads: int):
 
 
 def _scores(xp, q, kh, opts):
+    """Scaled scores ``(B, H, L, S)`` and the kept pairs (mask, causal, ``bias != -inf``)."""
     s = opts.scale * (q @ matrix_transpose(xp, kh))  # (B, H, L, S)
+    bias = None
     if opts.bias is not None:
-        s = s + xp.astype(opts.bias, s.dtype)
+        bias = xp.astype(opts.bias, s.dtype)
+        s = s + bias
     keep = keep_mask(xp, opts.mask, opts.causal_offset, q.shape[-2], kh.shape[-2],
-                     device=array_api_compat.device(q))
+                     device=array_api_compat.device(q), bias=bias)
     return s, keep
 
 
@@ -47,15 +49,26 @@ def _dropout(xp, p, opts):
     return xp.where(opts.dropout_mask, p * opts.dropout_scale, xp.zeros_like(p))
 
 
+def _value_keep(keep, opts, xp):
+    """Pairs whose value reaches the output: kept and not dropped."""
+    if opts.dropout_mask is None:
+        return keep
+    return opts.dropout_mask if keep is None else xp.logical_and(keep, opts.dropout_mask)
+
+
+def _transposed(xp, keep):
+    return None if keep is None else matrix_transpose(xp, keep)
+
+
 def forward(q, k, v, opts):
     xp = namespace(q, k, v)
     dtype = q.dtype
     q, k, v = upcast_half(xp, q, k, v)
-    group = q.shape[1] // k.shape[1]
+    group = q.shape[1] // max(k.shape[1], 1)   # H = Hkv = 0: no heads
     kh, vh = expand_kv_heads(xp, k, group), expand_kv_heads(xp, v, group)
     s, keep = _scores(xp, q, kh, opts)
     p, lse = masked_softmax(xp, s, keep)
-    o = _dropout(xp, p, opts) @ vh  # (B, H, L, Ev)
+    o = kept_matmul(xp, _dropout(xp, p, opts), vh, _value_keep(keep, opts, xp))  # (B, H, L, Ev)
     return xp.astype(o, dtype), xp.astype(lse, dtype)
 
 
@@ -64,15 +77,16 @@ def backward(q, k, v, o, lse, do, opts):
     dtype = q.dtype
     q, k, v, o, lse, do = upcast_half(xp, q, k, v, o, lse, do)
     kv_heads = k.shape[1]
-    group = q.shape[1] // kv_heads
+    group = q.shape[1] // max(kv_heads, 1)
     kh, vh = expand_kv_heads(xp, k, group), expand_kv_heads(xp, v, group)
     s, keep = _scores(xp, q, kh, opts)
     p = probs_from_lse(xp, s, keep, lse)                          # (B, H, L, S)
-    dv = matrix_transpose(xp, _dropout(xp, p, opts)) @ do         # (B, H, S, Ev)
+    value_keep = _transposed(xp, _value_keep(keep, opts, xp))
+    dv = kept_matmul(xp, matrix_transpose(xp, _dropout(xp, p, opts)), do, value_keep)  # (B, H, S, Ev)
     dp = _dropout(xp, do @ matrix_transpose(xp, vh), opts)        # (B, H, L, S)
-    ds = softmax_backward(xp, p, dp, row_dot=xp.sum(do * o, axis=-1))
-    dq = opts.scale * (ds @ kh)                                   # (B, H, L, E)
-    dk = opts.scale * (matrix_transpose(xp, ds) @ q)              # (B, H, S, E)
+    ds = softmax_backward(xp, p, dp, row_dot=xp.sum(do * o, axis=-1), keep=keep)
+    dq = opts.scale * kept_matmul(xp, ds, kh, keep)               # (B, H, L, E)
+    dk = opts.scale * kept_matmul(xp, matrix_transpose(xp, ds), q, _transposed(xp, keep))  # (B, H, S, E)
     out = (dq, reduce_kv_heads(xp, dk, kv_heads), reduce_kv_heads(xp, dv, kv_heads))
     out = tuple(xp.astype(g, dtype) for g in out)
     return out + ((xp.astype(ds, dtype) if opts.need_bias_grad else None),)
