@@ -51,10 +51,18 @@ autosummary_imported_members = False
 autosummary_ignore_module_all = False
 # The signatures carry the type hints; the numpydoc "Parameters" sections say the shapes.
 autodoc_typehints = "signature"
+# Show the aliases of refattn.typing by name (``q: Array``, ``backend: Backend``), not
+# expanded (``Any``, ``Literal['auto', ...]``).
+autodoc_type_aliases = {name: name for name in ("Array", "Namespace", "Backend", "CausalAlign",
+                                                 "Pullback", "VjpRule")}
 # numpydoc would list every attribute and method of each class a second time, as a table
 # without their docstrings; the class pages document their members with autodoc instead.
 numpydoc_show_class_members = False
 numpydoc_class_members_toctree = False
+
+# ``sphinx-build -n`` also checks every cross-reference; NumPy's object inventory would need
+# the network, so its types are taken as known.
+nitpick_ignore = [("py:class", "numpy.ndarray")]
 
 # -- Examples executed at build time -----------------------------------------------------
 # ``sphinx-build -b doctest`` runs the ``{doctest}`` blocks of the pages under docs/
@@ -116,10 +124,19 @@ def _escape_shape_stars(app, what, name, obj, options, lines):
             lines[i] = m.group(1) + _escape_stars(m.group(2))
 
 
+# Sphinx 9.0 prints an alias inside a union as ``TypeAliasForwardRef('Array') | None``;
+# show it as ``Array | None`` like the alias elsewhere in the signature.
+_ALIAS_REPR = re.compile(r"TypeAliasForwardRef\('([\w.]+)'\)")
+
+
+def _unwrap_alias_reprs(app, what, name, obj, options, signature, return_annotation):
+    def clean(text):
+        return None if text is None else _ALIAS_REPR.sub(r"\1", text)
+
+    return clean(signature), clean(return_annotation)
+
+
 def setup(app):
     # Before numpydoc (priority 500) turns the sections into field lists.
     app.connect("autodoc-process-docstring", _escape_shape_stars, priority=400)
-
-# Cross-references are checked (``-n``); NumPy's inventory would need the network.
-nitpicky = False
-nitpick_ignore = [("py:class", "numpy.ndarray")]
+    app.connect("autodoc-process-signature", _unwrap_alias_reprs)
