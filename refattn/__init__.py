@@ -10,7 +10,6 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version as _version
 
 from . import testing  # noqa: F401
-from ._registry import cores, get_core, get_variant, projections, variants
 from ._vjp import vjp
 from .backends import available_backends
 from .cores.sdpa import sdpa
@@ -23,6 +22,10 @@ from .cores.preconditioned import (Preconditioner, preconditioned_sdpa, precondi
 from . import conditioning  # noqa: F401
 from .conditioning import attention_conditioning, condition_number, layer_conditioning
 from .layers import Attention
+from .cores import get_core
+from .catalog import get_variant, variants
+from . import cores, projections  # noqa: F401  (callable packages: refattn.cores() lists them)
+from . import verify  # noqa: F401  (imports PyTorch or JAX only for their candidates)
 
 try:
     __version__ = _version("refattn")
@@ -58,11 +61,3 @@ __all__ = [
     "__version__",
 ]
 
-
-def __getattr__(name):
-    # refattn.verify is imported on first use; it imports torch/JAX only for their candidates.
-    if name == "verify":
-        import importlib
-
-        return importlib.import_module(f"{__name__}.verify")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """Causal alignment and boolean masks, defined once for every core.
 
-Convention (``VARIANTS.md`` section 0): a boolean ``mask`` is ``True`` where a
+Convention (``docs/variants.md`` section 0): a boolean ``mask`` is ``True`` where a
 query may attend to a key.  ``causal=True`` keeps key ``j`` for query ``i``
 when ``j <= i + offset``, with ``offset = 0`` for ``"upper_left"`` (PyTorch,
 JAX) and ``offset = S - L`` for ``"lower_right"`` (FlashAttention).
@@ -8,15 +8,22 @@ JAX) and ``offset = S - L`` for ``"lower_right"`` (FlashAttention).
 
 from __future__ import annotations
 
+import numpy as np
+
 CAUSAL_ALIGNS = ("upper_left", "lower_right")
 
-__all__ = ["CAUSAL_ALIGNS", "causal_offset", "causal_keep", "keep_mask",
+__all__ = ["CAUSAL_ALIGNS", "causal_offset", "causal_keep", "keep_mask", "causal_pairs",
            "from_torch_key_padding_mask", "from_torch_attn_mask"]
 
 
 def causal_offset(causal_align: str, q_len: int, kv_len: int) -> int:
     """Diagonal offset of the causal mask: key ``j`` is kept for query ``i`` iff ``j <= i + offset``."""
     return 0 if causal_align == "upper_left" else kv_len - q_len
+
+
+def causal_pairs(q_len: int, kv_len: int, offset: int = 0) -> int:
+    """Number of kept (query, key) pairs under the causal rule ``j <= i + offset``."""
+    return sum(min(kv_len, max(0, i + 1 + offset)) for i in range(q_len))
 
 
 def causal_keep(xp, q_len: int, kv_len: int, offset: int, device=None):
@@ -50,8 +57,6 @@ def from_torch_key_padding_mask(key_padding_mask):
     Returns a refattn keep-mask of shape ``(N, 1, 1, S)`` (``True`` = attend) that
     broadcasts against scores ``(N, H, L, S)``.
     """
-    import numpy as np
-
     m = np.asarray(key_padding_mask)
     if m.dtype != bool:
         raise TypeError("key_padding_mask must be boolean (True = ignore the key)")
@@ -65,8 +70,6 @@ def from_torch_attn_mask(attn_mask):
     negation.  A float ``attn_mask`` is an additive bias: pass it as ``bias``.
     Returns ``(mask, bias)`` with one of them ``None``.
     """
-    import numpy as np
-
     m = np.asarray(attn_mask)
     if m.dtype == bool:
         return ~m, None

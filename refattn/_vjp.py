@@ -12,16 +12,6 @@ __all__ = ["vjp", "attach_vjp"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def attach_vjp(fn: F, rule: VjpRule) -> F:
-    """Make ``rule(*arrays, **options) -> (out, pullback)`` the backward pass of ``fn``.
-
-    :func:`vjp` runs ``rule`` when it is given ``fn``; returns ``fn`` itself.  (A class
-    gives its instances a backward pass with a ``__refattn_vjp__`` method instead.)
-    """
-    setattr(fn, "__refattn_vjp__", rule)
-    return fn
-
-
 def vjp(fn: Callable[..., Any], *arrays: Any, **options: Any) -> tuple[Any, Pullback]:
     """Run ``fn(*arrays, **options)`` and return ``(out, pullback)``.
 
@@ -50,3 +40,19 @@ def vjp(fn: Callable[..., Any], *arrays: Any, **options: Any) -> tuple[Any, Pull
             "refattn functions (sdpa, quaternion_attention, ...) and refattn.Attention layers"
         )
     return rule(*arrays, **options)
+
+
+def attach_vjp(fn: F, forward: Callable[..., tuple[Any, Any]],
+               backward: Callable[[Any, Any], Any]) -> F:
+    """Give ``fn`` its backward pass for :func:`vjp`; returns ``fn``.
+
+    ``forward(*arrays, **options) -> (out, residuals)`` and
+    ``backward(residuals, cotangent) -> gradients`` are the core's pair; the rule runs
+    the forward pass once and binds the pullback to its residuals.
+    """
+    def rule(*arrays: Any, **options: Any) -> tuple[Any, Pullback]:
+        out, residuals = forward(*arrays, **options)
+        return out, lambda cotangent: backward(residuals, cotangent)
+
+    setattr(fn, "__refattn_vjp__", rule)     # a function attribute (mypy rejects fn.attr = ...)
+    return fn

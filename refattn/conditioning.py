@@ -26,18 +26,20 @@ Shape legend: ``*batch`` batch dims, ``H`` heads, ``L`` queries, ``S`` keys,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import array_api_compat
 import numpy as np
 import scipy.linalg
 
 from ._array import namespace, to_numpy
+from ._validate import _dtype_name, check_positive_float
+from .cores import get_core
+from .cores.preconditioned.api import apply_preconditioner
+from .cores.preconditioned.preconditioners import Preconditioner, get_preconditioner
+from .cores.sdpa import sdpa
+from .layers import Attention
 from .typing import Array, Backend
-
-if TYPE_CHECKING:  # the layers and the preconditioned core import this module's importers
-    from .cores.preconditioned.preconditioners import Preconditioner
-    from .layers import Attention
 
 __all__ = ["condition_number", "HeadConditioning", "LayerConditioning", "attention_conditioning",
            "layer_conditioning", "probabilities"]
@@ -102,7 +104,6 @@ def probabilities(q: Array, k: Array, *, scale: float | None = None,
     included, by the very code that computes attention.  Costs ``O(L S^2)`` per
     head, the order of the SVD that follows.
     """
-    from .cores.sdpa import sdpa
 
     xp = namespace(q, k)
     S = k.shape[-2]
@@ -246,16 +247,11 @@ def attention_conditioning(q: Array, k: Array, v: Array, *, inner_core: str = "s
     >>> bool(np.allclose(res.kappa_a, np.linalg.cond(a)))
     True
     """
-    from ._registry import get_core
-    from ._validate import _dtype_name, check_positive_float
-    from .cores.preconditioned.api import _feature_axes, apply_preconditioner, inner_core_of
-    from .cores.preconditioned.preconditioners import get_preconditioner
-
     eps = check_positive_float(eps, "eps")
     pre = get_preconditioner(preconditioner)
-    inner_name = inner_core_of(inner_core) or inner_core
+    inner_name = get_core(inner_core).inner or inner_core
     core = get_core(inner_name)
-    f = _feature_axes(core)
+    f = core.feature_axes
     a, _ = core.forward(q, k, v, backend=backend, **core_options)
     c, a_rows = apply_preconditioner(pre, q, k, v, a, eps, f)        # (.., H, L), (.., H, L, F)
     a_host = to_numpy(a_rows)

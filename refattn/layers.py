@@ -12,11 +12,11 @@ import numbers
 import numpy as np
 
 from ._array import namespace
-from ._registry import Case, Variant, get_core, get_projection, register_variant
 from ._validate import check_cotangent, check_float_array, check_same_dtype
-from ._config import LayerConfig
+from .cores import get_core
+from .projections import LayerConfig, get_projection
 
-__all__ = ["Attention", "register_layer_variant"]
+__all__ = ["Attention"]
 
 
 class Attention:
@@ -195,85 +195,3 @@ class Attention:
     def __refattn_vjp__(self, params, xq, xkv=None, mask=None, *, backend="auto"):
         y, res = self.forward(params, xq, xkv, mask, backend=backend)
         return y, lambda dy: self.backward(res, dy)
-
-
-def register_layer_variant(name, *, projection, core, summary="", layer_options=None,
-                           test_sizes=None, default_size=(2, 64, 64, 4), bench_sizes=None,
-                           key_mask=False, default_options=None):
-    """Register an ``Attention`` configuration as a variant (tests, benchmarks, CLI).
-
-    ``*_sizes`` are ``(batch, L, d_model, n_heads)`` tuples; ``bench_sizes`` may
-    also be a dict ``{label: (batch, L, d_model, n_heads, extra_layer_options)}``.
-    ``key_mask=True``: the masked test case uses a key-padding mask ``(1, S)``, for
-    cores that honour only masks on keys (e.g. Taylor element-wise attention).
-    ``default_options`` are extra layer options of the default problem only.
-    """
-    layer_options = dict(layer_options or {})
-
-    def _layer(d_model, n_heads, **extra):
-        return Attention(d_model, n_heads, projection=projection, core=core,
-                         **{**layer_options, **extra})
-
-    def _case(label, rng, dtype, batch, L, d_model, n_heads, S=None, mask=None, **extra):
-        layer = _layer(d_model, n_heads, **extra)
-        params = layer.init(seed=int(rng.integers(1 << 31)), dtype=dtype)
-        xq = rng.standard_normal((batch, L, d_model)).astype(dtype)
-        arrays = (params, xq)
-        if S is not None:
-            arrays += (rng.standard_normal((batch, S, d_model)).astype(dtype),)
-        options = {} if mask is None else {"mask": mask}
-        return Case(label, layer, arrays, options, batch * layer.flops(L, S))
-
-    def make_cases(kind="test", dtype="float64", seed=0):
-        rng = np.random.default_rng(seed)
-        dtype = np.dtype(dtype)
-        if kind == "default":
-            b, L, d, h = default_size
-            return [_case(f"B{b} L{L} d{d} H{h}", rng, dtype, b, L, d, h,
-                          **(default_options or {}))]
-        if kind == "bench":
-            sizes = bench_sizes or {f"B1 L{L} d{d} H{h}": (1, L, d, h, {})
-                                    for (L, d, h) in ((128, 256, 8),)}
-            return [_case(label, rng, dtype, b, L, d, h, **extra)
-                    for label, (b, L, d, h, extra) in sizes.items()]
-        b, L, d, h = test_sizes or (2, 5, 8, 2)
-        mask = rng.random((L, L + 2)) > 0.3
-        mask[1] = False
-        label = "cross S=L+2, mask with empty row"
-        if key_mask:
-            mask = mask[:1]                             # (1, S): about 30% of the keys masked
-            label = "cross S=L+2, key-padding mask"
-        return [
-            _case("self", rng, dtype, b, L, d, h),
-            _case("self causal, bias", rng, dtype, b, L, d, h, causal=True, bias=True),
-            _case(label, rng, dtype, b, L, d, h, S=L + 2, mask=mask),
-        ]
-
-    return register_variant(Variant(name=name, kind="layer", make_cases=make_cases, core=core,
-                                    summary=summary or f"{projection} projection x {core} core"))
-
-
-#: The two settings of Hosseini & Hosseini (arXiv 2403.01643): label -> (L = l, d_model, n_heads).
-PAPER_SETTINGS = {"ViT-like": (196, 256, 8), "NLP-like": (128, 512, 8)}
-
-
-def paper_bench_sizes(with_seq_len=False):
-    """Bench sizes at :data:`PAPER_SETTINGS` (batch 1); ``with_seq_len`` sets ``seq_len = L`` (super)."""
-    return {f"{name} B1 L{L} d{d} H{h}": (1, L, d, h, {"seq_len": L} if with_seq_len else {})
-            for name, (L, d, h) in PAPER_SETTINGS.items()}
-
-
-register_layer_variant("mha-standard", projection="standard", core="sdpa",
-                       summary="multi-head attention, standard projection, sdpa core",
-                       bench_sizes=paper_bench_sizes())
-register_layer_variant("mha-optimised", projection="optimised", core="sdpa",
-                       summary="Optimised Attention: V_h = x_h (no W_V), sdpa core",
-                       bench_sizes=paper_bench_sizes())
-register_layer_variant("mha-efficient", projection="efficient", core="sdpa",
-                       summary="Efficient Attention: K_h = V_h = x_h (no W_K, W_V), sdpa core",
-                       bench_sizes=paper_bench_sizes())
-# seq_len=8 > the test cases' S = 7 > L = 5: the cases use strict top-left blocks of w_a.
-register_layer_variant("mha-super", projection="super", core="sdpa", layer_options={"seq_len": 8},
-                       default_options={"seq_len": 64},
-                       summary="Super Attention: K_h = x_h, V_h = W_A x_h (token mixing), sdpa core",
-                       bench_sizes=paper_bench_sizes(with_seq_len=True))

@@ -40,15 +40,15 @@ def main(B=4, H=16, L=4096, E=64):
             L_, B_ = 2048, 1
         else:
             L_, B_ = L, B
-        sdpa_cupy.FLOAT32_MATH = math or "tf32x3"
-        cfg = sdpa_cupy.kernel_config(dtype, E, E)
+        cfg = sdpa_cupy.kernel_config(dtype, E, E, math)
         q, k, v, do = (rng.standard_normal((B_, H, L_, E), dtype=np.float32).astype(dtype)
                        for _ in range(4))
         for causal in (False, True):
-            o, res = api.forward(q, k, v, causal=causal, backend="cupy")
+            o, res = api.forward(q, k, v, causal=causal, backend="cupy", float32_math=math)
             grads = api.backward(res, do)
             cp.cuda.Device().synchronize()
-            fwd = bench(lambda: api.forward(q, k, v, causal=causal, backend="cupy"))
+            fwd = bench(lambda: api.forward(q, k, v, causal=causal, backend="cupy",
+                                            float32_math=math))
             bwd = bench(lambda: api.backward(res, do))
             flops = api.flops((B_,), H, L_, L_, E, E, causal=causal)
             # float64 check on the first (batch, head) and 256 queries.
@@ -71,7 +71,6 @@ def main(B=4, H=16, L=4096, E=64):
             fn = sdpa_cupy.SOURCE.function(cfg[name])
             print(f"    {cfg[name]:28s} regs {fn.num_regs:4d} local bytes {fn.local_size_bytes:5d} "
                   f"smem {cfg[name + '_smem']}")
-    sdpa_cupy.FLOAT32_MATH = "tf32x3"
 
 
 if __name__ == "__main__":

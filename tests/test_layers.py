@@ -10,7 +10,7 @@ from refattn.testing import check_grads
 
 
 def _explicit_mha(params, xq, xkv, n_heads, causal=False, mask=None):
-    """VARIANTS.md section 1, written out with plain NumPy (no refattn code)."""
+    """docs/variants.md section 1, written out with plain NumPy (no refattn code)."""
     d = xq.shape[-1]
     dk = d // n_heads
     Q, K, V = xq @ params["w_q"], xkv @ params["w_k"], xkv @ params["w_v"]

@@ -16,26 +16,20 @@ of float32/float64 and ``reference`` otherwise, among those the core implements.
 from __future__ import annotations
 
 import functools
-import importlib
 from collections.abc import Sequence
-from types import ModuleType
 
 from .._array import all_finite, is_cupy, is_numpy, no_nan_or_posinf, product
 from .._validate import check_choice
-from ..typing import Array
+from ..typing import Array, Namespace
 
 BACKENDS = ("reference", "numba", "cupy")
 
 __all__ = ["BACKENDS", "available_backends", "numba_available", "cupy_available", "resolve",
-           "load_implementation", "needs_exact_path", "route"]
+           "needs_exact_path", "route"]
 
 
-@functools.lru_cache(maxsize=None)
 def numba_available() -> bool:
-    try:
-        import numba  # noqa: F401
-    except Exception:  # pragma: no cover - numba is a hard dependency
-        return False
+    """True: Numba is a dependency (the numba backend runs wherever refattn installs)."""
     return True
 
 
@@ -94,13 +88,7 @@ def resolve(backend: str, implemented: Sequence[str], *arrays: Array,
     return backend
 
 
-@functools.lru_cache(maxsize=None)
-def load_implementation(package: str, backend: str) -> ModuleType:
-    """Import ``<package>.<backend>`` (e.g. ``refattn.cores.sdpa.numba``)."""
-    return importlib.import_module(f"{package}.{backend}")
-
-
-def needs_exact_path(xp, arrays, bias=None) -> bool:
+def needs_exact_path(xp: Namespace, arrays: Sequence[Array], bias: Array | None = None) -> bool:
     """Whether a call must run on the reference backend to keep the non-finite policy.
 
     The fused kernels (numba, cupy) are written for finite data of non-zero size; a
@@ -114,7 +102,8 @@ def needs_exact_path(xp, arrays, bias=None) -> bool:
     return not (all(all_finite(xp, a) for a in arrays) and no_nan_or_posinf(xp, bias))
 
 
-def route(backend: str, xp, arrays, bias=None) -> str:
+def route(backend: str, xp: Namespace, arrays: Sequence[Array],
+          bias: Array | None = None) -> str:
     """``backend``, or ``"reference"`` when :func:`needs_exact_path` says so."""
     if backend != "reference" and needs_exact_path(xp, arrays, bias):
         return "reference"

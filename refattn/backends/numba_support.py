@@ -20,13 +20,14 @@
   ``workqueue`` layer does not (it aborts the process), so :func:`launch` holds a
   lock around parallel launches whenever ``workqueue`` is (or may become) the
   layer in use.
-* :func:`first_call_times` measures what the first call of each core costs
+* ``refattn.bench.cold_start.first_call_times`` measures what the first call of each core costs
   (compiling, or loading from the cache); ``refattn info`` prints it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import tempfile
 import threading
@@ -35,9 +36,13 @@ import warnings
 
 import numba
 import numpy as np
+import scipy.linalg.cython_blas as cython_blas
+from llvmlite import ir
+from numba.core import cgutils
+from numba.np.linalg import ensure_blas
 
 __all__ = ["jit", "NumbaCacheWarning", "cache_status", "launch", "threading_layer",
-           "available_threading_layers", "kernels", "first_call_times", "fast_exp",
+           "available_threading_layers", "kernels", "fast_exp",
            "num_threads", "blas_threads", "gemm"]
 
 
@@ -165,10 +170,6 @@ class _SingleThreadedBlas:
     def _find(self):
         self._found = True
         try:
-            import ctypes
-
-            import scipy.linalg.cython_blas as cython_blas
-
             lib = ctypes.CDLL(cython_blas.__file__)   # dlsym also searches its dependencies
         except Exception:  # pragma: no cover - SciPy is a dependency
             return
@@ -305,10 +306,6 @@ def _xxgemm(typingctx, c, a, b, trans_a, trans_b, accumulate):
     sig = numba.types.none(c, a, b, trans_a, trans_b, accumulate)
 
     def codegen(context, builder, sig, args):
-        from llvmlite import ir
-        from numba.core import cgutils
-        from numba.np.linalg import ensure_blas
-
         ensure_blas()
         c_ty, a_ty, b_ty = sig.args[:3]
         c_val, a_val, b_val, ta, tb, acc = args
@@ -380,31 +377,3 @@ def _gemm_overload(c, a, trans_a, b, trans_b, accumulate):
 
 
 # --------------------------------------------------------------------------- compile time
-
-def first_call_times() -> dict:
-    """Seconds of the first numba call (forward + backward) of each core, per dtype.
-
-    Runs the first ``"test"`` case of every core variant whose core has a numba
-    backend, ``sdpa`` first (other cores reuse its kernels, so each row counts only
-    the kernels no earlier row needed).  The first call compiles the kernels or
-    loads them from the cache;
-    ``"cache"`` holds ``(hits, misses)`` summed over refattn's dispatchers, so a
-    reader can tell which.  For ``refattn info``.
-    """
-    from .._registry import variants
-
-    out: dict[str, float | tuple[int, int]] = {}
-    sdpa_first = sorted(variants().items(), key=lambda item: (item[0] != "sdpa", item[0]))
-    for name, variant in sdpa_first:
-        if variant.kind != "core" or "numba" not in variant.backends:
-            continue
-        for dtype in ("float32", "float64"):
-            case = variant.cases("test", dtype)[0]
-            t0 = time.perf_counter()
-            o, pullback = case.vjp("numba")
-            pullback(np.ones_like(o))
-            out[f"{name} {dtype}"] = time.perf_counter() - t0
-    hits = sum(sum(d.stats.cache_hits.values()) for d in _KERNELS)
-    misses = sum(sum(d.stats.cache_misses.values()) for d in _KERNELS)
-    out["cache"] = (hits, misses)
-    return out

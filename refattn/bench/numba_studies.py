@@ -23,7 +23,10 @@ import time
 
 import numpy as np
 
-from . import Study, StudyResult, compare, register_study
+from .. import cores as _cores
+from ..cores.sdpa import api
+from .study import Study, StudyResult
+from .timing import compare
 
 __all__ = ["sdpa_vs_torch", "sdpa_memory", "numba_vs_reference"]
 
@@ -46,7 +49,6 @@ def _gemm_contender(n: int):
 def sdpa_vs_torch(size: str = "quick") -> StudyResult:
     import torch
 
-    from ..cores.sdpa import api
 
     B, H, L, E = (1, 8, 2048, 64) if size == "full" else (1, 4, 512, 64)
     rounds = 5 if size == "full" else 2
@@ -202,14 +204,13 @@ def _core_inputs(core, L, dtype, rng):
 
 
 def numba_vs_reference(size: str = "quick") -> StudyResult:
-    from .._registry import cores
 
     L = 2048 if size == "full" else 128
     rounds = 3
     dtypes = ("float32",)
     rows, metrics, failures = [], {}, []
     rng = np.random.default_rng(0)
-    for name, core in sorted(cores().items()):
+    for name, core in sorted(_cores.CORES.items()):
         if "numba" not in core.backends:
             continue
         for dtype in dtypes:
@@ -251,9 +252,11 @@ def numba_vs_reference(size: str = "quick") -> StudyResult:
                f"medians of {rounds} interleaved single calls after a warm-up call"])
 
 
-register_study(Study("sdpa-vs-torch", "numba SDPA throughput over PyTorch CPU SDPA, float32",
-                     sdpa_vs_torch, requires=("torch",)))
-register_study(Study("sdpa-memory", "peak memory of numba SDPA forward+backward above its "
-                     "inputs and outputs", sdpa_memory))
-register_study(Study("numba-vs-reference", "every numba core over the NumPy reference",
-                     numba_vs_reference))
+STUDIES = (
+    Study("sdpa-vs-torch", "numba SDPA throughput over PyTorch CPU SDPA, float32",
+          sdpa_vs_torch, requires=("torch",)),
+    Study("sdpa-memory", "peak memory of numba SDPA forward+backward above its inputs and "
+          "outputs", sdpa_memory),
+    Study("numba-vs-reference", "every numba core over the NumPy reference",
+          numba_vs_reference),
+)

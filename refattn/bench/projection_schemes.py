@@ -9,7 +9,13 @@ reach if time followed arithmetic).
 
 from __future__ import annotations
 
-from . import Study, StudyResult, compare, register_study
+import numpy as np
+
+from .._vjp import vjp
+from ..catalog.layers import PAPER_SETTINGS
+from .scheme_counts import SCHEMES, make_layer, scheme_counts
+from .study import Study, StudyResult
+from .timing import compare
 
 #: The paper's claim about Efficient Attention's speed ("up to twice as fast").
 CLAIMED_EFFICIENT_SPEEDUP = 2.0
@@ -20,7 +26,6 @@ SUSPECT_BELOW = 0.8
 
 
 def _contenders(layers, x, dy):
-    from .._vjp import vjp
 
     forward = {s: (lambda layer=layer, p=p: layer(p, x)) for s, (layer, p) in layers.items()}
     forward_backward = {s: (lambda layer=layer, p=p: vjp(layer, p, x)[1](dy))
@@ -29,10 +34,6 @@ def _contenders(layers, x, dy):
 
 
 def run(size="quick") -> StudyResult:
-    import numpy as np
-
-    from ..layers import PAPER_SETTINGS
-    from ..projections.counts import SCHEMES, make_layer, scheme_counts
 
     batch, rounds, min_time = (1, 3, 0.005) if size == "quick" else (8, 9, 0.05)
     dtype = np.float32
@@ -82,9 +83,9 @@ def run(size="quick") -> StudyResult:
                         "matmuls/head"], rows, metrics=metrics, notes=notes, failures=failures)
 
 
-STUDY = register_study(Study(
+STUDY = Study(
     name="projection-schemes",
     summary="Optimised / Efficient / Super attention vs standard: time, parameter and FLOP "
             "ratios at the paper's ViT-like and NLP-like settings",
     run=run,
-))
+)

@@ -23,6 +23,8 @@ import zipfile
 
 import numpy as np
 
+from ..cores import get_core
+
 NAME = "cond"
 HELP = "condition numbers kappa(P), kappa(A), kappa(CA) per head (default problem or --npz)"
 
@@ -65,8 +67,6 @@ def _load_npz(path):
 
 def _projection(core):
     """The projection producing the heads ``core`` takes: quaternion heads or real ones."""
-    from .._registry import get_core
-
     return "quaternion" if get_core(core).layout == "quaternion" else "standard"
 
 
@@ -155,10 +155,7 @@ def length_sweep(q, k, v, mask, *, core, causal, preconditioner, eps, n_lengths=
     """``{l: HeadConditioning}`` on the prefixes of ``l`` queries (and ``ceil(l S / L)`` keys)."""
     import refattn
 
-    from .._registry import get_core
-    from ..cores.preconditioned.api import _feature_axes, inner_core_of
-
-    f = _feature_axes(get_core(inner_core_of(core) or core))   # (L, E) or (L, 4, d) per head
+    f = get_core(get_core(core).inner or core).feature_axes   # (L, E) or (L, 4, d) per head
     L, S = q.shape[-1 - f], k.shape[-1 - f]
     lengths = sorted({int(round(x)) for x in np.geomspace(min(8, L), L, n_lengths)})
     out = {}

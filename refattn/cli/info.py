@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..bench.cold_start import first_call_times
+
 import platform
 
 NAME = "info"
@@ -67,7 +69,7 @@ def _numba_kernel_facts() -> dict:
     facts["BLAS in kernels"] = ("OpenBLAS, 1 thread per kernel thread (was "
                                 f"{blas} outside kernels)" if blas is not None
                                 else "not OpenBLAS: threads left to the BLAS")
-    times = ns.first_call_times()
+    times = first_call_times()
     hits, misses = times.pop("cache")
     how = "compiled" if misses and not hits else "loaded from cache" if hits and not misses \
         else "partly cached"

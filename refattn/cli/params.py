@@ -18,7 +18,7 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from refattn.layers import PAPER_SETTINGS
-    from refattn.projections.counts import counts_table, super_scan_table
+    from refattn.bench.scheme_counts import counts_table, super_scan_table
 
     if (args.d_model is None) != (args.seq_len is None):
         raise SystemExit("refattn params: give both --d-model and --seq-len, or neither (the "

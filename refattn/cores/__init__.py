@@ -1,15 +1,40 @@
 """Attention cores: one package per core, reference and kernels side by side.
 
-Importing this package registers every core.  A new core is a new package
-here plus one line below.
+:data:`CORES` is the explicit inventory (each core package exports a plain
+:class:`~refattn._core.Core`); a new core is a new package here plus one line in it.
+``refattn.cores()`` lists them (this package is callable, for the public API).
 """
 
-from . import sdpa  # noqa: F401
-from . import elementwise  # noqa: F401
-from . import preconditioned  # noqa: F401
-from . import quaternion  # noqa: F401
+from __future__ import annotations
 
-from .._registry import make_package_callable as _make_package_callable  # noqa: E402
-from .._registry import cores as _cores  # noqa: E402
+from .._core import Core
+from .._listing import make_package_callable
+from . import elementwise, preconditioned, quaternion, sdpa
 
-_make_package_callable(__name__, _cores)   # refattn.cores() lists them (the public API)
+__all__ = ["CORES", "get_core", "cores", "Core"]
+
+#: Every core, by name.
+CORES = {core.name: core for core in (
+    sdpa.CORE,
+    quaternion.SHARED,
+    quaternion.HAMILTON,
+    elementwise.CORE,
+    preconditioned.CORE,
+    *preconditioned.DROP_INS.values(),
+)}
+
+
+def cores() -> dict:
+    """``{name: Core}`` of every core (a copy of :data:`CORES`)."""
+    return dict(CORES)
+
+
+def get_core(name: str) -> Core:
+    """The core called ``name``; a ``ValueError`` lists the valid names."""
+    if name not in CORES:
+        raise ValueError(f"core must be one of {', '.join(map(repr, sorted(CORES)))}; "
+                         f"got {name!r}")
+    return CORES[name]
+
+
+make_package_callable(__name__, cores)      # refattn.cores() lists the cores

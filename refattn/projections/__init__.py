@@ -1,12 +1,42 @@
-"""Projection schemes: one module each, registered on import."""
+"""Projection schemes: one module each, and :data:`PROJECTIONS`, their explicit inventory.
 
-from ._base import LayerConfig, OutputProjection, Projection, RealOutputProjection  # noqa: F401
-from . import standard  # noqa: F401
-from . import quaternion  # noqa: F401
-from . import optimised, efficient, super  # noqa: F401,E401  (Hosseini & Hosseini schemes)
-from ..bench import projection_schemes  # noqa: F401,E402  (registers the study)
+A scheme turns the layer inputs into the per-head ``q, k, v`` of a core and the
+core's output back into ``d_model`` features (:mod:`._base`).  A new scheme is a
+module here plus one line in the inventory.  ``refattn.projections()`` lists them
+(this package is callable, for the public API).
+"""
 
-from .._registry import make_package_callable as _make_package_callable  # noqa: E402
-from .._registry import projections as _projections  # noqa: E402
+from __future__ import annotations
 
-_make_package_callable(__name__, _projections)   # refattn.projections() lists them (the public API)
+from .._listing import make_package_callable
+from . import efficient, optimised, quaternion, standard, super
+from ._base import LayerConfig, OutputProjection, Projection, RealOutputProjection
+
+__all__ = ["PROJECTIONS", "get_projection", "projections", "LayerConfig", "Projection",
+           "OutputProjection", "RealOutputProjection"]
+
+#: Every projection scheme, by name: standard and the Hosseini & Hosseini schemes
+#: (Optimised, Efficient, Super), and the quaternion layers.
+PROJECTIONS = {scheme.name: scheme for scheme in (
+    standard.STANDARD,
+    optimised.OPTIMISED,
+    efficient.EFFICIENT,
+    super.SUPER,
+    quaternion.QUATERNION,
+)}
+
+
+def projections() -> dict:
+    """``{name: Projection}`` of every scheme (a copy of :data:`PROJECTIONS`)."""
+    return dict(PROJECTIONS)
+
+
+def get_projection(name: str) -> Projection:
+    """The scheme called ``name``; a ``ValueError`` lists the valid names."""
+    if name not in PROJECTIONS:
+        raise ValueError(f"projection must be one of {', '.join(map(repr, sorted(PROJECTIONS)))}; "
+                         f"got {name!r}")
+    return PROJECTIONS[name]
+
+
+make_package_callable(__name__, projections)    # refattn.projections() lists the schemes

@@ -11,10 +11,10 @@ Shape legend: ``*batch`` batch dims, ``L`` query length, ``S`` key length,
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from .._array import matrix_transpose, namespace
-from .._config import LayerConfig
 from ..typing import Array, Namespace
 
 #: ``{name: array}``: a layer's parameters, or their gradients.
@@ -22,6 +22,21 @@ Params = dict[str, Array]
 
 __all__ = ["LayerConfig", "Projection", "linear_forward", "linear_backward", "split_heads",
            "merge_heads", "OutputProjection", "RealOutputProjection"]
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """The layer settings a projection scheme may read."""
+
+    d_model: int
+    n_heads: int
+    causal: bool = False
+    bias: bool = False
+    options: dict = field(default_factory=dict)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
 
 
 def linear_forward(xp: Namespace, x: Array, w: Array, b: Array | None = None) -> Array:

@@ -12,7 +12,6 @@ Shape legend: ``*batch`` batch dims, ``L`` query length, ``S`` key length,
 from __future__ import annotations
 
 from .._array import namespace
-from .._registry import register_projection
 from ._base import RealOutputProjection, merge_heads, split_heads
 from .standard import linear_param_shapes, project_linear, project_linear_backward
 
@@ -61,4 +60,5 @@ class EfficientProjection(RealOutputProjection):
         return 2.0 * d * d * q_len + self.out_flops(cfg, q_len)
 
 
-register_projection(EfficientProjection())
+#: The scheme instance the inventory (:data:`refattn.projections.PROJECTIONS`) lists.
+EFFICIENT = EfficientProjection()

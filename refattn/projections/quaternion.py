@@ -1,7 +1,7 @@
 """Quaternion projections: quaternion linear layers and heads that own units of every component.
 
 A quaternion vector of ``n`` units is stored as four contiguous blocks
-``[r | i | j | k]`` of width ``n`` (``VARIANTS.md`` section 3).  The quaternion
+``[r | i | j | k]`` of width ``n`` (``docs/variants.md`` section 3).  The quaternion
 linear layer ``y = W (x) x`` (Hamilton product, weight on the left) is the real
 product ``y = x @ M`` with the block matrix ``M[b, c] = SIGN[b^c][b] W_(b^c)``
 (:mod:`refattn.cores.quaternion.algebra`): four ``(n_in, n_out)`` blocks, a
@@ -19,11 +19,10 @@ Shape legend: ``*batch`` batch dims, ``L`` query length, ``S`` key length,
 from __future__ import annotations
 
 from .._array import namespace
-from .._registry import register_projection
 from .._validate import check_float_array, check_same_dtype
 from .._vjp import attach_vjp
 from ..cores.quaternion.algebra import SIGN
-from ..typing import Array, Pullback
+from ..typing import Array
 from ._base import OutputProjection, linear_backward, linear_forward
 
 __all__ = ["quaternion_linear", "linear_matrix", "linear_matrix_adjoint",
@@ -125,23 +124,26 @@ def quaternion_linear(x: Array, w: Array, b: Array | None = None) -> Array:
     return quaternion_linear_forward(namespace(x, w, b), x, w, b)
 
 
-def _quaternion_linear_vjp(x: Array, w: Array,
-                           b: Array | None = None) -> tuple[Array, Pullback]:
+def _quaternion_linear_forward(x: Array, w: Array,
+                               b: Array | None = None) -> tuple[Array, tuple]:
+    """``(y, residuals)`` of :func:`quaternion_linear`."""
     _check_linear(x, w, b)
     xp = namespace(x, w, b)
     y = quaternion_linear_forward(xp, x, w, b)
-
-    def pullback(dy):
-        check_float_array(dy, "cotangent")
-        if tuple(dy.shape) != tuple(y.shape):
-            raise ValueError(f"cotangent has shape {tuple(dy.shape)}, expected {tuple(y.shape)}")
-        dx, dw, db = quaternion_linear_backward(xp, x, w, xp.astype(dy, y.dtype), b is not None)
-        return (dx, dw) if b is None else (dx, dw, db)
-
-    return y, pullback
+    return y, (xp, x, w, b is not None, tuple(y.shape), y.dtype)
 
 
-attach_vjp(quaternion_linear, _quaternion_linear_vjp)
+def _quaternion_linear_backward(residuals: tuple, dy: Array) -> tuple[Array, ...]:
+    """``(dx, dw)``, plus ``db`` with a bias."""
+    xp, x, w, has_bias, shape, dtype = residuals
+    check_float_array(dy, "cotangent")
+    if tuple(dy.shape) != shape:
+        raise ValueError(f"cotangent has shape {tuple(dy.shape)}, expected {shape}")
+    dx, dw, db = quaternion_linear_backward(xp, x, w, xp.astype(dy, dtype), has_bias)
+    return (dx, dw, db) if has_bias else (dx, dw)
+
+
+attach_vjp(quaternion_linear, _quaternion_linear_forward, _quaternion_linear_backward)
 
 
 def split_quaternion_heads(xp, x, n_heads: int):
@@ -229,4 +231,5 @@ class QuaternionProjection(OutputProjection):
         return 2.0 * d * d * (2 * q_len + 2 * kv_len)
 
 
-register_projection(QuaternionProjection())
+#: The scheme instance the inventory (:data:`refattn.projections.PROJECTIONS`) lists.
+QUATERNION = QuaternionProjection()

@@ -6,7 +6,6 @@ Parameters (no bias) ``4 d^2``; see ``docs/projections/standard.md``.
 from __future__ import annotations
 
 from .._array import namespace
-from .._registry import register_projection
 from ._base import RealOutputProjection, linear_backward, linear_forward, merge_heads, split_heads
 
 __all__ = ["StandardProjection", "linear_param_shapes", "project_linear",
@@ -68,4 +67,5 @@ class StandardProjection(RealOutputProjection):
         return 2.0 * d * d * (q_len + 2 * kv_len) + self.out_flops(cfg, q_len)
 
 
-register_projection(StandardProjection())
+#: The scheme instance the inventory (:data:`refattn.projections.PROJECTIONS`) lists.
+STANDARD = StandardProjection()

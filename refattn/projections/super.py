@@ -24,7 +24,6 @@ import array_api_compat
 
 from .._array import matrix_transpose, namespace
 from .._masks import causal_keep
-from .._registry import register_projection
 from ._base import RealOutputProjection, merge_heads, split_heads
 from .standard import linear_param_shapes, project_linear, project_linear_backward
 
@@ -133,4 +132,5 @@ class SuperProjection(RealOutputProjection):
         return 2.0 * d * d * q_len + 2.0 * kept * d + self.out_flops(cfg, q_len)
 
 
-register_projection(SuperProjection())
+#: The scheme instance the inventory (:data:`refattn.projections.PROJECTIONS`) lists.
+SUPER = SuperProjection()

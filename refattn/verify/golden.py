@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._registry import get_variant
+from ..catalog import get_variant
 from .._vjp import vjp
 from ..testing import TOLERANCES, max_errors
 from .report import Check, VerifyReport

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from .._registry import Variant, get_variant
+from ..catalog import Variant, get_variant
 from .._vjp import vjp
 from ..testing import max_errors
 from . import tolerance

@@ -176,7 +176,7 @@ def test_error_shrinks_with_order_for_small_qk():
 
 
 def test_kernel_error_matches_spec_and_docs_table():
-    # VARIANTS.md section 5: t = 6 is 5e-4 relative at x = -1 and 0.15 at x = -2
+    # docs/variants.md section 5: t = 6 is 5e-4 relative at x = -1 and 0.15 at x = -2
     assert kernel_error(-1.0, 6) == pytest.approx(4.8e-4, rel=0.01)
     assert kernel_error(-2.0, 6) == pytest.approx(0.149, rel=0.01)
     doc = pathlib.Path(__file__).parents[2] / "docs" / "cores" / "elementwise.md"
@@ -259,7 +259,7 @@ def test_state_errors():
 
 def test_scaling_study_reports_its_metrics(monkeypatch):
     """The study's plumbing on tiny sizes (its timings are not asserted: shared machines)."""
-    from refattn.cores.elementwise import study
+    from refattn.bench import elementwise_scaling as study
 
     monkeypatch.setattr(study, "_LENGTHS", {"quick": (64, 128, 256)})
     monkeypatch.setattr(study, "_SDPA_MAX", {"quick": 64})

@@ -11,8 +11,8 @@ import pytest
 
 import refattn
 from refattn import Preconditioner, preconditioned_sdpa, register_preconditioner
-from refattn._registry import cores
-from refattn.cores.preconditioned import DEFAULT_EPS, DROP_INS, register_preconditioned
+from refattn.catalog.preconditioned import preconditioned_variant
+from refattn.cores.preconditioned import DEFAULT_EPS, DROP_INS
 from refattn.testing import check_grads
 
 
@@ -284,14 +284,12 @@ def test_layer_with_the_preconditioned_elementwise_core_takes_its_options():
         refattn.Attention(8, 2, core="preconditioned-elementwise", order=3)(params, x)
 
 
-def test_register_preconditioned_errors():
-    with pytest.raises(ValueError, match="already registered"):
-        register_preconditioned("elementwise")
+def test_preconditioned_variant_errors():
     with pytest.raises(ValueError, match="has no test case"):
-        register_preconditioned("sdpa", test_cases={"sdpa": ("no such case",)})
+        preconditioned_variant("sdpa", test_cases={"sdpa": ("no such case",)})
     with pytest.raises(ValueError, match="runs core 'elementwise', not 'sdpa'"):
-        register_preconditioned("sdpa", test_cases={"elementwise": ("plain",)})
-    assert "preconditioned-sdpa" not in cores()       # nothing registered on failure
+        preconditioned_variant("sdpa", test_cases={"elementwise": ("plain",)})
+    assert "preconditioned-sdpa" not in refattn.cores()   # a variant is built, nothing changes
 
 
 def test_errors():
@@ -333,7 +331,7 @@ def test_errors():
 
 def test_overhead_study_reports_every_tracked_metric():
     from refattn.bench import studies
-    from refattn.cores.preconditioned.study import KAPPA_PROBLEM
+    from refattn.bench.preconditioned_overhead import KAPPA_PROBLEM
 
     study = studies()["preconditioned-overhead"]
     result = study.run("quick")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import refattn
-from refattn.backends import load_implementation
+from refattn.cores.sdpa import api as sdpa_api
 from refattn.cores.quaternion import api, pair_costs, score_maps
 from refattn.cores.quaternion.algebra import SIGN, hamilton_product
 from refattn.cores.quaternion.reduction import SDPAReduction
@@ -161,13 +161,13 @@ def test_hamilton_core_differs_from_shared():
 @pytest.mark.parametrize("mode", MODES)
 def test_sdpa_reduction_matches_explicit_formulas(mode, monkeypatch):
     """The reduction on SDPA's reference module, forward and backward, on every test case."""
-    reduction = SDPAReduction(load_implementation("refattn.cores.sdpa", "reference"))
+    reduction = SDPAReduction(sdpa_api.implementation("reference"))
     for case in refattn.get_variant(f"quaternion-{mode}").cases("test"):
         o, pull = refattn.vjp(case.fn, *case.arrays, backend="reference", **case.options)
         do = np.random.default_rng(7).standard_normal(o.shape)
         grads = pull(do)
         with monkeypatch.context() as patch:
-            patch.setattr(api, "_implementation", lambda backend: reduction)
+            patch.setattr(api, "implementation", lambda backend: reduction)
             o2, pull2 = refattn.vjp(case.fn, *case.arrays, backend="reference", **case.options)
             grads2 = pull2(do)
         np.testing.assert_allclose(o2, o, **EXACT, err_msg=case.name)
@@ -286,6 +286,6 @@ def test_gradients_with_bias_for_both_modes():
 
 
 def test_sign_table_is_the_spec_table():
-    # VARIANTS.md section 3, S_i = Q_r K_i + Q_i K_r + Q_j K_k - Q_k K_j: component 1 terms.
+    # docs/variants.md section 3, S_i = Q_r K_i + Q_i K_r + Q_j K_k - Q_k K_j: component 1 terms.
     terms_i = {(a, b): SIGN[a][b] for a in range(4) for b in range(4) if a ^ b == 1}
     assert terms_i == {(0, 1): 1, (1, 0): 1, (2, 3): 1, (3, 2): -1}

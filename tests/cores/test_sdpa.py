@@ -15,7 +15,7 @@ from refattn.testing import check_grads
 
 def naive_sdpa(q, k, v, mask=None, bias=None, causal=False, align="upper_left", scale=None,
                dropout_mask=None, dropout_p=0.0):
-    """The definition of VARIANTS.md section 1, one (batch, head, query) at a time."""
+    """The definition of docs/variants.md section 1, one (batch, head, query) at a time."""
     *batch, H, L, E = q.shape
     Hkv, S, Ev = k.shape[-3], k.shape[-2], v.shape[-1]
     scale = 1 / math.sqrt(E) if scale is None else scale

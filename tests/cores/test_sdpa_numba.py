@@ -1,7 +1,7 @@
 """The numba SDPA kernel against the float64 reference, plus the numba plumbing.
 
 Sizes are chosen to cross the kernel's tile edges: L = 1, 63, 100, 257 with
-S != L, and the tests shrink the tiles to ``BLOCK_Q = 32``, ``BLOCK_K = 16`` (a
+S != L, and the tests shrink the tiles to 32 queries x 16 keys (``tiles=``, a
 runtime argument, no recompilation) so that partial tiles, several tiles per
 head, causal tile skipping and the key-chunked backward (one (batch, kv head)
 pair and two threads) all run on small problems.
@@ -28,10 +28,8 @@ from refattn.testing import TOLERANCES, assert_close, max_errors
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def small_tiles(monkeypatch):
-    monkeypatch.setattr(sdpa_numba, "BLOCK_Q", 32)
-    monkeypatch.setattr(sdpa_numba, "BLOCK_K", 16)
+#: Tiles small enough that the test problems span several of them (a per-call option).
+SMALL_TILES = (32, 16)
 
 
 def _problem(rng, B, H, Hkv, L, S, E, Ev, dtype):
@@ -102,6 +100,7 @@ def _compare(shape, scenario, dtype, seed=0):
     cast = {key: (val.astype(dtype) if isinstance(val, np.ndarray) and val.dtype != bool
                   else val) for key, val in options.items()}
     o, res = api.forward(q.astype(dtype), k.astype(dtype), v.astype(dtype), backend="numba",
+                         tiles=SMALL_TILES,
                          **cast)
     assert o.dtype == dtype
     assert_close(o, o_ref, dtype, f"o [{scenario}]")
@@ -130,13 +129,14 @@ def test_fully_masked_rows_give_zero_output_and_zero_gradient():
     q, k, v = _problem(rng, 1, 2, 2, 9, 6, 4, 4, "float64")
     mask = np.ones((9, 6), bool)
     mask[[0, 4]] = False
-    o, res = api.forward(q, k, v, mask=mask, backend="numba")
+    o, res = api.forward(q, k, v, mask=mask, backend="numba", tiles=SMALL_TILES)
     assert np.all(o[..., [0, 4], :] == 0)
     assert np.all(np.isneginf(res.lse[..., [0, 4]]))
     dq, dk, dv = api.backward(res, np.ones_like(o))
     assert np.all(dq[..., [0, 4], :] == 0)
     # lower_right with L > S: the first L - S queries see no key at all
-    o, res = api.forward(q, k, v, causal=True, causal_align="lower_right", backend="numba")
+    o, res = api.forward(q, k, v, causal=True, causal_align="lower_right", backend="numba",
+                         tiles=SMALL_TILES)
     assert np.all(o[..., :3, :] == 0) and np.all(np.isfinite(o))
     dq, dk, dv = api.backward(res, np.ones_like(o))
     assert np.all(dq[..., :3, :] == 0) and np.all(np.isfinite(dk))
@@ -147,7 +147,7 @@ def test_non_contiguous_inputs():
     q, k, v = _problem(rng, 1, 2, 2, 8, 8, 5, 5, "float64")
     qt, kt, vt = (np.swapaxes(np.swapaxes(x, -1, -2).copy(), -1, -2) for x in (q, k, v))
     assert not qt.flags.c_contiguous
-    o = api.sdpa(qt, kt, vt, backend="numba")
+    o = api.sdpa(qt, kt, vt, backend="numba", tiles=SMALL_TILES)
     assert_close(o, api.sdpa(q, k, v, backend="reference"), "float64")
 
 
@@ -159,7 +159,8 @@ def test_float32_error_is_that_of_float32_arithmetic():
     q, k, v = _problem(rng, 1, 2, 2, 257, 257, 64, 64, "float64")
     o64 = api.sdpa(q, k, v, causal=True, backend="reference")
     args32 = tuple(x.astype("float32") for x in (q, k, v))
-    _, err_kernel = max_errors(api.sdpa(*args32, causal=True, backend="numba"), o64)
+    _, err_kernel = max_errors(api.sdpa(*args32, causal=True, backend="numba",
+                                        tiles=SMALL_TILES), o64)
     _, err_numpy = max_errors(api.sdpa(*args32, causal=True, backend="reference"), o64)
     # Both sit at a few units of float32 roundoff (6e-8) times the dot-product length
     # growth; online-softmax rescaling adds at most a few roundings per key tile.
@@ -170,14 +171,15 @@ def test_float32_error_is_that_of_float32_arithmetic():
 def test_concurrent_python_threads_get_correct_results():
     rng = np.random.default_rng(6)
     problems = [_problem(rng, 1, 2, 2, 40, 40, 8, 8, "float32") for _ in range(6)]
-    expected = [api.sdpa(*p, causal=True, backend="numba") for p in problems]
+    expected = [api.sdpa(*p, causal=True, backend="numba", tiles=SMALL_TILES) for p in problems]
     results = [None] * len(problems)
     errors = []
 
     def work(i):
         try:
             for _ in range(5):
-                o, res = api.forward(*problems[i], causal=True, backend="numba")
+                o, res = api.forward(*problems[i], causal=True, backend="numba",
+                                     tiles=SMALL_TILES)
                 api.backward(res, np.ones_like(o))
             results[i] = o
         except Exception as exc:  # pragma: no cover - reported below
@@ -207,7 +209,6 @@ def test_kernel_source_runs_as_python_without_jit():
         import numpy as np
         from refattn.cores.sdpa import api
         from refattn.cores.sdpa import numba as sdpa_numba
-        sdpa_numba.BLOCK_Q, sdpa_numba.BLOCK_K = 4, 2   # several tiles on a tiny problem
         from refattn.testing import assert_close
         rng = np.random.default_rng(0)
         for dtype in ("float64", "float32"):
@@ -217,7 +218,7 @@ def test_kernel_source_runs_as_python_without_jit():
                          {"mask": rng.random((5, 5)) > 0.4, "causal": True,
                           "causal_align": "lower_right"},
                          {"dropout_mask": rng.random((5, 5)) > 0.3, "dropout_p": 0.3}):
-                o, res = api.forward(q, k[:, :1], v[:, :1], backend="numba", **opts)
+                o, res = api.forward(q, k[:, :1], v[:, :1], backend="numba", tiles=(4, 2), **opts)
                 o2, res2 = api.forward(q, k[:, :1], v[:, :1], backend="reference", **opts)
                 assert_close(o, o2, dtype)
                 do = np.ones_like(o)
@@ -304,7 +305,7 @@ def test_fast_exp_accuracy():
 
 
 def test_first_call_times_reports_sdpa():
-    from refattn.backends.numba_support import first_call_times
+    from refattn.bench.cold_start import first_call_times
 
     times = first_call_times()
     assert times["sdpa float32"] > 0 and times["sdpa float64"] > 0

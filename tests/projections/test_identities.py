@@ -1,4 +1,4 @@
-"""Each scheme against standard MHA with fixed weights (VARIANTS.md section 2).
+"""Each scheme against standard MHA with fixed weights (docs/variants.md section 2).
 
 * Efficient == standard with ``W_K = W_V = I`` (each head reads its own slice);
 * Optimised == standard with ``W_V = I``;

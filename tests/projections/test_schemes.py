@@ -10,7 +10,7 @@ import pytest
 
 import refattn
 from refattn.cli import params as params_cli
-from refattn.projections.counts import counts_table, scheme_counts, super_break_even
+from refattn.bench.scheme_counts import counts_table, scheme_counts, super_break_even
 from refattn.testing import check_grads
 
 SCHEMES = ["optimised", "efficient", "super"]

@@ -1,4 +1,4 @@
-"""Plain PyTorch implementations of every variant, written from VARIANTS.md, with planted bugs.
+"""Plain PyTorch implementations of every variant, written from docs/variants.md, with planted bugs.
 
 These are the "user code" the verify tests check: each function or module is a
 straightforward PyTorch transcription of the spec; ``bug=`` plants one of the

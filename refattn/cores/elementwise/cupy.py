@@ -31,7 +31,7 @@ import os
 import numpy as np
 
 from ...backends import cupy_support as cs
-from .api import _check_order
+from .taylor import check_order as _check_order
 
 __all__ = ["forward", "backward", "kernel_names", "SOURCE"]
 

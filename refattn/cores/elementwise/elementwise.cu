@@ -1,4 +1,4 @@
-// Element-wise attention (VARIANTS.md section 5): exact and Taylor forms, forward and backward.
+// Element-wise attention (docs/variants.md section 5): exact and Taylor forms, forward and backward.
 //
 // Self-contained (no CUDA headers): it compiles with a bare NVRTC (the CI compile
 // test) and with CuPy's RawModule on a GPU.  Derivations: docs/cores/elementwise.md.

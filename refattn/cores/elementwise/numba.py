@@ -28,7 +28,7 @@ import numba
 import numpy as np
 
 from ...backends.numba_support import jit, launch
-from .api import taylor_coefficients
+from .taylor import taylor_coefficients
 
 __all__ = ["forward", "backward"]
 

@@ -25,7 +25,7 @@ from ..._array import matrix_transpose, namespace, upcast_half
 from ..._masks import keep_mask
 from ..._softmax import masked_softmax, probs_from_lse, softmax_backward
 from ..sdpa.reference import expand_kv_heads, reduce_kv_heads
-from .api import TAYLOR_BLOCK, taylor_coefficients
+from .taylor import TAYLOR_BLOCK, taylor_coefficients
 
 __all__ = ["forward", "backward", "state_update", "state_read"]
 

@@ -1,4 +1,4 @@
-"""Preconditioned attention (``VARIANTS.md`` section 4), a drop-in around any core.
+"""Preconditioned attention (Saratchandran, arXiv 2603.27153; ``docs/variants.md`` section 4), a drop-in around any core.
 
 Shape legend
 ------------
@@ -28,20 +28,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..._array import namespace, product
-from ..._registry import Core, get_core
+from ..._core import COMMON_OPTIONS, Core
 from ..._validate import _dtype_name, check_cotangent, check_positive_float
+from ..._vjp import attach_vjp
+from ..elementwise import CORE as _ELEMENTWISE
+from ..quaternion import HAMILTON as _HAMILTON
+from ..quaternion import SHARED as _SHARED
+from ..sdpa import CORE as _SDPA
 from .preconditioners import Preconditioner, get_preconditioner
 
 __all__ = ["PreconditionedResiduals", "forward", "backward", "preconditioned_sdpa",
-           "make_core", "apply_preconditioner", "inner_core_of", "DEFAULT_EPS"]
+           "make_core", "apply_preconditioner", "DEFAULT_EPS", "INNER_CORES"]
 
 DEFAULT_EPS = 1e-6
 
-#: ``{preconditioned core name: inner core name}`` of the cores built by :func:`make_core`.
-_WRAPPED: dict[str, str] = {}
-
-#: Options every core takes besides its ``Core.options`` (the layer passes them).
-_COMMON_OPTIONS = ("mask", "causal")
+#: The cores ``inner_core=`` may name; any other :class:`~refattn._core.Core` may be passed.
+INNER_CORES = {core.name: core for core in (_SDPA, _SHARED, _HAMILTON, _ELEMENTWISE)}
 
 
 @dataclass
@@ -60,10 +62,6 @@ class PreconditionedResiduals:
     qkv: tuple = ()        # (q, k, v), only for stop_gradient=False
 
 
-def _feature_axes(core: Core) -> int:
-    return 2 if core.layout == "quaternion" else 1
-
-
 def _working(xp, x):
     """float16 rows are scaled in float32: ``1/eps`` overflows float16 (max 65504)."""
     return xp.astype(x, xp.float32) if _dtype_name(x) == "float16" else x
@@ -77,16 +75,11 @@ def _check_options(eps, stop_gradient, preconditioner, inner_core, inner_options
     if not stop_gradient and pre.vjp is None:
         raise ValueError(f"preconditioner {pre.name!r} has no derivative rule (vjp=None); use "
                          "stop_gradient=True or register it with a vjp")
-    if isinstance(inner_core, Core):
-        core = inner_core
-    elif isinstance(inner_core, str):
-        core = get_core(inner_core)
-    else:
-        raise TypeError(f"inner_core must be a core name (str), got {type(inner_core).__name__}")
-    unknown = sorted(set(inner_options) - set(core.options) - set(_COMMON_OPTIONS))
+    core = _inner(inner_core)
+    unknown = sorted(set(inner_options) - set(core.options) - set(COMMON_OPTIONS))
     if unknown:
         raise TypeError(f"unexpected option(s) {', '.join(unknown)} for inner_core="
-                        f"{core.name!r}, which takes {list(_COMMON_OPTIONS + core.options)}")
+                        f"{core.name!r}, which takes {list(COMMON_OPTIONS + core.options)}")
     return eps, pre, core
 
 
@@ -120,7 +113,7 @@ def forward(q, k, v, *, eps=DEFAULT_EPS, stop_gradient=True, preconditioner="row
                                     inner_options)
     a, inner = core.forward(q, k, v, backend=backend, **inner_options)
     xp = namespace(a)
-    c, a_rows = apply_preconditioner(pre, q, k, v, a, eps, _feature_axes(core))
+    c, a_rows = apply_preconditioner(pre, q, k, v, a, eps, core.feature_axes)
     o = xp.astype(xp.reshape(c[..., None] * a_rows, tuple(a.shape)), a.dtype)
     res = PreconditionedResiduals(core, inner, pre, eps, stop_gradient, c, tuple(a.shape),
                                   a.dtype)
@@ -221,41 +214,49 @@ def preconditioned_sdpa(q, k, v, *, eps=DEFAULT_EPS, stop_gradient=True,
     return o
 
 
-def _vjp(q, k, v, *, return_diagonal=False, **options):
+def _forward_of_output(q, k, v, *, return_diagonal=False, **options):
     if return_diagonal:
         raise ValueError("vjp(preconditioned_sdpa, ...) differentiates the output o only; "
                          "drop return_diagonal")
-    o, res = forward(q, k, v, **options)
-    return o, lambda do: backward(res, do)
+    return forward(q, k, v, **options)
 
 
-preconditioned_sdpa.__refattn_vjp__ = _vjp
+attach_vjp(preconditioned_sdpa, _forward_of_output, backward)
 
 
-def make_core(inner_core: str, name: str | None = None) -> Core:
-    """The :class:`~refattn._registry.Core` ``diag(c) inner_core(q, k, v)`` for the layer frame.
+def _inner(inner_core) -> Core:
+    if isinstance(inner_core, Core):
+        return inner_core
+    if isinstance(inner_core, str):
+        if inner_core not in INNER_CORES:
+            raise ValueError(f"inner_core must be one of {', '.join(map(repr, INNER_CORES))} "
+                             f"(or a Core); got {inner_core!r}")
+        return INNER_CORES[inner_core]
+    raise TypeError(f"inner_core must be a core name (str) or a Core, got "
+                    f"{type(inner_core).__name__}")
+
+
+def make_core(inner_core, name: str | None = None) -> Core:
+    """The :class:`~refattn._core.Core` ``diag(c) inner_core(q, k, v)`` for the layer frame.
 
     Its options are ``eps``, ``stop_gradient``, ``preconditioner`` and the inner
-    core's; its backends and layout are the inner core's.  Register it with
-    :func:`refattn._registry.register_core`.
+    core's; its backends and layout are the inner core's; ``Core.inner`` names the
+    inner core.  List it in the inventory ``refattn.cores.CORES`` to use it by name.
     """
-    inner = get_core(inner_core)
-    f = _feature_axes(inner)
+    inner = _inner(inner_core)
 
     def core_forward(q, k, v, *, backend="auto", **options):
-        return forward(q, k, v, inner_core=inner.name, backend=backend, **options)
+        return forward(q, k, v, inner_core=inner, backend=backend, **options)
 
     def core_flops(batch, heads, q_len, kv_len, head_dim, value_dim, eps=None,
                    stop_gradient=None, preconditioner=None, **options):
         # the row norm (2 F) and the scaling (F) per output row, F = value_dim
-        rows = max(product(batch), 1) * heads * q_len
+        rows = product(batch) * heads * q_len
         return inner.flops(batch, heads, q_len, kv_len, head_dim, value_dim,
                            **options) + 3.0 * rows * value_dim
 
-    name = name or f"preconditioned-{inner.name}"
-    _WRAPPED[name] = inner.name
     return Core(
-        name=name,
+        name=name or f"preconditioned-{inner.name}",
         forward=core_forward,
         backward=backward,
         layout=inner.layout,
@@ -263,11 +264,6 @@ def make_core(inner_core: str, name: str | None = None) -> Core:
         options=("eps", "stop_gradient", "preconditioner") + tuple(inner.options),
         flops=core_flops if inner.flops is not None else None,
         summary=f"diag(c) {inner.name}(q, k, v), c = preconditioner(q, k, v, A)"
-                + (" (rows of (4, d))" if f == 2 else ""),
+                + (" (rows of (4, d))" if inner.feature_axes == 2 else ""),
+        inner=inner.name,
     )
-
-
-
-def inner_core_of(core_name: str):
-    """The inner core's name if ``core_name`` is a preconditioned core, else ``None``."""
-    return _WRAPPED.get(core_name)

@@ -25,7 +25,7 @@ itself) as ``preconditioner=`` to :func:`refattn.preconditioned_sdpa`.
 Built in
 --------
 ``"row_norm"`` (default): ``c_i = 1 / (||A_i||_2 + eps)``; a **reconstruction**
-    (``VARIANTS.md`` section 4): the paper's ``C`` is diagonal and depends on
+    (``docs/variants.md`` section 4): the paper's ``C`` is diagonal and depends on
     ``Q, K, V``, but its exact formula could not be read.
 ``"identity"``: ``c_i = 1``; ``O = A``.  The baseline of the diagnostics.
 """

@@ -1,93 +1,32 @@
-"""Quaternion attention (``VARIANTS.md`` section 3): the ``shared`` and ``hamilton`` cores.
+"""Quaternion attention: the ``shared`` (Yamauchi et al. 2026) and ``hamilton`` (Tay et al. 2019) cores.
 
 ``algebra.py`` (the multiplication table), ``api.py`` (front end),
 ``reference.py`` (explicit formulas), ``reduction.py`` (exact reduction to SDPA,
-the kernel backends), ``study.py`` (shared vs Hamilton counts and timings).
+the kernel backends).  Definitions: ``docs/cores/quaternion.md``.
 """
 
 from __future__ import annotations
 
-import numpy as np
-
-from ..._registry import Case, Core, Variant, register_core, register_variant
-from .api import (IMPLEMENTED, MODES, _registry_functions, backward, flops, forward, pair_costs,
+from ..._core import Core
+from .api import (IMPLEMENTED, MODES, backward, core_forward, flops, forward, pair_costs,
                   quaternion_attention, score_maps)
 
 __all__ = ["quaternion_attention", "forward", "backward", "score_maps", "pair_costs", "flops",
-           "CORES"]
+           "CORES", "SHARED", "HAMILTON", "SUMMARIES", "MODES", "IMPLEMENTED"]
 
-_SUMMARIES = {
+SUMMARIES = {
     "shared": "quaternion attention, one shared score map Re(Q K*) and one softmax (Yamauchi 2026)",
     "hamilton": "quaternion attention, four Hamilton score maps and four softmaxes (Tay 2019)",
 }
 
 
-def _register_core(mode):
-    fwd, fl = _registry_functions(mode)
-    return register_core(Core(
-        name=mode, forward=fwd, backward=backward, layout="quaternion", backends=IMPLEMENTED,
-        options=("scale", "causal_align", "bias"), flops=fl, summary=_SUMMARIES[mode]))
+
+def _core(mode):
+    return Core(name=mode, forward=core_forward(mode), backward=backward, layout="quaternion",
+                backends=IMPLEMENTED, options=("scale", "causal_align", "bias"),
+                flops=lambda *args, **options: flops(*args, mode=mode, **options),
+                summary=SUMMARIES[mode])
 
 
-CORES = {mode: _register_core(mode) for mode in MODES}
-
-
-def _case(name, mode, rng, batch, H, Hkv, L, S, d, dv, dtype, backends=None, **options):
-    q = rng.standard_normal((*batch, H, L, 4, d)).astype(dtype)
-    k = rng.standard_normal((*batch, Hkv, S, 4, d)).astype(dtype)
-    v = rng.standard_normal((*batch, Hkv, S, 4, dv)).astype(dtype)
-    return Case(name, quaternion_attention, (q, k, v), {"mode": mode, **options},
-                flops(batch, H, L, S, 4 * d, 4 * dv, causal=options.get("causal", False),
-                      mode=mode), backends=backends)
-
-
-def _make_cases(mode):
-    def make_cases(kind="test", dtype="float64", seed=0):
-        """Seeded problems: ``"test"`` covers masks, causal alignments, bias, GQA, L != S."""
-        rng = np.random.default_rng(seed)
-        dtype = np.dtype(dtype)
-        if kind == "default":
-            return [_case("B2 H4 L128 d4", mode, rng, (2,), 4, 4, 128, 128, 4, 4, dtype)]
-        if kind == "bench":
-            # The paper's models: d_model 64, 4 heads -> d = 64 / 4 / 4 = 4 units per component;
-            # 6.86 s utterances -> about 1100 frames.  And a long sequence, for the
-            # linear-memory kernels only: the reference holds M score maps of L^2 (Hamilton,
-            # float64: 2 GiB each, several alive in the backward pass).
-            return [_case("B1 H4 L1100 d4", mode, rng, (1,), 4, 4, 1100, 1100, 4, 4, dtype),
-                    _case("B1 H4 L4096 d4", mode, rng, (1,), 4, 4, 4096, 4096, 4, 4, dtype,
-                          backends=("numba", "cupy"))]
-        L, S = 5, 7
-        mask = rng.random((L, S)) > 0.3
-        mask[2] = False                                   # a fully masked row
-        bias = rng.standard_normal((2, 1, L, S)).astype(dtype)
-        return [
-            _case("plain L!=S", mode, rng, (2,), 2, 2, L, S, 3, 2, dtype),
-            _case("no batch dims, L=1", mode, rng, (), 2, 2, 1, 4, 2, 2, dtype),
-            _case("two batch dims, GQA 4/2", mode, rng, (2, 1), 4, 2, L, S, 2, 3, dtype),
-            _case("causal lower_right L>S (empty rows)", mode, rng, (1,), 2, 1, S, L, 2, 2,
-                  dtype, causal=True, causal_align="lower_right"),
-            _case("mask with empty row + causal", mode, rng, (2,), 2, 2, L, S, 2, 2, dtype,
-                  mask=mask, causal=True),
-            _case("bias (B,1,L,S), scale=0.3", mode, rng, (2,), 2, 2, L, S, 2, 2, dtype,
-                  bias=bias, scale=0.3),
-        ]
-    return make_cases
-
-
-for _mode in MODES:
-    register_variant(Variant(name=f"quaternion-{_mode}", kind="core", make_cases=_make_cases(_mode),
-                             core=_mode, summary=_SUMMARIES[_mode], tags=("quaternion",)))
-
-from . import study  # noqa: E402,F401  (registers the "quaternion-cores" study)
-
-# The layers: quaternion projection x each core (``Attention(..., projection="quaternion")``).
-from ...layers import register_layer_variant  # noqa: E402
-
-for _mode in MODES:
-    register_layer_variant(
-        f"qattn-{_mode}", projection="quaternion", core=_mode,
-        summary=f"quaternion Q/K/V/O layers (quarter-size), {_mode} core",
-        test_sizes=(2, 5, 16, 2), default_size=(2, 64, 64, 4),
-        # The paper's models (d_model 64, 4 heads, ~1100 frames); L = 4096 is benchmarked on
-        # the cores (kernel backends), the layer adds only its O(L d^2) projections.
-        bench_sizes={"B1 L1100 d64 H4": (1, 1100, 64, 4, {})})
+SHARED, HAMILTON = _core("shared"), _core("hamilton")
+CORES = {"shared": SHARED, "hamilton": HAMILTON}

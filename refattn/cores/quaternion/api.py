@@ -25,13 +25,14 @@ from typing import Any
 from ... import backends as _backends
 from ..._array import flatten_batch, namespace, native_byte_order, sum_to_shape
 from ..._validate import AttentionShapes, attention_shapes, check_choice, check_cotangent
+from ..._vjp import attach_vjp
 from ..sdpa import api as _sdpa_api
 from . import reference as _reference
 from .algebra import MODES, n_maps, score_terms
 from .reduction import SDPAReduction
 
 __all__ = ["quaternion_attention", "forward", "backward", "score_maps", "pair_costs", "PairCosts",
-           "flops", "IMPLEMENTED", "MODES"]
+           "flops", "IMPLEMENTED", "MODES", "implementation", "core_forward", "prepare"]
 
 #: Every backend of SDPA: ``"reference"`` is the explicit formulas, the others reduce to SDPA.
 IMPLEMENTED = _sdpa_api.IMPLEMENTED
@@ -88,22 +89,26 @@ def _flat_components(xp, x):
     return xp.reshape(x, (*x.shape[:-2], 4 * x.shape[-1]))        # (..., 4f)
 
 
-def _prepare(q, k, v, mode, mask, bias, causal, causal_align, scale):
+def prepare(q, k, v, mode, mask=None, bias=None, causal=False, causal_align="upper_left",
+            scale=None):
+    """Validate the arguments of :func:`quaternion_attention`: ``(xp, shapes, SDPAOptions)``."""
     check_choice(mode, "mode", MODES)
     shapes = attention_shapes(q, k, v, feature_axes=2, legend_feature="d")
     xp = namespace(q, k, v)
     scale = _sdpa_api.check_scale(scale, 4 * shapes.head_dim, legend="4 d")
     # SDPA's own validation on the flattened problem: same errors, same mask semantics.
-    _, _, options = _sdpa_api._prepare(
-        *(_flat_components(xp, x) for x in (q, k, v)), mask, bias, causal, causal_align, scale,
-        None, 0.0)
+    _, _, options = _sdpa_api.prepare(
+        *(_flat_components(xp, x) for x in (q, k, v)), mask, bias, causal, causal_align, scale)
     return xp, shapes, options
 
 
-def _implementation(backend: str):
-    if backend == "reference":
-        return _reference
-    return SDPAReduction(_backends.load_implementation("refattn.cores.sdpa", backend))
+def implementation(backend: str):
+    """The quaternion backend for ``backend``: the explicit formulas, or SDPA's kernels reduced."""
+    match backend:
+        case "reference":
+            return _reference
+        case _:
+            return SDPAReduction(_sdpa_api.implementation(backend))
 
 
 def forward(q, k, v, *, mode="shared", mask=None, bias=None, causal=False,
@@ -113,11 +118,11 @@ def forward(q, k, v, *, mode="shared", mask=None, bias=None, causal=False,
     Same arguments as :func:`quaternion_attention`.
     """
     q, k, v, bias = (None if x is None else native_byte_order(x) for x in (q, k, v, bias))
-    xp, shapes, options = _prepare(q, k, v, mode, mask, bias, causal, causal_align, scale)
+    xp, shapes, options = prepare(q, k, v, mode, mask, bias, causal, causal_align, scale)
     backend = _backends.resolve(backend, IMPLEMENTED, q, core=f"quaternion attention ({mode})")
     backend = _backends.route(backend, xp, (q, k, v), options.bias)
     q5, k5, v5 = (flatten_batch(xp, x, shapes.batch) for x in (q, k, v))   # (B, H|Hkv, L|S, 4, d|dv)
-    o5, saved = _implementation(backend).forward(q5, k5, v5, options, mode)
+    o5, saved = implementation(backend).forward(q5, k5, v5, options, mode)
     res = QuaternionResiduals(mode, backend, saved, options, shapes, q.dtype,
                               None if bias is None else tuple(bias.shape))
     return xp.reshape(o5, res.output), res
@@ -130,9 +135,9 @@ def backward(res: QuaternionResiduals, do):
     xp = namespace(do)
     do5 = flatten_batch(xp, xp.astype(native_byte_order(do), res.dtype), shapes.batch)
     # do5 (B, H, L, 4, dv); a non-finite cotangent takes SDPA's exact path (same residuals)
-    impl = _implementation(res.backend)
+    impl = implementation(res.backend)
     if res.backend != "reference" and _backends.needs_exact_path(xp, (do5,)):
-        impl = SDPAReduction(_backends.load_implementation("refattn.cores.sdpa", "reference"))
+        impl = SDPAReduction(_sdpa_api.implementation("reference"))
     dq, dk, dv, dscores = impl.backward(res.saved, do5, res.options, res.mode)
     batch = shapes.batch
     grads = tuple(xp.reshape(g, (*batch, *g.shape[1:])) for g in (dq, dk, dv))
@@ -198,12 +203,7 @@ def quaternion_attention(q, k, v, *, mode="shared", mask=None, bias=None, causal
                    causal_align=causal_align, scale=scale, backend=backend)[0]
 
 
-def _quaternion_vjp(q, k, v, **options):
-    o, res = forward(q, k, v, **options)
-    return o, lambda do: backward(res, do)
-
-
-quaternion_attention.__refattn_vjp__ = _quaternion_vjp
+attach_vjp(quaternion_attention, forward, backward)
 
 
 def score_maps(q, k, *, mode="hamilton"):
@@ -230,8 +230,6 @@ def score_maps(q, k, *, mode="hamilton"):
     return xp.reshape(maps, (*shapes.batch, *maps.shape[1:]))
 
 
-def _registry_functions(mode):
-    """The registry's ``forward(q, k, v, **options)`` for one mode."""
-    fwd = functools.partial(forward, mode=mode)
-    fl = functools.partial(flops, mode=mode)
-    return fwd, fl
+def core_forward(mode):
+    """``forward(q, k, v, **options)`` of the core of one mode (``Core.forward``)."""
+    return functools.partial(forward, mode=mode)

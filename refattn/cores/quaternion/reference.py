@@ -1,7 +1,7 @@
 """Quaternion attention reference backend: the explicit formulas (array API).
 
 The score maps are built from the term table :func:`algebra.score_terms`
-(``S_m = sum sign * Q_a K_b^T``, as ``VARIANTS.md`` section 3 writes them),
+(``S_m = sum sign * Q_a K_b^T``, as ``docs/variants.md`` section 3 writes them),
 grouped by query component: ``S_m = Qflat Kmix_m^T`` where each map mixes
 signed KEY components (16 ``d`` multiplications per pair for Hamilton, 4 ``d``
 for shared).  The kernel backends permute the QUERY components instead

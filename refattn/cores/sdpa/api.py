@@ -31,19 +31,25 @@ import array_api_compat
 import numpy as np
 
 from ... import backends as _backends
+from . import numba as _numba_kernels
+from . import reference as _reference
 from ..._array import flatten_batch, namespace, native_byte_order, product, sum_to_shape
-from ..._masks import CAUSAL_ALIGNS, causal_offset
+from ..._masks import CAUSAL_ALIGNS, causal_offset, causal_pairs
+from ..._vjp import attach_vjp
 from ..._validate import (AttentionShapes, attention_shapes, check_bool_array, check_broadcastable,
                           check_cotangent,
                           check_choice, check_dropout, check_float_array, check_same_dtype)
 
 __all__ = ["SDPAOptions", "SDPAResiduals", "sdpa", "forward", "backward", "IMPLEMENTED",
-           "as_batched_4d", "flops", "check_scale"]
+           "as_batched_4d", "flops", "check_scale", "prepare", "implementation", "causal_pairs",
+           "FLOAT32_MATHS"]
 
 #: Backends with an implementation of this core (modules beside this file).
 IMPLEMENTED = ("reference", "numba", "cupy")
 
-_PACKAGE = __name__.rsplit(".", 1)[0]
+#: How the cupy backend runs float32 products (:class:`SDPAOptions`).
+FLOAT32_MATHS = ("tf32x3", "simt")
+
 _SCORES = "(..., H, L, S)"
 
 
@@ -65,6 +71,13 @@ class SDPAOptions:
         ``1 / (1 - dropout_p)``, applied to kept probabilities.
     need_bias_grad : bool
         Whether the backward pass must return the score gradient.
+    tiles : (int, int) or None
+        numba: queries x keys per tile; None = the backend's default.
+    float32_math : {"tf32x3", "simt"} or None
+        cupy: how float32 products run; None = the backend's default.
+
+    Forward and backward read these from the residuals, so the two passes of one
+    call always agree.
     """
 
     scale: float
@@ -74,6 +87,8 @@ class SDPAOptions:
     dropout_mask: Any = None
     dropout_scale: float = 1.0
     need_bias_grad: bool = False
+    tiles: tuple | None = None
+    float32_math: str | None = None
 
 
 @dataclass
@@ -89,6 +104,19 @@ class SDPAResiduals:
     options: SDPAOptions
     shapes: AttentionShapes
     bias_shape: tuple | None = None
+
+
+def implementation(backend: str):
+    """The module implementing the backend contract above for ``backend``."""
+    match backend:
+        case "reference":
+            return _reference
+        case "numba":
+            return _numba_kernels
+        case "cupy":
+            from . import cupy as cupy_kernels    # optional: compiles CUDA through CuPy
+            return cupy_kernels
+    raise ValueError(f"backend must be one of {', '.join(map(repr, IMPLEMENTED))}; got {backend!r}")
 
 
 def as_batched_4d(xp, m, batch):
@@ -120,7 +148,24 @@ def check_scale(scale, head_dim: int, legend: str = "E") -> float:
     return float(scale)
 
 
-def _prepare(q, k, v, mask, bias, causal, causal_align, scale, dropout_mask, dropout_p):
+def _check_tiles(tiles):
+    if tiles is None:
+        return None
+    if (not isinstance(tiles, (tuple, list)) or len(tiles) != 2
+            or any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 1
+                   for t in tiles)):
+        raise ValueError(f"tiles must be None or two positive ints (queries, keys), got {tiles!r}")
+    return (int(tiles[0]), int(tiles[1]))
+
+
+def prepare(q, k, v, mask=None, bias=None, causal=False, causal_align="upper_left", scale=None,
+            dropout_mask=None, dropout_p=0.0, tiles=None, float32_math=None):
+    """Validate the arguments of :func:`sdpa` and return ``(xp, shapes, options)``.
+
+    ``options`` is the :class:`SDPAOptions` every backend receives; other cores that
+    reduce to SDPA (quaternion) validate their masks and scale here, so that the
+    arguments mean exactly what they mean for :func:`sdpa`.
+    """
     shapes = attention_shapes(q, k, v)
     xp = namespace(q, k, v)
     if not isinstance(causal, (bool, np.bool_)):
@@ -137,6 +182,8 @@ def _prepare(q, k, v, mask, bias, causal, causal_align, scale, dropout_mask, dro
         check_same_dtype(q=q, bias=bias)
         check_broadcastable(bias, "bias", target, _SCORES)
     dropout_scale = check_dropout(dropout_p, dropout_mask, target, _SCORES)
+    if float32_math is not None:
+        check_choice(float32_math, "float32_math", FLOAT32_MATHS)
     batch = shapes.batch
     options = SDPAOptions(
         scale=float(scale),
@@ -146,12 +193,14 @@ def _prepare(q, k, v, mask, bias, causal, causal_align, scale, dropout_mask, dro
         dropout_mask=None if dropout_mask is None else as_batched_4d(xp, dropout_mask, batch),
         dropout_scale=dropout_scale,
         need_bias_grad=bias is not None,
+        tiles=_check_tiles(tiles),
+        float32_math=float32_math,
     )
     return xp, shapes, options
 
 
 def forward(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_left", scale=None,
-            dropout_mask=None, dropout_p=0.0, backend="auto"):
+            dropout_mask=None, dropout_p=0.0, backend="auto", tiles=None, float32_math=None):
     """SDPA forward pass returning ``(o, residuals)`` for :func:`backward`.
 
     Same arguments as :func:`sdpa`.  ``residuals.lse`` holds the per-row
@@ -159,11 +208,11 @@ def forward(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_
     probabilities (FlashAttention-2).
     """
     q, k, v, bias = (None if x is None else native_byte_order(x) for x in (q, k, v, bias))
-    xp, shapes, options = _prepare(q, k, v, mask, bias, causal, causal_align, scale,
-                                   dropout_mask, dropout_p)
+    xp, shapes, options = prepare(q, k, v, mask, bias, causal, causal_align, scale,
+                                  dropout_mask, dropout_p, tiles, float32_math)
     backend = _backends.resolve(backend, IMPLEMENTED, q, core="sdpa")
     backend = _backends.route(backend, xp, (q, k, v), options.bias)
-    impl = _backends.load_implementation(_PACKAGE, backend)
+    impl = implementation(backend)
     q4, k4, v4 = (flatten_batch(xp, x, shapes.batch) for x in (q, k, v))
     o4, lse = impl.forward(q4, k4, v4, options)
     res = SDPAResiduals(backend, q4, k4, v4, o4, lse, options, shapes,
@@ -180,7 +229,7 @@ def backward(res: SDPAResiduals, do):
     xp = namespace(res.q)
     check_cotangent(do, shapes.output, "(..., H, L, Ev)", like=res.o)
     do4 = flatten_batch(xp, xp.astype(native_byte_order(do), res.o.dtype), shapes.batch)
-    impl = _backends.load_implementation(_PACKAGE, _backends.route(res.backend, xp, (do4,)))
+    impl = implementation(_backends.route(res.backend, xp, (do4,)))
     dq, dk, dv, dscores = impl.backward(res.q, res.k, res.v, res.o, res.lse, do4, res.options)
     batch = shapes.batch
     grads = (xp.reshape(dq, (*batch,) + tuple(dq.shape[1:])),
@@ -193,7 +242,8 @@ def backward(res: SDPAResiduals, do):
 
 
 def sdpa(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_left", scale=None,
-         dropout_mask=None, dropout_p=0.0, return_lse=False, backend="auto"):
+         dropout_mask=None, dropout_p=0.0, return_lse=False, backend="auto", tiles=None,
+         float32_math=None):
     r"""Scaled dot-product attention.
 
     .. math::
@@ -225,6 +275,11 @@ def sdpa(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_lef
     return_lse : bool
         Also return the log-sum-exp ``(..., H, L)`` of each row.
     backend : {"auto", "reference", "numba", "cupy"}
+    tiles : (int, int), optional
+        numba backend: queries x keys per tile (default 256 x 256); for tests and tuning.
+    float32_math : {"tf32x3", "simt"}, optional
+        cupy backend: float32 products on tensor cores with split operands (default) or
+        on CUDA cores.
 
     Returns
     -------
@@ -243,29 +298,27 @@ def sdpa(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_lef
     True
     """
     o, res = forward(q, k, v, mask=mask, bias=bias, causal=causal, causal_align=causal_align,
-                     scale=scale, dropout_mask=dropout_mask, dropout_p=dropout_p, backend=backend)
+                     scale=scale, dropout_mask=dropout_mask, dropout_p=dropout_p, backend=backend,
+                     tiles=tiles, float32_math=float32_math)
     if return_lse:
         xp = namespace(q)
         return o, xp.reshape(res.lse, res.shapes.scores[:-1])
     return o
 
 
-def _sdpa_vjp(q, k, v, *, return_lse=False, **options):
+def _forward_of_output(q, k, v, *, return_lse=False, **options):
     if return_lse:
         raise ValueError("vjp(sdpa, ...) differentiates the output o only; drop return_lse")
-    o, res = forward(q, k, v, **options)
-    return o, lambda do: backward(res, do)
+    return forward(q, k, v, **options)
 
 
-sdpa.__refattn_vjp__ = _sdpa_vjp
+attach_vjp(sdpa, _forward_of_output, backward)
 
 
 def flops(batch, heads, q_len, kv_len, head_dim, value_dim, causal=False, **_):
     """Forward FLOPs (two matrix products); causal counts only the kept pairs."""
-    pairs = q_len * kv_len
-    if causal:
-        pairs = sum(min(kv_len, max(0, i + 1)) for i in range(q_len))
-    return 2.0 * max(product(batch), 1) * heads * pairs * (head_dim + value_dim)
+    pairs = causal_pairs(q_len, kv_len) if causal else q_len * kv_len
+    return 2.0 * product(batch) * heads * pairs * (head_dim + value_dim)
 
 
 def is_array(x) -> bool:

@@ -6,7 +6,7 @@ key block that recomputes the probabilities from the log-sum-exp, accumulates
 ``dK``, ``dV`` in registers over every query tile (and every query head of a
 GQA group) and ``dQ`` with atomics.  float16 runs on the tensor cores with
 float32 accumulation; float32 runs on the tensor cores as 3xTF32 (float32
-accuracy; :data:`FLOAT32_MATH` = ``"simt"`` selects CUDA cores instead);
+accuracy;  ``float32_math="simt"`` selects CUDA cores instead);
 float64 runs on CUDA cores.  See ``docs/backends/cupy.md``.
 
 The log-sum-exp is kept in the accumulation type (float32 for float16 inputs):
@@ -24,13 +24,14 @@ import numpy as np
 
 from ...backends import cupy_support as cs
 
-__all__ = ["forward", "backward", "MAX_HEAD_DIM", "FLOAT32_MATH", "SOURCE"]
+__all__ = ["forward", "backward", "MAX_HEAD_DIM", "DEFAULT_FLOAT32_MATH", "SOURCE"]
 
 #: Largest ``E`` / ``Ev`` the kernels take (register tiles are sized at compile time).
 MAX_HEAD_DIM = 256
 
-#: float32 matrix products: ``"tf32x3"`` (tensor cores, split operands) or ``"simt"``.
-FLOAT32_MATH = "tf32x3"
+#: float32 matrix products unless the call's ``SDPAOptions.float32_math`` says otherwise:
+#: ``"tf32x3"`` (tensor cores, split operands) or ``"simt"`` (CUDA cores).
+DEFAULT_FLOAT32_MATH = "tf32x3"
 
 # Shared memory a block may use when no device is at hand (the CI compile test):
 # Hopper's 227 KiB.  At run time the device's own opt-in limit decides.
@@ -49,7 +50,7 @@ _KINDS = {
 def _kind(dtype, float32_math=None) -> str:
     name = np.dtype(dtype).name
     if name == "float32":
-        return float32_math or FLOAT32_MATH
+        return float32_math or DEFAULT_FLOAT32_MATH
     if name in ("float16", "float64"):
         return name
     raise TypeError(f"backend='cupy' supports float16, float32 and float64, got {name}")
@@ -191,7 +192,7 @@ def forward(q, k, v, opts):
     cp = cs.cupy()
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
-    cfg = kernel_config(q.dtype, E, Ev, smem_limit=device_smem_limit())
+    cfg = kernel_config(q.dtype, E, Ev, opts.float32_math, smem_limit=device_smem_limit())
     q, k, v = (cp.ascontiguousarray(x) for x in (q, k, v))
     o = cp.empty((B, H, L, Ev), dtype=q.dtype)
     lse = cp.empty((B, H, L), dtype=cfg["acc"])
@@ -208,7 +209,7 @@ def backward(q, k, v, o, lse, do, opts):
     cp = cs.cupy()
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
-    cfg = kernel_config(q.dtype, E, Ev, smem_limit=device_smem_limit())
+    cfg = kernel_config(q.dtype, E, Ev, opts.float32_math, smem_limit=device_smem_limit())
     acc = cfg["acc"]
     q, k, v, do = (cp.ascontiguousarray(x) for x in (q, k, v, do))
     # D = rowsum(dO * O) (B, H, L), in the accumulation type.

@@ -2,12 +2,13 @@
 
 Design (``docs/backends/numba.md`` has the full story):
 
-* Tiles of ``BLOCK_Q`` queries x ``BLOCK_K`` keys.  Each tile product is one
+* Tiles of ``block_q`` queries x ``block_k`` keys (``SDPAOptions.tiles``, default
+  :data:`DEFAULT_TILES`).  Each tile product is one
   BLAS call (:func:`~refattn.backends.numba_support.gemm`, ``sgemm``/``dgemm``) on contiguous
   row blocks of ``q``, ``k``, ``v``.
 * Scores are kept TRANSPOSED, ``S^T = K_j Q_i^T`` of shape ``(keys, queries)``:
   the row-wise softmax statistics (running max, running sum, ``D``) then become
-  element-wise updates of length-``BLOCK_Q`` vectors, which LLVM vectorises
+  element-wise updates of length-``block_q`` vectors, which LLVM vectorises
   without fast-math (a horizontal max/sum reduction would need ``nnan``/``reassoc``).
 * Forward: online softmax over key tiles; saves only ``lse`` ``(B, H, L)``.
   Lazy rescaling: once every row of a query tile has a finite shift, each key
@@ -29,7 +30,7 @@ Design (``docs/backends/numba.md`` has the full story):
   when the bias gradient is requested (L x S by definition).
 * float32 inputs are computed and accumulated in float32, like PyTorch's CPU
   kernel: every reduction is either a BLAS dot product over ``E``,
-  ``BLOCK_Q`` or ``BLOCK_K`` terms or a sum of positive terms (no
+  ``block_q`` or ``block_k`` terms or a sum of positive terms (no
   cancellation), whose rounding error (``~ n u`` with ``u = 6e-8``) stays near
   1e-6 relative for the lengths used here; the tests measure it against the
   float64 reference and against the float32 NumPy reference's own error.
@@ -44,12 +45,11 @@ from numba import prange
 
 from ...backends.numba_support import fast_exp, gemm, jit, launch, num_threads
 
-__all__ = ["forward", "backward", "BLOCK_Q", "BLOCK_K"]
+__all__ = ["forward", "backward", "DEFAULT_TILES"]
 
-#: Query rows per tile (the vector length of the softmax updates).
-BLOCK_Q = 256
-#: Keys per tile.
-BLOCK_K = 256
+#: ``(queries, keys)`` per tile unless the call's ``SDPAOptions.tiles`` says otherwise; the
+#: query count is the vector length of the softmax updates.
+DEFAULT_TILES = (256, 256)
 #: The forward renews a row's exp() shift only when a score exceeds it by this much.
 #: Probabilities relative to the shift then stay below exp(30) = 1.1e13, so sums over
 #: S <= 1e5 keys of them times |v| stay finite in float32 (3.4e38) for |v| < 1e20.
@@ -347,10 +347,11 @@ def forward(q, k, v, opts):
     o = np.empty((B, H, L, v.shape[3]), dtype)
     lse = np.empty((B, H, L), dtype)
     ops = _operands(q, k, v, opts)
+    block_q, block_k = opts.tiles or DEFAULT_TILES
     with launch():
         _forward_kernel(q, k, v, ops["mask"], ops["bias"], ops["drop"], ops["has_mask"],
                         ops["has_bias"], ops["has_drop"], ops["causal"], ops["offset"],
-                        ops["scale"], ops["drop_scale"], BLOCK_Q, BLOCK_K, o, lse)
+                        ops["scale"], ops["drop_scale"], block_q, block_k, o, lse)
     return o, lse
 
 
@@ -367,7 +368,8 @@ def backward(q, k, v, o, lse, do, opts):
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     ops = _operands(q, k, v, opts)
-    n_chunks = _chunks(B * Hkv, -(-S // BLOCK_K))
+    block_q, block_k = opts.tiles or DEFAULT_TILES
+    n_chunks = _chunks(B * Hkv, -(-S // block_k))
     dq_parts = np.zeros((n_chunks, B, H, L, E), dtype)
     dk = np.empty_like(k)
     dv = np.empty_like(v)
@@ -379,7 +381,7 @@ def backward(q, k, v, o, lse, do, opts):
         _row_dot(do, o, row_dot)
         _backward_kernel(q_scaled, k, v, do, lse, row_dot, ops["mask"], ops["bias"], ops["drop"],
                          ops["has_mask"], ops["has_bias"], ops["has_drop"], ops["causal"],
-                         ops["offset"], ops["scale"], ops["drop_scale"], BLOCK_Q, BLOCK_K,
+                         ops["offset"], ops["scale"], ops["drop_scale"], block_q, block_k,
                          n_chunks, need_ds, dq_parts, dk, dv, dscores)
         if n_chunks == 1:
             dq = dq_parts[0]

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 
-from ..bench import StudyResult
+from .study import StudyResult
 from ..layers import Attention
 
 __all__ = ["SCHEMES", "SchemeCounts", "scheme_counts", "counts_table", "super_break_even",

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...bench import Study, StudyResult, compare, register_study
+from .._vjp import vjp
+from ..conditioning import attention_conditioning
+from ..cores.preconditioned import preconditioned_sdpa
+from ..cores.sdpa import sdpa
+from .study import Study, StudyResult
+from .timing import compare
 
 #: ``(batch, H, L, E)`` of the timed problem per size.
 SIZES = {"quick": (1, 4, 128, 32), "full": (1, 8, 1024, 64)}
@@ -22,7 +27,6 @@ TARGET_FORWARD_RATIO = 1.10
 
 
 def _kappa_metrics():
-    from ...conditioning import attention_conditioning
 
     rng = np.random.default_rng(KAPPA_PROBLEM["seed"])
     q, k, v = (rng.standard_normal(KAPPA_PROBLEM["shape"]) for _ in range(3))
@@ -42,9 +46,6 @@ def _kappa_metrics():
 
 
 def run(size="quick") -> StudyResult:
-    from ...cores.sdpa import sdpa
-    from ..._vjp import vjp
-    from .api import preconditioned_sdpa
 
     B, H, L, E = SIZES[size]
     rng = np.random.default_rng(0)
@@ -109,9 +110,9 @@ METRIC_NAMES = (
     "full_median_kappa_p",
 )
 
-STUDY = register_study(Study(
+STUDY = Study(
     name="preconditioned-overhead",
     summary="preconditioned_sdpa vs sdpa time (forward, fwd+bwd) and median kappa before/after",
     run=run,
     metric_names=METRIC_NAMES,
-))
+)

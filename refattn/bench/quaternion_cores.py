@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from ... import backends as _backends
-from ..._vjp import vjp
-from ...bench import Study, StudyResult, compare, register_study
-from .api import IMPLEMENTED, MODES, _prepare, forward, pair_costs, quaternion_attention
-from .reduction import SDPAReduction
+from .. import backends as _backends
+from .._vjp import vjp
+from ..cores.quaternion.api import (IMPLEMENTED, MODES, forward, pair_costs, prepare,
+                                    quaternion_attention)
+from ..cores.quaternion.reduction import SDPAReduction
+from ..cores.sdpa import api as sdpa_api
+from ..layers import Attention
+from .study import Study, StudyResult
+from .timing import compare
 
 __all__ = ["run", "PAPER_REDUCTION"]
 
@@ -50,8 +54,8 @@ def _core(result, L, dtype, rounds, full):
     if full and backend == "reference":
         # "auto" runs the explicit formulas here; also time the SDPA reduction (the route of
         # the kernel backends) on SDPA's reference module.
-        sdpa_ref = SDPAReduction(_backends.load_implementation("refattn.cores.sdpa", "reference"))
-        opts = {m: _prepare(q, k, v, m, None, None, False, "upper_left", None)[2] for m in MODES}
+        sdpa_ref = SDPAReduction(sdpa_api.implementation("reference"))
+        opts = {m: prepare(q, k, v, m)[2] for m in MODES}
         route = {m: (lambda m=m: sdpa_ref.forward(q, k, v, opts[m], m)[0]) for m in MODES}
         _time_row(result, "core forward", f"L={L}", "SDPA reduction on sdpa/reference",
                   compare(route, rounds=rounds), f"core_sdpa_route_time_reduction_L{L}")
@@ -66,7 +70,6 @@ def _core(result, L, dtype, rounds, full):
 
 
 def _layer(result, L, dtype, rounds):
-    from ...layers import Attention
 
     x = np.random.default_rng(1).standard_normal((1, L, _D_MODEL)).astype(dtype)
     layers = {m: Attention(_D_MODEL, _HEADS, projection="quaternion", core=m) for m in MODES}
@@ -105,8 +108,8 @@ def run(size="quick") -> StudyResult:
     return result
 
 
-register_study(Study(
+STUDY = Study(
     name="quaternion-cores",
     summary="shared-score vs Hamilton quaternion attention: multiplications, softmaxes, time",
     run=run,
-    metric_names=("score_mult_reduction", "softmax_ratio", "core_time_reduction_L1100")))
+    metric_names=("score_mult_reduction", "softmax_ratio", "core_time_reduction_L1100"))

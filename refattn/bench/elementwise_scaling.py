@@ -20,7 +20,10 @@ from functools import partial
 
 import numpy as np
 
-from ...bench import Study, StudyResult, compare, register_study
+from ..cores.elementwise import elementwise_attention
+from ..cores.sdpa import sdpa
+from .study import Study, StudyResult
+from .timing import compare
 
 __all__ = ["run", "STUDY", "ORDERS"]
 
@@ -59,8 +62,6 @@ def _slope(xs, ys) -> float:
 
 
 def run(size: str = "quick") -> StudyResult:
-    from ...cores.sdpa import sdpa
-    from .api import elementwise_attention
 
     lengths = _LENGTHS[size]
     rng = np.random.default_rng(0)
@@ -111,10 +112,10 @@ def run(size: str = "quick") -> StudyResult:
         rows=rows, metrics=metrics, notes=notes, failures=failures)
 
 
-STUDY = register_study(Study(
+STUDY = Study(
     name="elementwise-scaling",
     summary="causal Taylor element-wise attention: time and memory exponents in L, "
             "speed against causal sdpa",
     run=run,
     metric_names=_metric_names(),
-))
+)

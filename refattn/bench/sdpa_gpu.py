@@ -14,7 +14,9 @@ from __future__ import annotations
 import statistics
 import time
 
-from ...bench import Study, StudyResult, register_study
+from ..backends import cupy_support as cs
+from ..cores.sdpa import api
+from .study import Study, StudyResult
 
 __all__ = ["STUDY", "run"]
 
@@ -23,7 +25,6 @@ TARGETS = {"float32": 1.0, "float16": 0.5}
 
 
 def _device_ready():
-    from ...backends import cupy_support as cs
 
     if not cs.available():
         return "no CUDA device for CuPy"
@@ -70,7 +71,6 @@ def run(size="quick") -> StudyResult:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from . import api
 
     def sync():
         torch.cuda.synchronize()
@@ -127,11 +127,11 @@ def run(size="quick") -> StudyResult:
     return StudyResult(title, headers, rows, metrics=metrics, notes=notes, failures=failures)
 
 
-STUDY = register_study(Study(
+STUDY = Study(
     name="sdpa-gpu-vs-torch",
     summary="CuPy SDPA kernels vs torch scaled_dot_product_attention on one GPU (ratios)",
     run=run,
     requires=("cupy", "torch"),
     metric_names=tuple(f"{dtype}_{mask}_{label}" for dtype in ("float32", "float16")
                        for mask in ("full", "causal") for label in ("fwd", "fwd+bwd")),
-))
+)
