@@ -22,6 +22,7 @@ from .cores.preconditioned import (Preconditioner, preconditioned_sdpa, precondi
 from . import conditioning  # noqa: F401
 from .conditioning import attention_conditioning, condition_number, layer_conditioning
 from .layers import Attention
+from .rotary import apply_rotary, apply_rotary_backward
 from .cores import get_core
 from .catalog import get_variant, variants
 from . import cores, projections  # noqa: F401  (callable packages: refattn.cores() lists them)
@@ -42,6 +43,8 @@ __all__ = [
     "quaternion_linear",
     "vjp",
     "Attention",
+    "apply_rotary",
+    "apply_rotary_backward",
     "available_backends",
     "cores",
     "projections",

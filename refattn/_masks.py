@@ -13,6 +13,7 @@ import numpy as np
 CAUSAL_ALIGNS = ("upper_left", "lower_right")
 
 __all__ = ["CAUSAL_ALIGNS", "causal_offset", "causal_keep", "keep_mask", "causal_pairs",
+           "window_keep", "window_bounds", "alibi_distance",
            "from_torch_key_padding_mask", "from_torch_attn_mask"]
 
 
@@ -33,18 +34,49 @@ def causal_keep(xp, q_len: int, kv_len: int, offset: int, device=None):
     return j <= i + offset
 
 
-def keep_mask(xp, mask, causal_offset_or_none, q_len: int, kv_len: int, device=None, bias=None):
-    """The kept pairs: a user keep-mask AND the causal rule AND ``bias != -inf``.
+def window_keep(xp, q_len: int, kv_len: int, window, device=None):
+    """Boolean ``(L, S)`` band: key ``j`` is kept for query ``i`` iff ``lo <= j - i <= hi``.
+
+    ``window = (lo, hi)``, either side ``None`` for unbounded (:func:`window_bounds`).
+    """
+    lo, hi = window
+    i = xp.reshape(xp.arange(q_len, device=device), (q_len, 1))
+    j = xp.reshape(xp.arange(kv_len, device=device), (1, kv_len))
+    keep = xp.ones((q_len, kv_len), dtype=xp.bool, device=device)
+    if lo is not None:
+        keep = keep & (j - i >= lo)
+    if hi is not None:
+        keep = keep & (j - i <= hi)
+    return keep
+
+
+def window_bounds(window, offset: int):
+    """``(lo, hi)`` of :func:`window_keep` for a FlashAttention ``window = (left, right)``.
+
+    Key ``j`` is kept for query ``i`` iff ``i + offset - left <= j <= i + offset + right``
+    (``offset`` the causal alignment's: 0 upper-left, ``S - L`` lower-right); a negative
+    side (FlashAttention's ``-1``) is unbounded.
+    """
+    left, right = window
+    return (None if left < 0 else offset - left, None if right < 0 else offset + right)
+
+
+def keep_mask(xp, mask, causal_offset_or_none, q_len: int, kv_len: int, device=None, bias=None,
+              window=None):
+    """The kept pairs: a user keep-mask AND the causal rule AND the window AND ``bias != -inf``.
 
     A ``-inf`` bias entry masks its pair out exactly as ``mask=False`` does; a NaN or
     ``+inf`` bias entry keeps its pair (and poisons its row, see :mod:`refattn._softmax`).
-    Returns a boolean array broadcastable to the scores ``(..., H, L, S)``, or ``None``
-    when every key is kept.
+    ``window`` is ``(lo, hi)`` of :func:`window_keep` or None.  Returns a boolean array
+    broadcastable to the scores ``(..., H, L, S)``, or ``None`` when every key is kept.
     """
     keep = mask
     if causal_offset_or_none is not None:
         tri = causal_keep(xp, q_len, kv_len, causal_offset_or_none, device=device)
         keep = tri if keep is None else xp.logical_and(keep, tri)
+    if window is not None:
+        band = window_keep(xp, q_len, kv_len, window, device=device)
+        keep = band if keep is None else xp.logical_and(keep, band)
     if bias is not None:
         finite_or_nan = bias != -xp.inf
         keep = finite_or_nan if keep is None else xp.logical_and(keep, finite_or_nan)
@@ -74,3 +106,10 @@ def from_torch_attn_mask(attn_mask):
     if m.dtype == bool:
         return ~m, None
     return None, m
+
+
+def alibi_distance(xp, q_len: int, kv_len: int, dtype, device=None):
+    """``|i + S - L - j|`` ``(L, S)``: FlashAttention's ALiBi distance (bias ``-slope * it``)."""
+    i = xp.reshape(xp.arange(q_len, device=device), (q_len, 1))
+    j = xp.reshape(xp.arange(kv_len, device=device), (1, kv_len))
+    return xp.astype(xp.abs(i + (kv_len - q_len) - j), dtype)

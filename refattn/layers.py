@@ -15,6 +15,7 @@ from ._array import namespace
 from ._validate import check_cotangent, check_float_array, check_same_dtype
 from .cores import get_core
 from .projections import LayerConfig, get_projection
+from .rotary import ROTARY_STYLES, apply_rotary, apply_rotary_backward
 
 __all__ = ["Attention"]
 
@@ -38,6 +39,15 @@ class Attention:
         ``causal_align`` says otherwise).
     bias : bool
         Whether the linear maps carry biases ``b_*``.
+    rotary : {None, "half", "interleaved"}
+        Rotary position embeddings applied to the per-head queries and keys after
+        the projection (:func:`refattn.apply_rotary`; ``"half"``: GPT-NeoX/Llama
+        pairs, ``"interleaved"``: GPT-J pairs), queries at positions ``0 ... L-1``,
+        keys at ``0 ... S-1``.  Real-layout schemes only.  See ``docs/rotary.md``.
+    rotary_base : float
+        ``theta`` of the rotary frequencies.
+    rotary_dim : even int, optional
+        Rotated features per head (default ``d_model / n_heads``).
     **options
         Options of the projection scheme (e.g. ``seq_len`` for ``"super"``) and
         of the core (e.g. ``scale``).
@@ -60,7 +70,7 @@ class Attention:
     """
 
     def __init__(self, d_model, n_heads, *, projection="standard", core="sdpa", causal=False,
-                 bias=False, **options):
+                 bias=False, rotary=None, rotary_base=10000.0, rotary_dim=None, **options):
         for name, value in (("d_model", d_model), ("n_heads", n_heads)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -83,13 +93,39 @@ class Attention:
                 f"{list(self.scheme.options)}, core {core!r} takes {list(self.core.options)}"
             )
         self.core_options = options
+        self.rotary_options = self._rotary_options(rotary, rotary_base, rotary_dim,
+                                                   int(d_model) // int(n_heads), projection)
         self.config = LayerConfig(int(d_model), int(n_heads), causal, bias, scheme_options)
         self.scheme.check(self.config)
         self.projection_name, self.core_name = projection, core
 
+    def _rotary_options(self, rotary, base, dim, head_dim, projection):
+        """The rotary keywords (``{}`` without rotary), checked; see :func:`refattn.apply_rotary`."""
+        if rotary is None:
+            return {}
+        if rotary not in ROTARY_STYLES:
+            raise ValueError(f"rotary must be None or one of {ROTARY_STYLES}, got {rotary!r}")
+        if self.scheme.layout != "real":
+            raise ValueError(f"rotary needs real-valued heads; projection {projection!r} makes "
+                             f"{self.scheme.layout} heads")
+        dim = head_dim if dim is None else dim
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 2 or dim % 2 \
+                or dim > head_dim:
+            raise ValueError(f"rotary_dim must be an even integer in [2, head_dim={head_dim}], "
+                             f"got {dim!r}")
+        if isinstance(base, bool) or not isinstance(base, numbers.Real) or not base > 0:
+            raise ValueError(f"rotary_base must be a positive number, got {base!r}")
+        return {"rotary": rotary, "rotary_base": float(base), "rotary_dim": int(dim)}
+
+    def _rotary_keywords(self):
+        o = self.rotary_options
+        return {"base": o["rotary_base"], "rotary_dim": o["rotary_dim"],
+                "interleaved": o["rotary"] == "interleaved"}
+
     def __repr__(self):
         c = self.config
-        extra = "".join(f", {k}={v!r}" for k, v in {**c.options, **self.core_options}.items())
+        extra = "".join(f", {k}={v!r}" for k, v in
+                        {**c.options, **self.rotary_options, **self.core_options}.items())
         return (f"Attention(d_model={c.d_model}, n_heads={c.n_heads}, projection="
                 f"{self.projection_name!r}, core={self.core_name!r}, causal={c.causal}, "
                 f"bias={c.bias}{extra})")
@@ -164,6 +200,9 @@ class Attention:
         xkv_ = xq if self_attention else xkv
         self.scheme.check_inputs(self.config, xq, xkv_)
         q, k, v, res_in = self.scheme.project_in(params, xq, xkv_, self.config)
+        if self.rotary_options:                          # a separate pass over q, k
+            q = apply_rotary(q, **self._rotary_keywords())
+            k = apply_rotary(k, **self._rotary_keywords())
         o, res_core = self.core.forward(q, k, v, mask=mask, causal=self.config.causal,
                                         backend=backend, **self.core_options)
         y, res_out = self.scheme.project_out(params, o, self.config)
@@ -181,6 +220,9 @@ class Attention:
         dy = xp.astype(dy, y.dtype)
         dparams_out, do = self.scheme.backward_out(params, res_out, dy, self.config)
         dq, dk, dv = self.core.backward(res_core, do)[:3]
+        if self.rotary_options:                          # the transpose rotation
+            dq = apply_rotary_backward(dq, **self._rotary_keywords())
+            dk = apply_rotary_backward(dk, **self._rotary_keywords())
         dparams_in, dxq, dxkv = self.scheme.backward_in(params, res_in, dq, dk, dv, self.config)
         dparams = {**dparams_in, **dparams_out}
         dparams = {n: xp.astype(dparams[n], params[n].dtype) for n in self.param_shapes()}

@@ -15,7 +15,7 @@ from ._array import to_numpy
 from ._vjp import vjp
 
 __all__ = ["check_grads", "GradCheckReport", "TOLERANCES", "assert_close", "max_errors",
-           "nonfinite_mismatch", "assert_within_reference_error"]
+           "nonfinite_mismatch", "assert_within_reference_error", "DIFFERENTIABLE_OPTIONS"]
 
 #: ``(rtol, atol)`` for comparing a backend with the float64 reference, per dtype.
 #: float64: a different summation order changes results by a few ulps times the
@@ -182,6 +182,10 @@ def assert_within_reference_error(actual, expected, reference, dtype, what="valu
             f"the scale {quantity:.3e})")
 
 
+#: Float options whose gradients a pullback returns after the positional inputs, in order.
+DIFFERENTIABLE_OPTIONS = ("bias", "alibi_slopes")
+
+
 def _map(f, x):
     if isinstance(x, dict):
         return {k: f(v) for k, v in x.items()}
@@ -247,7 +251,8 @@ def check_grads(fn, *arrays, fd_step=1e-6, rtol=1e-6, atol=1e-9, n_directions=2,
     seed : int
     raise_on_failure : bool
     **options
-        Keyword options of ``fn``; a float ``bias`` option is differentiated too.
+        Keyword options of ``fn``; the float options of :data:`DIFFERENTIABLE_OPTIONS`
+        (``bias``, ``alibi_slopes``) are differentiated too, in that order.
 
     Returns
     -------
@@ -264,16 +269,17 @@ def check_grads(fn, *arrays, fd_step=1e-6, rtol=1e-6, atol=1e-9, n_directions=2,
     """
     rng = np.random.default_rng(seed)
     arrays = tuple(_map(lambda a: np.asarray(to_numpy(a), dtype=np.float64), a) for a in arrays)
-    if options.get("bias") is not None:
-        options = {**options, "bias": np.asarray(to_numpy(options["bias"]), dtype=np.float64)}
+    differentiable = [n for n in DIFFERENTIABLE_OPTIONS if options.get(n) is not None]
+    options = {**options, **{n: np.asarray(to_numpy(options[n]), dtype=np.float64)
+                             for n in differentiable}}
     out, pullback = vjp(fn, *arrays, **options)
     w = rng.standard_normal(np.shape(out))
     grads = pullback(w)
     if not isinstance(grads, tuple):
         grads = (grads,)
     targets = list(range(len(arrays)))
-    if len(grads) == len(arrays) + 1 and options.get("bias") is not None:
-        targets.append("bias")
+    if len(grads) == len(arrays) + len(differentiable):
+        targets += differentiable
     if len(grads) != len(targets):
         raise AssertionError(f"pullback returned {len(grads)} gradients for {len(targets)} inputs")
 
@@ -282,8 +288,8 @@ def check_grads(fn, *arrays, fd_step=1e-6, rtol=1e-6, atol=1e-9, n_directions=2,
 
     report = GradCheckReport(rtol)
     for t, g in zip(targets, grads):
-        base = options["bias"] if t == "bias" else arrays[t]
-        label = "bias" if t == "bias" else f"input {t}"
+        base = options[t] if isinstance(t, str) else arrays[t]
+        label = t if isinstance(t, str) else f"input {t}"
         for name, key in _leaves(base, label):
             x0 = base[key] if key is not None else base
             gx = to_numpy(g[key] if key is not None else g)
@@ -299,8 +305,8 @@ def check_grads(fn, *arrays, fd_step=1e-6, rtol=1e-6, atol=1e-9, n_directions=2,
                     if key is not None:
                         new[key] = xs
                     moved = new if key is not None else xs
-                    if t == "bias":
-                        values.append(objective(arrays, {**options, "bias": moved}))
+                    if isinstance(t, str):
+                        values.append(objective(arrays, {**options, t: moved}))
                     else:
                         args = list(arrays)
                         args[t] = moved

@@ -24,6 +24,8 @@ PACKAGE = ROOT / "refattn"
 LAYERS = {
     "refattn._": 0,
     "refattn.typing": 0,          # type aliases only (imports nothing of refattn)
+    "refattn.masks": 0,
+    "refattn.rotary": 2,
     "refattn.backends": 1,
     "refattn.cores": 2,
     "refattn.projections": 3,
@@ -31,6 +33,7 @@ LAYERS = {
     "refattn.catalog": 5,
     "refattn.conditioning": 6,
     "refattn.testing": 6,
+    "refattn.distributed": 6,
     "refattn.bench": 7,
     "refattn.verify": 7,
     "refattn.cli": 8,

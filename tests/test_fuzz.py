@@ -79,6 +79,12 @@ def problems(draw, core):
         bias = rng.standard_normal((heads, L, S))
         bias[rng.random(bias.shape) < 0.2] = -np.inf        # additive mask entries
         options["bias"] = bias
+    if core == "sdpa" and draw(st.booleans()):               # the framework kernels' options
+        options["window"] = (draw(st.integers(-1, 4)), draw(st.integers(-1, 3)))
+        if draw(st.booleans()):
+            options["softcap"] = draw(st.sampled_from([0.5, 3.0, 30.0]))
+        if draw(st.booleans()):
+            options["alibi_slopes"] = rng.random((heads,))
     if has_dropout and draw(st.booleans()):
         options["dropout_mask"] = rng.random((*batch, heads, L, S)) > 0.25
         options["dropout_p"] = 0.25
@@ -117,7 +123,8 @@ def _check(core, backend, dtype, problem):
     got = _run(fn, arrays, options, backend, dtype, cotangent)
     low = expected if dtype == "float64" else _run(fn, arrays, options, "reference", dtype,
                                                    cotangent)
-    labels = ["output", "dq", "dk", "dv", "dbias"]
+    labels = ["output", "dq", "dk", "dv"] + [n for n in ("dbias", "dalibi_slopes")
+                                              if options.get(n[1:]) is not None]
     problem_scale = max((float(np.max(np.abs(e[np.isfinite(e)]), initial=0.0))
                          for e in expected), default=0.0)
     for i, (g, e, lo) in enumerate(zip(got, expected, low)):

@@ -84,6 +84,8 @@ CASES = {
     "sdpa-causal-lower-right": lambda: _sdpa_case(causal=True, causal_align="lower_right"),
     "sdpa-bias": lambda: _sdpa_case(bias=_bias(), mask=_masks()),
     "sdpa-dropout": lambda: _sdpa_case(dropout_mask=_dropout(), dropout_p=0.25),
+    "sdpa-window-softcap-alibi": lambda: _sdpa_case(window=(2, 1), softcap=2.0,
+                                                    alibi_slopes=np.array([0.3, 0.7])),
     "quaternion-shared": lambda: _quaternion_case("shared", causal=True,
                                                   causal_align="lower_right"),
     "quaternion-hamilton": lambda: _quaternion_case("hamilton", mask=_masks()[..., :4]),

@@ -14,8 +14,8 @@ line below.
 
 from __future__ import annotations
 
-from . import (elementwise_scaling, numba_studies, preconditioned_overhead, projection_schemes,
-               quaternion_cores, sdpa_gpu)
+from . import (dask_scaling, elementwise_scaling, numba_studies, preconditioned_overhead,
+               projection_schemes, quaternion_cores, sdpa_gpu, sdpa_options)
 from .study import Study, StudyResult
 from .timing import compare, time_call
 
@@ -28,7 +28,9 @@ STUDIES = {study.name: study for study in (
     elementwise_scaling.STUDY,
     preconditioned_overhead.STUDY,
     *numba_studies.STUDIES,
+    sdpa_options.STUDY,
     sdpa_gpu.STUDY,
+    dask_scaling.STUDY,
 )}
 
 

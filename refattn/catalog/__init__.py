@@ -9,9 +9,11 @@ one line here.
 from __future__ import annotations
 
 from . import elementwise, layers, preconditioned, quaternion, sdpa
+from .builders import EMPTY_ROWS, core_case, layer_case
 from .case import CASE_KINDS, Case, Variant
 
-__all__ = ["VARIANTS", "variants", "get_variant", "Case", "Variant", "CASE_KINDS"]
+__all__ = ["VARIANTS", "variants", "get_variant", "Case", "Variant", "CASE_KINDS", "layer_case",
+           "core_case", "EMPTY_ROWS"]
 
 #: Every variant, by name.
 VARIANTS = {variant.name: variant for variant in (

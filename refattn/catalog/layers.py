@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..layers import Attention
+from ..projections import get_projection
+from .builders import layer_test_cases
 from .case import Case, Variant
 
 __all__ = ["layer_variant", "LAYER_VARIANTS", "PAPER_SETTINGS", "paper_bench_sizes"]
@@ -21,8 +23,12 @@ def layer_variant(name, *, projection, core, summary="", layer_options=None,
 
     ``*_sizes`` are ``(batch, L, d_model, n_heads)`` tuples; ``bench_sizes`` may
     also be a dict ``{label: (batch, L, d_model, n_heads, extra_layer_options)}``.
-    ``key_mask=True``: the masked test case uses a key-padding mask ``(1, S)``, for
-    cores that honour only masks on keys (e.g. Taylor element-wise attention).
+    The ``"test"`` cases are :func:`refattn.catalog.builders.layer_test_cases`:
+    masked self- and cross-attention, key padding, causal with and without a mask,
+    grouped-query heads where the scheme has ``kv_heads``, rotary conventions when
+    ``layer_options`` sets ``rotary``, and two labelled empty-row cases.
+    ``key_mask=True``: every masked test case uses a key-padding mask ``(B, 1, 1, S)``,
+    for cores that honour only masks on keys (e.g. Taylor element-wise attention).
     ``default_options`` are extra layer options of the default problem only.
     """
     layer_options = dict(layer_options or {})
@@ -53,18 +59,9 @@ def layer_variant(name, *, projection, core, summary="", layer_options=None,
                                     for (L, d, h) in ((128, 256, 8),)}
             return [_case(label, rng, dtype, b, L, d, h, **extra)
                     for label, (b, L, d, h, extra) in sizes.items()]
-        b, L, d, h = test_sizes or (2, 5, 8, 2)
-        mask = rng.random((L, L + 2)) > 0.3
-        mask[1] = False
-        label = "cross S=L+2, mask with empty row"
-        if key_mask:
-            mask = mask[:1]                             # (1, S): about 30% of the keys masked
-            label = "cross S=L+2, key-padding mask"
-        return [
-            _case("self", rng, dtype, b, L, d, h),
-            _case("self causal, bias", rng, dtype, b, L, d, h, causal=True, bias=True),
-            _case(label, rng, dtype, b, L, d, h, S=L + 2, mask=mask),
-        ]
+        return layer_test_cases(_layer, rng, dtype, test_sizes or (2, 5, 8, 2), key_mask=key_mask,
+                                gqa="kv_heads" in get_projection(projection).options,
+                                rotary="rotary" in layer_options)
 
     return Variant(name=name, kind="layer", make_cases=make_cases, core=core,
                    summary=summary or f"{projection} projection x {core} core")
@@ -84,6 +81,11 @@ def paper_bench_sizes(with_seq_len=False):
 LAYER_VARIANTS = (
     layer_variant("mha-standard", projection="standard", core="sdpa",
                   summary="multi-head attention, standard projection, sdpa core",
+                  bench_sizes=paper_bench_sizes()),
+    layer_variant("mha-rotary", projection="standard", core="sdpa",
+                  layer_options={"rotary": "half"},
+                  summary="multi-head attention with rotary embeddings on q and k "
+                          "(GPT-NeoX/Llama half-split; interleaved and partial cases too)",
                   bench_sizes=paper_bench_sizes()),
     layer_variant("mha-optimised", projection="optimised", core="sdpa",
                   summary="Optimised Attention: V_h = x_h (no W_V), sdpa core",

@@ -16,11 +16,17 @@ any language.  See ``docs/verify.md``.
 
 from __future__ import annotations
 
+from .. import masks
+from ..catalog import core_case, layer_case
 from . import params, tolerance
 from .adapters import (Layer, LayerSpec, Unsupported, jax_dot_product_attention,
                        torch_multihead_attention, torch_sdpa)
+from .model_adapters import (hf_bert_attention, hf_gpt2_attention, hf_llama_attention,
+                             timm_attention)
 from .report import Check, VerifyReport
 from .run import verify
 
 __all__ = ["verify", "VerifyReport", "Check", "Layer", "LayerSpec", "Unsupported", "params",
-           "tolerance", "torch_sdpa", "jax_dot_product_attention", "torch_multihead_attention"]
+           "tolerance", "masks", "layer_case", "core_case", "torch_sdpa",
+           "jax_dot_product_attention", "torch_multihead_attention", "hf_bert_attention",
+           "hf_gpt2_attention", "hf_llama_attention", "timm_attention"]

@@ -15,6 +15,9 @@ A **layer candidate** is a :class:`Layer`: ``factory(spec)`` builds the
 framework module (PyTorch ``nn.Module``) or function (JAX) for one case's
 :class:`LayerSpec`; ``params`` maps its parameters to refattn's
 (:mod:`refattn.verify.params`); ``call(module, xq, xkv, mask, spec)`` runs it.
+The default call passes the mask as ``mask=`` and the case's causality as
+``causal=`` or ``is_causal=``, whichever the module's ``forward`` names; a
+case it cannot pass is reported ``n/a`` with the reason.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .. import masks as _masks
 from .._masks import causal_keep, causal_offset
 from . import params as _params
 
 __all__ = ["Unsupported", "LayerSpec", "Layer", "accepts", "default_torch_call",
-           "default_jax_call", "torch_sdpa",
-           "jax_dot_product_attention", "torch_multihead_attention"]
+           "default_jax_call", "call_keywords", "torch_sdpa",
+           "jax_dot_product_attention", "torch_multihead_attention", "reject_unless",
+           "empty_row_check", "torch_keep", "CAUSAL_KEYWORDS"]
 
 
 class Unsupported(Exception):
@@ -60,13 +65,19 @@ class LayerSpec:
     causal, bias : bool
         Causal self-attention; whether the linear maps carry biases.
     options : dict
-        Projection options (e.g. ``seq_len`` for ``"super"``).
+        The layer's other keywords: the scheme's (``seq_len`` for ``"super"``,
+        ``kv_heads`` for grouped-query ``"standard"``) and rotary's (``rotary``,
+        ``rotary_base``, ``rotary_dim``).  Read them through the properties below.
     core_options : dict
         Core options (e.g. ``scale``, ``causal_align``).
     dtype : str
         The dtype of this run (the runner casts a torch module to it).
     layer : refattn.Attention
         The reference layer itself.
+    cross : bool
+        Cross-attention (the case has ``xkv``); False for self-attention.
+    L, S : int
+        Query and key lengths of the case (``S == L`` for self-attention).
     """
 
     d_model: int
@@ -79,36 +90,102 @@ class LayerSpec:
     core_options: dict = field(default_factory=dict)
     dtype: str = "float64"
     layer: Any = None
+    cross: bool = False
+    L: int = 0
+    S: int = 0
 
     @classmethod
-    def from_layer(cls, layer, dtype="float64"):
+    def from_layer(cls, layer, dtype="float64", *, L=0, S=None, cross=False):
         c = layer.config
         return cls(c.d_model, c.n_heads, layer.projection_name, layer.core_name, c.causal, c.bias,
-                   dict(c.options), dict(layer.core_options), dtype, layer)
+                   {**c.options, **getattr(layer, "rotary_options", {})},
+                   dict(layer.core_options), dtype, layer, bool(cross), int(L),
+                   int(L if S is None else S))
+
+    @classmethod
+    def from_case(cls, case, dtype="float64"):
+        """The spec of a layer case (its layer and the lengths of its inputs)."""
+        xq, *rest = case.arrays[1:]
+        return cls.from_layer(case.fn, dtype, L=xq.shape[-2],
+                              S=(rest[0] if rest else xq).shape[-2], cross=bool(rest))
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads (grouped-query attention when fewer than ``n_heads``)."""
+        return self.options.get("kv_heads", self.n_heads)
+
+    @property
+    def rotary(self):
+        """``None``, ``"half"`` (GPT-NeoX/Llama pairs) or ``"interleaved"`` (GPT-J pairs)."""
+        return self.options.get("rotary")
+
+    @property
+    def rotary_base(self) -> float:
+        return self.options.get("rotary_base", 10000.0)
+
+    @property
+    def rotary_dim(self) -> int:
+        """Rotated features per head (the head width unless partial)."""
+        return self.options.get("rotary_dim", self.head_dim)
+
+    @property
+    def scheme_options(self) -> dict:
+        """The projection scheme's options alone (``seq_len``, ``kv_heads``)."""
+        return {k: v for k, v in self.options.items() if not k.startswith("rotary")}
+
+
+def _named(fn, name: str) -> bool:
+    """Whether ``fn`` names a keyword parameter ``name`` (``**kwargs`` does not count)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return False
+    p = sig.parameters.get(name)
+    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+
+
+#: The causality keywords the default call looks for, in order.
+CAUSAL_KEYWORDS = ("causal", "is_causal")
+
+
+def call_keywords(fn, mask, spec) -> dict:
+    """The keywords the default call passes to ``fn``: ``mask=`` and ``causal=``/``is_causal=``.
+
+    ``mask`` goes as ``mask=`` when ``fn`` takes it (else :class:`Unsupported`:
+    the case is reported ``n/a``).  The case's causality goes as ``causal=`` or
+    ``is_causal=``, whichever ``fn`` names; a module naming neither must take its
+    causality from ``spec.causal`` in the factory (a module that ignores it fails
+    the causal cases).
+    """
+    kwargs = {}
+    if mask is not None:
+        if not accepts(fn, "mask"):
+            names = [n for n in ("attn_mask", "attention_mask", "key_padding_mask") if _named(fn, n)]
+            hint = (f" (it takes {names[0]}=, whose convention differs: pass call=, or use a "
+                    f"built-in adapter of refattn.verify)" if names else "; pass call= to adapt it")
+            raise Unsupported(f"the candidate takes no mask= keyword{hint}")
+        kwargs["mask"] = mask
+    for name in CAUSAL_KEYWORDS:
+        if _named(fn, name):
+            kwargs[name] = spec.causal
+            break
+    return kwargs
+
 
 def default_torch_call(module, xq, xkv, mask, spec):
-    """``module(xq[, xkv][, mask=mask])``: the default ``call`` of a PyTorch :class:`Layer`."""
+    """``module(xq[, xkv], **call_keywords(...))``: the default ``call`` of a PyTorch :class:`Layer`."""
     args = (xq,) if xkv is None else (xq, xkv)
-    if mask is None:
-        return module(*args)
-    if not accepts(getattr(module, "forward", module), "mask"):
-        raise Unsupported("the candidate takes no mask= keyword; pass call= to adapt it")
-    return module(*args, mask=mask)
+    return module(*args, **call_keywords(getattr(module, "forward", module), mask, spec))
 
 
 def default_jax_call(fn, params, xq, xkv, mask, spec):
-    """``fn(params, xq[, xkv][, mask=mask])``: the default ``call`` of a JAX :class:`Layer`."""
+    """``fn(params, xq[, xkv], **call_keywords(...))``: the default ``call`` of a JAX :class:`Layer`."""
     args = (params, xq) if xkv is None else (params, xq, xkv)
-    if mask is None:
-        return fn(*args)
-    if not accepts(fn, "mask"):
-        raise Unsupported("the candidate takes no mask= keyword; pass call= to adapt it")
-    return fn(*args, mask=mask)
+    return fn(*args, **call_keywords(fn, mask, spec))
 
 
 @dataclass
@@ -129,13 +206,20 @@ class Layer:
     call : callable, optional
         ``call(module, xq, xkv, mask, spec) -> y`` (PyTorch) or
         ``call(fn, params, xq, xkv, mask, spec) -> y`` (JAX).  ``xkv`` is None for
-        self-attention; ``mask`` is a boolean ``(L, S)`` keep-mask (``True`` =
-        attend) or None.  Default: ``module(xq[, xkv][, mask=mask])``.
+        self-attention; ``mask`` is a boolean keep-mask (``True`` = attend)
+        broadcastable to the scores ``(B, H, L, S)``: ``(L, S)``, or a key-padding
+        mask ``(B, 1, 1, S)`` (:mod:`refattn.masks` converts it), or None.  The
+        case's causality is ``spec.causal``.  Default: ``module(xq[, xkv],
+        mask=mask, causal=|is_causal=spec.causal)`` with the keywords the module
+        takes (:func:`call_keywords`).
+    name : str, optional
+        The candidate's name in the report (default: the factory's qualified name).
     """
 
     factory: Callable
     params: Any = None
     call: Callable | None = None
+    name: str | None = None
 
     def param_map(self, spec):
         return self.params(spec) if callable(self.params) else self.params
@@ -243,33 +327,101 @@ def jax_dot_product_attention(fn=None, **fixed):
     return dot_product_attention
 
 
-def torch_multihead_attention(module_class=None):
+def reject_unless(spec, *, what, projection=("standard",), core=("sdpa",), kv_heads=False,
+                  rotary=(), cross=True, core_options=("causal_align",)):
+    """Raise :class:`Unsupported` (the case is ``n/a``) for a spec a module cannot express.
+
+    ``what`` names the module in the reason; the keywords say what it can do:
+    the projection schemes and cores it implements, whether it has fewer
+    key/value heads than query heads, the rotary conventions it applies
+    (``("half",)``), whether it does cross-attention, the core options it takes.
+    """
+    if spec.projection not in projection or spec.core not in core:
+        raise Unsupported(f"{what} is the {'/'.join(projection)} projection over "
+                          f"{'/'.join(core)} attention, not {spec.projection!r} x {spec.core!r}")
+    extra = sorted(set(spec.core_options) - set(core_options))
+    if extra:
+        raise Unsupported(f"{what} has no core option(s) {extra}")
+    other = sorted(set(spec.scheme_options) - {"kv_heads"})
+    if other:
+        raise Unsupported(f"{what} has no option(s) {other}")
+    if spec.kv_heads != spec.n_heads and not kv_heads:
+        raise Unsupported(f"{what} has as many key/value heads as query heads (no grouped-query "
+                          f"attention, kv_heads={spec.kv_heads})")
+    if spec.rotary is not None and spec.rotary not in rotary:
+        raise Unsupported(f"{what} applies no {spec.rotary} rotary embeddings"
+                          + (f" (only {'/'.join(rotary)})" if rotary else ""))
+    if spec.cross and not cross:
+        raise Unsupported(f"{what} is self-attention only")
+
+
+def empty_row_check(mask, spec, what, convention):
+    """Raise :class:`Unsupported` when a query row keeps no key and ``what`` answers otherwise.
+
+    ``convention`` says what the module gives such a row (e.g. "the mean of the values").
+    """
+    keep = _keep(np.asarray, mask, spec.causal, spec.core_options.get("causal_align",
+                                                                       "upper_left"),
+                 spec.L, spec.S)
+    if keep is not None and not np.broadcast_to(keep, (*keep.shape[:-2], spec.L, spec.S)) \
+            .any(axis=-1).all():
+        raise Unsupported(f"a query row keeps no key: {what} gives it {convention} "
+                          f"(refattn, torch SDPA and FlashAttention: 0)")
+
+
+def torch_keep(mask, spec):
+    """The NumPy keep-mask of a case: its mask AND its causality (None when every key is kept)."""
+    m = None if mask is None else (mask.cpu().numpy() if hasattr(mask, "cpu") else mask)
+    return _keep(np.asarray, m, spec.causal, spec.core_options.get("causal_align", "upper_left"),
+                 spec.L, spec.S)
+
+
+def torch_multihead_attention(module_class=None, *, batch_first=True, key_padding=True):
     """``torch.nn.MultiheadAttention`` (or a subclass) as a layer candidate.
 
     Verified against ``refattn.Attention(projection="standard", core="sdpa")``:
     parameters map through :data:`refattn.verify.params.MHA_PARAMS`
-    (``in_proj_weight`` packs ``[W_q^T; W_k^T; W_v^T]``), the keep-mask is negated
-    into ``attn_mask`` (``True`` = masked out there) and ``causal`` is folded into it.
+    (``in_proj_weight`` packs ``[W_q^T; W_k^T; W_v^T]``).  A key-padding keep-mask
+    ``(B, 1, 1, S)`` goes as ``key_padding_mask`` (``True`` = ignore; with
+    ``key_padding=False`` it is folded into ``attn_mask`` instead); any other mask
+    and the causality are negated into the boolean ``attn_mask`` (``True`` =
+    masked out), per head ``(B H, L, S)`` when the mask has a batch axis.
+    ``batch_first=False`` builds the module sequence-first and transposes the
+    inputs ``(B, T, d) -> (T, B, d)`` and the output back.  Grouped-query and
+    rotary cases are ``n/a`` (the module has neither).
     """
     import torch
 
     cls = torch.nn.MultiheadAttention if module_class is None else module_class
+    what = f"nn.{cls.__name__}" if cls.__module__.startswith("torch") else cls.__qualname__
 
     def factory(spec):
-        extra = {k: v for k, v in spec.core_options.items() if k != "causal_align"}
-        if spec.projection != "standard" or spec.core != "sdpa" or spec.options or extra:
-            raise Unsupported("nn.MultiheadAttention is the standard projection over plain SDPA")
-        return cls(spec.d_model, spec.n_heads, bias=spec.bias, batch_first=True)
+        reject_unless(spec, what=what)
+        return cls(spec.d_model, spec.n_heads, bias=spec.bias, batch_first=batch_first)
 
     def call(module, xq, xkv, mask, spec):
         kv = xq if xkv is None else xkv
-        L, S = xq.shape[-2], kv.shape[-2]
-        keep = _keep(lambda m: m.cpu().numpy(), mask, spec.causal,
-                     spec.core_options.get("causal_align", "upper_left"), L, S)
-        # nn.MultiheadAttention's boolean attn_mask is True = masked out: the negation of a
-        # keep-mask (the inverse of refattn._masks.from_torch_attn_mask).
-        attn_mask = None if keep is None else torch.from_numpy(~keep).to(xq.device)
-        return module(xq, kv, kv, attn_mask=attn_mask, need_weights=False)[0]
+        kwargs = {}
+        np_mask = None if mask is None else mask.cpu().numpy()
+        if np_mask is not None and key_padding and _masks.is_key_padding(np_mask) \
+                and np_mask.ndim == 4:
+            kwargs["key_padding_mask"] = torch.from_numpy(
+                _masks.to_torch_key_padding_mask(np_mask, batch=xq.shape[0]).copy()).to(xq.device)
+            np_mask = None
+        keep = _keep(np.asarray, np_mask, spec.causal,
+                     spec.core_options.get("causal_align", "upper_left"), spec.L, spec.S)
+        if keep is not None:
+            if keep.ndim > 2:                          # (B, 1|H, L, S) -> (B H, L, S)
+                keep = np.broadcast_to(keep, (xq.shape[0], spec.n_heads, spec.L, spec.S))
+                keep = keep.reshape(-1, spec.L, spec.S)
+            kwargs["attn_mask"] = torch.from_numpy(_masks.to_torch_attn_mask(keep).copy()) \
+                .to(xq.device)
+        if not batch_first:
+            xq, kv = xq.transpose(0, 1), kv.transpose(0, 1)
+        out = module(xq, kv, kv, need_weights=False, **kwargs)[0]
+        return out if batch_first else out.transpose(0, 1)
 
-    return Layer(factory, params=_params.MHA_PARAMS, call=call)
-
+    layout = "" if batch_first else ", batch_first=False"
+    return Layer(factory, params=_params.MHA_PARAMS, call=call,
+                 name=f"torch.nn.{cls.__name__}{layout}" if cls is torch.nn.MultiheadAttention
+                 else f"{cls.__qualname__}{layout}")

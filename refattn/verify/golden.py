@@ -202,7 +202,7 @@ def check(path) -> VerifyReport:
                                            note=str(exc)))
                 continue
             report.checks.append(Check(case["name"], "float64", quantity, err, err / scale,
-                                       float("nan"), allowed / scale,
+                                       None, allowed / scale,
                                        "ok" if err <= allowed else "FAIL"))
     return report
 

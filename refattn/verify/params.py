@@ -26,16 +26,26 @@ Examples
 (6, 2)
 >>> sorted(P.packed_linear("w_q", "w_k", "w_v").to_refattn(packed))
 ['w_k', 'w_q', 'w_v']
+
+Fused weights stored ``(d_in, 3 d)`` (GPT-2's ``Conv1D`` ``c_attn``, ``y = x @ W``)
+are column-concatenated; a bias a module always has, where refattn's layer has
+none, is :func:`optional`: held at zero and its gradient dropped:
+
+>>> P.column_concat("w_q", "w_k", "w_v").to_candidate(w).shape     # [W_q | W_k | W_v]
+(2, 6)
+>>> conv = P.optional(P.same("b_q"))
+>>> sorted(P.resolve_map({"bias": conv}, [], ["bias"]))           # a bias=False case
+['bias']
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-__all__ = ["Converter", "same", "linear_weight", "packed_linear", "concat", "MHA_PARAMS",
-           "identity_map", "resolve_map"]
+__all__ = ["Converter", "same", "linear_weight", "packed_linear", "concat", "column_concat",
+           "optional", "ZERO", "MHA_PARAMS", "identity_map", "resolve_map"]
 
 
 @dataclass(frozen=True)
@@ -46,18 +56,27 @@ class Converter:
     ----------
     names : tuple of str
         The refattn parameters this candidate array holds.
-    kind : {"same", "transpose", "concat", "packed_transpose"}
+    kind : {"same", "transpose", "concat", "packed_transpose", "column_concat", "zero"}
         ``same``: identical array.  ``transpose``: ``W.T`` (``torch.nn.Linear``
         weight ``(d_out, d_in)``).  ``concat``: refattn arrays concatenated along
         axis 0 (``in_proj_bias``).  ``packed_transpose``: transposes concatenated
-        along axis 0 (``in_proj_weight``).
+        along axis 0 (``in_proj_weight``).  ``column_concat``: arrays concatenated
+        along axis 1 (a fused ``(d_in, 3 d)`` weight such as GPT-2's ``c_attn``).
+        ``zero``: a candidate parameter refattn's layer does not have, held at
+        zero, its gradient dropped (:func:`optional`).
+    optional : bool
+        When refattn's layer has none of ``names``, the candidate parameter is
+        held at zero instead of being an error (:func:`optional`).
     """
 
     names: tuple
     kind: str
+    optional: bool = False
 
-    def to_candidate(self, params: dict) -> np.ndarray:
-        """The candidate's array, built from refattn's ``params``."""
+    def to_candidate(self, params: dict, shape=None) -> np.ndarray:
+        """The candidate's array, built from refattn's ``params`` (``zero``: of ``shape``)."""
+        if self.kind == "zero":
+            return np.zeros(shape)
         arrays = [np.asarray(params[n]) for n in self.names]
         if self.kind == "same":
             return arrays[0]
@@ -65,15 +84,21 @@ class Converter:
             return arrays[0].T
         if self.kind == "concat":
             return np.concatenate(arrays, axis=0)
+        if self.kind == "column_concat":
+            return np.concatenate(arrays, axis=1)
         return np.concatenate([a.T for a in arrays], axis=0)           # packed_transpose
 
     def to_refattn(self, array) -> dict:
         """Split a candidate array (a value or its gradient) into refattn's ``{name: array}``."""
         array = np.asarray(array)
+        if self.kind == "zero":
+            return {}
         if self.kind == "same":
             return {self.names[0]: array}
         if self.kind == "transpose":
             return {self.names[0]: array.T}
+        if self.kind == "column_concat":
+            return dict(zip(self.names, np.split(array, len(self.names), axis=1)))
         parts = np.split(array, len(self.names), axis=0)                # equal blocks along axis 0
         if self.kind == "concat":
             return dict(zip(self.names, parts))
@@ -88,6 +113,8 @@ class Converter:
             return s[0][::-1]
         if self.kind == "concat":
             return (sum(x[0] for x in s),) + s[0][1:]
+        if self.kind == "column_concat":
+            return (s[0][0], sum(x[1] for x in s))
         return (sum(x[-1] for x in s),) + s[0][:1]                      # packed_transpose (2-D)
 
 
@@ -109,6 +136,30 @@ def concat(*names: str) -> Converter:
 def packed_linear(*names: str) -> Converter:
     """Linear weights packed like ``in_proj_weight = [W_q^T; W_k^T; W_v^T]`` (``(3 d, d)``)."""
     return Converter(tuple(names), "packed_transpose")
+
+
+def column_concat(*names: str) -> Converter:
+    """refattn weights side by side along axis 1: a fused ``(d_in, 3 d)`` ``[W_q | W_k | W_v]``.
+
+    The layout of a map stored ``(in, out)`` (``y = x @ W``), as GPT-2's
+    ``Conv1D`` ``c_attn``; the ``torch.nn.Linear`` layout ``(out, in)`` is
+    :func:`packed_linear`.  The blocks must be equally wide.
+    """
+    return Converter(tuple(names), "column_concat")
+
+
+def optional(converter: Converter) -> Converter:
+    """``converter``, or a zero parameter when refattn's layer has none of its names.
+
+    For a bias a module always has (``nn.Linear(bias=True)``, HF's ``Conv1D``)
+    and a ``bias=False`` case: the candidate's bias is held at zero, which is the
+    layer without it, and its gradient is dropped.
+    """
+    return replace(converter, optional=True)
+
+
+#: The converter a resolved map holds for an absent optional parameter.
+ZERO = Converter((), "zero")
 
 
 #: ``torch.nn.MultiheadAttention`` (``batch_first`` irrelevant) against refattn's
@@ -149,6 +200,9 @@ def resolve_map(mapping, refattn_names, candidate_names) -> dict:
         present = [n in refattn_names for n in conv.names]
         if cname not in candidate_names and not any(present):
             continue
+        if conv.optional and not any(present):
+            resolved[cname] = ZERO
+            continue
         if cname not in candidate_names:
             raise ValueError(f"the parameter map names candidate parameter {cname!r}, which the "
                              f"candidate does not have (it has {candidate_names})")
@@ -161,7 +215,7 @@ def resolve_map(mapping, refattn_names, candidate_names) -> dict:
     if unmapped:
         raise ValueError(f"candidate parameter(s) {unmapped} have no entry in the parameter map; "
                          f"map each to refattn's {refattn_names} with refattn.verify.params")
-    covered = [n for conv in resolved.values() for n in conv.names]
+    covered = [n for conv in resolved.values() for n in conv.names]        # ZERO: none
     twice = sorted({n for n in covered if covered.count(n) > 1})
     missing = [n for n in refattn_names if n not in covered]
     if twice or missing:

@@ -21,8 +21,10 @@ class Check:
     case, dtype, quantity : str
         ``quantity`` is ``"out"`` or a gradient ``"d<input>"`` (``"dq"``, ``"dw_q"``,
         ``"dxq"``, ...), or ``"-"`` for a case that did not run.
-    max_abs : float
-        ``max |candidate - reference|`` against the float64 reference.
+    max_abs : float or None
+        ``max |candidate - reference|`` against the float64 reference: NaN when
+        the candidate is NaN where the reference is not; None when not measured
+        (a case that did not run).
     rel : float
         ``max_abs / max |reference|``.
     reference_rel : float
@@ -38,10 +40,10 @@ class Check:
     case: str
     dtype: str
     quantity: str
-    max_abs: float = float("nan")
-    rel: float = float("nan")
-    reference_rel: float = float("nan")
-    allowed: float = float("nan")
+    max_abs: float | None = None
+    rel: float | None = None
+    reference_rel: float | None = None
+    allowed: float | None = None
     status: str = "ok"
     note: str = ""
 
@@ -50,8 +52,15 @@ class Check:
         return self.status in ("FAIL", "error")
 
 
-def _num(x: float) -> str:
-    return "-" if x != x else f"{x:.2e}"
+def _num(x) -> str:
+    """``-`` for not measured, ``NaN``, ``inf``, else three significant digits."""
+    if x is None:
+        return "-"
+    if x != x:
+        return "NaN"
+    if x in (float("inf"), float("-inf")):
+        return "inf" if x > 0 else "-inf"
+    return f"{x:.2e}"
 
 
 @dataclass

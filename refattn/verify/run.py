@@ -9,7 +9,6 @@ import numpy as np
 
 from ..catalog import Variant, get_variant
 from .._vjp import vjp
-from ..testing import max_errors
 from . import tolerance
 from .adapters import (Layer, LayerSpec, Unsupported, accepts, default_jax_call,
                        default_torch_call, jax_dot_product_attention, torch_multihead_attention,
@@ -95,7 +94,7 @@ class Problem:
         return quantities(out, grads, self.names)
 
     def layer_spec(self):
-        return LayerSpec.from_layer(self.case.fn, self.dtype)
+        return LayerSpec.from_case(self.case, self.dtype)
 
 
 def reference_problem(case, dtype="float64", seed=0, framework=None):
@@ -149,7 +148,7 @@ def _run_torch_layer(layer, problem, fw):
     mapping = resolve_map(layer.param_map(spec), list(params), list(named))
     with torch.no_grad():
         for cname, conv in mapping.items():
-            value = conv.to_candidate(params)
+            value = conv.to_candidate(params, tuple(named[cname].shape))
             if tuple(named[cname].shape) != value.shape:
                 raise ValueError(f"candidate parameter {cname!r} has shape "
                                  f"{tuple(named[cname].shape)}; the parameter map builds "
@@ -194,26 +193,51 @@ def _run_jax_layer(layer, problem, fw):
 
 # -- comparing -------------------------------------------------------------------------
 
+def max_abs_error(got, expected) -> float:
+    """``max |got - expected|``: NaN when ``got`` is NaN where ``expected`` is not.
+
+    Entries NaN in both count as equal (a reference that is NaN there by its
+    documented policy).  Raises ``ValueError`` on a shape mismatch.
+    """
+    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
+    if got.shape != expected.shape:
+        raise ValueError(f"the candidate returned shape {got.shape}, expected {expected.shape}")
+    if got.size == 0:
+        return 0.0
+    got_nan, ref_nan = np.isnan(got), np.isnan(expected)
+    if (got_nan & ~ref_nan).any():
+        return float("nan")
+    if (ref_nan & ~got_nan).any():
+        return float("inf")
+    same = (got == expected) | (got_nan & ref_nan)          # also equal infinities
+    with np.errstate(invalid="ignore"):                     # inf - inf where ``same``
+        return float(np.max(np.where(same, 0.0, np.abs(got - expected))))
+
+
 def _compare(problem, got, out_dtype):
     checks = []
     label = problem.case.name
     for quantity, expected in problem.expected.items():
-        ref32_err = max_errors(problem.float32[quantity], expected)[0]
+        ref32_err = max_abs_error(problem.float32[quantity], expected)
         scale = tolerance.scale(float(np.max(np.abs(expected), initial=0.0)), ref32_err)
         ref_err = (ref32_err if problem.dtype == "float32"
                    else tolerance.reference_error(ref32_err, problem.dtype))
-        allowed = tolerance.bound(problem.dtype, ref_err, scale, quantity != "out")
+        gradient = quantity != "out"
+        allowed = tolerance.bound(problem.dtype, ref_err, scale, gradient)
         if quantity not in got:
             checks.append(Check(label, problem.dtype, quantity, status="FAIL",
                                 note="the candidate returned no such gradient"))
             continue
         try:
-            abs_err = max_errors(got[quantity], expected)[0]
-        except AssertionError as exc:                   # shape mismatch
+            abs_err = max_abs_error(got[quantity], expected)
+        except ValueError as exc:                       # shape mismatch
             checks.append(Check(label, problem.dtype, quantity, status="FAIL", note=str(exc)))
             continue
-        ok = abs_err <= allowed
+        ok = abs_err <= allowed                        # False for NaN
         note = "" if ok else _hint(got[quantity], expected)
+        if not ok and problem.dtype == "float64" and abs_err <= tolerance.bound(
+                "float32", ref32_err, scale, gradient):
+            note = f"float32-level error in a float64 run; {note}"
         if quantity == "out" and out_dtype != problem.dtype:
             ok, note = False, f"returned {out_dtype}, expected {problem.dtype}"
         checks.append(Check(label, problem.dtype, quantity, abs_err, abs_err / scale,
@@ -221,13 +245,29 @@ def _compare(problem, got, out_dtype):
     return checks
 
 
+def _digits(a: float, b: float) -> int:
+    """Significant digits that tell ``a`` from ``b`` apart (4 to 17)."""
+    diff, size = abs(a - b), max(abs(a), abs(b))
+    if not np.isfinite(diff) or diff == 0 or size == 0:
+        return 4
+    return int(min(17, max(4, np.ceil(np.log10(size / diff)) + 2)))
+
+
 def _hint(got, expected):
-    """Where the largest error sits (index), to point at a masked row or a head."""
-    diff = np.abs(np.asarray(got) - expected)
-    if np.isnan(diff).any():
-        return "NaN where the reference is finite"
+    """Where the largest error sits (index), with digits enough to see the difference."""
+    got = np.asarray(got, np.float64)
+    bad = np.isnan(got) & ~np.isnan(expected)
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        return f"NaN where the reference is finite, first at {idx} (reference {expected[idx]:+.6g})"
+    with np.errstate(invalid="ignore"):
+        diff = np.where((got == expected) | (np.isnan(got) & np.isnan(expected)), 0.0,
+                        np.abs(got - expected))
+    diff = np.where(np.isnan(diff), np.inf, diff)
     idx = np.unravel_index(int(np.argmax(diff)), diff.shape)
-    return f"worst at {tuple(int(i) for i in idx)}: {got[idx]:+.4g} vs {expected[idx]:+.4g}"
+    a, b = float(got[idx]), float(expected[idx])
+    n = _digits(a, b)
+    return f"worst at {tuple(int(i) for i in idx)}: {a:+.{n}g} vs {b:+.{n}g}"
 
 
 # -- the entry point -------------------------------------------------------------------
@@ -240,7 +280,8 @@ def _known(candidate, kind, fw_name):
             return torch_sdpa(), "torch.nn.functional.scaled_dot_product_attention"
         if kind == "layer" and isinstance(candidate, type) and issubclass(
                 candidate, torch.nn.MultiheadAttention):
-            return torch_multihead_attention(candidate), f"torch.nn.{candidate.__name__}"
+            adapter = torch_multihead_attention(candidate)
+            return adapter, adapter.name
     if fw_name == "jax" and jax is not None and kind == "core":
         if candidate is jax.nn.dot_product_attention:
             return jax_dot_product_attention(), "jax.nn.dot_product_attention"
@@ -248,11 +289,14 @@ def _known(candidate, kind, fw_name):
 
 
 def _describe(candidate) -> str:
+    if getattr(candidate, "name", None) and isinstance(candidate, Layer):
+        return candidate.name
     obj = getattr(candidate, "factory", candidate)
     obj = getattr(obj, "func", obj)                              # functools.partial
     name = getattr(obj, "__qualname__", None) or type(obj).__name__
     mod = getattr(obj, "__module__", "") or ""
-    return f"{mod}.{name}" if mod and mod not in ("__main__", "builtins") else name
+    text = f"{mod}.{name}" if mod and mod not in ("__main__", "builtins") else name
+    return text + (" (pass name= to name it)" if "<lambda>" in text else "")
 
 
 def _framework_of(candidate, variant, cases):
@@ -263,7 +307,7 @@ def _framework_of(candidate, variant, cases):
         probe = next((c for c in cases if hasattr(c.fn, "config")), None)
         if probe is not None:
             try:
-                found = detect_framework(factory(LayerSpec.from_layer(probe.fn)))
+                found = detect_framework(factory(LayerSpec.from_case(probe)))
             except Exception:
                 found = None
     if found is None:
@@ -273,10 +317,10 @@ def _framework_of(candidate, variant, cases):
 
 
 def verify(candidate, variant, *, framework=None, dtypes=("float64", "float32"), cases="test",
-           seed=0, params=None, call=None):
+           seed=0, params=None, call=None, name=None):
     """Verify a PyTorch or JAX implementation against refattn's float64 reference.
 
-    For every seeded case of ``variant`` (its registry ``"test"`` cases: shapes,
+    For every seeded case of ``variant`` (its catalogue ``"test"`` cases: shapes,
     masks, causal alignments, GQA, ...) and every dtype, the inputs are drawn in
     float64 and rounded to the dtype; the candidate runs on them and its
     framework's autograd computes the gradients for a random cotangent
@@ -302,11 +346,14 @@ def verify(candidate, variant, *, framework=None, dtypes=("float64", "float32"),
     dtypes : sequence of str
         Among ``"float64", "float32", "float16", "bfloat16"``.
     cases : str or list of Case
-        A case kind of the registry (``"test"``) or explicit float64 cases.
+        A case kind of the catalogue (``"test"``) or explicit float64 cases.
     seed : int
         Seeds the cases and the cotangents.
     params, call
         For a layer factory: the parameter map and call adapter of :class:`Layer`.
+    name : str, optional
+        The candidate's name in the report (default: its qualified name, or the
+        adapter's).
 
     Returns
     -------
@@ -341,10 +388,10 @@ def verify(candidate, variant, *, framework=None, dtypes=("float64", "float32"),
                             f"need layers of several configurations (bias, causal, sizes), "
                             f"e.g. verify(lambda spec: {type(candidate).__name__}(spec.d_model, "
                             f"spec.n_heads, ...), {variant.name!r})")
-        candidate = Layer(candidate, params=params, call=call)
+        candidate = Layer(candidate, params=params, call=call, name=description)
     if variant.kind == "core" and not callable(candidate):
         raise TypeError(f"candidate must be callable, got {type(candidate).__name__}")
-    report = VerifyReport(variant.name, description, f"{fw.name} {fw.version}")
+    report = VerifyReport(variant.name, name or description, f"{fw.name} {fw.version}")
     selectors = _selectors(case_list)
     for index, case in enumerate(case_list):
         for dtype in dtypes:

@@ -9,6 +9,7 @@ import pytest
 
 pytest.importorskip("torch")
 pytest.importorskip("jax")
+pytest.importorskip("transformers", reason="docs/verify.md runs the Hugging Face adapters")
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "verify.md"
 BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)

@@ -32,7 +32,8 @@ def test_mha_packing_matches_torch_layout():
 
 @pytest.mark.parametrize("conv", [P.same("w_q"), P.linear_weight("w_q"),
                                   P.concat("b_q", "b_k", "b_v"),
-                                  P.packed_linear("w_q", "w_k", "w_v")])
+                                  P.packed_linear("w_q", "w_k", "w_v"),
+                                  P.column_concat("w_q", "w_k", "w_v")])
 def test_round_trip_and_shape(conv):
     p = _params(np.random.default_rng(1))
     arr = conv.to_candidate(p)
@@ -70,3 +71,29 @@ def test_resolve_errors_name_the_parameter(mapping, refattn_names, candidate_nam
 def test_resolve_rejects_non_converters():
     with pytest.raises(TypeError, match=r"params\['q.weight'\] must be a converter"):
         P.resolve_map({"q.weight": "w_q"}, ["w_q"], ["q.weight"])
+
+
+def test_column_concat_is_a_fused_conv1d_weight():
+    p = _params(np.random.default_rng(2))
+    x = np.random.default_rng(3).standard_normal((3, 4))
+    w = P.column_concat("w_q", "w_k", "w_v").to_candidate(p)           # (d, 3 d), y = x @ w
+    q, k, v = np.split(x @ w, 3, axis=-1)
+    np.testing.assert_allclose(k, x @ p["w_k"])
+    np.testing.assert_allclose(v, x @ p["w_v"])
+
+
+def test_optional_bias_is_zero_when_refattn_has_none():
+    conv = P.optional(P.concat("b_q", "b_k"))
+    names = ["w_q", "w_k"]
+    resolved = P.resolve_map({"w": P.column_concat("w_q", "w_k"), "b": conv}, names, ["w", "b"])
+    assert resolved["b"] is P.ZERO
+    np.testing.assert_array_equal(P.ZERO.to_candidate({}, (8,)), np.zeros(8))
+    assert P.ZERO.to_refattn(np.ones(8)) == {}                        # its gradient is dropped
+    # With the biases present it is the converter itself.
+    with_bias = P.resolve_map({"b": conv, "w": P.column_concat("w_q", "w_k")},
+                              names + ["b_q", "b_k"], ["w", "b"])
+    assert with_bias["b"].kind == "concat"
+    # Half present is still an error.
+    with pytest.raises(ValueError, match=r"refattn parameter\(s\) \['b_k'\]"):
+        P.resolve_map({"b": conv, "w": P.column_concat("w_q", "w_k")}, names + ["b_q"],
+                      ["w", "b"])

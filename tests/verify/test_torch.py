@@ -31,6 +31,8 @@ VARIANTS = {
                                                M.REAL_PARAMS), CORE_BUGS),
     "mha-optimised": (lambda bug: V.Layer(lambda s: M.RealAttention(s, bug), M.REAL_PARAMS),
                       CORE_BUGS),
+    "mha-rotary": (lambda bug: V.Layer(lambda s: M.RealAttention(s, bug), M.REAL_PARAMS),
+                   CORE_BUGS),
     "mha-efficient": (lambda bug: V.Layer(lambda s: M.RealAttention(s, bug), M.REAL_PARAMS),
                       CORE_BUGS),
     "mha-super": (lambda bug: V.Layer(lambda s: M.RealAttention(s, bug), M.REAL_PARAMS),

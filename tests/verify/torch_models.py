@@ -154,6 +154,42 @@ def preconditioned(q, k, v, *, eps=1e-6, stop_gradient=True, preconditioner="row
     return (c.detach() if stop_gradient else c) * a
 
 
+# -- rotary embeddings -------------------------------------------------------------------
+
+def rotate_half(x):
+    """Hugging Face Llama's ``rotate_half``: ``[x1, x2] -> [-x2, x1]`` on the two halves."""
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotate_every_two(x):
+    """GPT-J's ``rotate_every_two``: pairs ``(x_2m, x_2m+1) -> (-x_2m+1, x_2m)``."""
+    x1, x2 = x[..., ::2], x[..., 1::2]
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+def rotary(x, style, base=10000.0, rotary_dim=None, offset=0):
+    """Rotary embeddings on ``x (..., T, D)`` at positions ``offset ... offset + T - 1``.
+
+    ``"half"``: Llama's ``q * cos + rotate_half(q) * sin`` with ``cos = cat(c, c)``;
+    ``"interleaved"``: GPT-J's with ``cos = repeat_interleave(c, 2)``; the features
+    beyond ``rotary_dim`` pass through (GPT-NeoX / GPT-J partial rotary).
+    """
+    T, D = x.shape[-2:]
+    r = D if rotary_dim is None else rotary_dim
+    inv_freq = 1.0 / (base ** (torch.arange(0, r, 2, dtype=torch.float64) / r))
+    freqs = torch.arange(offset, offset + T, dtype=torch.float64)[:, None] * inv_freq
+    if style == "half":
+        emb = torch.cat((freqs, freqs), dim=-1)
+        turn = rotate_half
+    else:
+        emb = freqs.repeat_interleave(2, dim=-1)
+        turn = rotate_every_two
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    return torch.cat((x_rot * cos + turn(x_rot) * sin, x_pass), dim=-1)
+
+
 # -- layers -----------------------------------------------------------------------------
 
 def _split(x, heads):
@@ -172,12 +208,13 @@ class RealAttention(nn.Module):
     def __init__(self, spec, bug=None):
         super().__init__()
         d, self.spec, self.bug = spec.d_model, spec, bug
+        d_kv = spec.kv_heads * spec.head_dim                      # grouped-query keys, values
         proj = spec.projection
         self.q = nn.Linear(d, d, bias=spec.bias)
         if proj in ("standard", "optimised"):
-            self.k = nn.Linear(d, d, bias=spec.bias)
+            self.k = nn.Linear(d, d_kv, bias=spec.bias)
         if proj == "standard":
-            self.v = nn.Linear(d, d, bias=spec.bias)
+            self.v = nn.Linear(d, d_kv, bias=spec.bias)
         if proj == "super":
             l = spec.options["seq_len"]
             self.w_a = nn.Parameter(torch.zeros(l, l))
@@ -198,16 +235,19 @@ class RealAttention(nn.Module):
         else:
             v = xkv
         core = dict(spec.core_options)
+        hkv = spec.kv_heads
+        q, k, v = _split(self.q(xq), h), _split(k, hkv), _split(v, hkv)
+        if spec.rotary is not None:
+            q = rotary(q, spec.rotary, spec.rotary_base, spec.rotary_dim)
+            k = rotary(k, spec.rotary, spec.rotary_base, spec.rotary_dim)
         if spec.core == "preconditioned":
-            o = preconditioned(_split(self.q(xq), h), _split(k, h), _split(v, h), mask=mask,
-                               causal=spec.causal, bug=self.bug, **core)
+            o = preconditioned(q, k, v, mask=mask, causal=spec.causal, bug=self.bug, **core)
         elif spec.core == "elementwise":
-            o = elementwise_attention(_split(self.q(xq), h), _split(k, h), _split(v, h),
-                                      causal=spec.causal, mask=mask, bug=self.bug, **core)
+            o = elementwise_attention(q, k, v, causal=spec.causal, mask=mask, bug=self.bug, **core)
         else:
-            o = sdpa(_split(self.q(xq), h), _split(k, h), _split(v, h), mask=mask,
-                     causal=spec.causal, bug=None if self.bug == "causal_leak"
-                     and spec.projection == "super" else self.bug, **core)
+            o = sdpa(q, k, v, mask=mask, causal=spec.causal, bug=None
+                     if self.bug == "causal_leak" and spec.projection == "super" else self.bug,
+                     **core)
         return self.o(_merge(o))
 
 

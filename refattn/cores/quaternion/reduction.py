@@ -107,13 +107,14 @@ class SDPAReduction:
         xp = namespace(q)
         if mode == "shared":
             B, H, L, _, dv = do.shape
-            dq, dk, dvf, ds = self.sdpa.backward(q, k, v, o, lse, _flat_features(xp, do), opts_used)
+            dq, dk, dvf, ds, _ = self.sdpa.backward(q, k, v, o, lse, _flat_features(xp, do),
+                                                    opts_used)
             d = q.shape[-1] // 4
             return (xp.reshape(dq, (*dq.shape[:-1], 4, d)),                # (B, H, L, 4, d)
                     xp.reshape(dk, (*dk.shape[:-1], 4, d)),                # (B, Hkv, S, 4, d)
                     xp.reshape(dvf, (*dvf.shape[:-1], 4, dv)), ds)         # (B, Hkv, S, 4, dv)
-        dqt, dkt, dvt, ds = self.sdpa.backward(q, k, v, o, lse, _components_first(xp, do),
-                                               opts_used)
+        dqt, dkt, dvt, ds, _ = self.sdpa.backward(q, k, v, o, lse, _components_first(xp, do),
+                                                  opts_used)
         B4, H, L, f = dqt.shape
         dqt = xp.reshape(dqt, (4, B4 // 4, H, L, 4, f // 4))              # (4, B, H, L, 4, d)
         dkt = xp.reshape(dkt, (4, B4 // 4, *dkt.shape[1:-1], 4, f // 4))  # (4, B, Hkv, S, 4, d)

@@ -17,7 +17,8 @@ CORE = Core(
     backward=backward,
     layout="real",
     backends=IMPLEMENTED,
-    options=("scale", "dropout_mask", "dropout_p", "causal_align", "bias"),
+    options=("scale", "dropout_mask", "dropout_p", "causal_align", "bias", "window", "softcap",
+             "alibi_slopes"),
     flops=flops,
     summary="softmax(scale q k^T + bias) v, FlashAttention-2 backward",
 )

@@ -15,9 +15,11 @@ The front end validates the arguments, flattens the batch dimensions into one
     forward(q, k, v, opts) -> (o, lse)
         q (B, H, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev)
         o (B, H, L, Ev), lse (B, H, L) (-inf for rows with no key left)
-    backward(q, k, v, o, lse, do, opts) -> (dq, dk, dv, dscores)
+    backward(q, k, v, o, lse, do, opts) -> (dq, dk, dv, dscores, dslopes)
         dscores (B, H, L, S): gradient of the pre-softmax scores (= of a float
         bias); only when ``opts.need_bias_grad``, else None.
+        dslopes (B, H): gradient of the ALiBi slopes; only when
+        ``opts.need_alibi_grad``, else None.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from ... import backends as _backends
 from . import numba as _numba_kernels
 from . import reference as _reference
 from ..._array import flatten_batch, namespace, native_byte_order, product, sum_to_shape
-from ..._masks import CAUSAL_ALIGNS, causal_offset, causal_pairs
+from ..._masks import CAUSAL_ALIGNS, causal_offset, causal_pairs, window_bounds
 from ..._vjp import attach_vjp
+from ...rotary import ROTARY_STYLES, apply_rotary, apply_rotary_backward
 from ..._validate import (AttentionShapes, attention_shapes, check_bool_array, check_broadcastable,
                           check_cotangent,
                           check_choice, check_dropout, check_float_array, check_same_dtype)
@@ -71,6 +74,15 @@ class SDPAOptions:
         ``1 / (1 - dropout_p)``, applied to kept probabilities.
     need_bias_grad : bool
         Whether the backward pass must return the score gradient.
+    window : (int or None, int or None) or None
+        Sliding window: key ``j`` is kept for query ``i`` iff ``lo <= j - i <= hi``
+        (a side of None is unbounded); None when there is no window.
+    softcap : float or None
+        Scores become ``softcap * tanh(scores / softcap)`` before the bias.
+    alibi : array or None
+        ALiBi slopes as ``(B|1, H, 1, 1)``: the bias ``-slope * |i + S - L - j|``.
+    need_alibi_grad : bool
+        Whether the backward pass must return the gradient of the slopes.
     tiles : (int, int) or None
         numba: queries x keys per tile; None = the backend's default.
     float32_math : {"tf32x3", "simt"} or None
@@ -87,6 +99,10 @@ class SDPAOptions:
     dropout_mask: Any = None
     dropout_scale: float = 1.0
     need_bias_grad: bool = False
+    window: tuple | None = None
+    softcap: float | None = None
+    alibi: Any = None
+    need_alibi_grad: bool = False
     tiles: tuple | None = None
     float32_math: str | None = None
 
@@ -104,6 +120,8 @@ class SDPAResiduals:
     options: SDPAOptions
     shapes: AttentionShapes
     bias_shape: tuple | None = None
+    alibi_shape: tuple | None = None
+    rotary: dict | None = None        # apply_rotary keywords and the queries' offset
 
 
 def implementation(backend: str):
@@ -158,8 +176,45 @@ def _check_tiles(tiles):
     return (int(tiles[0]), int(tiles[1]))
 
 
+def _check_window(window):
+    if window is None:
+        return None
+    if isinstance(window, numbers.Integral) and not isinstance(window, bool):
+        window = (window, window)                       # JAX: one int is a symmetric window
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or any(isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < -1
+                   for w in window)):
+        raise ValueError(f"window must be None or (left, right) with ints >= -1 (-1 = "
+                         f"unbounded), got {window!r}")
+    return (int(window[0]), int(window[1]))
+
+
+def _check_softcap(softcap):
+    if softcap is None:
+        return None
+    if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be None or a real number > 0, got "
+                        f"{type(softcap).__name__}")
+    if not (math.isfinite(float(softcap)) and softcap > 0):
+        raise ValueError(f"softcap must be a finite number > 0, got {softcap!r}")
+    return float(softcap)
+
+
+def _alibi_4d(xp, slopes, q, shapes):
+    """Validate ALiBi slopes ``(H,)`` or ``(*batch, H)``; return them as ``(B|1, H, 1, 1)``."""
+    check_float_array(slopes, "alibi_slopes")
+    check_same_dtype(q=q, alibi_slopes=slopes)
+    H, batch = shapes.heads, shapes.batch
+    if tuple(slopes.shape) not in ((H,), (*batch, H)):
+        raise ValueError(f"alibi_slopes must have shape (H,) = ({H},) or (*batch, H) = "
+                         f"{(*batch, H)}, got {tuple(slopes.shape)}")
+    lead = product(batch) if slopes.ndim > 1 else 1
+    return xp.reshape(slopes, (lead, H, 1, 1))
+
+
 def prepare(q, k, v, mask=None, bias=None, causal=False, causal_align="upper_left", scale=None,
-            dropout_mask=None, dropout_p=0.0, tiles=None, float32_math=None):
+            dropout_mask=None, dropout_p=0.0, tiles=None, float32_math=None, window=None,
+            softcap=None, alibi_slopes=None):
     """Validate the arguments of :func:`sdpa` and return ``(xp, shapes, options)``.
 
     ``options`` is the :class:`SDPAOptions` every backend receives; other cores that
@@ -185,73 +240,114 @@ def prepare(q, k, v, mask=None, bias=None, causal=False, causal_align="upper_lef
     if float32_math is not None:
         check_choice(float32_math, "float32_math", FLOAT32_MATHS)
     batch = shapes.batch
+    offset = causal_offset(causal_align, shapes.q_len, shapes.kv_len)
+    window = _check_window(window)
     options = SDPAOptions(
         scale=float(scale),
-        causal_offset=causal_offset(causal_align, shapes.q_len, shapes.kv_len) if causal else None,
+        causal_offset=offset if causal else None,
         mask=None if mask is None else as_batched_4d(xp, mask, batch),
         bias=None if bias is None else as_batched_4d(xp, bias, batch),
         dropout_mask=None if dropout_mask is None else as_batched_4d(xp, dropout_mask, batch),
         dropout_scale=dropout_scale,
         need_bias_grad=bias is not None,
+        window=None if window is None else window_bounds(window, offset),
+        softcap=_check_softcap(softcap),
+        alibi=None if alibi_slopes is None else _alibi_4d(xp, alibi_slopes, q, shapes),
+        need_alibi_grad=alibi_slopes is not None,
         tiles=_check_tiles(tiles),
         float32_math=float32_math,
     )
     return xp, shapes, options
 
 
+def _rotary_keywords(rotary, base, rotary_dim):
+    """``apply_rotary`` keywords for ``rotary`` in ``ROTARY_STYLES``, or None without rotary."""
+    if rotary is None:
+        return None
+    check_choice(rotary, "rotary", (None,) + ROTARY_STYLES)
+    return {"base": base, "rotary_dim": rotary_dim, "interleaved": rotary == "interleaved"}
+
+
 def forward(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_left", scale=None,
-            dropout_mask=None, dropout_p=0.0, backend="auto", tiles=None, float32_math=None):
+            dropout_mask=None, dropout_p=0.0, window=None, softcap=None, alibi_slopes=None,
+            rotary=None, rotary_base=10000.0, rotary_dim=None, rotary_q_offset=0,
+            backend="auto", tiles=None, float32_math=None):
     """SDPA forward pass returning ``(o, residuals)`` for :func:`backward`.
 
     Same arguments as :func:`sdpa`.  ``residuals.lse`` holds the per-row
     log-sum-exp ``(B, H, L)`` that the backward pass uses to recompute the
     probabilities (FlashAttention-2).
     """
-    q, k, v, bias = (None if x is None else native_byte_order(x) for x in (q, k, v, bias))
+    q, k, v, bias, alibi_slopes = (None if x is None else native_byte_order(x)
+                                   for x in (q, k, v, bias, alibi_slopes))
+    rope = _rotary_keywords(rotary, rotary_base, rotary_dim)
+    if rope is not None:          # a separate pass before the kernel (docs/rotary.md)
+        attention_shapes(q, k, v)
+        q = apply_rotary(q, offset=rotary_q_offset, **rope)
+        k = apply_rotary(k, **rope)
+        rope = {**rope, "q_offset": rotary_q_offset}
     xp, shapes, options = prepare(q, k, v, mask, bias, causal, causal_align, scale,
-                                  dropout_mask, dropout_p, tiles, float32_math)
+                                  dropout_mask, dropout_p, tiles, float32_math, window, softcap,
+                                  alibi_slopes)
     backend = _backends.resolve(backend, IMPLEMENTED, q, core="sdpa")
-    backend = _backends.route(backend, xp, (q, k, v), options.bias)
+    backend = _backends.route(backend, xp, (q, k, v, options.alibi), options.bias)
+    if backend == "cupy" and (options.window or options.softcap or options.need_alibi_grad):
+        backend = "reference"       # the CUDA kernels do not take these options yet
     impl = implementation(backend)
     q4, k4, v4 = (flatten_batch(xp, x, shapes.batch) for x in (q, k, v))
     o4, lse = impl.forward(q4, k4, v4, options)
     res = SDPAResiduals(backend, q4, k4, v4, o4, lse, options, shapes,
-                        None if bias is None else tuple(bias.shape))
+                        None if bias is None else tuple(bias.shape),
+                        None if alibi_slopes is None else tuple(alibi_slopes.shape), rope)
     return xp.reshape(o4, shapes.output), res
 
 
 def backward(res: SDPAResiduals, do):
-    """SDPA backward pass: ``(dq, dk, dv)``, plus ``dbias`` when a float bias was given.
+    """SDPA backward pass: ``(dq, dk, dv)``, then ``dbias`` with a float bias, then
+    ``dalibi_slopes`` with ALiBi slopes.
 
-    ``dbias`` is summed to the bias's own (broadcast) shape.
+    ``dbias`` is summed to the bias's own (broadcast) shape, ``dalibi_slopes`` to the
+    slopes' shape.
     """
     shapes = res.shapes
     xp = namespace(res.q)
     check_cotangent(do, shapes.output, "(..., H, L, Ev)", like=res.o)
     do4 = flatten_batch(xp, xp.astype(native_byte_order(do), res.o.dtype), shapes.batch)
     impl = implementation(_backends.route(res.backend, xp, (do4,)))
-    dq, dk, dv, dscores = impl.backward(res.q, res.k, res.v, res.o, res.lse, do4, res.options)
+    dq, dk, dv, dscores, dslopes = impl.backward(res.q, res.k, res.v, res.o, res.lse, do4,
+                                                 res.options)
     batch = shapes.batch
     grads = (xp.reshape(dq, (*batch,) + tuple(dq.shape[1:])),
              xp.reshape(dk, (*batch,) + tuple(dk.shape[1:])),
              xp.reshape(dv, (*batch,) + tuple(dv.shape[1:])))
+    if res.rotary is not None:    # the rotation is orthogonal: its pullback is R^T
+        rope = {n: x for n, x in res.rotary.items() if n != "q_offset"}
+        grads = (apply_rotary_backward(grads[0], offset=res.rotary["q_offset"], **rope),
+                 apply_rotary_backward(grads[1], **rope), grads[2])
     if res.bias_shape is not None:
         dscores = xp.reshape(dscores, shapes.scores)
         grads = grads + (sum_to_shape(xp, dscores, res.bias_shape),)
+    if res.alibi_shape is not None:
+        dslopes = xp.reshape(dslopes, (*batch, shapes.heads))                 # (*batch, H)
+        grads = grads + (sum_to_shape(xp, dslopes, res.alibi_shape),)
     return grads
 
 
 def sdpa(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_left", scale=None,
-         dropout_mask=None, dropout_p=0.0, return_lse=False, backend="auto", tiles=None,
-         float32_math=None):
+         dropout_mask=None, dropout_p=0.0, window=None, softcap=None, alibi_slopes=None,
+         rotary=None, rotary_base=10000.0, rotary_dim=None, rotary_q_offset=0,
+         return_lse=False, return_probs=False, backend="auto", tiles=None, float32_math=None):
     r"""Scaled dot-product attention.
 
     .. math::
 
-        P = \mathrm{softmax}_j(\text{scale}\; q k^\top + \text{bias}), \qquad o = P v
+        P = \mathrm{softmax}_j(\mathrm{cap}(\text{scale}\; q k^\top) + \text{bias}
+            - \text{slope}\,|i + S - L - j|), \qquad o = P v
 
-    where masked-out keys get probability 0, a row with no key left gives
-    ``o = 0``, and dropout multiplies kept probabilities by ``1/(1-p)``.
+    where ``cap(x) = softcap * tanh(x / softcap)`` (identity without ``softcap``),
+    masked-out keys (mask, causal rule, window, ``-inf`` bias) get probability 0, a
+    row with no key left gives ``o = 0``, and dropout multiplies kept probabilities
+    by ``1/(1-p)``.  Definitions and derivatives: ``docs/cores/sdpa.md``.
 
     Parameters
     ----------
@@ -272,9 +368,38 @@ def sdpa(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_lef
     dropout_mask : bool array broadcastable to (..., H, L, S), optional
         Explicit keep-mask of dropout; no hidden RNG.
     dropout_p : float in [0, 1)
+    window : (int, int) or int, optional
+        FlashAttention's ``window_size = (left, right)``: key ``j`` is kept for query
+        ``i`` iff ``i + offset - left <= j <= i + offset + right``, ``offset`` the
+        causal alignment's (0 upper-left, ``S - L`` lower-right); ``-1`` leaves a
+        side unbounded; one int is JAX's symmetric ``local_window_size``.  Combines
+        with ``mask`` and ``causal`` by logical AND.
+    softcap : float > 0, optional
+        Soft-capping of the scaled scores, ``softcap * tanh(s / softcap)``, before the
+        bias and masking (FlashAttention >= 2.6, Gemma 2).
+    alibi_slopes : float array (H,) or (..., H), optional
+        FlashAttention's ALiBi: adds ``-slope_h * |i + S - L - j|``; ``vjp`` returns
+        the slopes' gradient after ``dbias`` (if any).
+    rotary : {None, "half", "interleaved"}
+        Rotary position embeddings applied to ``q`` and ``k`` first
+        (:func:`refattn.apply_rotary`): ``"half"`` pairs ``(x_m, x_{m+r/2})``
+        (GPT-NeoX, Llama), ``"interleaved"`` pairs ``(x_{2m}, x_{2m+1})`` (GPT-J);
+        keys at positions ``0 ... S-1``, queries at ``rotary_q_offset + 0 ... L-1``.
+    rotary_base : float
+        ``theta`` of the frequencies (10000 by default; 500000 in Llama 3).
+    rotary_dim : even int, optional
+        Rotated features per head (default ``E``); the rest pass through.
+    rotary_q_offset : int
+        Position of the first query (e.g. ``S - L`` when the queries are the last
+        ``L`` of ``S`` tokens).
     return_lse : bool
         Also return the log-sum-exp ``(..., H, L)`` of each row.
+    return_probs : bool
+        Also return the attention probabilities ``P (..., H, L, S)`` (before dropout),
+        for inspection: ``O(L S)`` memory on every backend.
     backend : {"auto", "reference", "numba", "cupy"}
+        The cupy backend runs ``window``, ``softcap`` and ``alibi_slopes`` on the
+        reference backend (CuPy arrays, ``O(L S)`` memory) for now.
     tiles : (int, int), optional
         numba backend: queries x keys per tile (default 256 x 256); for tests and tuning.
     float32_math : {"tf32x3", "simt"}, optional
@@ -285,6 +410,7 @@ def sdpa(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_lef
     -------
     o : array (..., H, L, Ev), the dtype of ``q``
     lse : array (..., H, L), only with ``return_lse=True``
+    probs : array (..., H, L, S), only with ``return_probs=True`` (after ``lse``)
 
     Examples
     --------
@@ -296,19 +422,30 @@ def sdpa(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_lef
     (2, 4, 5, 8)
     >>> bool(np.allclose(o[..., 0, :], v[..., 0, :]))  # the first query sees only the first key
     True
+    >>> o, p = refattn.sdpa(q, k, v, window=(1, 0), softcap=30.0, return_probs=True)
+    >>> p.shape, bool(np.all(p[..., 3, :2] == 0))      # query 3 sees keys 2 and 3 only
+    ((2, 4, 5, 5), True)
     """
     o, res = forward(q, k, v, mask=mask, bias=bias, causal=causal, causal_align=causal_align,
-                     scale=scale, dropout_mask=dropout_mask, dropout_p=dropout_p, backend=backend,
-                     tiles=tiles, float32_math=float32_math)
+                     scale=scale, dropout_mask=dropout_mask, dropout_p=dropout_p, window=window,
+                     softcap=softcap, alibi_slopes=alibi_slopes, rotary=rotary,
+                     rotary_base=rotary_base, rotary_dim=rotary_dim,
+                     rotary_q_offset=rotary_q_offset, backend=backend, tiles=tiles,
+                     float32_math=float32_math)
+    extra = ()
+    xp = namespace(q)
     if return_lse:
-        xp = namespace(q)
-        return o, xp.reshape(res.lse, res.shapes.scores[:-1])
-    return o
+        extra += (xp.reshape(res.lse, res.shapes.scores[:-1]),)
+    if return_probs:
+        probs = _reference.probabilities(res.q, res.k, res.lse, res.options)    # (B, H, L, S)
+        extra += (xp.reshape(probs, res.shapes.scores),)
+    return (o, *extra) if extra else o
 
 
-def _forward_of_output(q, k, v, *, return_lse=False, **options):
-    if return_lse:
-        raise ValueError("vjp(sdpa, ...) differentiates the output o only; drop return_lse")
+def _forward_of_output(q, k, v, *, return_lse=False, return_probs=False, **options):
+    if return_lse or return_probs:
+        raise ValueError("vjp(sdpa, ...) differentiates the output o only; drop return_lse "
+                         "and return_probs")
     return forward(q, k, v, **options)
 
 

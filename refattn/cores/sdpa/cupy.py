@@ -205,7 +205,7 @@ def forward(q, k, v, opts):
 
 
 def backward(q, k, v, o, lse, do, opts):
-    """``(dq, dk, dv, dscores)``; see :mod:`refattn.cores.sdpa.api`."""
+    """``(dq, dk, dv, dscores, None)``; see :mod:`refattn.cores.sdpa.api` (no ALiBi here yet)."""
     cp = cs.cupy()
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
@@ -225,4 +225,4 @@ def backward(q, k, v, o, lse, do, opts):
         _launch(cfg["bwd"], cfg["bwd_smem"], (B * Hkv, -(-S // rows)), cfg["bwd_threads"],
                 [q, k, v, do, lse_acc, rowdot, dq, dk, dv, cs.pointer_or_null(dscores)]
                 + _mods_args(opts, H, Hkv, L, S, E, Ev))
-    return dq.astype(q.dtype, copy=False), dk, dv, dscores
+    return dq.astype(q.dtype, copy=False), dk, dv, dscores, None

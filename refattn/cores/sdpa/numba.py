@@ -57,15 +57,35 @@ RESHIFT = 30.0
 
 
 @jit
-def _scores_tile(st, i0, j0, b, h, mask, bias, has_mask, has_bias, causal, offset, neg_inf):
-    """Scores tile ``st (nc, nr)`` (scaled already): add the bias, set masked entries to -inf."""
+def _scores_tile(st, i0, j0, b, h, mods, mask, bias, slopes, causal, has_lo, has_hi, tanh_tile,
+                 store_tanh):
+    """Scores tile ``st (nc, nr)`` (scaled already): soft-cap, bias, ALiBi, then masking.
+
+    ``mods`` holds the flags and numbers of :func:`_modifiers`; ``causal``, ``has_lo`` and
+    ``has_hi`` say whether this tile crosses the causal diagonal or a window edge (tiles
+    inside the band skip those loops).  With ``store_tanh`` the soft-cap's ``tanh`` goes to
+    ``tanh_tile (nc, nr)`` for the backward pass.
+    """
+    (has_mask, has_bias, has_softcap, has_alibi, offset, lo, hi, softcap, inv_softcap,
+     dist_offset, neg_inf, _, _) = mods
     nc, nr = st.shape
+    slope = slopes[b if slopes.shape[0] > 1 else 0, h] if has_alibi else softcap - softcap
     for c in range(nc):
         row = st[c]
         j = j0 + c
+        if has_softcap:
+            trow = tanh_tile[c]
+            for r in range(nr):
+                t = math.tanh(row[r] * inv_softcap)
+                if store_tanh:
+                    trow[r] = t
+                row[r] = softcap * t
         if has_bias:
             for r in range(nr):
                 row[r] += bias[b, h, i0 + r, j]
+        if has_alibi:
+            for r in range(nr):
+                row[r] -= slope * abs(i0 + r + dist_offset - j)
         if has_mask:
             for r in range(nr):
                 if not mask[b, h, i0 + r, j]:
@@ -75,12 +95,19 @@ def _scores_tile(st, i0, j0, b, h, mask, bias, has_mask, has_bias, causal, offse
             first_kept = min(nr, max(0, j - offset - i0))
             for r in range(first_kept):
                 row[r] = neg_inf
+        if has_hi:          # window: kept iff j - i <= hi, i.e. r >= j - hi - i0
+            for r in range(min(nr, max(0, j - hi - i0))):
+                row[r] = neg_inf
+        if has_lo:          # window: kept iff j - i >= lo, i.e. r <= j - lo - i0
+            for r in range(max(0, min(nr, j - lo - i0 + 1)), nr):
+                row[r] = neg_inf
 
 
 @jit(parallel=True)
-def _forward_kernel(q, k, v, mask, bias, drop, has_mask, has_bias, has_drop, causal, offset,
-                    scale, drop_scale, block_q, block_k, o, lse):
+def _forward_kernel(q, k, v, mask, bias, slopes, drop, mods, has_drop, causal, scale, drop_scale,
+                    block_q, block_k, o, lse):
     B, H, L, E = q.shape
+    offset, window_lo, window_hi, lo, hi = mods[4], mods[11], mods[12], mods[5], mods[6]
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     group = H // Hkv
     n_qt = (L + block_q - 1) // block_q
@@ -111,16 +138,22 @@ def _forward_kernel(q, k, v, mask, bias, drop, has_mask, has_bias, has_drop, cau
         row_sum = np.zeros(nr, q.dtype)
         tile_sum = np.empty(nr, q.dtype)
         seen_all_rows = False                     # every row has a finite shift
-        key_end = S
+        key_start, key_end = 0, S
         if causal:
             key_end = min(S, max(0, i1 + offset))  # keys beyond i1-1+offset: fully masked
-        for j0 in range(0, key_end, block_k):
+        if window_hi:
+            key_end = min(key_end, max(0, i1 + hi))     # keys beyond i1-1+hi: outside
+        if window_lo:
+            key_start = min(key_end, max(0, i0 + lo))   # keys before i0+lo: outside
+        for j0 in range(key_start, key_end, block_k):
             j1 = min(key_end, j0 + block_k)
             nc = j1 - j0
             st = st_buf[:nc * nr].reshape((nc, nr))    # scores, transposed (nc, nr)
+            crosses = (causal and j1 - 1 > i0 + offset, window_lo and j0 < i1 - 1 + lo,
+                       window_hi and j1 - 1 > i0 + hi)
             gemm(st, k[b, hk, j0:j1], False, q_tile, True, False)
-            _scores_tile(st, i0, j0, b, h, mask, bias, has_mask, has_bias,
-                         causal and j1 - 1 > i0 + offset, offset, neg_inf)
+            _scores_tile(st, i0, j0, b, h, mods, mask, bias, slopes, crosses[0], crosses[1],
+                         crosses[2], st, False)
             # Lazy rescaling: once every row has a finite shift, exponentiate against it
             # directly (one pass, no max pass) and track the tile max on the way; the shift
             # only has to keep exp() finite, so it is renewed only if a score climbs more
@@ -147,8 +180,8 @@ def _forward_kernel(q, k, v, mask, bias, drop, has_mask, has_bias, has_drop, cau
                         row_max[r] = max(row_max[r], new_max[r])
                 else:                              # recompute the scores of this tile
                     gemm(st, k[b, hk, j0:j1], False, q_tile, True, False)
-                    _scores_tile(st, i0, j0, b, h, mask, bias, has_mask, has_bias,
-                                 causal and j1 - 1 > i0 + offset, offset, neg_inf)
+                    _scores_tile(st, i0, j0, b, h, mods, mask, bias, slopes, crosses[0],
+                                 crosses[1], crosses[2], st, False)
             if not lazy:
                 for r in range(nr):
                     new_max[r] = row_max[r]
@@ -197,11 +230,14 @@ def _forward_kernel(q, k, v, mask, bias, drop, has_mask, has_bias, has_drop, cau
 
 
 @jit(parallel=True)
-def _backward_kernel(q, k, v, do, lse, row_dot, mask, bias, drop, has_mask, has_bias, has_drop,
-                     causal, offset, scale, drop_scale, block_q, block_k, n_chunks, need_ds,
-                     dq_parts, dk, dv, dscores):
+def _backward_kernel(q, k, v, do, lse, row_dot, mask, bias, slopes, drop, mods, has_drop, causal,
+                     scale, drop_scale, block_q, block_k, n_chunks, need_ds, dq_parts, dk, dv,
+                     dscores, dslope_parts):
     # q is already scaled (scale * Q), so dK_j += dS^T q_i carries the scale.
     B, H, L, E = q.shape
+    has_softcap, has_alibi = mods[2], mods[3]
+    offset, window_lo, window_hi, lo, hi, dist_offset = (mods[4], mods[11], mods[12], mods[5],
+                                                        mods[6], mods[9])
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     group = H // Hkv
     n_qt = (L + block_q - 1) // block_q
@@ -217,6 +253,7 @@ def _backward_kernel(q, k, v, do, lse, row_dot, mask, bias, drop, has_mask, has_
         st_buf = np.empty(block_k * block_q, q.dtype)
         dpt_buf = np.empty(block_k * block_q, q.dtype)
         pd_buf = np.empty(block_k * block_q if has_drop else 0, q.dtype)
+        tanh_buf = np.empty(block_k * block_q if has_softcap else 0, q.dtype)
         shift = np.empty(block_q, q.dtype)
         for jt in range(chunk, n_kt, n_chunks):
             j0 = jt * block_k
@@ -228,20 +265,28 @@ def _backward_kernel(q, k, v, do, lse, row_dot, mask, bias, drop, has_mask, has_
             dv_tile = dv[b, hk, j0:j1]             # (nc, Ev)
             dk_tile[...] = 0
             dv_tile[...] = 0
-            first_query = 0
+            first_query, end_query = 0, L
             if causal:
                 first_query = max(0, j0 - offset)  # queries before it see none of these keys
+            if window_hi:
+                first_query = max(first_query, j0 - hi)    # j - i <= hi
+            if window_lo:
+                end_query = min(L, max(0, j1 - lo))        # j - i >= lo
             for h in range(hk * group, (hk + 1) * group):
-                for it in range(first_query // block_q, n_qt):
+                slope_grad = zero
+                for it in range(first_query // block_q, (end_query + block_q - 1) // block_q):
                     i0 = it * block_q
                     i1 = min(L, i0 + block_q)
                     nr = i1 - i0
                     q_tile = q[b, h, i0:i1]         # (nr, E), scaled
                     do_tile = do[b, h, i0:i1]       # (nr, Ev)
                     st = st_buf[:nc * nr].reshape((nc, nr))
+                    tt = tanh_buf[:nc * nr].reshape((nc, nr)) if has_softcap else st
                     gemm(st, k_tile, False, q_tile, True, False)
-                    _scores_tile(st, i0, j0, b, h, mask, bias, has_mask, has_bias,
-                                 causal and j1 - 1 > i0 + offset, offset, neg_inf)
+                    _scores_tile(st, i0, j0, b, h, mods, mask, bias, slopes,
+                                 causal and j1 - 1 > i0 + offset,
+                                 window_lo and j0 < i1 - 1 + lo, window_hi and j1 - 1 > i0 + hi,
+                                 tt, True)
                     for r in range(nr):            # a row with no key (lse -inf) gets P = 0
                         x = lse[b, h, i0 + r]
                         shift[r] = x if x > neg_inf else pos_inf
@@ -273,8 +318,21 @@ def _backward_kernel(q, k, v, do, lse, row_dot, mask, bias, drop, has_mask, has_
                         for c in range(nc):
                             for r in range(nr):
                                 dscores[b, h, i0 + r, j0 + c] = st[c, r]
+                    if has_alibi:                   # d s / d slope = -|i + S - L - j|
+                        for c in range(nc):
+                            row = st[c]
+                            for r in range(nr):
+                                slope_grad -= row[r] * abs(i0 + r + dist_offset - (j0 + c))
+                    if has_softcap:                 # through s = c tanh(raw / c): 1 - tanh^2
+                        for c in range(nc):
+                            row = st[c]
+                            trow = tt[c]
+                            for r in range(nr):
+                                row[r] = row[r] * (1 - trow[r] * trow[r])
                     gemm(dk_tile, st, False, q_tile, False, True)        # dK_j += dS^T (scale Q_i)
                     gemm(dq[b, h, i0:i1], st, True, k_tile, False, True)  # dQ_i += dS K_j
+                if has_alibi:
+                    dslope_parts[chunk, b, h] += slope_grad
 
 
 @jit(parallel=True)
@@ -319,21 +377,37 @@ def _broadcast(x, shape, dtype):
     return np.broadcast_to(np.asarray(x, dtype=dtype), shape)
 
 
+def _modifiers(opts, L, S, dtype):
+    """The score modifiers as one tuple of fixed types (one compiled signature per dtype).
+
+    ``(has_mask, has_bias, has_softcap, has_alibi, causal offset, window lo, window hi,
+    softcap, 1/softcap, ALiBi distance offset S - L, -inf, window has lo, window has hi)``.
+    """
+    lo, hi = opts.window if opts.window is not None else (None, None)
+    cap = opts.softcap if opts.softcap is not None else 1.0
+    return (opts.mask is not None, opts.bias is not None, opts.softcap is not None,
+            opts.alibi is not None,
+            int(opts.causal_offset) if opts.causal_offset is not None else 0,
+            int(lo) if lo is not None else 0, int(hi) if hi is not None else 0,
+            dtype.type(cap), dtype.type(1.0 / cap), int(S - L), dtype.type(-np.inf),
+            lo is not None, hi is not None)
+
+
 def _operands(q, k, v, opts):
     dtype = q.dtype
     B, H, L, _ = q.shape
     S = k.shape[2]
     scores = (B, H, L, S)
-    causal = opts.causal_offset is not None
+    slopes = (np.zeros((1, 1), dtype) if opts.alibi is None else
+              np.ascontiguousarray(np.asarray(opts.alibi, dtype=dtype)[:, :, 0, 0]))  # (B|1, H)
     return dict(
         mask=_broadcast(opts.mask, scores, np.bool_),
         bias=_broadcast(opts.bias, scores, dtype),
         drop=_broadcast(opts.dropout_mask, scores, np.bool_),
-        has_mask=opts.mask is not None,
-        has_bias=opts.bias is not None,
+        slopes=slopes,
+        mods=_modifiers(opts, L, S, dtype),
         has_drop=opts.dropout_mask is not None,
-        causal=causal,
-        offset=int(opts.causal_offset) if causal else 0,
+        causal=opts.causal_offset is not None,
         scale=dtype.type(opts.scale),
         drop_scale=dtype.type(opts.dropout_scale),
     )
@@ -349,9 +423,9 @@ def forward(q, k, v, opts):
     ops = _operands(q, k, v, opts)
     block_q, block_k = opts.tiles or DEFAULT_TILES
     with launch():
-        _forward_kernel(q, k, v, ops["mask"], ops["bias"], ops["drop"], ops["has_mask"],
-                        ops["has_bias"], ops["has_drop"], ops["causal"], ops["offset"],
-                        ops["scale"], ops["drop_scale"], block_q, block_k, o, lse)
+        _forward_kernel(q, k, v, ops["mask"], ops["bias"], ops["slopes"], ops["drop"],
+                        ops["mods"], ops["has_drop"], ops["causal"], ops["scale"],
+                        ops["drop_scale"], block_q, block_k, o, lse)
     return o, lse
 
 
@@ -362,7 +436,7 @@ def _chunks(work_items: int, key_tiles: int) -> int:
 
 
 def backward(q, k, v, o, lse, do, opts):
-    """``(dq, dk, dv, dscores)``; see :mod:`refattn.cores.sdpa.api`."""
+    """``(dq, dk, dv, dscores, dslopes)``; see :mod:`refattn.cores.sdpa.api`."""
     dtype = q.dtype
     q, k, v, o, lse, do = (_c(x, dtype) for x in (q, k, v, o, lse, do))
     B, H, L, E = q.shape
@@ -377,16 +451,18 @@ def backward(q, k, v, o, lse, do, opts):
     need_ds = bool(opts.need_bias_grad)
     dscores = np.zeros((B, H, L, S) if need_ds else (1, 1, 1, 1), dtype)
     row_dot = np.empty((B, H, L), dtype)
+    dslope_parts = np.zeros((n_chunks, B, H) if opts.need_alibi_grad else (1, 1, 1), dtype)
     with launch():
         _row_dot(do, o, row_dot)
-        _backward_kernel(q_scaled, k, v, do, lse, row_dot, ops["mask"], ops["bias"], ops["drop"],
-                         ops["has_mask"], ops["has_bias"], ops["has_drop"], ops["causal"],
-                         ops["offset"], ops["scale"], ops["drop_scale"], block_q, block_k,
-                         n_chunks, need_ds, dq_parts, dk, dv, dscores)
+        _backward_kernel(q_scaled, k, v, do, lse, row_dot, ops["mask"], ops["bias"],
+                         ops["slopes"], ops["drop"], ops["mods"], ops["has_drop"], ops["causal"],
+                         ops["scale"], ops["drop_scale"], block_q, block_k, n_chunks, need_ds,
+                         dq_parts, dk, dv, dscores, dslope_parts)
         if n_chunks == 1:
             dq = dq_parts[0]
             dq *= ops["scale"]
         else:
             dq = np.empty((B, H, L, E), dtype)
             _finish_dq(dq_parts, ops["scale"], dq)
-    return dq, dk, dv, (dscores if need_ds else None)
+    dslopes = dslope_parts.sum(axis=0) if opts.need_alibi_grad else None       # (B, H)
+    return dq, dk, dv, (dscores if need_ds else None), dslopes

@@ -10,7 +10,7 @@ from __future__ import annotations
 import array_api_compat
 
 from ..._array import matrix_transpose, namespace, upcast_half
-from ..._masks import keep_mask
+from ..._masks import alibi_distance, keep_mask
 from ..._softmax import kept_matmul, masked_softmax, probs_from_lse, softmax_backward
 
 
@@ -32,15 +32,39 @@ def reduce_kv_heads(xp, g, kv_heads: int):
 
 
 def _scores(xp, q, kh, opts):
-    """Scaled scores ``(B, H, L, S)`` and the kept pairs (mask, causal, ``bias != -inf``)."""
-    s = opts.scale * (q @ matrix_transpose(xp, kh))  # (B, H, L, S)
+    """Scores ``(B, H, L, S)``, the kept pairs, and ``tanh`` of the capped scores (or None).
+
+    ``s = cap(scale q k^T) + bias - slope |i + S - L - j|`` with ``cap`` the soft-cap;
+    the kept pairs combine mask, causal rule, window and ``bias != -inf``.
+    """
+    raw = opts.scale * (q @ matrix_transpose(xp, kh))  # (B, H, L, S)
+    tanh = None
+    s = raw
+    if opts.softcap is not None:
+        tanh = xp.tanh(raw / opts.softcap)
+        # a non-finite raw score stays non-finite (it poisons its row; tanh would hide it)
+        s = xp.where(xp.isfinite(raw), opts.softcap * tanh, raw)
     bias = None
     if opts.bias is not None:
         bias = xp.astype(opts.bias, s.dtype)
         s = s + bias
+    if opts.alibi is not None:
+        L, S = q.shape[-2], kh.shape[-2]
+        distance = alibi_distance(xp, L, S, s.dtype, device=array_api_compat.device(q))
+        s = s - xp.astype(opts.alibi, s.dtype) * distance
     keep = keep_mask(xp, opts.mask, opts.causal_offset, q.shape[-2], kh.shape[-2],
-                     device=array_api_compat.device(q), bias=bias)
-    return s, keep
+                     device=array_api_compat.device(q), bias=bias, window=opts.window)
+    return s, keep, tanh
+
+
+def probabilities(q, k, lse, opts):
+    """``P (B, H, L, S)`` before dropout, from the inputs and the saved ``lse`` of any backend."""
+    xp = namespace(q, k)
+    dtype = q.dtype
+    q, k, lse = upcast_half(xp, q, k, lse)
+    kh = expand_kv_heads(xp, k, q.shape[1] // max(k.shape[1], 1))
+    s, keep, _ = _scores(xp, q, kh, opts)
+    return xp.astype(probs_from_lse(xp, s, keep, lse), dtype)
 
 
 def _dropout(xp, p, opts):
@@ -66,7 +90,7 @@ def forward(q, k, v, opts):
     q, k, v = upcast_half(xp, q, k, v)
     group = q.shape[1] // max(k.shape[1], 1)   # H = Hkv = 0: no heads
     kh, vh = expand_kv_heads(xp, k, group), expand_kv_heads(xp, v, group)
-    s, keep = _scores(xp, q, kh, opts)
+    s, keep, _ = _scores(xp, q, kh, opts)
     p, lse = masked_softmax(xp, s, keep)
     o = kept_matmul(xp, _dropout(xp, p, opts), vh, _value_keep(keep, opts, xp))  # (B, H, L, Ev)
     return xp.astype(o, dtype), xp.astype(lse, dtype)
@@ -79,14 +103,26 @@ def backward(q, k, v, o, lse, do, opts):
     kv_heads = k.shape[1]
     group = q.shape[1] // max(kv_heads, 1)
     kh, vh = expand_kv_heads(xp, k, group), expand_kv_heads(xp, v, group)
-    s, keep = _scores(xp, q, kh, opts)
+    s, keep, tanh = _scores(xp, q, kh, opts)
     p = probs_from_lse(xp, s, keep, lse)                          # (B, H, L, S)
     value_keep = _transposed(xp, _value_keep(keep, opts, xp))
     dv = kept_matmul(xp, matrix_transpose(xp, _dropout(xp, p, opts)), do, value_keep)  # (B, H, S, Ev)
     dp = _dropout(xp, do @ matrix_transpose(xp, vh), opts)        # (B, H, L, S)
     ds = softmax_backward(xp, p, dp, row_dot=xp.sum(do * o, axis=-1), keep=keep)
-    dq = opts.scale * kept_matmul(xp, ds, kh, keep)               # (B, H, L, E)
-    dk = opts.scale * kept_matmul(xp, matrix_transpose(xp, ds), q, _transposed(xp, keep))  # (B, H, S, E)
+    dslopes = None
+    if opts.need_alibi_grad:                                      # d s / d slope = -|i + S - L - j|
+        distance = alibi_distance(xp, s.shape[-2], s.shape[-1], s.dtype,
+                                  device=array_api_compat.device(q))
+        dslopes = -xp.sum(ds * distance, axis=(-2, -1))            # (B, H)
+    ds_raw = ds
+    if tanh is not None:                                          # through the soft-cap
+        ds_raw = ds * (1 - tanh * tanh)
+        if keep is not None:      # pairs that are not kept stay exact zeros (NaN raw scores)
+            ds_raw = xp.where(keep, ds_raw, xp.zeros_like(ds_raw))
+    dq = opts.scale * kept_matmul(xp, ds_raw, kh, keep)           # (B, H, L, E)
+    dk = opts.scale * kept_matmul(xp, matrix_transpose(xp, ds_raw), q, _transposed(xp, keep))
+    # dk (B, H, S, E)
     out = (dq, reduce_kv_heads(xp, dk, kv_heads), reduce_kv_heads(xp, dv, kv_heads))
     out = tuple(xp.astype(g, dtype) for g in out)
-    return out + ((xp.astype(ds, dtype) if opts.need_bias_grad else None),)
+    return out + ((xp.astype(ds, dtype) if opts.need_bias_grad else None),
+                  (None if dslopes is None else xp.astype(dslopes, dtype)))

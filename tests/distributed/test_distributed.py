@@ -1,0 +1,473 @@
+"""refattn.distributed: sharded results equal the single-machine calls (float64, 1e-12).
+
+Every core, option and chunking (uneven chunks included), forward and every
+gradient, on the threaded scheduler; a subset, the layer and a worker killed
+mid-computation on a ``LocalCluster`` of two worker processes (real
+serialisation), started once for the module.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+da = pytest.importorskip("dask.array")
+dask = pytest.importorskip("dask")
+distributed = pytest.importorskip("distributed")
+
+import refattn  # noqa: E402
+from refattn import distributed as rd  # noqa: E402
+
+RTOL = 1e-12
+
+
+def assert_close(got, want, what="", scale=0.0):
+    """``max |got - want| <= RTOL * max(max |want|, scale)``, and the same infinities.
+
+    ``scale`` stands in for arrays that are zero in exact arithmetic (the
+    gradient of a key bias, which softmax ignores, is rounding noise).
+    """
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape, what
+    inf = np.isinf(want)
+    np.testing.assert_array_equal(np.isinf(got), inf, err_msg=what)
+    g, w = np.where(inf, 0.0, got), np.where(inf, 0.0, want)
+    scale = max(float(np.max(np.abs(w), initial=0.0)), scale, 1e-300)
+    err = float(np.max(np.abs(g - w), initial=0.0)) / scale
+    assert err <= RTOL, f"{what}: relative error {err:.2e}"
+
+
+def check_vjp(fn, arrays, chunks, options, scheduler="threads", seed=1):
+    """Sharded forward, output and every gradient against ``refattn.vjp`` on one machine."""
+    sharded = [da.from_array(x, chunks=c) for x, c in zip(arrays, chunks)]
+    out, pullback = rd.vjp(fn, *sharded, **options)
+    want, want_pullback = refattn.vjp(fn, *arrays, **options)
+    dout = np.random.default_rng(seed).standard_normal(want.shape)
+    grads = pullback(da.from_array(dout, chunks=out.chunks))
+    got = dask.compute(out, *grads, scheduler=scheduler)
+    want_grads = want_pullback(dout)
+    assert len(got) == 1 + len(want_grads)
+    for name, g, w in zip(("o", "dq", "dk", "dv", "dbias"), got, (want,) + tuple(want_grads)):
+        assert_close(g, w, name)
+    return out, grads
+
+
+# -- problems -------------------------------------------------------------------------------------
+
+RNG = np.random.default_rng(0)
+L, S = 13, 11
+MASK = RNG.random((L, S)) > 0.3
+MASK[3] = False                                               # a fully masked row
+BIAS = RNG.standard_normal((1, 4, L, S))
+DROP = RNG.random((3, 1, L, S)) > 0.2
+KEY_MASK = RNG.random((2, 1, 1, 20)) > 0.3
+KEY_MASK[1] = False                                           # batch 1: every key masked out
+
+
+def qkv(batch, H, Hkv, L, S, E, Ev, quaternion=False):
+    rng = np.random.default_rng(len(batch) + H + L)
+    tail = (lambda n: (4, n)) if quaternion else (lambda n: (n,))
+    return (rng.standard_normal((*batch, H, L, *tail(E))),
+            rng.standard_normal((*batch, Hkv, S, *tail(E))),
+            rng.standard_normal((*batch, Hkv, S, *tail(Ev))))
+
+
+SDPA_OPTIONS = {
+    "plain": {},
+    "causal": {"causal": True},
+    "causal lower_right": {"causal": True, "causal_align": "lower_right"},
+    "mask (empty row) + causal + bias": {"mask": MASK, "causal": True, "bias": BIAS},
+    "2-D bias, scale": {"bias": BIAS[0, 0], "scale": 0.3},
+    "dropout + bias per head": {"dropout_mask": DROP, "dropout_p": 0.2, "bias": BIAS[0]},
+    "numba tiles 4 x 4, causal": {"tiles": (4, 4), "causal": True},
+}
+#: (q chunks, k chunks): batch/head only; uneven key blocks; uneven query and key blocks.
+SDPA_CHUNKS = {
+    "batch/head": ((2, 2, L, 8), (2, 1, S, 8)),
+    "keys uneven": ((3, 4, L, 8), (3, 2, (4, 4, 3), 8)),
+    "queries and keys uneven": ((1, 2, (5, 3, 5), 8), (2, 1, (2, 6, 3), 8)),
+}
+
+
+@pytest.mark.parametrize("chunks", SDPA_CHUNKS.values(), ids=SDPA_CHUNKS.keys())
+@pytest.mark.parametrize("options", SDPA_OPTIONS.values(), ids=SDPA_OPTIONS.keys())
+def test_sdpa_equals_single_machine(options, chunks):
+    q, k, v = qkv((3,), 4, 2, L, S, 8, 6)                     # GQA 4/2
+    qc, kc = chunks
+    check_vjp(refattn.sdpa, (q, k, v), (qc, kc, kc[:-1] + (6,)), options)
+    o, lse = rd.sdpa(*(da.from_array(x, chunks=c) for x, c in zip((q, k, v), (qc, kc, kc))),
+                     return_lse=True, **options)
+    want_o, want_lse = refattn.sdpa(q, k, v, return_lse=True, **options)
+    got_o, got_lse = dask.compute(o, lse, scheduler="threads")
+    assert_close(got_o, want_o, "o")
+    assert_close(got_lse, want_lse, "lse")
+
+
+@pytest.mark.parametrize("batch, H, Hkv, qc, kc", [
+    ((), 2, 1, (2, (1, 4, 2), 4), (1, (3, 4), 4)),            # no batch dims, MQA
+    ((2, 3), 2, 2, (1, (1, 2), 1, (4, 3), 4), (2, (2, 1), 2, 4, 4)),   # two batch dims
+])
+def test_sdpa_batch_layouts(batch, H, Hkv, qc, kc):
+    q, k, v = qkv(batch, H, Hkv, 7, 7, 4, 4)
+    check_vjp(refattn.sdpa, (q, k, v), (qc, kc, kc), {"causal": True})
+
+
+def test_rows_empty_in_every_block():
+    """lower_right with L > S: the first rows see no key in any block, o = 0, lse = -inf."""
+    q, k, v = qkv((1,), 2, 2, 12, 5, 4, 4)
+    chunks = ((1, 2, 4, 4), (1, 2, (2, 3), 4))
+    opts = {"causal": True, "causal_align": "lower_right"}
+    check_vjp(refattn.sdpa, (q, k, v), chunks + (chunks[1],), opts)
+    o, lse = rd.sdpa(*(da.from_array(x, chunks=c) for x, c in zip((q, k, v), chunks + chunks[1:])),
+                     return_lse=True, **opts)
+    o, lse = dask.compute(o, lse, scheduler="threads")
+    assert np.all(o[..., :7, :] == 0) and np.all(np.isneginf(lse[..., :7]))
+
+
+def _tasks(collection, prefix):
+    return [k for k in dict(collection.__dask_graph__()) if isinstance(k, tuple)
+            and k[0].startswith(prefix)]
+
+
+def test_causal_schedules_no_task_above_the_diagonal():
+    n, c = 4, 8                                                # 4 x 4 blocks of 8 queries x 8 keys
+    q, k, v = (da.from_array(x, chunks=(1, 1, c, 4)) for x in qkv((1,), 1, 1, n * c, n * c, 4, 4))
+    o, pullback = rd.vjp(refattn.sdpa, q, k, v, causal=True)
+    forward = _tasks(o, "sdpa-block-fwd-")
+    assert sorted(key[-2:] for key in forward) == [(i, j) for i in range(n) for j in range(i + 1)]
+    dq, dk, dv = pullback(da.ones_like(o))
+    backward = _tasks(dq, "sdpa-block-bwd-")
+    assert sorted(key[-2:] for key in backward) == sorted(key[-2:] for key in forward)
+    # not causal: every block has a task
+    o_full = rd.sdpa(q, k, v)
+    assert len(_tasks(o_full, "sdpa-block-fwd-")) == n * n
+
+
+def test_merge_partials_of_public_block_calls():
+    """Merging refattn.sdpa over key subsets (any grouping) gives the full call, float32 too."""
+    rng = np.random.default_rng(7)
+    for dtype in ("float64", "float32"):
+        q, k, v = (rng.standard_normal((2, 3, 6, 4)).astype(dtype) for _ in range(3))
+        mask = rng.random((6, 9)) > 0.5
+        mask[:, :3] = False                                       # keys 0-2: no row sees them
+        mask[1] = False                                           # row 1: empty everywhere
+        k, v = (np.concatenate([x, x[..., :3, :]], axis=-2) for x in (k, v))   # S = 9
+        blocks = [slice(0, 3), slice(3, 5), slice(5, 9)]
+        parts = [refattn.sdpa(q, k[..., b, :], v[..., b, :], mask=mask[:, b], return_lse=True)
+                 for b in blocks]
+        assert np.all(np.isneginf(parts[0][1]))                   # a block every row misses
+        want_o, want_lse = refattn.sdpa(q, k, v, mask=mask, return_lse=True)
+        rtol = RTOL if dtype == "float64" else 1e-6
+        for o, lse in (rd.merge_partials(*parts),
+                       rd.merge_partials(rd.merge_partials(*parts[:2]), parts[2]),
+                       rd.merge_partials(parts[0], rd.merge_partials(*parts[1:]))):
+            assert o.dtype == lse.dtype == np.dtype(dtype)
+            assert np.all(o[..., 1, :] == 0) and np.all(np.isneginf(lse[..., 1]))
+            np.testing.assert_allclose(o, want_o, rtol=0, atol=rtol * np.abs(want_o).max())
+            finite = np.isfinite(want_lse)
+            np.testing.assert_array_equal(np.isfinite(lse), finite)
+            np.testing.assert_allclose(lse[finite], want_lse[finite], rtol=rtol)
+
+
+def test_float32_blocks_stay_float32():
+    q, k, v = (x.astype(np.float32) for x in qkv((2,), 2, 2, 9, 9, 4, 4))
+    o, pullback = rd.vjp(refattn.sdpa, *_dask(q, k, v, chunks=[(1, 2, (4, 5), 4)] * 3),
+                         causal=True)
+    got = dask.compute(o, *pullback(np.ones(o.shape, np.float32)), scheduler="threads")
+    want, want_pullback = refattn.vjp(refattn.sdpa, q, k, v, causal=True)
+    for g, w in zip(got, (want,) + tuple(want_pullback(np.ones(want.shape, np.float32)))):
+        assert g.dtype == np.float32
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * np.abs(w).max())
+
+
+def test_merge_is_a_tree():
+    """8 key blocks, fan-in 2: 7 merge tasks in 3 levels per query block."""
+    q, k, v = (da.from_array(x, chunks=(1, 1, 16, 4)) for x in qkv((1,), 1, 1, 16, 64, 4, 4))
+    k, v = k.rechunk((1, 1, 8, 4)), v.rechunk((1, 1, 8, 4))
+    o = rd.sdpa(q, k, v, split_every=2)
+    merges = _tasks(o, "sdpa-merge-")
+    assert len(merges) == 7 and {key[-2] for key in merges} == {0, 1, 2}
+
+
+# -- the other cores: batch/head sharding ---------------------------------------------------------
+
+CORE_PROBLEMS = {
+    "quaternion shared, mask + causal": (refattn.quaternion_attention, True,
+                                         {"mode": "shared", "mask": MASK[:7, :9], "causal": True}),
+    "quaternion hamilton, bias": (refattn.quaternion_attention, True,
+                                  {"mode": "hamilton", "bias": BIAS[:, :, :7, :9]}),
+    "elementwise exact, mask + causal": (refattn.elementwise_attention, False,
+                                         {"mask": MASK[:7, :9], "causal": True}),
+    "elementwise Taylor causal": (refattn.elementwise_attention, False,
+                                  {"order": 4, "causal": True, "scale": 0.5}),
+    "preconditioned sdpa, full derivative, bias": (refattn.preconditioned_sdpa, False,
+                                                   {"stop_gradient": False,
+                                                    "bias": BIAS[:, :, :7, :9]}),
+    "preconditioned elementwise": (refattn.preconditioned_sdpa, False,
+                                   {"inner_core": "elementwise", "causal": True}),
+}
+
+
+@pytest.mark.parametrize("fn, quaternion, options", CORE_PROBLEMS.values(),
+                         ids=CORE_PROBLEMS.keys())
+def test_every_core_batch_head_sharded(fn, quaternion, options):
+    q, k, v = qkv((3,), 4, 2, 7, 9, 3, 3, quaternion=quaternion)
+    tail = (4, 3) if quaternion else (3,)
+    qc = ((2, 1), 2, 7) + tail                                  # uneven batch chunks
+    kc = ((1, 2), 1, (4, 5)) + tail                             # k's chunks are realigned to q's
+    check_vjp(fn, (q, k, v), (qc, kc, kc), options)
+    o = rd.apply(fn, *(da.from_array(x, chunks=c) for x, c in zip((q, k, v), (qc, kc, kc))),
+                 **options)
+    assert_close(o.compute(scheduler="threads"), fn(q, k, v, **options), "apply")
+
+
+def test_tuple_outputs_are_sharded_too():
+    q, k, v = qkv((2,), 2, 2, 5, 5, 4, 4)
+    o, c = rd.apply(refattn.preconditioned_sdpa, *(da.from_array(x, chunks=(1, 1, 5, 4))
+                                                   for x in (q, k, v)), return_diagonal=True)
+    want_o, want_c = refattn.preconditioned_sdpa(q, k, v, return_diagonal=True)
+    assert_close(o.compute(), want_o, "o")
+    assert_close(c.compute(), want_c, "c")
+
+
+# -- element-wise causal Taylor: the chunked scan ------------------------------------------------
+
+TAYLOR_SCAN = {
+    "causal, uneven L and S chunks, GQA": ((2,), 4, 2, 20, 20, (1, 2, (7, 6, 7), 3),
+                                           (2, 1, (5, 8, 7), 3), {"order": 4, "causal": True}),
+    "causal t=6, scale": ((2,), 2, 2, 20, 20, (2, 2, (4, 16), 3), (1, 2, (9, 11), 3),
+                          {"order": 6, "causal": True, "scale": 0.5}),
+    "not causal": ((2,), 2, 2, 16, 12, (1, 2, (8, 8), 3), (2, 2, (5, 7), 3), {"order": 4}),
+    "lower_right L > S (empty rows)": ((1,), 2, 1, 12, 9, (1, 2, (5, 7), 3), (1, 1, (4, 5), 3),
+                                       {"order": 4, "causal": True,
+                                        "causal_align": "lower_right"}),
+    "key padding (a batch all masked)": ((2,), 2, 2, 20, 20, (1, 2, (7, 6, 7), 3),
+                                         (2, 2, (5, 8, 7), 3),
+                                         {"order": 8, "causal": True, "mask": KEY_MASK}),
+    "no batch dims": ((), 2, 2, 10, 10, (2, (3, 7), 3), (2, (6, 4), 3),
+                      {"order": 4, "causal": True}),
+}
+
+
+@pytest.mark.parametrize("batch, H, Hkv, L_, S_, qc, kc, options", TAYLOR_SCAN.values(),
+                         ids=TAYLOR_SCAN.keys())
+def test_elementwise_taylor_chunked_scan(batch, H, Hkv, L_, S_, qc, kc, options):
+    rng = np.random.default_rng(8)
+    q = 0.5 * rng.standard_normal((*batch, H, L_, 3))
+    k = 0.5 * rng.standard_normal((*batch, Hkv, S_, 3))
+    v = rng.standard_normal((*batch, Hkv, S_, 3))
+    out, _ = check_vjp(refattn.elementwise_attention, (q, k, v), (qc, kc, kc), options)
+    assert _tasks(out, "ew-scan-rows-"), "the scan path ran"
+    o = rd.apply(refattn.elementwise_attention, *_dask(q, k, v, chunks=(qc, kc, kc)), **options)
+    assert_close(o.compute(scheduler="threads"), refattn.elementwise_attention(q, k, v, **options))
+
+
+def _sharded(fn, chunks):
+    """``fn`` sharded with ``chunks`` as a NumPy-in, NumPy-out function with a refattn vjp."""
+    def call(q, k, v, **options):
+        return rd.apply(fn, *_dask(q, k, v, chunks=chunks), **options).compute(scheduler="threads")
+
+    def rule(q, k, v, **options):
+        out, pullback = rd.vjp(fn, *_dask(q, k, v, chunks=chunks), **options)
+        return out.compute(scheduler="threads"), lambda do: dask.compute(
+            *pullback(do), scheduler="threads")
+
+    call.__refattn_vjp__ = rule
+    return call
+
+
+@pytest.mark.parametrize("fn, shapes, chunks, options", [
+    (refattn.elementwise_attention, ((2, 2, 9, 3), (2, 1, 9, 3)), [(1, 2, (4, 5), 3)] * 3,
+     {"order": 4, "causal": True, "scale": 0.7}),
+    (refattn.sdpa, ((1, 2, 7, 4), (1, 1, 6, 4)), [(1, 2, (3, 4), 4), (1, 1, (2, 4), 4),
+                                                  (1, 1, (2, 4), 4)],
+     {"causal": True, "causal_align": "lower_right", "bias": BIAS[0, :2, :7, :6]}),
+], ids=["element-wise Taylor scan", "key/query-sharded sdpa with bias"])
+def test_sharded_gradients_match_finite_differences(fn, shapes, chunks, options):
+    rng = np.random.default_rng(9)
+    q = 0.5 * rng.standard_normal(shapes[0])
+    k, v = (0.5 * rng.standard_normal(shapes[1]) for _ in range(2))
+    refattn.testing.check_grads(_sharded(fn, chunks), q, k, v, **options)
+
+
+def test_scan_graph_is_linear_in_chunks():
+    """n key chunks: n moment tasks and a chain of n prefix states; tiles only on the diagonal."""
+    n = 5
+    q, k, v = _dask(*qkv((1,), 1, 1, 8 * n, 8 * n, 3, 3), chunks=[(1, 1, 8, 3)] * 3)
+    o = rd.apply(refattn.elementwise_attention, q, k, v, order=4, causal=True)
+    assert len(_tasks(o, "ew-scan-moments-")) == n - 1      # the last chunk is never a prefix
+    assert sorted(key[-2:] for key in _tasks(o, "ew-scan-tile-")) == [(i, i) for i in range(n)]
+
+
+# -- layers ---------------------------------------------------------------------------------------
+
+def test_attention_layer_data_parallel():
+    rng = np.random.default_rng(3)
+    layer = refattn.Attention(16, 4, causal=True, bias=True)
+    params = layer.init(seed=1)
+    x = rng.standard_normal((5, 7, 16))
+    y, pullback = rd.vjp(layer, params, da.from_array(x, chunks=((2, 2, 1), 7, 16)),
+                         split_every=2)
+    dy = rng.standard_normal(y.shape)
+    dparams, dx = pullback(dy)
+    got_y, got_dx, got_dp = dask.compute(y, dx, dparams, scheduler="threads")
+    want_y, want_pullback = refattn.vjp(layer, params, x)
+    want_dp, want_dx = want_pullback(dy)
+    assert_close(got_y, want_y, "y")
+    assert_close(got_dx, want_dx, "dx")
+    top = max(float(np.abs(g).max()) for g in want_dp.values())
+    for name in want_dp:
+        assert_close(got_dp[name], want_dp[name], name, scale=top)
+    assert_close(rd.attention(layer, params, da.from_array(x, chunks=(3, 7, 16))).compute(),
+                 want_y, "attention")
+
+
+def test_attention_layer_cross_with_mask():
+    rng = np.random.default_rng(4)
+    layer = refattn.Attention(8, 2, projection="efficient")
+    params = layer.init(seed=2)
+    xq, xkv = rng.standard_normal((4, 5, 8)), rng.standard_normal((4, 6, 8))
+    mask = rng.random((4, 1, 5, 6)) > 0.3
+    y, pullback = rd.vjp(layer, params, da.from_array(xq, chunks=(3, 5, 8)),
+                         da.from_array(xkv, chunks=(1, 6, 8)), mask)
+    dy = rng.standard_normal(y.shape)
+    got = dask.compute(y, *pullback(dy), scheduler="threads")
+    want_y, want_pullback = refattn.vjp(layer, params, xq, xkv, mask=mask)
+    want = (want_y,) + tuple(want_pullback(dy))
+    assert_close(got[0], want[0], "y")
+    for name in want[1]:
+        assert_close(got[1][name], want[1][name], name)
+    assert_close(got[2], want[2], "dxq")
+    assert_close(got[3], want[3], "dxkv")
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+def _dask(*arrays, chunks):
+    return [da.from_array(x, chunks=c) for x, c in zip(arrays, chunks)]
+
+
+def test_errors():
+    q, k, v = qkv((2,), 4, 2, 5, 5, 4, 4)
+    with pytest.raises(ValueError, match="splits a group of G = H / Hkv = 2"):
+        rd.sdpa(*_dask(q, k, v, chunks=[(1, (1, 3), 5, 4)] + [(1, 1, 5, 4)] * 2))
+    with pytest.raises(ValueError, match="splits a group"):
+        rd.vjp(refattn.elementwise_attention, *_dask(q, k, v, chunks=[(1, 1, 5, 4)] * 3))
+    good = _dask(q, k, v, chunks=[(1, 2, 5, 4)] * 3)
+    with pytest.raises(ValueError, match=r"mask of shape \(5, 4\) does not broadcast"):
+        rd.sdpa(*good, mask=np.ones((5, 4), bool))
+    with pytest.raises(TypeError, match="mask must be a boolean array"):
+        rd.sdpa(*good, mask=np.ones((5, 5)))
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        rd.sdpa(*good, causal="yes")
+    with pytest.raises(ValueError, match="order must be None"):
+        rd.apply(refattn.elementwise_attention, *good, order=3)
+    with pytest.raises(ValueError, match="depends on the query"):
+        rd.apply(refattn.elementwise_attention, *good, order=4, mask=np.ones((5, 5), bool))
+    with pytest.raises(TypeError, match="chunked element-wise scan takes float32 or float64"):
+        rd.apply(refattn.elementwise_attention,
+                 *_dask(*(x.astype(np.float16) for x in (q, k, v)), chunks=[(1, 2, 2, 4)] * 3),
+                 order=4, causal=True)
+    with pytest.raises(TypeError, match="not a refattn core function"):
+        rd.vjp(np.add, *good)
+    with pytest.raises(ValueError, match="drop return_lse"):
+        rd.vjp(refattn.sdpa, *good, return_lse=True)
+    with pytest.raises(ValueError, match="split_every must be an integer >= 2"):
+        rd.sdpa(*good, split_every=1)
+    with pytest.raises(ValueError, match="split_every must be an integer >= 2"):
+        rd.vjp(refattn.sdpa, *good, split_every=1.5)
+    with pytest.raises(TypeError, match="q must be a dask array"):
+        rd.sdpa([1.0], *good[1:])
+    o, pullback = rd.vjp(refattn.sdpa, *good)
+    with pytest.raises(ValueError, match="cotangent has shape"):
+        pullback(da.ones((2, 4, 5, 3)))
+    _, pullback = rd.vjp(refattn.quaternion_attention,
+                         *_dask(*qkv((2,), 2, 2, 3, 3, 2, 2, quaternion=True),
+                                chunks=[(1, 2, 3, 4, 2)] * 3))
+    with pytest.raises(ValueError, match="cotangent has shape"):
+        pullback(da.ones((2, 2, 3, 4, 3)))
+    layer = refattn.Attention(8, 2)
+    with pytest.raises(ValueError, match="params has keys"):
+        rd.vjp(layer, {}, da.ones((2, 3, 8)))
+    with pytest.raises(ValueError, match="xq must have shape"):
+        rd.vjp(layer, layer.init(), da.ones((2, 3, 7)))
+
+
+
+def test_scaling_study_is_registered():
+    from refattn.bench import studies
+
+    study = studies()["dask-scaling"]
+    assert set(study.requires) == {"dask", "distributed"}
+    assert "efficiency" in study.metric_names
+
+
+# -- a LocalCluster of two worker processes -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def client():
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                       dashboard_address=None, silence_logs=40)
+    with distributed.Client(cluster) as c:
+        yield c
+    cluster.close()
+
+
+def test_on_local_cluster(client):
+    q, k, v = qkv((2,), 4, 2, L, S, 8, 6)
+    opts = SDPA_OPTIONS["mask (empty row) + causal + bias"]
+    chunks = SDPA_CHUNKS["queries and keys uneven"]
+    check_vjp(refattn.sdpa, (q, k, v), (chunks[0], chunks[1], chunks[1][:-1] + (6,)), opts,
+              scheduler=client.get)
+    fn, quaternion, options = CORE_PROBLEMS["quaternion hamilton, bias"]
+    q, k, v = qkv((3,), 4, 2, 7, 9, 3, 3, quaternion=True)
+    check_vjp(fn, (q, k, v), [((2, 1), 2, 7, 4, 3)] * 3, options, scheduler=client.get)
+    batch, H, Hkv, L_, S_, qc, kc, options = TAYLOR_SCAN["causal, uneven L and S chunks, GQA"]
+    rng = np.random.default_rng(8)
+    q, k, v = (0.5 * rng.standard_normal((*batch, h, n, 3)) for h, n in ((H, L_), (Hkv, S_),
+                                                                        (Hkv, S_)))
+    check_vjp(refattn.elementwise_attention, (q, k, v), (qc, kc, kc), options,
+              scheduler=client.get)
+    layer = refattn.Attention(8, 2, causal=True)
+    params = layer.init(seed=0)
+    x = np.random.default_rng(5).standard_normal((3, 4, 8))
+    y, pullback = rd.vjp(layer, params, da.from_array(x, chunks=(2, 4, 8)))
+    got_y, (got_dp, got_dx) = dask.compute(y, pullback(np.ones(y.shape)), scheduler=client.get)
+    want_y, want_pullback = refattn.vjp(layer, params, x)
+    want_dp, want_dx = want_pullback(np.ones(y.shape))
+    assert_close(got_y, want_y, "y")
+    assert_close(got_dx, want_dx, "dx")
+    for name in want_dp:
+        assert_close(got_dp[name], want_dp[name], name)
+
+
+def test_killed_worker_costs_a_retry_not_the_result(client):
+    """SIGKILL one worker process while it runs blocks of a key-sharded fwd+bwd: same numbers."""
+    rng = np.random.default_rng(6)
+    n = 1024
+    q, k, v = (rng.standard_normal((1, 2, n, 32)) for _ in range(3))
+    dq, dk, dv = (da.from_array(x, chunks=(1, 1, 128, 32)) for x in (q, k, v))
+    o, pullback = rd.vjp(refattn.sdpa, dq, dk, dv, causal=True)
+    grads = pullback(da.ones_like(o))
+    before = dict(client.run(os.getpid))                      # worker address -> pid
+    futures = client.compute([o, *grads], retries=3)
+    victim, deadline = None, time.monotonic() + 60
+    while victim is None and time.monotonic() < deadline:
+        busy = [w for w, tasks in client.processing().items() if tasks]
+        victim = busy[0] if busy else None
+        if victim is None:
+            time.sleep(0.005)
+    assert victim is not None, "no worker started a task within 60 s"
+    os.kill(before[victim], signal.SIGKILL)
+    assert not all(f.done() for f in futures), "finished before the kill: the test saw no fault"
+    distributed.wait(futures, timeout=180)                   # bounded: a hang fails the test
+    got = client.gather(futures)
+    want, want_pullback = refattn.vjp(refattn.sdpa, q, k, v, causal=True)
+    for g, w in zip(got, (want,) + tuple(want_pullback(np.ones(want.shape)))):
+        assert_close(g, w)
+    assert victim not in client.scheduler_info()["workers"]  # the scheduler saw it die
+
