@@ -1,10 +1,22 @@
-"""asv suite generated from the refattn registry.
+"""asv suite generated from the refattn catalogue (refattn.catalog.VARIANTS).
 
-For every registered variant: ``time_forward``, ``time_forward_backward`` and
+For every variant of the catalogue: ``time_forward``, ``time_forward_backward`` and
 ``peakmem_forward_backward`` over its ``"bench"`` cases x backends x dtypes
 (a backend that is not available, or not implemented for the variant, shows
 as n/a).  For every performance study: ``track_`` benchmarks of its metrics
 (ratios, exponents), measured side by side inside one process.
+
+Two selections (environment variables, read when asv discovers the suite):
+
+* default, the **quick selection**: one variant per core (``sdpa``,
+  ``elementwise``, ``quaternion-hamilton``, ..., :func:`quick_variants`), its
+  first bench case, float32, the fused backends (numba; cupy where a GPU is
+  visible), ``time_forward_backward`` only, one process and at most 5 samples
+  per benchmark, plus the studies: 9 benchmarks.
+  ``asv continuous HEAD~1 HEAD`` finishes in about 15 minutes on 2 cores (README).
+* ``REFATTN_ASV_FULL=1``: the full matrix, every bench case x backend
+  (reference too) x dtype, with asv's default sampling (about 1 h 40 min on 2
+  cores).
 
 Numba kernels are compiled and warmed up in ``setup`` so compile time never
 counts; CUDA work is synchronised before the clock stops.
@@ -21,15 +33,21 @@ import refattn
 from refattn.backends import BACKENDS, available_backends
 from refattn.bench import studies
 
-DTYPES = ["float32", "float64"]
+#: ``REFATTN_ASV_FULL=1``: the full matrix; otherwise the quick selection (module docstring).
+FULL = os.environ.get("REFATTN_ASV_FULL", "") not in ("", "0")
+DTYPES = ["float32", "float64"] if FULL else ["float32"]
+SUITE_BACKENDS = list(BACKENDS) if FULL else [b for b in BACKENDS if b != "reference"]
 #: ``REFATTN_ASV_SMOKE=1`` swaps the bench sizes for the small "default" problems:
 #: CI runs every benchmark once that way, so the suite never rots, in seconds.
 CASE_KIND = "default" if os.environ.get("REFATTN_ASV_SMOKE") else "bench"
+#: asv sampling of the quick selection: one process, 1 to 5 samples within 5 s.
+QUICK_SAMPLING = {} if FULL else {"processes": 1, "repeat": (1, 5, 5.0)}
 
 
 @functools.lru_cache(maxsize=None)
 def _labels(variant_name):
-    return tuple(c.name for c in refattn.get_variant(variant_name).cases(CASE_KIND, "float32"))
+    labels = tuple(c.name for c in refattn.get_variant(variant_name).cases(CASE_KIND, "float32"))
+    return labels if FULL else labels[:1]
 
 
 def _to_backend(backend, x):
@@ -49,9 +67,18 @@ def _sync(backend):
         cupy.cuda.get_current_stream().synchronize()
 
 
+def quick_variants() -> list:
+    """One variant per core: the core variant itself where the catalogue has one, else the first layer."""
+    chosen = {}
+    for name, v in sorted(refattn.variants().items(), key=lambda nv: (nv[1].kind != "core",
+                                                                      nv[0])):
+        chosen.setdefault(v.core, name)
+    return sorted(chosen.values())
+
+
 def _variant_suite(variant_name):
     class VariantSuite:
-        params = [list(_labels(variant_name)), list(BACKENDS), DTYPES]
+        params = [list(_labels(variant_name)), SUITE_BACKENDS, DTYPES]
         param_names = ["case", "backend", "dtype"]
         timeout = 600
 
@@ -85,12 +112,16 @@ def _variant_suite(variant_name):
             _, pullback = refattn.vjp(self.fn, *self.arrays, backend=self.backend, **self.options)
             pullback(self.dout)
 
+    for attribute, value in QUICK_SAMPLING.items():
+        setattr(VariantSuite, attribute, value)
+    if not FULL:                     # the quick selection times forward+backward only
+        del VariantSuite.time_forward, VariantSuite.peakmem_forward_backward
     VariantSuite.__name__ = VariantSuite.__qualname__ = (
         "Variant_" + variant_name.replace("-", "_"))
     return VariantSuite
 
 
-for _name in sorted(refattn.variants()):
+for _name in (sorted(refattn.variants()) if FULL else quick_variants()):
     _suite = _variant_suite(_name)
     globals()[_suite.__name__] = _suite
 

@@ -7,8 +7,7 @@ kernels) behind one API.  See ``docs/`` for the conventions and derivations.
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version as _version
-
+from ._version import __version__
 from . import testing  # noqa: F401
 from ._vjp import vjp
 from .backends import available_backends
@@ -27,11 +26,6 @@ from .cores import get_core
 from .catalog import get_variant, variants
 from . import cores, projections  # noqa: F401  (callable packages: refattn.cores() lists them)
 from . import verify  # noqa: F401  (imports PyTorch or JAX only for their candidates)
-
-try:
-    __version__ = _version("refattn")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0.0.0+source"
 
 __all__ = [
     "sdpa",

@@ -15,7 +15,8 @@ from ._array import to_numpy
 from ._vjp import vjp
 
 __all__ = ["check_grads", "GradCheckReport", "TOLERANCES", "assert_close", "max_errors",
-           "nonfinite_mismatch", "assert_within_reference_error", "DIFFERENTIABLE_OPTIONS"]
+           "nonfinite_mismatch", "assert_within_reference_error", "reference_error_bound",
+           "DIFFERENTIABLE_OPTIONS"]
 
 #: ``(rtol, atol)`` for comparing a backend with the float64 reference, per dtype.
 #: float64: a different summation order changes results by a few ulps times the
@@ -127,6 +128,32 @@ def assert_close(actual, expected, dtype, what="value", rtol=None, atol=None):
         )
 
 
+def reference_error_bound(actual, expected, reference, dtype, *, gradient=False,
+                          problem_scale=0.0):
+    """``(error, bound)`` of :func:`assert_within_reference_error`, without raising.
+
+    ``error = max|actual - expected|`` over the entries finite in ``expected`` and
+    ``reference``; ``inf`` when a non-finite value does not match
+    (:func:`nonfinite_mismatch`).  The check passes when ``error <= bound``.
+    """
+    name = np.dtype(dtype).name
+    act, exp, ref = (_as_float64(x) for x in (actual, expected, reference))
+    for label, x in (("actual", act), ("reference", ref)):
+        if x.shape != exp.shape:
+            raise AssertionError(f"{label} shape {x.shape} != expected {exp.shape}")
+    if nonfinite_mismatch(act, exp).any():
+        return float("inf"), 0.0
+    finite = np.isfinite(exp) & np.isfinite(ref)
+    if not finite.any():
+        return 0.0, 0.0
+    err = float(np.max(np.abs(act[finite] - exp[finite])))
+    ref_err = float(np.max(np.abs(ref[finite] - exp[finite])))
+    float32_err = ref_err * _tolerance.eps("float32") / _tolerance.eps(name)
+    quantity = max(_tolerance.scale(float(np.max(np.abs(exp[finite]))), float32_err),
+                   float(problem_scale))
+    return err, _tolerance.bound(name, ref_err, quantity, gradient)
+
+
 def assert_within_reference_error(actual, expected, reference, dtype, what="value", *,
                                   gradient=False, problem_scale=0.0):
     """Assert that ``actual`` is as close to ``expected`` as a plain reference run in ``dtype`` is.
@@ -155,31 +182,20 @@ def assert_within_reference_error(actual, expected, reference, dtype, what="valu
     >>> assert_within_reference_error(refattn.sdpa(*low, backend="numba"), exact,
     ...                               refattn.sdpa(*low, backend="reference"), "float32")
     """
-    name = np.dtype(dtype).name
-    act, exp, ref = (_as_float64(x) for x in (actual, expected, reference))
-    for label, x in (("actual", act), ("reference", ref)):
-        if x.shape != exp.shape:
-            raise AssertionError(f"{what}: {label} shape {x.shape} != expected {exp.shape}")
-    mismatch = nonfinite_mismatch(act, exp)
+    mismatch = nonfinite_mismatch(_as_float64(actual), _as_float64(expected))
     if mismatch.any():
+        act, exp = _as_float64(actual), _as_float64(expected)
         idx = tuple(int(i) for i in np.argwhere(mismatch)[0])
         raise AssertionError(f"{what}: {int(mismatch.sum())} non-finite entries differ; first at "
                              f"{idx}: {float(act[idx])!r} vs {float(exp[idx])!r}")
-    finite = np.isfinite(exp) & np.isfinite(ref)
-    if not finite.any():
-        return
-    err = float(np.max(np.abs(act[finite] - exp[finite])))
-    ref_err = float(np.max(np.abs(ref[finite] - exp[finite])))
-    float32_err = ref_err * _tolerance.eps("float32") / _tolerance.eps(name)
-    quantity = max(_tolerance.scale(float(np.max(np.abs(exp[finite]))), float32_err),
-                   float(problem_scale))
-    limit = _tolerance.bound(name, ref_err, quantity, gradient)
+    err, limit = reference_error_bound(actual, expected, reference, dtype, gradient=gradient,
+                                       problem_scale=problem_scale)
     if not err <= limit:
+        name = np.dtype(dtype).name
         raise AssertionError(
             f"{what}: max error {err:.3e} exceeds the {name} bound {limit:.3e} "
             f"({_tolerance.GRADIENT_FACTOR if gradient else _tolerance.OUTPUT_FACTOR:g} x the "
-            f"{name} reference's own error {ref_err:.3e} + {_tolerance.FLOOR_ULPS[name]} ulps of "
-            f"the scale {quantity:.3e})")
+            f"{name} reference's own error + {_tolerance.FLOOR_ULPS[name]} ulps of the scale)")
 
 
 #: Float options whose gradients a pullback returns after the positional inputs, in order.

@@ -1,7 +1,7 @@
 """Edge inputs of the public API, one row each: a correct result or a clear error by its message.
 
 Every observation of the "trust at the edges" probe (issue 13) is a row here, rerun as
-written; the command-line rows live in tests/test_cli.py.
+written; the command-line rows live in tests/cli/test_edge_inputs.py.
 """
 
 from __future__ import annotations

@@ -5,7 +5,12 @@ from __future__ import annotations
 import statistics
 import time
 
-__all__ = ["time_call", "compare"]
+__all__ = ["time_call", "compare", "time_per_call", "clock_resolution", "MIN_BATCH_SECONDS"]
+
+#: A timed sample lasts at least this long (many calls of a fast function): far above
+#: the clock's resolution and the scheduler's tick (1-10 ms), which would otherwise
+#: quantise the time of one short call to a multiple of the tick.
+MIN_BATCH_SECONDS = 0.05
 
 
 def _sync(result):
@@ -32,6 +37,50 @@ def time_call(fn, *, min_time=0.05, max_repeats=50, warmup=1):
         _sync(fn())
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def clock_resolution() -> float:
+    """Resolution of :func:`time.perf_counter` in seconds, as the OS reports it."""
+    return time.get_clock_info("perf_counter").resolution
+
+
+def time_per_call(fn, *, min_batch=MIN_BATCH_SECONDS, batches=3, warmup=1, max_calls=1 << 16):
+    """Median seconds per call of ``fn()``, each sample a batch of ``n`` back-to-back calls.
+
+    Every sample is a batch lasting at least ``max(min_batch, 1000 *
+    clock_resolution())``, so that neither the clock's resolution nor the
+    scheduler's tick quantises the result: ``n`` starts at 1 and grows (the
+    samples so far are dropped) whenever a batch is shorter; the median of
+    ``batch time / n`` over ``batches`` samples is returned.
+
+    Returns
+    -------
+    seconds : float
+        Per call.
+    n : int
+        Calls per timed batch.
+
+    Examples
+    --------
+    >>> seconds, n = time_per_call(lambda: sum(range(100)), min_batch=0.005)
+    >>> n > 1 and 0 < seconds < 0.005
+    True
+    """
+    for _ in range(warmup):
+        _sync(fn())
+    floor = max(min_batch, 1000 * clock_resolution())
+    n, samples = 1, []
+    while len(samples) < batches:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            _sync(fn())
+        elapsed = time.perf_counter() - t0
+        if elapsed >= floor or n >= max_calls:
+            samples.append(elapsed / n)
+        else:                              # too short: more calls per batch, start over
+            grow = 2 if elapsed <= 0 else 1.2 * floor / elapsed
+            n, samples = min(max_calls, max(2 * n, int(n * grow))), []
+    return statistics.median(samples), n
 
 
 def compare(contenders: dict, *, rounds=5, min_time=0.02, warmup=1):

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-from ..bench.cold_start import first_call_times
-
 import platform
+
+import numba
+import numpy
+import scipy
+
+from .._version import __version__
+from ..backends import available_backends
+from ..backends import numba_support as ns
+from ..bench.cold_start import first_call_times
 
 NAME = "info"
 HELP = "print versions, available backends, Numba threads and the GPU if any"
@@ -16,14 +23,8 @@ def add_arguments(parser):
 
 def collect() -> dict:
     """Facts about this installation, as an ordered dict of strings."""
-    import numpy
-    import scipy
-
-    import refattn
-    from refattn.backends import available_backends
-
     facts = {
-        "refattn": refattn.__version__,
+        "refattn": __version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "numpy": numpy.__version__,
@@ -31,8 +32,6 @@ def collect() -> dict:
         "backends": ", ".join(available_backends()),
     }
     try:
-        import numba
-
         facts["numba"] = numba.__version__
         facts["numba threads"] = str(numba.config.NUMBA_NUM_THREADS)
         facts["numba threading layer"] = str(numba.config.THREADING_LAYER)
@@ -57,8 +56,6 @@ def collect() -> dict:
 
 def _numba_kernel_facts() -> dict:
     """refattn's numba plumbing: cache, threading layer, BLAS threads, first-call times."""
-    from refattn.backends import numba_support as ns
-
     facts = {}
     status = ns.cache_status()
     facts["numba cache"] = (f"on: {status['dir']}" if status["enabled"]

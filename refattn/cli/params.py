@@ -2,27 +2,28 @@
 
 from __future__ import annotations
 
+from ..bench.scheme_counts import counts_table, super_scan_table
+from ..catalog.layers import PAPER_SETTINGS
+from ._errors import UsageError, positive_int
+
 NAME = "params"
 HELP = ("print parameters, FLOPs and matmuls per head of the standard, optimised, efficient and "
         "super projection schemes, with ratios against standard")
 
 
 def add_arguments(parser):
-    parser.add_argument("--d-model", type=int, help="model width (default: the paper's settings)")
-    parser.add_argument("--heads", type=int, default=8, help="number of heads (default 8)")
-    parser.add_argument("--seq-len", type=int,
+    parser.add_argument("--d-model", type=positive_int,
+                        help="model width (default: the paper's settings)")
+    parser.add_argument("--heads", type=positive_int, default=8, help="number of heads (default 8)")
+    parser.add_argument("--seq-len", type=positive_int,
                         help="sequence length l = L = S (super's w_a is (l, l))")
     parser.add_argument("--bias", action="store_true", help="linear maps with biases")
     parser.add_argument("--causal", action="store_true", help="causal self-attention")
 
 
 def run(args) -> int:
-    from refattn.layers import PAPER_SETTINGS
-    from refattn.bench.scheme_counts import counts_table, super_scan_table
-
     if (args.d_model is None) != (args.seq_len is None):
-        raise SystemExit("refattn params: give both --d-model and --seq-len, or neither (the "
-                         "paper's settings)")
+        raise UsageError("--d-model, --seq-len: give both, or neither (the paper's settings)")
     if args.d_model is None:
         settings = [(label, l, d, h) for label, (l, d, h) in PAPER_SETTINGS.items()]
     else:

@@ -77,6 +77,33 @@ def test_plot(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def test_plot_explains_its_matrices_and_keeps_overlapping_curves_apart(tmp_path):
+    # issue 19: A, P, CA explained; no median of something not plotted; integer count ticks;
+    # curves that coincide still distinguishable (marker and line style differ)
+    import refattn
+
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 3, 32, 8)) for _ in range(3))
+    heads = refattn.attention_conditioning(q, k, v)
+    sweep = cond.length_sweep(q, k, v, None, core="sdpa", causal=False,
+                              preconditioner="row_norm", eps=1e-6)
+    fig = cond.plot(tmp_path / "k.png", heads, sweep, "test")
+    over_heads, ratio, over_length = fig.axes[:3]
+    texts = " ".join(t.get_text() for t in fig.texts)
+    for label, text in cond.MATRICES.values():
+        assert f"{label}: {text}" in texts
+    ticks = [t.get_text() for t in over_heads.get_xticklabels()]
+    assert ticks == ["kappa(A)", "kappa(CA)"]
+    assert "median" not in over_heads.get_title()                      # nothing unplotted quoted
+    counts = ratio.get_yticks()
+    assert np.allclose(counts, np.round(counts)) and ratio.get_ylabel() == "number of heads"
+    lines = [line for line in over_length.get_lines() if line.get_label().startswith("kappa")]
+    assert len(lines) == 3
+    assert len({(line.get_marker(), line.get_linestyle()) for line in lines}) == 3
+    assert {line.get_label() for line in lines} == {"kappa(P), median", "kappa(A), median",
+                                                    "kappa(CA), median"}
+
+
 def test_plot_npz_with_mask_and_preconditioned_core(tmp_path, capsys):
     # the length sweep slices the mask with the sequence; the core option picks the inner core
     rng = np.random.default_rng(2)

@@ -11,6 +11,7 @@ import pytest
 import refattn
 from refattn.cli import params as params_cli
 from refattn.bench.scheme_counts import counts_table, scheme_counts, super_break_even
+from refattn.cli._errors import UsageError
 from refattn.testing import check_grads
 
 SCHEMES = ["optimised", "efficient", "super"]
@@ -87,7 +88,7 @@ def test_params_command_prints_the_table(capsys):
     out = capsys.readouterr().out
     assert "efficient" in out and "0.5000" in out and "0.7500" in out
     assert "does NOT hold" in out
-    with pytest.raises(SystemExit, match="both --d-model and --seq-len"):
+    with pytest.raises(UsageError, match="--d-model, --seq-len: give both, or neither"):
         params_cli.run(parser.parse_args(["--d-model", "64"]))
 
 
