@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import math
 
+from collections.abc import Sequence
+
 import array_api_compat
 import numpy as np
+
+from .typing import Array, Namespace
 
 __all__ = [
     "namespace",
@@ -26,25 +30,25 @@ __all__ = [
 ]
 
 
-def namespace(*arrays):
+def namespace(*arrays: Array | None) -> Namespace:
     """Return the array-API namespace shared by ``arrays`` (``None`` entries ignored)."""
     return array_api_compat.array_namespace(*[a for a in arrays if a is not None])
 
 
-def is_numpy(x) -> bool:
+def is_numpy(x: object) -> bool:
     return array_api_compat.is_numpy_array(x)
 
 
-def is_cupy(x) -> bool:
+def is_cupy(x: object) -> bool:
     return array_api_compat.is_cupy_array(x)
 
 
-def matrix_transpose(xp, x):
+def matrix_transpose(xp: Namespace, x: Array) -> Array:
     """Swap the last two axes: ``(..., m, n) -> (..., n, m)``."""
     return xp.matrix_transpose(x) if hasattr(xp, "matrix_transpose") else xp.swapaxes(x, -1, -2)
 
 
-def sum_to_shape(xp, g, shape):
+def sum_to_shape(xp: Namespace, g: Array, shape: Sequence[int]) -> Array:
     """Sum ``g`` down to ``shape``, the inverse of broadcasting ``shape`` to ``g.shape``.
 
     This is the gradient of a broadcast: a parameter of shape ``shape`` that was
@@ -60,7 +64,7 @@ def sum_to_shape(xp, g, shape):
     return g
 
 
-def upcast_half(xp, *arrays):
+def upcast_half(xp: Namespace, *arrays: Array) -> tuple[Array, ...]:
     """Cast float16 arrays to float32 for the arithmetic (accumulate in float32).
 
     Arrays of any other dtype come back unchanged; ``None`` entries stay ``None``.
@@ -70,16 +74,16 @@ def upcast_half(xp, *arrays):
     return arrays
 
 
-def flatten_batch(xp, x, batch):
+def flatten_batch(xp: Namespace, x: Array, batch: Sequence[int]) -> Array:
     """``(*batch, ...) -> (B, ...)`` with ``B = prod(batch)`` (1 when there are no batch dims)."""
     return xp.reshape(x, (product(batch),) + tuple(x.shape[len(batch):]))
 
 
-def product(shape) -> int:
+def product(shape: Sequence[int]) -> int:
     return int(math.prod(shape))
 
 
-def to_numpy(x):
+def to_numpy(x: Array) -> np.ndarray:
     """Copy any supported array to a NumPy array (host)."""
     if is_cupy(x):
         return x.get()

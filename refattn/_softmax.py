@@ -15,16 +15,19 @@ Vocabulary (``docs/conventions.md``, "Non-finite values and empty inputs"):
 
 from __future__ import annotations
 
+from .typing import Array, Namespace
+
 __all__ = ["masked_softmax", "probs_from_lse", "softmax_backward", "kept_matmul"]
 
 
-def _masked_scores(xp, scores, keep):
+def _masked_scores(xp: Namespace, scores: Array, keep: Array | None) -> Array:
     if keep is None:
         return scores
     return xp.where(keep, scores, xp.asarray(-xp.inf, dtype=scores.dtype))
 
 
-def masked_softmax(xp, scores, keep=None):
+def masked_softmax(xp: Namespace, scores: Array,
+                   keep: Array | None = None) -> tuple[Array, Array]:
     """Row-wise softmax over the last axis of ``scores`` where ``keep`` is True.
 
     Parameters
@@ -63,7 +66,7 @@ def masked_softmax(xp, scores, keep=None):
     return xp.where(poisoned_pairs, nan, e / total), xp.where(poisoned, nan, lse)[..., 0]
 
 
-def probs_from_lse(xp, scores, keep, lse):
+def probs_from_lse(xp: Namespace, scores: Array, keep: Array | None, lse: Array) -> Array:
     """Recompute the probabilities from saved log-sum-exp (FlashAttention-2 backward).
 
     ``p_ij = exp(s_ij - lse_i)`` at kept pairs (NaN where ``lse_i`` is NaN), 0 elsewhere;
@@ -79,7 +82,8 @@ def probs_from_lse(xp, scores, keep, lse):
     return xp.where(keep, xp.exp(xp.where(keep, scores, zero) - shift), zero)
 
 
-def softmax_backward(xp, p, dp, row_dot=None, keep=None):
+def softmax_backward(xp: Namespace, p: Array, dp: Array, row_dot: Array | None = None,
+                     keep: Array | None = None) -> Array:
     """Gradient of the scores given the gradient of the probabilities.
 
     ``dS = P * (dP - D)`` with ``D = rowsum(P * dP)`` at kept pairs, exactly 0 at the
@@ -98,7 +102,7 @@ def softmax_backward(xp, p, dp, row_dot=None, keep=None):
     return xp.where(keep, ds, zero)
 
 
-def kept_matmul(xp, a, b, keep):
+def kept_matmul(xp: Namespace, a: Array, b: Array, keep: Array | None) -> Array:
     """``a @ b`` summing only the kept terms: ``out_ik = sum_(j: keep_ij) a_ij b_jk``.
 
     ``a (..., M, N)`` is zero wherever ``keep (broadcastable to a)`` is False and may hold

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import array_api_compat
 
+from .typing import Array
+
 __all__ = [
     "SUPPORTED_FLOATS",
     "AttentionShapes",
@@ -103,7 +105,7 @@ def check_choice(value, name: str, choices):
     return value
 
 
-def check_positive_float(value, name: str, *, allow_none: bool = False):
+def check_positive_float(value: float | None, name: str, *, allow_none: bool = False):
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -113,7 +115,8 @@ def check_positive_float(value, name: str, *, allow_none: bool = False):
     return float(value)
 
 
-def check_dropout(dropout_p, dropout_mask, target, legend: str):
+def check_dropout(dropout_p: float, dropout_mask: Array | None, target: tuple[int, ...],
+                  legend: str) -> float:
     """Validate the explicit dropout keep-mask and rate; return ``1 / (1 - p)``."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p must be a real number, got {type(dropout_p).__name__}")

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from .typing import Pullback, VjpRule
+
 __all__ = ["vjp", "attach_vjp"]
 
+F = TypeVar("F", bound=Callable[..., Any])
 
-def vjp(fn, *arrays, **options):
+
+def vjp(fn: Callable[..., Any], *arrays: Any, **options: Any) -> tuple[Any, Pullback]:
     """Run ``fn(*arrays, **options)`` and return ``(out, pullback)``.
 
     ``pullback(cotangent)`` returns one gradient per positional array, in order
@@ -26,7 +33,7 @@ def vjp(fn, *arrays, **options):
     >>> dq.shape, dk.shape, dv.shape
     ((1, 2, 4, 8), (1, 2, 4, 8), (1, 2, 4, 8))
     """
-    rule = getattr(fn, "__refattn_vjp__", None)
+    rule: VjpRule | None = getattr(fn, "__refattn_vjp__", None)
     if rule is None:
         raise TypeError(
             f"{getattr(fn, '__name__', type(fn).__name__)} has no refattn backward pass; vjp takes "
@@ -35,16 +42,17 @@ def vjp(fn, *arrays, **options):
     return rule(*arrays, **options)
 
 
-def attach_vjp(fn, forward, backward):
+def attach_vjp(fn: F, forward: Callable[..., tuple[Any, Any]],
+               backward: Callable[[Any, Any], Any]) -> F:
     """Give ``fn`` its backward pass for :func:`vjp`; returns ``fn``.
 
     ``forward(*arrays, **options) -> (out, residuals)`` and
     ``backward(residuals, cotangent) -> gradients`` are the core's pair; the rule runs
     the forward pass once and binds the pullback to its residuals.
     """
-    def rule(*arrays, **options):
+    def rule(*arrays: Any, **options: Any) -> tuple[Any, Pullback]:
         out, residuals = forward(*arrays, **options)
         return out, lambda cotangent: backward(residuals, cotangent)
 
-    fn.__refattn_vjp__ = rule
+    setattr(fn, "__refattn_vjp__", rule)     # a function attribute (mypy rejects fn.attr = ...)
     return fn

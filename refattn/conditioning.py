@@ -26,6 +26,7 @@ Shape legend: ``*batch`` batch dims, ``H`` heads, ``L`` queries, ``S`` keys,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import array_api_compat
 import numpy as np
@@ -35,14 +36,17 @@ from ._array import namespace, to_numpy
 from ._validate import _dtype_name, check_positive_float
 from .cores import get_core
 from .cores.preconditioned.api import apply_preconditioner
-from .cores.preconditioned.preconditioners import get_preconditioner
+from .cores.preconditioned.preconditioners import Preconditioner, get_preconditioner
 from .cores.sdpa import sdpa
+from .layers import Attention
+from .typing import Array, Backend
 
 __all__ = ["condition_number", "HeadConditioning", "LayerConditioning", "attention_conditioning",
            "layer_conditioning", "probabilities"]
 
 
-def condition_number(m, *, rtol=None, drop_zero_rows=True):
+def condition_number(m: Array, *, rtol: float | None = None,
+                     drop_zero_rows: bool = True) -> np.ndarray:
     """``kappa_2`` of each matrix in ``m (..., rows, cols)``: an array ``(...)``.
 
     Parameters
@@ -91,7 +95,8 @@ def condition_number(m, *, rtol=None, drop_zero_rows=True):
     return kappa
 
 
-def probabilities(q, k, *, scale=None, **sdpa_options):
+def probabilities(q: Array, k: Array, *, scale: float | None = None,
+                  **sdpa_options: Any) -> Array:
     """The attention probabilities ``P (..., H, L, S)`` of :func:`refattn.sdpa`.
 
     Computed as ``sdpa(q, k, I_S)``: with the identity as values the output is
@@ -182,7 +187,9 @@ class HeadConditioning:
         return np.rec.fromarrays(
             [batch_index, head, kp, self.kappa_a.reshape(-1), self.kappa_o.reshape(-1),
              self.ratio.reshape(-1), self.empty_rows.reshape(-1)],
-            names="batch,head,kappa_p,kappa_a,kappa_o,ratio,empty_rows")
+            dtype=[("batch", np.int64), ("head", np.int64), ("kappa_p", np.float64),
+                   ("kappa_a", np.float64), ("kappa_o", np.float64), ("ratio", np.float64),
+                   ("empty_rows", np.int64)])
 
     def table(self) -> str:
         """Per head (median over batch elements): kappa(P), kappa(A), kappa(CA), their ratio."""
@@ -194,7 +201,7 @@ class HeadConditioning:
                          int(ph["empty_rows"][h])])
         return _table(["head", "kappa(P)", "kappa(A)", "kappa(CA)", "CA/A", "empty rows"], rows)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         n = self.kappa_a.size // max(self.heads, 1)
         lead = (f"HeadConditioning(preconditioner={self.preconditioner!r}, eps={self.eps:g}, "
                 f"L={self.q_len}, S={self.kv_len}, Ev={self.value_dim}, heads={self.heads}, "
@@ -202,8 +209,10 @@ class HeadConditioning:
         return lead + "\n" + self.table()
 
 
-def attention_conditioning(q, k, v, *, inner_core="sdpa", preconditioner="row_norm", eps=1e-6,
-                           rtol=None, backend="auto", **core_options) -> HeadConditioning:
+def attention_conditioning(q: Array, k: Array, v: Array, *, inner_core: str = "sdpa",
+                           preconditioner: str | Preconditioner = "row_norm", eps: float = 1e-6,
+                           rtol: float | None = None, backend: Backend = "auto",
+                           **core_options: Any) -> HeadConditioning:
     """Condition numbers of ``P``, ``A`` and ``diag(c) A`` for every head of a core.
 
     Parameters
@@ -298,14 +307,14 @@ class LayerConditioning:
     bound_applies: np.ndarray | None
 
     @property
-    def bound_holds(self):
+    def bound_holds(self) -> np.ndarray | None:
         """``kappa(A) <= bound`` (up to 1e-9 relative rounding), or ``None`` without a bound."""
         if self.bound is None:
             return None
         with np.errstate(invalid="ignore"):
             return self.heads.kappa_a <= self.bound * (1 + 1e-9)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         w = ", ".join(f"{k}={_fmt(v)}" for k, v in self.kappa_weights.items())
         kappa_x = _fmt(np.median(self.kappa_x))
         lines = [f"LayerConditioning(median kappa(X)={kappa_x}; weights: {w})"]
@@ -314,6 +323,7 @@ class LayerConditioning:
         lines.append(repr(self.heads))
         if self.bound is not None:
             holds, applies = self.bound_holds, self.bound_applies
+            assert holds is not None and applies is not None   # both exist with a bound
             lines.append(f"bound kappa(A) <= kappa(P) kappa(X) kappa(W_V^h): applies to "
                          f"{int(applies.sum())}/{applies.size} heads, holds on "
                          f"{int(holds[applies].sum())}/{int(applies.sum())} of them and on "
@@ -321,8 +331,11 @@ class LayerConditioning:
         return "\n".join(lines)
 
 
-def layer_conditioning(layer, params, xq, xkv=None, mask=None, *, preconditioner=None, eps=None,
-                       rtol=None, backend="auto") -> LayerConditioning:
+def layer_conditioning(layer: Attention, params: dict[str, Array], xq: Array,
+                       xkv: Array | None = None, mask: Array | None = None, *,
+                       preconditioner: str | Preconditioner | None = None,
+                       eps: float | None = None, rtol: float | None = None,
+                       backend: Backend = "auto") -> LayerConditioning:
     """Condition numbers of an :class:`refattn.Attention` layer.
 
     The heads are those the layer's core sees: ``q, k, v = projection(params, x)``;

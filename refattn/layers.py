@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Any, Literal
 
 import numpy as np
 
@@ -16,6 +17,7 @@ from ._validate import check_cotangent, check_float_array, check_same_dtype
 from .cores import get_core
 from .projections import LayerConfig, get_projection
 from .rotary import ROTARY_STYLES, apply_rotary, apply_rotary_backward
+from .typing import Array, Backend, Pullback
 
 __all__ = ["Attention"]
 
@@ -69,8 +71,11 @@ class Attention:
     1024
     """
 
-    def __init__(self, d_model, n_heads, *, projection="standard", core="sdpa", causal=False,
-                 bias=False, rotary=None, rotary_base=10000.0, rotary_dim=None, **options):
+    def __init__(self, d_model: int, n_heads: int, *, projection: str = "standard",
+                 core: str = "sdpa", causal: bool = False, bias: bool = False,
+                 rotary: Literal["half", "interleaved"] | None = None,
+                 rotary_base: float = 10000.0, rotary_dim: int | None = None,
+                 **options: Any) -> None:
         for name, value in (("d_model", d_model), ("n_heads", n_heads)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -122,7 +127,7 @@ class Attention:
         return {"base": o["rotary_base"], "rotary_dim": o["rotary_dim"],
                 "interleaved": o["rotary"] == "interleaved"}
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         c = self.config
         extra = "".join(f", {k}={v!r}" for k, v in
                         {**c.options, **self.rotary_options, **self.core_options}.items())
@@ -131,11 +136,11 @@ class Attention:
                 f"bias={c.bias}{extra})")
 
     # -- parameters -----------------------------------------------------------------
-    def param_shapes(self) -> dict:
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """``{name: shape}`` of every parameter."""
         return {n: shape for n, (shape, _) in self.scheme.param_shapes(self.config).items()}
 
-    def init(self, seed=0, dtype=np.float64) -> dict:
+    def init(self, seed: int = 0, dtype: Any = np.float64) -> dict[str, np.ndarray]:
         """Parameters drawn from ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` (like ``torch.nn.Linear``)."""
         rng = np.random.default_rng(seed)
         params = {}
@@ -147,12 +152,13 @@ class Attention:
     def num_params(self) -> int:
         return int(sum(math.prod(s) for s in self.param_shapes().values()))
 
-    def flops(self, L, S=None) -> float:
+    def flops(self, L: int, S: int | None = None) -> float:
         """Forward FLOPs for one batch element with ``L`` queries and ``S`` keys (default ``L``)."""
         S = L if S is None else S
         c = self.config
         q, k, v = self.scheme.core_shapes(c, L, S) if hasattr(self.scheme, "core_shapes") else (
             (c.n_heads, L, c.head_dim), (c.n_heads, S, c.head_dim), (c.n_heads, S, c.head_dim))
+        assert self.core.flops is not None, f"core {self.core_name!r} has no FLOP model"
         core = self.core.flops((), q[0], L, S, math.prod(q[2:]), math.prod(v[2:]),
                                causal=c.causal, **self.core_options)
         return float(self.scheme.flops(c, L, S) + core)
@@ -192,7 +198,8 @@ class Attention:
                                  f"{tuple(xq.shape[:-2])}")
 
     # -- forward / backward ----------------------------------------------------------
-    def forward(self, params, xq, xkv=None, mask=None, *, backend="auto"):
+    def forward(self, params: dict[str, Array], xq: Array, xkv: Array | None = None,
+                mask: Array | None = None, *, backend: Backend = "auto") -> tuple[Array, Any]:
         """Return ``(y, residuals)``; ``y (*batch, L, d_model)``."""
         self._check_inputs(xq, xkv)
         self._check_params(params, str(xq.dtype))
@@ -208,7 +215,7 @@ class Attention:
         y, res_out = self.scheme.project_out(params, o, self.config)
         return y, (self_attention, res_in, res_core, res_out, params, y)
 
-    def backward(self, residuals, dy):
+    def backward(self, residuals: Any, dy: Array) -> tuple[Any, ...]:
         """``(dparams, dxq)`` for self-attention, ``(dparams, dxq, dxkv)`` for cross-attention.
 
         ``dy`` must have the output's shape ``(*batch, L, d_model)``; it is cast to the
@@ -230,10 +237,13 @@ class Attention:
             return dparams, dxq + dxkv
         return dparams, dxq, dxkv
 
-    def __call__(self, params, xq, xkv=None, mask=None, *, backend="auto"):
+    def __call__(self, params: dict[str, Array], xq: Array, xkv: Array | None = None,
+                 mask: Array | None = None, *, backend: Backend = "auto") -> Array:
         """``y = layer(params, xq, xkv=None, mask=None)``: ``xq (*batch, L, d)`` -> ``(*batch, L, d)``."""
         return self.forward(params, xq, xkv, mask, backend=backend)[0]
 
-    def __refattn_vjp__(self, params, xq, xkv=None, mask=None, *, backend="auto"):
+    def __refattn_vjp__(self, params: dict[str, Array], xq: Array, xkv: Array | None = None,
+                        mask: Array | None = None, *,
+                        backend: Backend = "auto") -> tuple[Array, Pullback]:
         y, res = self.forward(params, xq, xkv, mask, backend=backend)
         return y, lambda dy: self.backward(res, dy)

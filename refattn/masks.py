@@ -5,21 +5,21 @@ to a key, broadcastable to the scores ``(*batch, H, L, S)``.  ``causal=True``
 keeps key ``j`` for query ``i`` when ``j <= i + offset`` (``docs/conventions.md``).
 The frameworks spell the same thing four ways:
 
-==========================================  =======================================
-convention                                   converter
-==========================================  =======================================
-PyTorch ``nn.MultiheadAttention``            :func:`from_torch_attn_mask`,
-``attn_mask`` (bool: ``True`` = masked out;  :func:`to_torch_attn_mask`
+============================================  =======================================
+convention                                    converter
+============================================  =======================================
+PyTorch ``nn.MultiheadAttention``             :func:`from_torch_attn_mask`,
+``attn_mask`` (bool: ``True`` = masked out;   :func:`to_torch_attn_mask`
 float: added to the scores)
-PyTorch ``key_padding_mask`` ``(B, S)``      :func:`from_torch_key_padding_mask`,
-(``True`` = padding, ignored)                :func:`to_torch_key_padding_mask`
-``F.scaled_dot_product_attention``, JAX,     the keep-mask itself
+PyTorch ``key_padding_mask`` ``(B, S)``       :func:`from_torch_key_padding_mask`,
+(``True`` = padding, ignored)                 :func:`to_torch_key_padding_mask`
+``F.scaled_dot_product_attention``, JAX,      the keep-mask itself
 timm (bool ``True`` = attend)
-Hugging Face ``attention_mask``: 2-D         :func:`from_hf_padding_mask`,
-``(B, S)`` ``1`` = token, ``0`` = padding;   :func:`to_hf_additive_mask`,
-4-D additive ``(B, 1, L, S)``: ``0`` kept,   :func:`from_hf_additive_mask`
+Hugging Face ``attention_mask``: 2-D          :func:`from_hf_padding_mask`,
+``(B, S)`` ``1`` = token, ``0`` = padding;    :func:`to_hf_additive_mask`,
+4-D additive ``(B, 1, L, S)``: ``0`` kept,    :func:`from_hf_additive_mask`
 ``finfo(dtype).min`` masked
-==========================================  =======================================
+============================================  =======================================
 
 A query row with no key left (every key masked) gives ``0`` in refattn,
 PyTorch's SDPA and FlashAttention; an **additive** mask of ``finfo.min`` (Hugging

@@ -6,13 +6,16 @@ run the same check on their own compositions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from . import _tolerance
 from ._array import to_numpy
 from ._vjp import vjp
+from .typing import Array
 
 __all__ = ["check_grads", "GradCheckReport", "TOLERANCES", "assert_close", "max_errors",
            "nonfinite_mismatch", "assert_within_reference_error", "reference_error_bound",
@@ -59,7 +62,7 @@ def nonfinite_mismatch(actual, expected):
         np.isneginf(a) != np.isneginf(e))
 
 
-def max_errors(actual, expected):
+def max_errors(actual: Array, expected: Array) -> tuple[float, float]:
     """``(max_abs, max_rel)`` error, relative to the largest finite magnitude of ``expected``.
 
     Non-finite entries must match exactly (:func:`nonfinite_mismatch`); any mismatch
@@ -81,7 +84,8 @@ def max_errors(actual, expected):
     return float(diff.max()), float(diff.max() / scale)
 
 
-def assert_close(actual, expected, dtype, what="value", rtol=None, atol=None):
+def assert_close(actual: Array, expected: Array, dtype: Any, what: str = "value",
+                 rtol: float | None = None, atol: float | None = None) -> None:
     """Assert ``|actual - expected| <= atol + rtol * |expected|`` elementwise (per-dtype defaults).
 
     Non-finite values are matched exactly: NaN only where NaN is expected, and an
@@ -154,8 +158,9 @@ def reference_error_bound(actual, expected, reference, dtype, *, gradient=False,
     return err, _tolerance.bound(name, ref_err, quantity, gradient)
 
 
-def assert_within_reference_error(actual, expected, reference, dtype, what="value", *,
-                                  gradient=False, problem_scale=0.0):
+def assert_within_reference_error(actual: Array, expected: Array, reference: Array, dtype: Any,
+                                  what: str = "value", *, gradient: bool = False,
+                                  problem_scale: float = 0.0) -> None:
     """Assert that ``actual`` is as close to ``expected`` as a plain reference run in ``dtype`` is.
 
     The bound of :func:`refattn._tolerance.bound` (FlashAttention's and PyTorch's rule):
@@ -233,7 +238,7 @@ class GradCheckReport:
     def ok(self) -> bool:
         return all(r[5] for r in self.rows)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         lines = [f"GradCheckReport(rtol={self.rtol:g}, ok={self.ok}, "
                  f"max_rel_error={self.max_rel_error:.2e})"]
         for name, d, an, fd, rel, ok in self.rows:
@@ -242,8 +247,9 @@ class GradCheckReport:
         return "\n".join(lines)
 
 
-def check_grads(fn, *arrays, fd_step=1e-6, rtol=1e-6, atol=1e-9, n_directions=2, seed=0,
-                raise_on_failure=True, **options):
+def check_grads(fn: Callable[..., Any], *arrays: Any, fd_step: float = 1e-6, rtol: float = 1e-6,
+                atol: float = 1e-9, n_directions: int = 2, seed: int = 0,
+                raise_on_failure: bool = True, **options: Any) -> GradCheckReport:
     """Check ``refattn.vjp(fn, ...)`` against central finite differences in float64.
 
     For a random cotangent ``w`` and random directions ``u`` (one per input, or
@@ -293,7 +299,7 @@ def check_grads(fn, *arrays, fd_step=1e-6, rtol=1e-6, atol=1e-9, n_directions=2,
     grads = pullback(w)
     if not isinstance(grads, tuple):
         grads = (grads,)
-    targets = list(range(len(arrays)))
+    targets: list[Any] = list(range(len(arrays)))
     if len(grads) == len(arrays) + len(differentiable):
         targets += differentiable
     if len(grads) != len(targets):
@@ -317,7 +323,7 @@ def check_grads(fn, *arrays, fd_step=1e-6, rtol=1e-6, atol=1e-9, n_directions=2,
                 values = []
                 for sign in (1.0, -1.0):
                     xs = x0 + sign * fd_step * u
-                    new = dict(base) if key is not None else None
+                    new: Any = dict(base) if key is not None else None
                     if key is not None:
                         new[key] = xs
                     moved = new if key is not None else xs

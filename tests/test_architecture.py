@@ -23,6 +23,7 @@ PACKAGE = ROOT / "refattn"
 #: layer (no cycle) or a lower one.
 LAYERS = {
     "refattn._": 0,
+    "refattn.typing": 0,          # type aliases only (imports nothing of refattn)
     "refattn.masks": 0,
     "refattn.rotary": 2,
     "refattn.backends": 1,

@@ -16,9 +16,11 @@ of float32/float64 and ``reference`` otherwise, among those the core implements.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 from .._array import all_finite, is_cupy, is_numpy, no_nan_or_posinf, product
 from .._validate import check_choice
+from ..typing import Array, Namespace
 
 BACKENDS = ("reference", "numba", "cupy")
 
@@ -44,7 +46,7 @@ def cupy_available() -> bool:
         return False
 
 
-def available_backends() -> tuple:
+def available_backends() -> tuple[str, ...]:
     """Backends usable on this machine, in order of preference for ``"auto"``."""
     out = ["reference"]
     if numba_available():
@@ -54,7 +56,8 @@ def available_backends() -> tuple:
     return tuple(out)
 
 
-def resolve(backend: str, implemented, *arrays, core: str = "this core") -> str:
+def resolve(backend: str, implemented: Sequence[str], *arrays: Array,
+            core: str = "this core") -> str:
     """Return the concrete backend for ``arrays`` (``backend`` may be ``"auto"``)."""
     check_choice(backend, "backend", ("auto",) + BACKENDS)
     x = arrays[0]
@@ -85,7 +88,7 @@ def resolve(backend: str, implemented, *arrays, core: str = "this core") -> str:
     return backend
 
 
-def needs_exact_path(xp, arrays, bias=None) -> bool:
+def needs_exact_path(xp: Namespace, arrays: Sequence[Array], bias: Array | None = None) -> bool:
     """Whether a call must run on the reference backend to keep the non-finite policy.
 
     The fused kernels (numba, cupy) are written for finite data of non-zero size; a
@@ -99,7 +102,8 @@ def needs_exact_path(xp, arrays, bias=None) -> bool:
     return not (all(all_finite(xp, a) for a in arrays) and no_nan_or_posinf(xp, bias))
 
 
-def route(backend: str, xp, arrays, bias=None) -> str:
+def route(backend: str, xp: Namespace, arrays: Sequence[Array],
+          bias: Array | None = None) -> str:
     """``backend``, or ``"reference"`` when :func:`needs_exact_path` says so."""
     if backend != "reference" and needs_exact_path(xp, arrays, bias):
         return "reference"

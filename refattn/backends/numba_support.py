@@ -74,7 +74,7 @@ def cache_status() -> dict:
 
 
 _KERNELS: list = []
-_warned = set()
+_warned: set[str] = set()
 
 
 def _warn_once(message: str):

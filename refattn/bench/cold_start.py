@@ -22,7 +22,7 @@ def first_call_times() -> dict:
     ``"cache"`` holds ``(hits, misses)`` summed over refattn's dispatchers, so a
     reader can tell which.  For ``refattn info``.
     """
-    out = {}
+    out: dict[str, float | tuple[int, int]] = {}
     sdpa_first = sorted(VARIANTS.items(), key=lambda item: (item[0] != "sdpa", item[0]))
     for name, variant in sdpa_first:
         if variant.kind != "core" or "numba" not in variant.backends:

@@ -36,7 +36,7 @@ try:                        # the optional extra; without it the study is skippe
     from .. import distributed as _distributed
     from ..distributed.volume import LAYOUTS, communication_volume
 except ImportError:
-    _distributed = None
+    _distributed = None  # type: ignore[assignment]
 
 __all__ = ["dask_scaling", "EFFICIENCY_TARGET", "STUDY"]
 
@@ -132,7 +132,7 @@ def dask_scaling(size: str = "quick") -> StudyResult:
     kc = (1, H, L // blocks, E)
     chunks = (qc, kc, kc)
     graph = _graph(*(da.from_array(x, chunks=c) for x, c in zip(arrays, chunks)))
-    keys = set()
+    keys: set[object] = set()
     for collection in graph:
         keys.update(dict(collection.__dask_graph__()))
     # refattn's own tasks (their names start with "sdpa-"): not the inputs nor the cotangent

@@ -15,6 +15,8 @@ causal SDPA's time over causal Taylor's at L = 1024.
 from __future__ import annotations
 
 import tracemalloc
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 
@@ -63,15 +65,16 @@ def run(size: str = "quick") -> StudyResult:
 
     lengths = _LENGTHS[size]
     rng = np.random.default_rng(0)
-    times = {t: [] for t in ORDERS}
-    peaks = {t: [] for t in ORDERS}
+    times: dict[int, list[float]] = {t: [] for t in ORDERS}
+    peaks: dict[int, list[float]] = {t: [] for t in ORDERS}
     rows, quadratic = [], {}
     for L in lengths:
         # (B, H, L, D) with |2 q k| mostly below 1, where the Taylor form is accurate
         q, k, v = ((0.5 * rng.standard_normal((1, _H, L, _D))).astype(np.float32)
                    for _ in range(3))
-        contenders = {f"t={t}": (lambda t=t: elementwise_attention(q, k, v, order=t, causal=True))
-                      for t in ORDERS}
+        contenders: dict[str, Callable[[], object]] = {
+            f"t={t}": partial(elementwise_attention, q, k, v, order=t, causal=True)
+            for t in ORDERS}
         if L <= _EXACT_MAX[size]:
             contenders["exact"] = lambda: elementwise_attention(q, k, v, causal=True)
         fits = L <= _SDPA_MAX[size]

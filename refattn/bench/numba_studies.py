@@ -186,7 +186,7 @@ def _interleaved(contenders: dict, rounds: int) -> dict:
     """
     for fn in contenders.values():
         fn()
-    samples = {name: [] for name in contenders}
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(rounds):
         for name, fn in contenders.items():
             t0 = time.perf_counter()

@@ -92,7 +92,7 @@ def compare(contenders: dict, *, rounds=5, min_time=0.02, warmup=1):
     for fn in contenders.values():
         for _ in range(warmup):
             _sync(fn())
-    samples = {name: [] for name in contenders}
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(rounds):
         for name, fn in contenders.items():
             samples[name].append(time_call(fn, min_time=min_time, max_repeats=10, warmup=0))

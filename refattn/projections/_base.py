@@ -12,8 +12,13 @@ Shape legend: ``*batch`` batch dims, ``L`` query length, ``S`` key length,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from .._array import matrix_transpose, namespace
+from ..typing import Array, Namespace
+
+#: ``{name: array}``: a layer's parameters, or their gradients.
+Params = dict[str, Array]
 
 __all__ = ["LayerConfig", "Projection", "linear_forward", "linear_backward", "split_heads",
            "merge_heads", "OutputProjection", "RealOutputProjection"]
@@ -34,13 +39,14 @@ class LayerConfig:
         return self.d_model // self.n_heads
 
 
-def linear_forward(xp, x, w, b=None):
+def linear_forward(xp: Namespace, x: Array, w: Array, b: Array | None = None) -> Array:
     """``y = x @ w + b``: ``x (..., d_in)``, ``w (d_in, d_out)``, ``b (d_out,)``."""
     y = x @ w
     return y if b is None else y + b
 
 
-def linear_backward(xp, x, w, dy, has_bias: bool):
+def linear_backward(xp: Namespace, x: Array, w: Array, dy: Array,
+                    has_bias: bool) -> tuple[Array, Array, Array | None]:
     """Gradients of :func:`linear_forward`: ``(dx, dw, db)`` (``db`` None without bias).
 
     ``dx = dy w^T``, ``dw = sum_batch x^T dy``, ``db = sum_batch dy``.
@@ -54,14 +60,14 @@ def linear_backward(xp, x, w, dy, has_bias: bool):
     return dx, dw, db
 
 
-def split_heads(xp, x, n_heads: int):
+def split_heads(xp: Namespace, x: Array, n_heads: int) -> Array:
     """``(*batch, L, H * d_k) -> (*batch, H, L, d_k)``: head ``h`` owns columns ``h d_k ... (h+1) d_k - 1``."""
     *batch, L, d = x.shape
     x = xp.reshape(x, (*batch, L, n_heads, d // n_heads))   # (*batch, L, H, d_k)
     return xp.permute_dims(x, (*range(len(batch)), len(batch) + 1, len(batch), len(batch) + 2))
 
 
-def merge_heads(xp, x):
+def merge_heads(xp: Namespace, x: Array) -> Array:
     """Inverse of :func:`split_heads`: ``(*batch, H, L, d_k) -> (*batch, L, H * d_k)``."""
     *batch, H, L, dk = x.shape
     nb = len(batch)
@@ -76,35 +82,38 @@ class Projection:
     ``options`` (layer keywords they consume) and the methods below.
     """
 
-    name = ""
-    layout = "real"
-    options: tuple = ()
+    name: str = ""
+    layout: str = "real"
+    options: tuple[str, ...] = ()
 
     def check(self, cfg: LayerConfig) -> None:
         """Raise ``ValueError`` for settings the scheme cannot serve."""
         if cfg.d_model % cfg.n_heads:
             raise ValueError(f"d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}")
 
-    def param_shapes(self, cfg: LayerConfig) -> dict:
+    def param_shapes(self, cfg: LayerConfig) -> dict[str, tuple[tuple[int, ...], int]]:
         """``{name: (shape, fan_in)}`` of every parameter, in a fixed order."""
         raise NotImplementedError
 
-    def check_inputs(self, cfg: LayerConfig, xq, xkv) -> None:
+    def check_inputs(self, cfg: LayerConfig, xq: Array, xkv: Array) -> None:
         """Extra input checks (e.g. a maximum sequence length)."""
 
-    def project_in(self, params, xq, xkv, cfg):
+    def project_in(self, params: Params, xq: Array, xkv: Array,
+                   cfg: LayerConfig) -> tuple[Array, Array, Array, Any]:
         """``(q, k, v, residuals)`` in the core's layout."""
         raise NotImplementedError
 
-    def backward_in(self, params, res, dq, dk, dv, cfg):
+    def backward_in(self, params: Params, res: Any, dq: Array, dk: Array, dv: Array,
+                    cfg: LayerConfig) -> tuple[Params, Array, Array]:
         """``(dparams, dxq, dxkv)`` from the gradients of ``q, k, v``."""
         raise NotImplementedError
 
-    def project_out(self, params, o, cfg):
+    def project_out(self, params: Params, o: Array, cfg: LayerConfig) -> tuple[Array, Any]:
         """``(y, residuals)``: the core output ``o`` back to ``(*batch, L, d_model)``."""
         raise NotImplementedError
 
-    def backward_out(self, params, res, dy, cfg):
+    def backward_out(self, params: Params, res: Any, dy: Array,
+                     cfg: LayerConfig) -> tuple[Params, Array]:
         """``(dparams, do)``."""
         raise NotImplementedError
 
@@ -127,12 +136,13 @@ class OutputProjection(Projection):
     _merge_heads = staticmethod(merge_heads)
     _split_heads = staticmethod(split_heads)
 
-    def project_out(self, params, o, cfg):
+    def project_out(self, params: Params, o: Array, cfg: LayerConfig) -> tuple[Array, Array]:
         xp = namespace(o)
         merged = self._merge_heads(xp, o)                            # (*batch, L, d)
         return self._linear_forward(xp, merged, params["w_o"], params.get("b_o")), merged
 
-    def backward_out(self, params, merged, dy, cfg):
+    def backward_out(self, params: Params, merged: Array, dy: Array,
+                     cfg: LayerConfig) -> tuple[Params, Array]:
         xp = namespace(dy)
         dmerged, dw, db = self._linear_backward(xp, merged, params["w_o"], dy, cfg.bias)
         grads = {"w_o": dw}
@@ -144,11 +154,11 @@ class OutputProjection(Projection):
 class RealOutputProjection(OutputProjection):
     """Output projection ``y = concat_h(O_h) W_O + b_O`` shared by the real schemes."""
 
-    def out_shapes(self, cfg):
-        shapes = {"w_o": ((cfg.d_model, cfg.d_model), cfg.d_model)}
+    def out_shapes(self, cfg: LayerConfig) -> dict[str, tuple[tuple[int, ...], int]]:
+        shapes: dict[str, tuple[tuple[int, ...], int]] = {"w_o": ((cfg.d_model, cfg.d_model), cfg.d_model)}
         if cfg.bias:
             shapes["b_o"] = ((cfg.d_model,), cfg.d_model)
         return shapes
 
-    def out_flops(self, cfg, q_len):
+    def out_flops(self, cfg: LayerConfig, q_len: int) -> float:
         return 2.0 * q_len * cfg.d_model * cfg.d_model

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 from .._array import namespace
 from .._validate import check_float_array, check_same_dtype
+from .._vjp import attach_vjp
 from ..cores.quaternion.algebra import SIGN
+from ..typing import Array
 from ._base import OutputProjection, linear_backward, linear_forward
 
 __all__ = ["quaternion_linear", "linear_matrix", "linear_matrix_adjoint",
@@ -83,7 +85,7 @@ def _check_linear(x, w, b):
     check_same_dtype(x=x, w=w, b=b)
 
 
-def quaternion_linear(x, w, b=None):
+def quaternion_linear(x: Array, w: Array, b: Array | None = None) -> Array:
     r"""Quaternion linear layer ``y = w (x) x + b`` on the ``[r | i | j | k]`` block layout.
 
     .. math::
@@ -122,22 +124,26 @@ def quaternion_linear(x, w, b=None):
     return quaternion_linear_forward(namespace(x, w, b), x, w, b)
 
 
-def _quaternion_linear_vjp(x, w, b=None):
+def _quaternion_linear_forward(x: Array, w: Array,
+                               b: Array | None = None) -> tuple[Array, tuple]:
+    """``(y, residuals)`` of :func:`quaternion_linear`."""
     _check_linear(x, w, b)
     xp = namespace(x, w, b)
     y = quaternion_linear_forward(xp, x, w, b)
-
-    def pullback(dy):
-        check_float_array(dy, "cotangent")
-        if tuple(dy.shape) != tuple(y.shape):
-            raise ValueError(f"cotangent has shape {tuple(dy.shape)}, expected {tuple(y.shape)}")
-        dx, dw, db = quaternion_linear_backward(xp, x, w, xp.astype(dy, y.dtype), b is not None)
-        return (dx, dw) if b is None else (dx, dw, db)
-
-    return y, pullback
+    return y, (xp, x, w, b is not None, tuple(y.shape), y.dtype)
 
 
-quaternion_linear.__refattn_vjp__ = _quaternion_linear_vjp
+def _quaternion_linear_backward(residuals: tuple, dy: Array) -> tuple[Array, ...]:
+    """``(dx, dw)``, plus ``db`` with a bias."""
+    xp, x, w, has_bias, shape, dtype = residuals
+    check_float_array(dy, "cotangent")
+    if tuple(dy.shape) != shape:
+        raise ValueError(f"cotangent has shape {tuple(dy.shape)}, expected {shape}")
+    dx, dw, db = quaternion_linear_backward(xp, x, w, xp.astype(dy, dtype), has_bias)
+    return (dx, dw, db) if has_bias else (dx, dw)
+
+
+attach_vjp(quaternion_linear, _quaternion_linear_forward, _quaternion_linear_backward)
 
 
 def split_quaternion_heads(xp, x, n_heads: int):

@@ -234,7 +234,7 @@ def _keep(xp_from, mask, causal, causal_align, L, S):
     return keep
 
 
-def torch_sdpa(fn=None):
+def torch_sdpa(fn: Callable[..., Any] | None = None) -> Callable[..., Any]:
     """``torch.nn.functional.scaled_dot_product_attention`` (or a drop-in) as a core candidate.
 
     Maps refattn's options onto torch's: ``mask`` -> boolean ``attn_mask``
@@ -270,7 +270,8 @@ def torch_sdpa(fn=None):
     return scaled_dot_product_attention
 
 
-def jax_dot_product_attention(fn=None, **fixed):
+def jax_dot_product_attention(fn: Callable[..., Any] | None = None,
+                              **fixed: Any) -> Callable[..., Any]:
     """``jax.nn.dot_product_attention`` (or a drop-in) as a core candidate.
 
     JAX puts tokens before heads (``(B, T, N, H)``, one batch axis): the adapter
@@ -376,7 +377,8 @@ def torch_keep(mask, spec):
                  spec.L, spec.S)
 
 
-def torch_multihead_attention(module_class=None, *, batch_first=True, key_padding=True):
+def torch_multihead_attention(module_class: type | None = None, *, batch_first: bool = True,
+                              key_padding: bool = True) -> Layer:
     """``torch.nn.MultiheadAttention`` (or a subclass) as a layer candidate.
 
     Verified against ``refattn.Attention(projection="standard", core="sdpa")``:

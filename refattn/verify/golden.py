@@ -49,10 +49,11 @@ import os
 import re
 import zipfile
 import zlib
+from typing import Any
 
 import numpy as np
 
-from ..catalog import CASE_KINDS, get_variant
+from ..catalog import CASE_KINDS, Variant, get_variant
 from ..layers import Attention
 from .._version import __version__
 from .._vjp import vjp
@@ -122,7 +123,8 @@ def _manifest(entries) -> dict:
             "manifest/finite": np.array(sorted(finite), dtype=str)}
 
 
-def export(variant, path, *, kind="test", seed=0) -> int:
+def export(variant: str | Variant, path: str | os.PathLike[str], *, kind: str = "test",
+           seed: int = 0) -> int:
     """Write ``variant``'s seeded ``kind`` cases with float64 outputs and gradients to ``path``.
 
     ``path`` is written as given (no ``.npz`` is appended).  Returns the number
@@ -149,7 +151,7 @@ def export(variant, path, *, kind="test", seed=0) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer; got {seed!r}")
     cases = variant.cases(kind, "float64", int(seed))
-    out = {"format": np.array(FORMAT), "variant": np.array(variant.name),
+    out: dict[str, Any] = {"format": np.array(FORMAT), "variant": np.array(variant.name),
            "variant_kind": np.array(variant.kind), "case_kind": np.array(kind),
            "seed": np.array(seed, dtype=np.int64), "refattn_version": np.array(__version__),
            "n_cases": np.array(len(cases), dtype=np.int64)}
@@ -216,7 +218,7 @@ def _header(p, entries) -> dict:
         found = "no 'format' entry" if fmt is None else f"format {_decode(fmt)!r}"
         raise GoldenFileError(f"{p}: not a refattn golden file of format "
                               f"{' or '.join(map(repr, READABLE_FORMATS))} ({found})")
-    header = {"format": str(fmt)}
+    header: dict[str, Any] = {"format": str(fmt)}
     for key, kind in _HEADER.items():
         value = entries.get(key)
         if value is None:
@@ -388,7 +390,7 @@ def _compare(case, quantity, got, stored, rtol, atol) -> Check:
                  allowed / scale, "FAIL" if note else "ok", note)
 
 
-def check(path) -> VerifyReport:
+def check(path: str | os.PathLike[str]) -> VerifyReport:
     """Check a golden file against itself, then recompute it with the current reference.
 
     A quantity passes when ``|stored - recomputed| <= atol + rtol * max|stored|``

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import sys
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -290,7 +292,7 @@ def _known(candidate, kind, fw_name):
 
 def _describe(candidate) -> str:
     if getattr(candidate, "name", None) and isinstance(candidate, Layer):
-        return candidate.name
+        return str(candidate.name)
     obj = getattr(candidate, "factory", candidate)
     obj = getattr(obj, "func", obj)                              # functools.partial
     name = getattr(obj, "__qualname__", None) or type(obj).__name__
@@ -316,8 +318,10 @@ def _framework_of(candidate, variant, cases):
     return found
 
 
-def verify(candidate, variant, *, framework=None, dtypes=("float64", "float32"), cases="test",
-           seed=0, params=None, call=None, name=None):
+def verify(candidate: Any, variant: str | Variant, *, framework: str | None = None,
+           dtypes: Sequence[str] = ("float64", "float32"), cases: Any = "test", seed: int = 0,
+           params: Any = None, call: Callable[..., Any] | None = None,
+           name: str | None = None) -> VerifyReport:
     """Verify a PyTorch or JAX implementation against refattn's float64 reference.
 
     For every seeded case of ``variant`` (its catalogue ``"test"`` cases: shapes,

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from ..._array import to_numpy
 from .api import elementwise_attention, forward
 from .taylor import check_order
+from ...typing import Array, CausalAlign
 
 __all__ = ["kernel_error", "error_table", "TABLE_X", "TABLE_ORDERS", "TaylorError",
            "elementwise_taylor_error"]
@@ -75,8 +77,9 @@ class TaylorError:
     order: int
 
 
-def elementwise_taylor_error(q, k, v, order, *, causal=False, causal_align="upper_left", scale=1.0,
-                             mask=None):
+def elementwise_taylor_error(q: Array, k: Array, v: Array, order: int, *, causal: bool = False,
+                             causal_align: CausalAlign = "upper_left", scale: float = 1.0,
+                             mask: Array | None = None) -> TaylorError:
     """How far the Taylor form of ``order`` is from the exact form on these inputs.
 
     Both forms are computed in float64 with the reference backend (O(L S D) for
@@ -94,7 +97,7 @@ def elementwise_taylor_error(q, k, v, order, *, causal=False, causal_align="uppe
     if check_order(order) is None:
         raise ValueError("order must be an even integer (the Taylor form to assess)")
     q64, k64, v64 = (np.asarray(to_numpy(x), dtype=np.float64) for x in (q, k, v))
-    options = dict(causal=causal, causal_align=causal_align, scale=scale,
+    options: dict[str, Any] = dict(causal=causal, causal_align=causal_align, scale=scale,
                    mask=None if mask is None else np.asarray(to_numpy(mask)), backend="reference")
     exact, res = forward(q64, k64, v64, order=None, **options)
     taylor = elementwise_attention(q64, k64, v64, order=order, **options)

@@ -53,6 +53,7 @@ from . import nonfinite as _nonfinite
 from . import numba as _numba_kernels
 from . import reference as _reference
 from .taylor import check_order
+from ...typing import Array, Backend, CausalAlign
 
 __all__ = ["ElementwiseOptions", "ElementwiseResiduals", "elementwise_attention", "forward",
            "backward", "flops", "implementation", "IMPLEMENTED"]
@@ -182,8 +183,10 @@ def backward(res: ElementwiseResiduals, do):
     return tuple(xp.reshape(g, (*batch,) + tuple(g.shape[1:])) for g in (dq, dk, dv))
 
 
-def elementwise_attention(q, k, v, *, order=None, causal=False, causal_align="upper_left",
-                          scale=1.0, mask=None, backend="auto"):
+def elementwise_attention(q: Array, k: Array, v: Array, *, order: int | None = None,
+                          causal: bool = False, causal_align: CausalAlign = "upper_left",
+                          scale: float = 1.0, mask: Array | None = None,
+                          backend: Backend = "auto") -> Array:
     r"""Element-wise attention: every channel normalises its own distance weights.
 
     .. math::

@@ -17,6 +17,7 @@ from ..._array import namespace
 from ..._validate import check_float_array, check_positive_float
 from . import reference
 from .taylor import check_order, taylor_coefficients
+from ...typing import Array
 
 __all__ = ["ElementwiseState", "elementwise_state", "elementwise_step"]
 
@@ -44,7 +45,9 @@ class ElementwiseState:
     steps: int = 0
 
 
-def elementwise_state(batch_shape, H, D, order, dtype="float64", *, scale=1.0, like=None):
+def elementwise_state(batch_shape: tuple[int, ...], H: int, D: int, order: int,
+                      dtype: Any = "float64", *, scale: float = 1.0,
+                      like: Array | None = None) -> ElementwiseState:
     """Empty recurrent state for :func:`elementwise_step`: O(t D) numbers per head.
 
     Parameters
@@ -91,7 +94,8 @@ def elementwise_state(batch_shape, H, D, order, dtype="float64", *, scale=1.0, l
                             xp.full(shape, xp.inf, dtype=dtype), order, scale, 0)
 
 
-def elementwise_step(state: ElementwiseState, q_t, k_t, v_t):
+def elementwise_step(state: ElementwiseState, q_t: Array, k_t: Array,
+                     v_t: Array) -> tuple[Array, ElementwiseState]:
     """One token of causal Taylor element-wise attention: ``o_t, state = step(state, q, k, v)``.
 
     Adds the key ``k_t`` (with value ``v_t``) to the moments, then reads the

@@ -36,6 +36,7 @@ from ..quaternion import HAMILTON as _HAMILTON
 from ..quaternion import SHARED as _SHARED
 from ..sdpa import CORE as _SDPA
 from .preconditioners import Preconditioner, get_preconditioner
+from ...typing import Array, Backend
 
 __all__ = ["PreconditionedResiduals", "forward", "backward", "preconditioned_sdpa",
            "make_core", "apply_preconditioner", "DEFAULT_EPS", "INNER_CORES"]
@@ -139,6 +140,7 @@ def backward(res: PreconditionedResiduals, do):
     if not res.stop_gradient:
         dc = xp.sum(do_rows * res.a, axis=-1)                          # (*batch, H, L)
         q, k, v = res.qkv
+        assert res.preconditioner.vjp is not None        # _check_options requires one here
         *extra, da_c = res.preconditioner.vjp(q, k, v, res.a, res.c, dc, eps=res.eps)
         da = _add(xp, da, da_c)
     da = xp.astype(xp.reshape(da, res.out_shape), res.out_dtype)
@@ -146,9 +148,11 @@ def backward(res: PreconditionedResiduals, do):
     return tuple(_add(xp, g, e) for g, e in zip(grads[:3], extra)) + grads[3:]
 
 
-def preconditioned_sdpa(q, k, v, *, eps=DEFAULT_EPS, stop_gradient=True,
-                        preconditioner="row_norm", inner_core="sdpa", return_diagonal=False,
-                        backend="auto", **sdpa_options):
+def preconditioned_sdpa(q: Array, k: Array, v: Array, *, eps: float = DEFAULT_EPS,
+                        stop_gradient: bool = True,
+                        preconditioner: str | Preconditioner = "row_norm",
+                        inner_core: str | Core = "sdpa", return_diagonal: bool = False,
+                        backend: Backend = "auto", **sdpa_options: Any) -> Array:
     r"""Preconditioned attention: a diagonal ``C(q, k, v, A)`` applied to each head's output.
 
     .. math::

@@ -64,7 +64,8 @@ class Preconditioner:
 _PRECONDITIONERS: dict[str, Preconditioner] = {}
 
 
-def register_preconditioner(preconditioner: Preconditioner, *, replace: bool = False):
+def register_preconditioner(preconditioner: Preconditioner, *,
+                            replace: bool = False) -> Preconditioner:
     """Register ``preconditioner`` under its name (``replace=True`` to overwrite one)."""
     if not isinstance(preconditioner, Preconditioner):
         raise TypeError(f"register_preconditioner takes a Preconditioner, got "
@@ -76,12 +77,12 @@ def register_preconditioner(preconditioner: Preconditioner, *, replace: bool = F
     return preconditioner
 
 
-def preconditioners() -> dict:
+def preconditioners() -> dict[str, Preconditioner]:
     """``{name: Preconditioner}`` of every registered preconditioner."""
     return dict(_PRECONDITIONERS)
 
 
-def get_preconditioner(preconditioner) -> Preconditioner:
+def get_preconditioner(preconditioner: str | Preconditioner) -> Preconditioner:
     """Look a preconditioner up by name (a :class:`Preconditioner` passes through)."""
     if isinstance(preconditioner, Preconditioner):
         return preconditioner

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from ... import backends as _backends
 from ..._array import flatten_batch, namespace, native_byte_order, sum_to_shape
@@ -30,6 +30,7 @@ from ..sdpa import api as _sdpa_api
 from . import reference as _reference
 from .algebra import MODES, n_maps, score_terms
 from .reduction import SDPAReduction
+from ...typing import Array, Backend, CausalAlign
 
 __all__ = ["quaternion_attention", "forward", "backward", "score_maps", "pair_costs", "PairCosts",
            "flops", "IMPLEMENTED", "MODES", "implementation", "core_forward", "prepare"]
@@ -147,8 +148,11 @@ def backward(res: QuaternionResiduals, do):
     return grads
 
 
-def quaternion_attention(q, k, v, *, mode="shared", mask=None, bias=None, causal=False,
-                         causal_align="upper_left", scale=None, backend="auto"):
+def quaternion_attention(q: Array, k: Array, v: Array, *,
+                         mode: Literal["shared", "hamilton"] = "shared", mask: Array | None = None,
+                         bias: Array | None = None, causal: bool = False,
+                         causal_align: CausalAlign = "upper_left", scale: float | None = None,
+                         backend: Backend = "auto") -> Array:
     r"""Quaternion self-attention with shared scores or Hamilton (component-wise) scores.
 
     Each head holds ``d`` quaternion units: ``q[..., h, l, c, u]`` is component ``c``

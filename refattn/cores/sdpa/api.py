@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import array_api_compat
 import numpy as np
@@ -42,6 +42,7 @@ from ...rotary import ROTARY_STYLES, apply_rotary, apply_rotary_backward
 from ..._validate import (AttentionShapes, attention_shapes, check_bool_array, check_broadcastable,
                           check_cotangent,
                           check_choice, check_dropout, check_float_array, check_same_dtype)
+from ...typing import Array, Backend, CausalAlign
 
 __all__ = ["SDPAOptions", "SDPAResiduals", "sdpa", "forward", "backward", "IMPLEMENTED",
            "as_batched_4d", "flops", "check_scale", "prepare", "implementation", "causal_pairs",
@@ -317,7 +318,7 @@ def backward(res: SDPAResiduals, do):
     dq, dk, dv, dscores, dslopes = impl.backward(res.q, res.k, res.v, res.o, res.lse, do4,
                                                  res.options)
     batch = shapes.batch
-    grads = (xp.reshape(dq, (*batch,) + tuple(dq.shape[1:])),
+    grads: tuple[Array, ...] = (xp.reshape(dq, (*batch,) + tuple(dq.shape[1:])),
              xp.reshape(dk, (*batch,) + tuple(dk.shape[1:])),
              xp.reshape(dv, (*batch,) + tuple(dv.shape[1:])))
     if res.rotary is not None:    # the rotation is orthogonal: its pullback is R^T
@@ -333,10 +334,15 @@ def backward(res: SDPAResiduals, do):
     return grads
 
 
-def sdpa(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_left", scale=None,
-         dropout_mask=None, dropout_p=0.0, window=None, softcap=None, alibi_slopes=None,
-         rotary=None, rotary_base=10000.0, rotary_dim=None, rotary_q_offset=0,
-         return_lse=False, return_probs=False, backend="auto", tiles=None, float32_math=None):
+def sdpa(q: Array, k: Array, v: Array, *, mask: Array | None = None, bias: Array | None = None,
+         causal: bool = False, causal_align: CausalAlign = "upper_left",
+         scale: float | None = None, dropout_mask: Array | None = None, dropout_p: float = 0.0,
+         window: int | tuple[int | None, int | None] | None = None, softcap: float | None = None,
+         alibi_slopes: Array | None = None, rotary: Literal["half", "interleaved"] | None = None,
+         rotary_base: float = 10000.0, rotary_dim: int | None = None, rotary_q_offset: int = 0,
+         return_lse: bool = False, return_probs: bool = False, backend: Backend = "auto",
+         tiles: tuple[int, int] | None = None,
+         float32_math: Literal["tf32x3", "simt"] | None = None) -> Array:
     r"""Scaled dot-product attention.
 
     .. math::
@@ -432,7 +438,7 @@ def sdpa(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_lef
                      rotary_base=rotary_base, rotary_dim=rotary_dim,
                      rotary_q_offset=rotary_q_offset, backend=backend, tiles=tiles,
                      float32_math=float32_math)
-    extra = ()
+    extra: tuple[Array, ...] = ()
     xp = namespace(q)
     if return_lse:
         extra += (xp.reshape(res.lse, res.shapes.scores[:-1]),)
