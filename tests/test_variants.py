@@ -56,7 +56,6 @@ BACKEND_CASES = [
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("name, index, backend", BACKEND_CASES)
 def test_backend_matches_reference(name, index, backend, dtype):
-    variant = refattn.get_variant(name)
     case64 = _case(name, index, "float64")
     case = _case(name, index, dtype)
     out_ref, pull_ref = case64.vjp("reference")

@@ -31,7 +31,6 @@ import ctypes
 import os
 import tempfile
 import threading
-import time
 import warnings
 
 import numba

@@ -11,6 +11,7 @@ import math
 import os
 from dataclasses import dataclass
 
+from ..bench.study import StudyResult
 from ._errors import FAILED, OK, TARGETS_NOT_MET, UsageError
 
 __all__ = ["StudyOutcome", "summary_lines", "exit_status", "write_json", "check_json_path"]
@@ -24,7 +25,7 @@ class StudyOutcome:
     size: str
     status: str
     seconds: float = 0.0
-    result: object = None          # the StudyResult when status == "ok"
+    result: StudyResult | None = None   # when status == "ok"
     message: str = ""
 
     @property

@@ -179,7 +179,6 @@ def vjp_heads(fn, q, k, v, *, split_every=4, **options):
 def _bias_grad(plan, tasks, pname, token, after, split_every):
     """``dbias`` summed over the batch/head blocks that share each of its blocks."""
     bias = plan.arrays["bias"]
-    nb = plan.nb
     contributions = {}
     for index in tasks:
         target = tuple(i if n != 1 else 0 for i, n in zip(index + (0, 0), bias.shape))

@@ -242,7 +242,6 @@ def sdpa_vjp_sharded(q, k, v, *, split_every=4, **options):
         raise ValueError("vjp(sdpa, ...) differentiates the output o only; drop return_lse")
     blocks = _make_blocks(q, k, v, options)
     o, lse = _forward_graph(blocks, split_every)
-    p = blocks.plan
 
     def pullback(do):
         do = as_cotangent(do, o)

@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 
 from refattn.cores.sdpa import api
-from refattn.cores.sdpa import numba as sdpa_numba
 from refattn.testing import TOLERANCES, assert_close, max_errors
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..._vjp import attach_vjp
+
 from ...projections._base import linear_backward, linear_forward
 from ._checks import check_float, check_int_array, check_matrix, check_vector
 
@@ -72,13 +74,12 @@ def patch_embedding(x, w, b, pos):
     return patch_embedding_forward(x, w, b, pos)[0]
 
 
-def _patch_embedding_vjp(x, w, b, pos):
+def _checked_patch_forward(x, w, b, pos):
     _check_patches(x, w, b, pos)
-    y, res = patch_embedding_forward(x, w, b, pos)
-    return y, lambda dy: patch_embedding_backward(res, dy)
+    return patch_embedding_forward(x, w, b, pos)
 
 
-patch_embedding.__refattn_vjp__ = _patch_embedding_vjp
+attach_vjp(patch_embedding, _checked_patch_forward, patch_embedding_backward)
 
 
 def token_embedding_forward(keys, values, key_table, value_table, pos):
@@ -148,10 +149,9 @@ def token_embedding(key_table, value_table, pos, *, keys, values):
     return token_embedding_forward(keys, values, key_table, value_table, pos)[0]
 
 
-def _token_embedding_vjp(key_table, value_table, pos, *, keys, values):
+def _checked_token_forward(key_table, value_table, pos, *, keys, values):
     _check_tokens(keys, values, key_table, value_table, pos)
-    y, res = token_embedding_forward(keys, values, key_table, value_table, pos)
-    return y, lambda dy: token_embedding_backward(res, dy)
+    return token_embedding_forward(keys, values, key_table, value_table, pos)
 
 
-token_embedding.__refattn_vjp__ = _token_embedding_vjp
+attach_vjp(token_embedding, _checked_token_forward, token_embedding_backward)

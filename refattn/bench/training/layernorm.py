@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..._vjp import attach_vjp
+
 from ._checks import check_features, check_vector
 
 __all__ = ["layer_norm", "layer_norm_forward", "layer_norm_backward", "EPS"]
@@ -79,10 +81,9 @@ def layer_norm(x, g, b):
     return layer_norm_forward(x, g, b)[0]
 
 
-def _layer_norm_vjp(x, g, b):
+def _checked_forward(x, g, b):
     _check(x, g, b)
-    y, res = layer_norm_forward(x, g, b)
-    return y, lambda dy: layer_norm_backward(res, dy)
+    return layer_norm_forward(x, g, b)
 
 
-layer_norm.__refattn_vjp__ = _layer_norm_vjp
+attach_vjp(layer_norm, _checked_forward, layer_norm_backward)

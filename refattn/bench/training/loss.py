@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..._vjp import attach_vjp
+
 from ._checks import check_float, check_int_array
 
 __all__ = ["cross_entropy", "cross_entropy_forward", "cross_entropy_backward", "accuracy"]
@@ -73,13 +75,14 @@ def cross_entropy(logits, *, labels, weights=None):
     return np.asarray(cross_entropy_forward(logits, labels, weights)[0])
 
 
-def _cross_entropy_vjp(logits, *, labels, weights=None):
+def _checked_forward(logits, *, labels, weights=None):
     _check(logits, labels, weights)
     loss, res = cross_entropy_forward(logits, labels, weights)
-    return np.asarray(loss), lambda dloss: cross_entropy_backward(res, float(dloss))
+    return np.asarray(loss), res
 
 
-cross_entropy.__refattn_vjp__ = _cross_entropy_vjp
+attach_vjp(cross_entropy, _checked_forward,
+           lambda res, dloss: cross_entropy_backward(res, float(dloss)))
 
 
 def accuracy(logits, labels, weights=None) -> float:

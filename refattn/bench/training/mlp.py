@@ -21,6 +21,8 @@ import math
 
 import numpy as np
 
+from ..._vjp import attach_vjp
+
 from ...projections._base import linear_backward, linear_forward
 from ._checks import check_features, check_matrix, check_vector
 
@@ -92,10 +94,9 @@ def mlp(x, w1, b1, w2, b2):
     return mlp_forward(x, w1, b1, w2, b2)[0]
 
 
-def _mlp_vjp(x, w1, b1, w2, b2):
+def _checked_forward(x, w1, b1, w2, b2):
     _check(x, w1, b1, w2, b2)
-    y, res = mlp_forward(x, w1, b1, w2, b2)
-    return y, lambda dy: mlp_backward(res, dy)
+    return mlp_forward(x, w1, b1, w2, b2)
 
 
-mlp.__refattn_vjp__ = _mlp_vjp
+attach_vjp(mlp, _checked_forward, mlp_backward)

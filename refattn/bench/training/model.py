@@ -22,6 +22,8 @@ Shape legend: ``B`` batch, ``N`` tokens, ``d`` = ``d_model``, ``C`` classes.
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import math
 import numbers
 
@@ -160,7 +162,7 @@ class TinyTransformer:
         LayerNorm gains 1, token tables ``N(0, 1)``, positions ``N(0, 0.02^2)``, attention
         layers by their own ``init``."""
         rng = np.random.default_rng(seed)
-        draw = {
+        draw: dict[str, Callable[..., Any]] = {
             "zeros": np.zeros,
             "ones": np.ones,
             "table": rng.standard_normal,

@@ -25,6 +25,8 @@ OpenBLAS threads cost more than they save.
 
 from __future__ import annotations
 
+from typing import Any
+
 import os
 import platform
 import time
@@ -64,7 +66,7 @@ LEARNED_FACTOR = 3.0
 RECALL_TEST_SEED = 12345
 
 #: Model name -> attention options (``refattn.Attention`` keywords).
-DIGITS_MODELS = {
+DIGITS_MODELS: dict[str, dict[str, Any]] = {
     "standard": {},
     "optimised": {"projection": "optimised"},
     "efficient": {"projection": "efficient"},
@@ -74,7 +76,7 @@ DIGITS_MODELS = {
     "elementwise-t4": {"core": "elementwise", "order": 4},
     "preconditioned": {"core": "preconditioned"},
 }
-RECALL_MODELS = {
+RECALL_MODELS: dict[str, dict[str, Any]] = {
     "sdpa": {},
     "elementwise-t2": {"core": "elementwise", "order": 2},
     "elementwise-t4": {"core": "elementwise", "order": 4},

@@ -240,7 +240,6 @@ def _backward_kernel(q, k, v, do, lse, row_dot, mask, bias, slopes, drop, mods, 
                                                         mods[6], mods[9])
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     group = H // Hkv
-    n_qt = (L + block_q - 1) // block_q
     n_kt = (S + block_k - 1) // block_k
     zero = scale - scale
     neg_inf = np.full(1, -np.inf, q.dtype)[0]
