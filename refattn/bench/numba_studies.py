@@ -26,7 +26,7 @@ import numpy as np
 from .. import cores as _cores
 from ..cores.sdpa import api
 from .study import Study, StudyResult
-from .timing import compare
+from .timing import compare, interleaved_calls
 
 __all__ = ["sdpa_vs_torch", "sdpa_memory", "numba_vs_reference"]
 
@@ -178,23 +178,6 @@ def sdpa_memory(size: str = "quick") -> StudyResult:
         rows=rows, metrics=metrics, failures=failures, notes=notes)
 
 
-def _interleaved(contenders: dict, rounds: int) -> dict:
-    """Median seconds of single calls, contenders interleaved (one warm-up call each).
-
-    Single calls, unlike :func:`compare`'s repeated ones, keep the study affordable when a
-    NumPy reference call at L = 2048 takes seconds.
-    """
-    for fn in contenders.values():
-        fn()
-    samples: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(rounds):
-        for name, fn in contenders.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(s) for name, s in samples.items()}
-
-
 def _core_inputs(core, L, dtype, rng):
     if core.layout == "quaternion":
         shape = (1, 2, L, 4, 16)
@@ -226,9 +209,10 @@ def numba_vs_reference(size: str = "quick") -> StudyResult:
                 return run
 
             try:
-                t = _interleaved({"numba fwd": fwd("numba"), "reference fwd": fwd("reference"),
-                                  "numba fwd+bwd": fwd_bwd("numba"),
-                                  "reference fwd+bwd": fwd_bwd("reference")}, rounds)
+                t = interleaved_calls({"numba fwd": fwd("numba"),
+                                       "reference fwd": fwd("reference"),
+                                       "numba fwd+bwd": fwd_bwd("numba"),
+                                       "reference fwd+bwd": fwd_bwd("reference")}, rounds)
             except Exception as exc:  # report, do not hide: one core must not stop the study
                 rows.append([name, dtype, "error", "", "", str(exc)[:60]])
                 failures.append(f"{name} {dtype}: {type(exc).__name__}: {exc}")

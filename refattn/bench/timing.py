@@ -5,7 +5,8 @@ from __future__ import annotations
 import statistics
 import time
 
-__all__ = ["time_call", "compare", "time_per_call", "clock_resolution", "MIN_BATCH_SECONDS"]
+__all__ = ["time_call", "compare", "interleaved_calls", "time_per_call", "clock_resolution",
+           "MIN_BATCH_SECONDS"]
 
 #: A timed sample lasts at least this long (many calls of a fast function): far above
 #: the clock's resolution and the scheduler's tick (1-10 ms), which would otherwise
@@ -96,4 +97,21 @@ def compare(contenders: dict, *, rounds=5, min_time=0.02, warmup=1):
     for _ in range(rounds):
         for name, fn in contenders.items():
             samples[name].append(time_call(fn, min_time=min_time, max_repeats=10, warmup=0))
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def interleaved_calls(contenders: dict, rounds: int) -> dict:
+    """Median seconds of single calls, contenders interleaved (one warm-up call each).
+
+    Single calls, unlike :func:`compare`'s repeated ones, keep the study affordable when a
+    NumPy reference call at L = 2048 takes seconds.
+    """
+    for fn in contenders.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
     return {name: statistics.median(s) for name, s in samples.items()}
