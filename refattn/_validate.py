@@ -7,7 +7,9 @@ and the expected shape or dtype, never a NumPy traceback from deep inside.
 
 from __future__ import annotations
 
+import functools
 import numbers
+from typing import Callable, ParamSpec, TypeVar
 from dataclasses import dataclass
 
 import array_api_compat
@@ -27,6 +29,8 @@ __all__ = [
     "check_dropout",
     "attention_shapes",
     "check_cotangent",
+    "FRAMEWORK_ALIASES",
+    "reject_framework_keywords",
 ]
 
 SUPPORTED_FLOATS = ("float16", "float32", "float64")
@@ -239,3 +243,39 @@ def check_cotangent(do, expected_shape, legend: str = "", like=None):
                         f"is a {type(like).__module__}.{type(like).__name__}; pass the same kind "
                         "of array")
     return do
+
+
+#: Keyword names of PyTorch, JAX and FlashAttention and what refattn calls them.
+FRAMEWORK_ALIASES = {
+    "is_causal": "causal=",
+    "attn_mask": "mask= (boolean, True = attend) or bias= (additive float)",
+    "key_padding_mask": "mask= (refattn.masks.from_torch_key_padding_mask)",
+    "window_size": "window=",
+    "local_window_size": "window=",
+    "softmax_scale": "scale=",
+    "enable_gqa": "nothing: grouped-query attention follows from k's head count",
+    "dropout": "dropout_p= with an explicit dropout_mask=",
+    "need_weights": "return_probs=",
+}
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def reject_framework_keywords(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Wrap ``fn`` so that a framework's keyword name is a ``TypeError`` naming refattn's.
+
+    ``refattn.sdpa(q, k, v, is_causal=True)`` says "use causal=" instead of Python's bare
+    "unexpected keyword argument".  The wrapped function keeps its signature and attributes.
+    """
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        known = [name for name in kwargs if name in FRAMEWORK_ALIASES]
+        if known:
+            name = known[0]
+            raise TypeError(f"{fn.__qualname__}() got {name}=, a PyTorch/JAX/FlashAttention keyword; "
+                            f"refattn's is {FRAMEWORK_ALIASES[name]}")
+        return fn(*args, **kwargs)
+
+    return wrapper

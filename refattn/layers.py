@@ -13,7 +13,8 @@ from typing import Any, Literal
 import numpy as np
 
 from ._array import namespace
-from ._validate import check_cotangent, check_float_array, check_same_dtype
+from ._validate import (check_cotangent, check_float_array, check_same_dtype,
+                        reject_framework_keywords)
 from .cores import get_core
 from .projections import LayerConfig, get_projection
 from .rotary import ROTARY_STYLES, apply_rotary, apply_rotary_backward
@@ -40,7 +41,9 @@ class Attention:
         Causal self-attention (upper-left aligned unless the core option
         ``causal_align`` says otherwise).
     bias : bool
-        Whether the linear maps carry biases ``b_*``.
+        Whether the linear maps carry biases ``b_*``.  The default ``False`` differs from
+        ``torch.nn.MultiheadAttention``, whose ``bias=True`` is the default: pass
+        ``bias=True`` to match it.
     rotary : {None, "half", "interleaved"}
         Rotary position embeddings applied to the per-head queries and keys after
         the projection (:func:`refattn.apply_rotary`; ``"half"``: GPT-NeoX/Llama
@@ -71,6 +74,7 @@ class Attention:
     1024
     """
 
+    @reject_framework_keywords
     def __init__(self, d_model: int, n_heads: int, *, projection: str = "standard",
                  core: str = "sdpa", causal: bool = False, bias: bool = False,
                  rotary: Literal["half", "interleaved"] | None = None,
@@ -198,6 +202,7 @@ class Attention:
                                  f"{tuple(xq.shape[:-2])}")
 
     # -- forward / backward ----------------------------------------------------------
+    @reject_framework_keywords
     def forward(self, params: dict[str, Array], xq: Array, xkv: Array | None = None,
                 mask: Array | None = None, *, backend: Backend = "auto") -> tuple[Array, Any]:
         """Return ``(y, residuals)``; ``y (*batch, L, d_model)``."""
@@ -237,6 +242,7 @@ class Attention:
             return dparams, dxq + dxkv
         return dparams, dxq, dxkv
 
+    @reject_framework_keywords
     def __call__(self, params: dict[str, Array], xq: Array, xkv: Array | None = None,
                  mask: Array | None = None, *, backend: Backend = "auto") -> Array:
         """``y = layer(params, xq, xkv=None, mask=None)``: ``xq (*batch, L, d)`` -> ``(*batch, L, d)``."""

@@ -227,3 +227,17 @@ def test_edge_input(name):
     else:
         with pytest.raises(error[0], match=error[1]):
             call()
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda q: refattn.sdpa(q, q, q, is_causal=True), r"sdpa\(\) got is_causal=.*refattn's is causal="),
+    (lambda q: refattn.sdpa(q, q, q, attn_mask=None), r"got attn_mask=.*mask= .*or bias="),
+    (lambda q: refattn.vjp(refattn.sdpa, q, q, q, window_size=(1, 1)), r"refattn's is window="),
+    (lambda q: refattn.elementwise_attention(q, q, q, is_causal=True), "causal="),
+    (lambda q: refattn.Attention(8, 2, is_causal=True), r"Attention.__init__\(\) got is_causal="),
+    (lambda q: refattn.Attention(4, 2)(refattn.Attention(4, 2).init(), q[0],
+                                      key_padding_mask=None), "from_torch_key_padding_mask"),
+])
+def test_framework_keywords_name_refattns(call, message):
+    with pytest.raises(TypeError, match=message):
+        call(R((1, 2, 3, 4)))

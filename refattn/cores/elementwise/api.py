@@ -45,8 +45,8 @@ from ... import backends as _backends
 from ..._array import flatten_batch, namespace, native_byte_order, product
 from ..._masks import CAUSAL_ALIGNS, causal_offset, causal_pairs
 from ..._validate import (AttentionShapes, attention_shapes, check_bool_array, check_broadcastable,
-                          check_cotangent,
-                          check_choice, check_positive_float)
+                          check_choice, check_cotangent, check_positive_float,
+                          reject_framework_keywords)
 from ..._vjp import attach_vjp
 from ..sdpa.api import as_batched_4d
 from . import nonfinite as _nonfinite
@@ -136,6 +136,7 @@ def _prepare(q, k, v, order, causal, causal_align, scale, mask):
     return xp, shapes, ElementwiseOptions(order, offset, mask), scale
 
 
+@reject_framework_keywords
 def forward(q, k, v, *, order=None, causal=False, causal_align="upper_left", scale=1.0, mask=None,
             backend="auto"):
     """Element-wise attention forward pass returning ``(o, residuals)`` for :func:`backward`.
@@ -183,6 +184,7 @@ def backward(res: ElementwiseResiduals, do):
     return tuple(xp.reshape(g, (*batch,) + tuple(g.shape[1:])) for g in (dq, dk, dv))
 
 
+@reject_framework_keywords
 def elementwise_attention(q: Array, k: Array, v: Array, *, order: int | None = None,
                           causal: bool = False, causal_align: CausalAlign = "upper_left",
                           scale: float = 1.0, mask: Array | None = None,

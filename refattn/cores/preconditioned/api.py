@@ -29,7 +29,8 @@ from typing import Any
 
 from ..._array import namespace, product
 from ..._core import COMMON_OPTIONS, Core
-from ..._validate import _dtype_name, check_cotangent, check_positive_float
+from ..._validate import (_dtype_name, check_cotangent, check_positive_float,
+                          reject_framework_keywords)
 from ..._vjp import attach_vjp
 from ..elementwise import CORE as _ELEMENTWISE
 from ..quaternion import HAMILTON as _HAMILTON
@@ -104,6 +105,7 @@ def apply_preconditioner(pre: Preconditioner, q, k, v, a, eps: float, feature_ax
     return xp.where(finite_rows, c, xp.asarray(xp.nan, dtype=c.dtype)), a_rows
 
 
+@reject_framework_keywords
 def forward(q, k, v, *, eps=DEFAULT_EPS, stop_gradient=True, preconditioner="row_norm",
             inner_core="sdpa", backend="auto", **inner_options):
     """Forward pass returning ``(o, residuals)`` for :func:`backward`.
@@ -148,6 +150,7 @@ def backward(res: PreconditionedResiduals, do):
     return tuple(_add(xp, g, e) for g, e in zip(grads[:3], extra)) + grads[3:]
 
 
+@reject_framework_keywords
 def preconditioned_sdpa(q: Array, k: Array, v: Array, *, eps: float = DEFAULT_EPS,
                         stop_gradient: bool = True,
                         preconditioner: str | Preconditioner = "row_norm",

@@ -24,7 +24,8 @@ from typing import Any, Literal
 
 from ... import backends as _backends
 from ..._array import flatten_batch, namespace, native_byte_order, sum_to_shape
-from ..._validate import AttentionShapes, attention_shapes, check_choice, check_cotangent
+from ..._validate import (AttentionShapes, attention_shapes, check_choice, check_cotangent,
+                          reject_framework_keywords)
 from ..._vjp import attach_vjp
 from ..sdpa import api as _sdpa_api
 from . import reference as _reference
@@ -112,6 +113,7 @@ def implementation(backend: str):
             return SDPAReduction(_sdpa_api.implementation(backend))
 
 
+@reject_framework_keywords
 def forward(q, k, v, *, mode="shared", mask=None, bias=None, causal=False,
             causal_align="upper_left", scale=None, backend="auto"):
     """Quaternion attention forward pass returning ``(o, residuals)`` for :func:`backward`.
@@ -148,6 +150,7 @@ def backward(res: QuaternionResiduals, do):
     return grads
 
 
+@reject_framework_keywords
 def quaternion_attention(q: Array, k: Array, v: Array, *,
                          mode: Literal["shared", "hamilton"] = "shared", mask: Array | None = None,
                          bias: Array | None = None, causal: bool = False,

@@ -40,8 +40,8 @@ from ..._masks import CAUSAL_ALIGNS, causal_offset, causal_pairs, window_bounds
 from ..._vjp import attach_vjp
 from ...rotary import ROTARY_STYLES, apply_rotary, apply_rotary_backward
 from ..._validate import (AttentionShapes, attention_shapes, check_bool_array, check_broadcastable,
-                          check_cotangent,
-                          check_choice, check_dropout, check_float_array, check_same_dtype)
+                          check_choice, check_cotangent, check_dropout, check_float_array,
+                          check_same_dtype, reject_framework_keywords)
 from ...typing import Array, Backend, CausalAlign
 
 __all__ = ["SDPAOptions", "SDPAResiduals", "sdpa", "forward", "backward", "IMPLEMENTED",
@@ -269,6 +269,7 @@ def _rotary_keywords(rotary, base, rotary_dim):
     return {"base": base, "rotary_dim": rotary_dim, "interleaved": rotary == "interleaved"}
 
 
+@reject_framework_keywords
 def forward(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_left", scale=None,
             dropout_mask=None, dropout_p=0.0, window=None, softcap=None, alibi_slopes=None,
             rotary=None, rotary_base=10000.0, rotary_dim=None, rotary_q_offset=0,
@@ -334,6 +335,7 @@ def backward(res: SDPAResiduals, do):
     return grads
 
 
+@reject_framework_keywords
 def sdpa(q: Array, k: Array, v: Array, *, mask: Array | None = None, bias: Array | None = None,
          causal: bool = False, causal_align: CausalAlign = "upper_left",
          scale: float | None = None, dropout_mask: Array | None = None, dropout_p: float = 0.0,
