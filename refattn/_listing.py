@@ -1,12 +1,12 @@
-"""A package that is also the function listing its entries (``refattn.cores()``)."""
+"""The inventories' helpers: a package that is also its listing (``refattn.cores()``), lookup."""
 
 from __future__ import annotations
 
 import sys
 import types
-from typing import Callable
+from typing import Any, Callable
 
-__all__ = ["make_package_callable"]
+__all__ = ["make_package_callable", "lookup"]
 
 
 def make_package_callable(module_name: str, listing: Callable) -> None:
@@ -23,3 +23,11 @@ def make_package_callable(module_name: str, listing: Callable) -> None:
             return listing()
 
     sys.modules[module_name].__class__ = _ListingPackage
+
+
+def lookup(inventory: dict, what: str, name: str) -> Any:
+    """``inventory[name]``; a ``ValueError`` naming ``what`` lists the valid names."""
+    if name not in inventory:
+        raise ValueError(f"{what} must be one of {', '.join(map(repr, sorted(inventory)))}; "
+                         f"got {name!r}")
+    return inventory[name]

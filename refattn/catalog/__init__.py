@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from . import elementwise, layers, preconditioned, quaternion, sdpa
 from .builders import EMPTY_ROWS, core_case, layer_case
+from .._listing import lookup
 from .case import CASE_KINDS, Case, Variant
 
 __all__ = ["VARIANTS", "variants", "get_variant", "Case", "Variant", "CASE_KINDS", "layer_case",
@@ -33,7 +34,4 @@ def variants() -> dict:
 
 def get_variant(name: str) -> Variant:
     """The variant called ``name``; a ``ValueError`` lists the valid names."""
-    if name not in VARIANTS:
-        raise ValueError(f"variant must be one of {', '.join(map(repr, sorted(VARIANTS)))}; "
-                         f"got {name!r}")
-    return VARIANTS[name]
+    return lookup(VARIANTS, "variant", name)

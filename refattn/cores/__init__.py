@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from .._core import Core
-from .._listing import make_package_callable
+from .._listing import lookup, make_package_callable
 from . import elementwise, preconditioned, quaternion, sdpa
 
 __all__ = ["CORES", "get_core", "cores", "Core"]
@@ -31,10 +31,7 @@ def cores() -> dict:
 
 def get_core(name: str) -> Core:
     """The core called ``name``; a ``ValueError`` lists the valid names."""
-    if name not in CORES:
-        raise ValueError(f"core must be one of {', '.join(map(repr, sorted(CORES)))}; "
-                         f"got {name!r}")
-    return CORES[name]
+    return lookup(CORES, "core", name)
 
 
 make_package_callable(__name__, cores)      # refattn.cores() lists the cores

@@ -8,7 +8,7 @@ module here plus one line in the inventory.  ``refattn.projections()`` lists the
 
 from __future__ import annotations
 
-from .._listing import make_package_callable
+from .._listing import lookup, make_package_callable
 from . import efficient, optimised, quaternion, standard, super
 from ._base import LayerConfig, OutputProjection, Projection, RealOutputProjection
 
@@ -33,10 +33,7 @@ def projections() -> dict:
 
 def get_projection(name: str) -> Projection:
     """The scheme called ``name``; a ``ValueError`` lists the valid names."""
-    if name not in PROJECTIONS:
-        raise ValueError(f"projection must be one of {', '.join(map(repr, sorted(PROJECTIONS)))}; "
-                         f"got {name!r}")
-    return PROJECTIONS[name]
+    return lookup(PROJECTIONS, "projection", name)
 
 
 make_package_callable(__name__, projections)    # refattn.projections() lists the schemes
