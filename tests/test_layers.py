@@ -72,7 +72,8 @@ def test_init_is_seeded_and_typed():
     ((8, 2), {"projection": "fancy"}, ValueError, "projection must be one of"),
     ((8, 2), {"core": "fancy"}, ValueError, "core must be one of"),
     ((8, 2), {"causal": "yes"}, TypeError, "causal must be a bool"),
-    ((8, 2), {"dropout": 0.1}, TypeError, "unexpected option"),
+    ((8, 2), {"dropout": 0.1}, TypeError, r"got dropout=.*refattn's is dropout_p="),
+    ((8, 2), {"droput_p": 0.1}, TypeError, "unexpected option"),
 ])
 def test_bad_layer_settings(args, kwargs, error, match):
     with pytest.raises(error, match=match):
