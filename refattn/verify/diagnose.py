@@ -14,6 +14,8 @@ The mistakes (:data:`HYPOTHESES`):
 ``scale 1/d``                 scores scaled by ``1/D`` instead of ``1/sqrt(D)`` (``D``: a head's
                               feature count, ``4 d`` for quaternion cores)
 ``no scale``                  scores not scaled
+``quaternion scale 1/sqrt(d)``  quaternion scores scaled by one component's ``1/sqrt(d)``,
+                              not ``1/sqrt(4 d)``
 ``causal mask not applied``   a causal case computed without its causal mask
 ``causal mask off by one``    query ``i`` also sees key ``i + 1``
 ``causal mask misaligned``    upper-left instead of lower-right (or the reverse) when ``L != S``
@@ -90,6 +92,12 @@ def _rescaled(factor: Callable[[int], float]):
         return r.out(change)
 
     return hypothesis
+
+
+def _component_scale(r: Recompute):
+    if r.layout != "quaternion":
+        raise NotApplicable("not a quaternion core")
+    return _rescaled(lambda D: 1.0 / math.sqrt(D // 4))(r)
 
 
 def _explicit_options(r: Recompute) -> dict:
@@ -198,13 +206,12 @@ def softmax_over_queries(q, k, v, *, mask=None, bias=None, causal=False,
 
 
 def _softmax_axis(r: Recompute):
-    if r.core_name not in ("sdpa", "shared"):
+    if r.core_name not in ("sdpa", "shared"):              # a preconditioned core's inner one
         raise NotApplicable("the core is not a softmax over real or shared scores")
 
     def change(base):
         def call(q, k, v, options):
-            if set(options) - _SOFTMAX_OPTIONS - {"mode"} or options.get("mode", "shared") \
-                    != "shared":
+            if set(options) - _SOFTMAX_OPTIONS:
                 raise NotApplicable("options beyond a plain softmax")
             kw = {n: options[n] for n in _SOFTMAX_OPTIONS if options.get(n) is not None}
             if r.layout == "quaternion":                    # shared scores: SDPA on 4 d features
@@ -278,6 +285,8 @@ HYPOTHESES: tuple[Hypothesis, ...] = (
                _rescaled(lambda D: 1.0 / D)),
     Hypothesis("no scale", "the scores are not scaled (1 instead of 1/sqrt(d))",
                _rescaled(lambda D: 1.0)),
+    Hypothesis("quaternion scale 1/sqrt(d)", "the quaternion scores are scaled by 1/sqrt(d) "
+               "(one component's width) instead of 1/sqrt(4 d)", _component_scale),
     Hypothesis("causal mask not applied", "the causal mask is not applied (every query "
                "sees every key)", _no_causal),
     Hypothesis("causal mask off by one", "the causal mask lets query i see key i + 1",

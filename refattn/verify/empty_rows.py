@@ -38,13 +38,10 @@ CONVENTIONS = {
 }
 
 
-def check_policy(empty_rows: str, core_name: str) -> str:
-    """Validate ``empty_rows=``; ``core_name`` is the variant's core."""
+def check_policy(empty_rows: str) -> str:
+    """Validate ``empty_rows=``."""
     if empty_rows not in EMPTY_ROWS:
         raise ValueError(f"empty_rows must be one of {EMPTY_ROWS}, got {empty_rows!r}")
-    if empty_rows == "uniform" and core_name.startswith("preconditioned"):
-        raise ValueError(f"empty_rows='uniform' is not defined for the {core_name!r} core: "
-                         f"its row normalisation of the uniform row is not computed here")
     return empty_rows
 
 

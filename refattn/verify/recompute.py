@@ -24,6 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from .._core import Core
+from ..cores import get_core
+from ..cores.preconditioned.api import DEFAULT_EPS, apply_preconditioner
+from ..cores.preconditioned.preconditioners import get_preconditioner
 from ..layers import Attention
 from ..masks import combined_keep
 from ..rotary import apply_rotary
@@ -78,36 +82,64 @@ def expand_kv_heads(x, heads: int, layout: str, order: str = "blocked") -> np.nd
         x, (1,) * (x.ndim + axis) + (reps,) + (1,) * (-axis - 1))
 
 
+#: Options of the preconditioned wrapper (the rest go to its inner core) and of the
+#: public core functions only (``mode`` selects the quaternion core).
+_WRAPPER_OPTIONS = ("eps", "stop_gradient", "preconditioner", "inner_core", "return_diagonal")
+_SELECTORS = ("mode",)
+
+
 class Recompute:
     """Recompute a problem's float64 reference output with one change.
+
+    A change applies to the innermost attention core: for a preconditioned core
+    (``O = diag(c) A``) it changes ``A``, and the preconditioner is applied to
+    the changed ``A`` (:func:`refattn.cores.preconditioned.api.apply_preconditioner`).
 
     Parameters
     ----------
     problem : refattn.verify.run.Problem
         Its rounded inputs and options are used (held as float64).
-    layout : {"real", "quaternion"}
-        The core's head layout (a layer's own core decides for a layer case).
+    core : refattn.cores.Core, optional
+        The core of a core case (a layer case uses its layer's).
     """
 
-    def __init__(self, problem: Any, layout: str = "real"):
+    def __init__(self, problem: Any, core: Core | None = None):
         self.problem = problem
         self.layer: Attention | None = problem.case.fn if problem.is_layer else None
-        self.layout = self.layer.core.layout if self.layer is not None else layout
-
-    # -- the reference core call ------------------------------------------------------
-    def base(self, q, k, v, options) -> np.ndarray:
-        """The reference core on ``q, k, v`` with ``options``."""
-        if self.layer is not None:
-            return np.asarray(self.layer.core.forward(q, k, v, backend="reference",
-                                                      **options)[0])
-        return np.asarray(self.problem.case.fn(q, k, v, backend="reference", **options))
+        core = self.layer.core if self.layer is not None else core
+        if core is None:
+            raise ValueError("Recompute of a core case needs its core= (refattn.cores.get_core)")
+        self.core: Core = core
+        inner = problem.options.get("inner_core", core.inner) if self.layer is None else core.inner
+        self.inner: Core = get_core(inner) if isinstance(inner, str) else (inner or core)
+        self.layout = self.inner.layout
 
     @property
     def core_name(self) -> str:
-        """The core's registered name for a layer; the function's name for a core case."""
-        if self.layer is not None:
-            return self.layer.core_name
-        return getattr(self.problem.case.fn, "__name__", "")
+        """The name of the core a change applies to (a preconditioned core's inner core)."""
+        return self.inner.name
+
+    # -- the reference core call ------------------------------------------------------
+    def base(self, q, k, v, options) -> np.ndarray:
+        """The reference (inner) core on ``q, k, v`` with ``options``."""
+        return np.asarray(self.inner.forward(q, k, v, backend="reference", **options)[0])
+
+    def _preconditioned(self, call: CoreCall) -> CoreCall:
+        """``call`` with the inner core's options, then the core's preconditioner if any.
+
+        A preconditioned core gives ``O = diag(c) A`` with ``A = call(...)``.
+        """
+        def wrapped(q, k, v, options):
+            inner = {n: x for n, x in options.items() if n not in _WRAPPER_OPTIONS + _SELECTORS}
+            if self.inner is self.core:
+                return call(q, k, v, inner)
+            a = np.asarray(call(q, k, v, inner), np.float64)
+            pre = get_preconditioner(options.get("preconditioner", "row_norm"))
+            c, rows = apply_preconditioner(pre, q, k, v, a, options.get("eps", DEFAULT_EPS),
+                                           self.inner.feature_axes)
+            return np.reshape(c[..., None] * rows, a.shape)
+
+        return wrapped
 
     # -- the pipeline -------------------------------------------------------------------
     def out(self, change: Callable[[CoreCall], CoreCall] | None = None,
@@ -119,7 +151,7 @@ class Recompute:
         (to_core, from_core)`` re-lays the per-head ``q, k, v`` before the core
         and its output after it.
         """
-        call = self.base if change is None else change(self.base)
+        call = self._preconditioned(self.base if change is None else change(self.base))
         p = self.problem
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             if self.layer is None:

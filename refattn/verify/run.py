@@ -74,8 +74,9 @@ class Problem:
         parameter dict contributes ``"d<param>"`` per parameter), ``"dbias"``.
     float32 : dict
         The same quantities from the reference run in float32.
-    layout : {"real", "quaternion"}
-        The head layout of the core (of a core case; a layer's core decides its own).
+    core : refattn.cores.Core, optional
+        The core of a core case (a layer's core is its own): the recomputations
+        of :mod:`refattn.verify.empty_rows` and :mod:`refattn.verify.diagnose` need it.
     empty_rows : {"zero", "uniform", "nan"}
         The convention the empty rows are compared under
         (:mod:`refattn.verify.empty_rows`).  Under ``"uniform"`` and ``"nan"``,
@@ -85,16 +86,14 @@ class Problem:
         The output rows with no key: ``(*batch, H, L)`` (core), ``(*batch, L)`` (layer).
     """
 
-    def __init__(self, case, dtype, fw, seed, *, layout="real", empty_rows="zero"):
+    def __init__(self, case, dtype, fw, seed, *, core=None, empty_rows="zero"):
         self.case, self.dtype = case, dtype
-        self.layout, self.empty_rows = layout, empty_rows
+        self.core, self.empty_rows = core, empty_rows
         self.names = _input_names(case.fn, len(case.arrays))
         self.arrays = tuple(_map(lambda a: fw.round(a, dtype), a) for a in case.arrays)
         self.options = dict(case.options)
         if self.options.get("bias") is not None:
             self.options["bias"] = fw.round(self.options["bias"], dtype)
-        self.recompute = Recompute(self, layout)
-        self.layout = self.recompute.layout
         out, pullback = vjp(case.fn, *self.arrays, backend="reference", **self.options)
         rng = np.random.default_rng(seed)
         self.cotangent = fw.round(rng.standard_normal(np.shape(out)), dtype)
@@ -112,6 +111,15 @@ class Problem:
             self.expected["out"] = convention
             self.float32["out"] = np.where(self._row_mask(convention.shape), convention,
                                            self.float32["out"])
+
+    @functools.cached_property
+    def recompute(self) -> Recompute:
+        """This problem's :class:`~refattn.verify.recompute.Recompute`."""
+        return Recompute(self, self.core)
+
+    @property
+    def layout(self) -> str:
+        return self.recompute.layout
 
     @functools.cached_property
     def rows(self):
@@ -145,10 +153,10 @@ class Problem:
         return LayerSpec.from_case(self.case, self.dtype)
 
 
-def reference_problem(case, dtype="float64", seed=0, framework=None, *, layout="real",
+def reference_problem(case, dtype="float64", seed=0, framework=None, *, core=None,
                       empty_rows="zero"):
     """The :class:`Problem` of ``case`` in ``dtype`` (rounding through ``framework``, or NumPy)."""
-    return Problem(case, dtype, framework or _NumpyRounding(), seed, layout=layout,
+    return Problem(case, dtype, framework or _NumpyRounding(), seed, core=core,
                    empty_rows=empty_rows)
 
 
@@ -459,8 +467,8 @@ def verify(candidate: Any, variant: str | Variant, *, framework: str | None = No
         raise ValueError(f"dtypes must be a non-empty subset of {tolerance.DTYPES}, got {dtypes}")
     if variant.kind == "core" and (params is not None or call is not None):
         raise TypeError(f"params= and call= apply to layer variants; {variant.name!r} is a core")
-    _empty_rows.check_policy(empty_rows, variant.core)
-    layout = get_core(variant.core).layout
+    _empty_rows.check_policy(empty_rows)
+    core = get_core(variant.core)
     case_list = (variant.cases(cases, "float64", seed) if isinstance(cases, str)
                  else list(cases))
     fw_name = framework or _framework_of(candidate, variant, case_list)
@@ -484,7 +492,7 @@ def verify(candidate: Any, variant: str | Variant, *, framework: str | None = No
     for index, case in enumerate(case_list):
         for dtype in dtypes:
             checks, problem, got = _check(candidate, case, dtype, fw, seed * 1000 + index,
-                                          selectors, layout, empty_rows)
+                                          selectors, core, empty_rows)
             report.checks.extend(checks)
             runs.append((checks, problem, got))
     if report.failures:
@@ -536,10 +544,10 @@ def _selectors(case_list):
                  and all(c.options.get(k) == v for c in case_list))
 
 
-def _check(candidate, case, dtype, fw, seed, selectors=(), layout="real", empty_rows="zero"):
+def _check(candidate, case, dtype, fw, seed, selectors=(), core=None, empty_rows="zero"):
     """``(checks, problem, got)`` of one case in one dtype (``got`` None when it did not run)."""
     with fw.precision(dtype):
-        problem = Problem(case, dtype, fw, seed, layout=layout, empty_rows=empty_rows)
+        problem = Problem(case, dtype, fw, seed, core=core, empty_rows=empty_rows)
         try:
             if problem.is_layer:
                 run = _run_torch_layer if fw.name == "torch" else _run_jax_layer

@@ -17,9 +17,12 @@ import pytest
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
+import refattn
 import refattn.verify as V
+from refattn.cores import get_core
 from refattn.verify import params as P
 from refattn.verify.diagnose import HYPOTHESES, softmax_over_queries
+from refattn.verify.run import reference_problem
 
 F64 = ("float64",)
 
@@ -169,9 +172,30 @@ def test_empty_rows_keyword_is_checked():
     with pytest.raises(ValueError, match=r"empty_rows must be one of \('zero', 'uniform', "
                                          r"'nan'\), got 'inf'"):
         run(core(), empty_rows="inf")
-    with pytest.raises(ValueError, match="empty_rows='uniform' is not defined for the "
-                                         "'preconditioned' core"):
-        run(core(), "preconditioned", empty_rows="uniform")
+
+
+def preconditioned(q, k, v, *, eps=1e-6, stop_gradient=True, preconditioner="row_norm",
+                   bug=None, empty="zero", **options):
+    """``diag(c) A``, ``c_i = 1 / (||A_i|| + eps)``, ``A`` = :func:`attention`."""
+    a = attention(q, k, v, bug=bug, empty=empty, **options)
+    if preconditioner == "identity":
+        return a
+    c = 1.0 / (torch.linalg.vector_norm(a, dim=-1, keepdim=True) + eps)
+    return (c.detach() if stop_gradient else c) * a
+
+
+@pytest.mark.parametrize("convention", ["nan", "uniform"])
+def test_preconditioned_empty_rows(convention):
+    candidate = functools.partial(preconditioned, empty=convention)
+    report = run(candidate, "preconditioned")
+    assert report.conventions == {case: convention for case in EMPTY_CASES}
+    run(candidate, "preconditioned", empty_rows=convention).assert_()
+
+
+@pytest.mark.parametrize("bug", ["softmax_axis", "scale_d", "causal_none"])
+def test_preconditioned_mistakes_are_named(bug):
+    report = run(functools.partial(preconditioned, bug=bug), "preconditioned")
+    assert report.diagnosis.cause == CORE_BUGS[bug], report.diagnosis.description
 
 
 def test_softmax_over_queries_normalises_columns():
@@ -292,8 +316,10 @@ class SharedQuaternion(nn.Module):
 
     def forward(self, xq, xkv=None, mask=None):
         xkv = xq if xkv is None else xkv
+        dh = self.spec.head_dim // 4
+        scale = 1.0 / math.sqrt(dh) if self.bug == "component_scale" else None
         o = attention(self.split(self.q(xq)), self.split(self.k(xkv)), self.split(self.v(xkv)),
-                      mask=mask, causal=self.spec.causal)    # (B, H, T, 4 dh)
+                      mask=mask, causal=self.spec.causal, scale=scale)   # (B, H, T, 4 dh)
         B, H, T, _ = o.shape
         o = o.reshape(B, H, T, 4, -1)
         order = (0, 2, 1, 3, 4) if self.bug == "chunk_heads" else (0, 2, 3, 1, 4)
@@ -306,6 +332,7 @@ Q_PARAMS = {**{f"{n}.weight": P.same(f"w_{n}") for n in "qkvo"},
 
 @pytest.mark.parametrize("bug, cause", [(None, None),
                                         ("tay_signs", "quaternion sign convention"),
+                                        ("component_scale", "quaternion scale 1/sqrt(d)"),
                                         ("chunk_heads", "quaternion head layout")])
 def test_quaternion_layer_mistakes(bug, cause):
     report = run(V.Layer(lambda spec: SharedQuaternion(spec, bug), Q_PARAMS), "qattn-shared")
@@ -326,5 +353,16 @@ def test_report_dict_is_json():
 
 def test_every_hypothesis_has_a_planted_bug():
     planted = set(CORE_BUGS.values()) | set(LAYER_BUGS.values()) | {
-        "quaternion sign convention", "quaternion head layout"}
+        "quaternion sign convention", "quaternion head layout", "quaternion scale 1/sqrt(d)"}
     assert {h.name for h in HYPOTHESES} == planted
+
+
+@pytest.mark.parametrize("name", sorted(refattn.variants()))
+def test_recompute_reproduces_the_reference(name):
+    """The pipeline the conventions and diagnoses change is the reference itself."""
+    variant = refattn.get_variant(name)
+    for case in variant.cases():
+        problem = reference_problem(case, core=get_core(variant.core))
+        out = problem.recompute.out()
+        np.testing.assert_allclose(out, problem.expected["out"], rtol=1e-13, atol=1e-13,
+                                   err_msg=case.name)
