@@ -10,23 +10,29 @@ mistake that explains every failing case, or "no known cause".
 
 The mistakes (:data:`HYPOTHESES`):
 
-``softmax over queries``      ``softmax`` normalised over axis -2 (queries), not -1 (keys)
-``scale 1/d``                 scores scaled by ``1/D`` instead of ``1/sqrt(D)`` (``D``: a head's
-                              feature count, ``4 d`` for quaternion cores)
-``no scale``                  scores not scaled
-``quaternion scale 1/sqrt(d)``  quaternion scores scaled by one component's ``1/sqrt(d)``,
-                              not ``1/sqrt(4 d)``
-``causal mask not applied``   a causal case computed without its causal mask
-``causal mask off by one``    query ``i`` also sees key ``i + 1``
-``causal mask misaligned``    upper-left instead of lower-right (or the reverse) when ``L != S``
-``kv heads tiled``            grouped-query heads mapped ``h -> h mod Hkv`` (``repeat``) instead
-                              of ``h -> h // (H / Hkv)`` (``repeat_interleave``)
-``w_<n> transposed``          a layer weight used as ``W^T`` (one of ``w_q, w_k, w_v, w_o``, or
-                              ``all weights transposed``)
-``quaternion sign convention``  the transposed block signs of Tay et al.'s Hamilton code:
-                              refattn's layer with weights ``(W_r, -W_i, -W_j, -W_k)``
-``quaternion head layout``    heads as contiguous chunks of the flat ``[r|i|j|k]`` vector
-                              (each split into four components), not units of every component
+``softmax over queries``
+    ``softmax`` normalised over axis -2 (queries), not -1 (keys).
+``scale 1/d``, ``no scale``
+    scores scaled by ``1/D`` or not at all instead of ``1/sqrt(D)`` (``D``: a
+    head's feature count, ``4 d`` for quaternion cores).
+``quaternion scale 1/sqrt(d)``
+    quaternion scores scaled by one component's ``1/sqrt(d)``, not ``1/sqrt(4 d)``.
+``causal mask not applied``, ``causal mask off by one``
+    a causal case computed without its causal mask, or with query ``i`` also
+    seeing key ``i + 1``.
+``causal mask misaligned``
+    upper-left instead of lower-right (or the reverse) when ``L != S``.
+``kv heads tiled``
+    grouped-query heads mapped ``h -> h mod Hkv`` (``repeat``) instead of
+    ``h -> h // (H / Hkv)`` (``repeat_interleave``).
+``w_<n> transposed``, ``all weights transposed``
+    a layer weight (one of ``w_q, w_k, w_v, w_o``, or all) used as ``W^T``.
+``quaternion sign convention``
+    the transposed block signs of Tay et al.'s Hamilton code: refattn's layer
+    with weights ``(W_r, -W_i, -W_j, -W_k)``.
+``quaternion head layout``
+    heads as contiguous chunks of the flat ``[r|i|j|k]`` vector (each split
+    into four components), not units of every component.
 
 Diagnosis runs only on failing cases, one recomputation per hypothesis and case.
 """
@@ -387,11 +393,9 @@ class Diagnosis:
 
     def text(self) -> str:
         lines = [f"diagnosis: {self.description}"]
-        if self.gradient_only:
-            lines.append(f"  the output agrees but gradients fail in {len(self.gradient_only)} "
-                         f"case(s) ({', '.join(self.gradient_only[:3])}"
-                         f"{', ...' if len(self.gradient_only) > 3 else ''}): the backward pass "
-                         f"differs")
+        if self.gradient_only and self.explained:
+            lines.append(f"  the output agrees but gradients fail in "
+                         f"{_cases(self.gradient_only)}: the backward pass differs")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -399,6 +403,11 @@ class Diagnosis:
                 "explained": {k: list(v) for k, v in self.explained.items()},
                 "unexplained": list(self.unexplained), "gradient_only": list(self.gradient_only),
                 "tested": list(self.tested)}
+
+
+def _cases(names: list) -> str:
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return f"{len(names)} case(s) ({shown})"
 
 
 def diagnose(failures: list, gradient_only: Sequence[str] = (),
@@ -422,7 +431,8 @@ def diagnose(failures: list, gradient_only: Sequence[str] = (),
                 f"case{'s' if len(failures) > 1 else ''} to float rounding){also}")
         return Diagnosis(best.name, text, explained, unexplained, list(gradient_only), tested)
     if not failures:
-        text = "no known cause for the output; see the gradients below"
+        text = ("no known cause: the output agrees with the reference, only gradients fail "
+                f"(the backward pass differs) in {_cases(list(gradient_only))}")
         return Diagnosis(None, text, explained, unexplained, list(gradient_only), tested)
     partial = sorted({n for names in explained.values() for n in names})
     text = "no known cause: none of the known mistakes explains every failing output"

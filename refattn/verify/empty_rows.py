@@ -3,11 +3,15 @@
 A query row whose keys are all masked out (by ``mask`` and causality) has no
 softmax to take.  Frameworks disagree on its output:
 
-``"zero"``     refattn, PyTorch's SDPA, FlashAttention: the row is 0 (and sends no gradient).
-``"uniform"``  an additive mask of ``finfo(dtype).min`` (Hugging Face, JAX): every score of
-               the row is the same, so the row attends uniformly: the mean of **all** values,
-               ``o_i = (1/S) sum_j v_j`` (of the query head's key/value head).
-``"nan"``      a mask of ``-inf``: ``softmax(-inf, ..., -inf) = 0/0``, the row is NaN.
+``"zero"``
+    refattn, PyTorch's SDPA, FlashAttention: the row is 0 (and sends no gradient).
+``"uniform"``
+    an additive mask of ``finfo(dtype).min`` (Hugging Face, JAX): every score of
+    the row is the same, so the row attends uniformly: the mean of **all**
+    values, ``o_i = (1/S) sum_j v_j`` (of the query head's key/value head; a
+    preconditioned core then scales that row by its ``c_i``).
+``"nan"``
+    a mask of ``-inf``: ``softmax(-inf, ..., -inf) = 0/0``, the row is NaN.
 
 :func:`detect` names the convention a failing candidate follows; verify's
 ``empty_rows=`` keyword compares those rows under it (:func:`expected_out`,
@@ -31,7 +35,7 @@ EMPTY_ROWS = ("zero", "uniform", "nan")
 
 #: How the report names each convention.
 CONVENTIONS = {
-    "zero": "refattn's convention for empty rows (0)",
+    "zero": "refattn's convention for empty rows (a query row that keeps no key is 0)",
     "uniform": "the finfo.min convention for empty rows (a query row that keeps no key "
                "attends uniformly to all keys: the mean of the values)",
     "nan": "the -inf/NaN convention for empty rows (a query row that keeps no key is NaN)",
@@ -104,29 +108,35 @@ def nan_region(rows: np.ndarray | None, batch: tuple, shape: tuple,
     return per_batch.reshape(per_batch.shape + (1,) * (len(shape) - nb))
 
 
-def detect(recompute: Recompute, got: np.ndarray, expected: np.ndarray, allowed: float,
-           scale: float) -> str | None:
+def detect(recompute: Recompute, got: np.ndarray, allowed: float, scale: float,
+           rows: np.ndarray | None = None) -> str | None:
     """The convention ``got`` follows on its empty rows, when it matches the reference elsewhere.
 
     ``allowed`` is the relative error the output check accepts and ``scale`` the
-    output's scale (``allowed x scale`` is the accepted absolute error).  Returns
-    ``"nan"`` (every empty row NaN), ``"uniform"`` (the mean of the values within
+    output's scale (``allowed x scale`` is the accepted absolute error); ``rows``
+    the empty output rows (recomputed when not given).  Returns ``"nan"`` (every
+    empty row NaN), ``"uniform"`` or ``"zero"`` (that convention's values within
     ``allowed``), or None: no empty rows, other rows wrong too, or no convention fits.
     """
-    rows = recompute.empty_rows()
+    rows = recompute.empty_rows() if rows is None else rows
     if rows is None:
         return None
     got = np.asarray(got, np.float64)
     rows = np.broadcast_to(rows.reshape(rows.shape + (1,) * (got.ndim - rows.ndim)), got.shape)
     rest, empty = got[~rows], got[rows]
+    reference = expected_out(recompute, "zero")
     with np.errstate(invalid="ignore"):
         if rest.size and not (np.all(np.isfinite(rest))
-                              and np.max(np.abs(rest - expected[~rows])) <= allowed * scale):
+                              and np.max(np.abs(rest - reference[~rows])) <= allowed * scale):
             return None
         if np.isnan(empty).all():
             return "nan"
-        uniform = expected_out(recompute, "uniform")[rows]
-        scale = max(scale, float(np.max(np.abs(uniform), initial=0.0)))
-        if np.all(np.isfinite(empty)) and np.max(np.abs(empty - uniform)) <= allowed * scale:
-            return "uniform"
+        if not np.all(np.isfinite(empty)):
+            return None
+        for convention in ("zero", "uniform"):
+            values = reference[rows] if convention == "zero" else \
+                expected_out(recompute, convention)[rows]
+            bound = allowed * max(scale, float(np.max(np.abs(values), initial=0.0)))
+            if np.max(np.abs(empty - values), initial=0.0) <= bound:
+                return convention
     return None

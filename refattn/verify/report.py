@@ -83,9 +83,9 @@ class VerifyReport:
     empty_rows : str
         The empty-row convention the report compared under (``verify(empty_rows=)``).
     conventions : dict
-        ``{case: "nan" | "uniform"}``: failing cases whose output is right except
-        on its empty rows, where it follows that convention
-        (:mod:`refattn.verify.empty_rows`).
+        ``{case: "zero" | "uniform" | "nan"}``: failing cases whose output is
+        right except on its empty rows, where it follows that convention instead
+        of :attr:`empty_rows` (:mod:`refattn.verify.empty_rows`).
     diagnosis : refattn.verify.diagnose.Diagnosis or None
         The likely cause of the other failures (None when nothing else failed).
     """
@@ -144,8 +144,10 @@ class VerifyReport:
         lines = []
         for convention in sorted(set(self.conventions.values())):
             cases = [c for c, v in self.conventions.items() if v == convention]
+            compared = ("refattn gives 0" if self.empty_rows == "zero" else
+                        f"compared under empty_rows={self.empty_rows!r}")
             lines.append(f"empty rows: the candidate follows {CONVENTIONS[convention]} in "
-                         f"{len(cases)} case(s) ({', '.join(cases)}); refattn gives 0. Pass "
+                         f"{len(cases)} case(s) ({', '.join(cases)}); {compared}. Pass "
                          f"empty_rows={convention!r} to verify() to compare those rows under it.")
         if self.diagnosis is not None:
             lines.append(self.diagnosis.text())

@@ -129,7 +129,7 @@ def test_wrong_backward_is_told_apart_from_a_wrong_forward():
     report = run(doubled_gradient)
     assert not report.ok and report.diagnosis.cause is None
     assert set(report.diagnosis.gradient_only) == {c.case for c in report.failures}
-    assert "the output agrees but gradients fail" in report.explanation()
+    assert "the output agrees with the reference, only gradients fail" in report.explanation()
 
 
 # -- empty-row conventions ----------------------------------------------------------------
@@ -164,6 +164,10 @@ def test_switch_is_not_a_blanket_pass():
     # a NaN candidate with a planted mistake still fails under the switch.
     strict = run(core(), empty_rows="nan")
     assert {c.case for c in strict.failures if c.quantity == "out"} == EMPTY_CASES
+    # ... and the report says the candidate follows refattn's convention after all.
+    assert strict.conventions == {case: "zero" for case in EMPTY_CASES}
+    assert "refattn's convention for empty rows" in strict.explanation()
+    assert "empty_rows='zero'" in strict.explanation()
     wrong = run(core("scale_d", empty="nan"), empty_rows="nan")
     assert not wrong.ok and wrong.diagnosis.cause == "scale 1/d"
 
