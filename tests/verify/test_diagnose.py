@@ -303,9 +303,9 @@ class QLinear(nn.Module):
 class SharedQuaternion(nn.Module):
     """Shared-score quaternion attention; ``chunks``: heads are flat chunks of [r|i|j|k]."""
 
-    def __init__(self, spec, bug=None):
+    def __init__(self, spec, bug=None, empty="zero"):
         super().__init__()
-        self.spec, self.bug = spec, bug
+        self.spec, self.bug, self.empty = spec, bug, empty
         for name in "qkvo":
             setattr(self, name, QLinear(spec.d_model // 4, spec.bias, tay=bug == "tay_signs"))
 
@@ -323,7 +323,8 @@ class SharedQuaternion(nn.Module):
         dh = self.spec.head_dim // 4
         scale = 1.0 / math.sqrt(dh) if self.bug == "component_scale" else None
         o = attention(self.split(self.q(xq)), self.split(self.k(xkv)), self.split(self.v(xkv)),
-                      mask=mask, causal=self.spec.causal, scale=scale)   # (B, H, T, 4 dh)
+                      mask=mask, causal=self.spec.causal, scale=scale,
+                      empty=self.empty)                  # (B, H, T, 4 dh)
         B, H, T, _ = o.shape
         o = o.reshape(B, H, T, 4, -1)
         order = (0, 2, 1, 3, 4) if self.bug == "chunk_heads" else (0, 2, 3, 1, 4)
@@ -370,3 +371,18 @@ def test_recompute_reproduces_the_reference(name):
         out = problem.recompute.out()
         np.testing.assert_allclose(out, problem.expected["out"], rtol=1e-13, atol=1e-13,
                                    err_msg=case.name)
+
+
+def test_official_style_quaternion_module():
+    """Chunked heads and a finfo.min fill, as the official shared-score code: both are named."""
+    def official(empty):
+        return V.Layer(lambda spec: SharedQuaternion(spec, "chunk_heads", empty), Q_PARAMS)
+
+    report = run(official("uniform"), "qattn-shared")
+    # Every case fails on its rows with keys, so the layout explains them all (the empty
+    # rows are left out of the comparison) ...
+    assert report.diagnosis.cause == "quaternion head layout" and report.conventions == {}
+    # ... and with the layout right, the fill is what remains: detected, then accepted.
+    fill_only = V.Layer(lambda spec: SharedQuaternion(spec, None, "uniform"), Q_PARAMS)
+    assert set(run(fill_only, "qattn-shared").conventions.values()) == {"uniform"}
+    run(fill_only, "qattn-shared", empty_rows="uniform").assert_()
