@@ -42,6 +42,7 @@ Design (``docs/backends/numba.md`` has the full story):
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 from numba import prange
@@ -54,12 +55,19 @@ from ...backends.numba_support import (
     launch,
     num_threads,
 )
+from ...backends.tuning import tuned_choice
 
 __all__ = ["DEFAULT_TILES", "backward", "forward"]
 
-#: ``(queries, keys)`` per tile unless the call's ``SDPAOptions.tiles`` says otherwise; the
-#: query count is the vector length of the softmax updates.
+#: ``(queries, keys)`` per tile for problems shorter than :data:`TUNE_MIN_LEN` (where one or
+#: two tiles cover a head, and the shape hardly matters).
 DEFAULT_TILES = (256, 256)
+#: Tile shapes timed on this machine at first use (:func:`~refattn.backends.tuning.tuned_choice`,
+#: per pass, dtype and head size) for problems of at least :data:`TUNE_MIN_LEN` queries and
+#: keys; the fastest is kept.  No shape is best on every CPU: the BLAS's small-product
+#: kernels differ (one host's OpenBLAS ran 256 x 64 x 256 at a third of its rate).
+TILE_CANDIDATES = ((128, 256), (256, 256), (256, 512), (512, 256))
+TUNE_MIN_LEN = 512
 #: The forward renews a row's exp() shift only when a score exceeds it by this much.
 #: Probabilities relative to the shift then stay below exp(30) = 1.1e13, so sums over
 #: S <= 1e5 keys of them times |v| stay finite in float32 (3.4e38) for |v| < 1e20.
@@ -451,6 +459,30 @@ def _operands(q, k, v, opts):
     )
 
 
+def _tiles(opts, pass_name, dtype, L, S, E, Ev):
+    """The call's ``tiles``, else the shape tuned for this machine, else the default."""
+    if opts.tiles is not None:
+        return opts.tiles
+    if min(L, S) < TUNE_MIN_LEN:
+        return DEFAULT_TILES
+    rng = np.random.default_rng(0)
+    H, n = num_threads(), 1024                   # one head per thread, 4 tiles of the largest
+    q, k = (rng.standard_normal((1, H, n, E)).astype(dtype) for _ in range(2))
+    v, do = (rng.standard_normal((1, H, n, Ev)).astype(dtype) for _ in range(2))
+
+    def seconds(tiles):
+        probe = type(opts)(scale=opts.scale, tiles=tuple(tiles))
+        start = time.perf_counter()
+        o, lse = forward(q, k, v, probe)
+        if pass_name == "backward":
+            start = time.perf_counter()
+            backward(q, k, v, o, lse, do, probe)
+        return time.perf_counter() - start
+
+    name = f"sdpa-numba-tiles:{pass_name}:{np.dtype(dtype).name}:E{E}:Ev{Ev}"
+    return tuple(tuned_choice(name, TILE_CANDIDATES, seconds))
+
+
 def forward(q, k, v, opts):
     """``(o (B, H, L, Ev), lse (B, H, L))``; see :mod:`refattn.cores.sdpa.api`."""
     dtype = q.dtype
@@ -459,7 +491,7 @@ def forward(q, k, v, opts):
     o = np.empty((B, H, L, v.shape[3]), dtype)
     lse = np.empty((B, H, L), dtype)
     ops = _operands(q, k, v, opts)
-    block_q, block_k = opts.tiles or DEFAULT_TILES
+    block_q, block_k = _tiles(opts, "forward", dtype, L, k.shape[2], q.shape[3], v.shape[3])
     with launch():
         _forward_kernel(q, k, v, ops["mask"], ops["bias"], ops["slopes"], ops["drop"],
                         ops["mods"], ops["has_drop"], ops["causal"], ops["scale"],
@@ -480,7 +512,7 @@ def backward(q, k, v, o, lse, do, opts):
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     ops = _operands(q, k, v, opts)
-    block_q, block_k = opts.tiles or DEFAULT_TILES
+    block_q, block_k = _tiles(opts, "backward", dtype, L, S, E, v.shape[3])
     n_chunks = _chunks(B * Hkv, -(-S // block_k))
     dq_parts = np.zeros((n_chunks, B, H, L, E), dtype)
     dk = np.empty_like(k)
