@@ -14,7 +14,7 @@ from .._vjp import vjp
 from . import tolerance
 from .adapters import (Layer, LayerSpec, Unsupported, accepts, default_jax_call,
                        default_torch_call, jax_dot_product_attention, torch_multihead_attention,
-                       torch_sdpa)
+                       torch_sdpa, under_empty_rows)
 from .frameworks import detect_framework, load_framework
 from .params import resolve_map
 from .report import Check, VerifyReport
@@ -221,7 +221,9 @@ def _compare(problem, got, out_dtype):
     label = problem.case.name
     for quantity, expected in problem.expected.items():
         ref32_err = max_abs_error(problem.float32[quantity], expected)
-        scale = tolerance.scale(float(np.max(np.abs(expected), initial=0.0)), ref32_err)
+        # NaN entries of a reference (the "nan" empty-row policy) are compared by pattern only.
+        scale = tolerance.scale(float(np.max(np.abs(expected), initial=0.0,
+                                             where=~np.isnan(expected))), ref32_err)
         ref_err = (ref32_err if problem.dtype == "float32"
                    else tolerance.reference_error(ref32_err, problem.dtype))
         gradient = quantity != "out"
@@ -321,7 +323,7 @@ def _framework_of(candidate, variant, cases):
 def verify(candidate: Any, variant: str | Variant, *, framework: str | None = None,
            dtypes: Sequence[str] = ("float64", "float32"), cases: Any = "test", seed: int = 0,
            params: Any = None, call: Callable[..., Any] | None = None,
-           name: str | None = None) -> VerifyReport:
+           name: str | None = None, empty_rows: str = "zero") -> VerifyReport:
     """Verify a PyTorch or JAX implementation against refattn's float64 reference.
 
     For every seeded case of ``variant`` (its catalogue ``"test"`` cases: shapes,
@@ -358,6 +360,12 @@ def verify(candidate: Any, variant: str | Variant, *, framework: str | None = No
     name : str, optional
         The candidate's name in the report (default: its qualified name, or the
         adapter's).
+    empty_rows : {"zero", "uniform", "nan"}
+        The convention the reference follows for a query row with no kept key:
+        ``"zero"`` (refattn, torch SDPA), ``"uniform"`` (a ``finfo.min`` fill: the mean
+        of the values), ``"nan"`` (a ``-inf`` fill: NaN, and NaN value gradients).
+        The candidate is then held to that convention on the ``(empty rows)`` cases
+        (``docs/conventions.md``); a layer candidate reads it as ``spec.empty_rows``.
 
     Returns
     -------
@@ -379,8 +387,8 @@ def verify(candidate: Any, variant: str | Variant, *, framework: str | None = No
         raise ValueError(f"dtypes must be a non-empty subset of {tolerance.DTYPES}, got {dtypes}")
     if variant.kind == "core" and (params is not None or call is not None):
         raise TypeError(f"params= and call= apply to layer variants; {variant.name!r} is a core")
-    case_list = (variant.cases(cases, "float64", seed) if isinstance(cases, str)
-                 else list(cases))
+    case_list = under_empty_rows(variant.cases(cases, "float64", seed) if isinstance(cases, str)
+                                 else list(cases), empty_rows)
     fw_name = framework or _framework_of(candidate, variant, case_list)
     fw = load_framework(fw_name)
     candidate, description = _known(candidate, variant.kind, fw_name)
