@@ -16,7 +16,7 @@ from .adapters import (Layer, LayerSpec, Unsupported, accepts, default_jax_call,
                        default_torch_call, jax_dot_product_attention, torch_multihead_attention,
                        torch_sdpa, under_empty_rows)
 from .frameworks import detect_framework, load_framework
-from .params import resolve_map
+from .params import gather_gradients, resolve_map
 from .report import Check, VerifyReport
 
 __all__ = ["verify", "reference_problem", "Problem", "quantities"]
@@ -162,9 +162,8 @@ def _run_torch_layer(layer, problem, fw):
     out = call(module, inputs[0], inputs[1] if xkv is not None else None,
                None if mask is None else fw.asarray(mask), spec)
     grads = fw.grad(out, leaves + flat_inputs, problem.cotangent)
-    dparams = {}
-    for conv, g in zip(mapping.values(), grads):
-        dparams.update(conv.to_refattn(g))
+    shapes = {n: np.shape(a) for n, a in params.items()}
+    dparams = gather_gradients(mapping, grads[:len(leaves)], shapes)
     return (problem.quantities(fw.to_numpy(out), (dparams, *grads[len(leaves):])),
             fw.dtype_name(out))
 
@@ -187,9 +186,8 @@ def _run_jax_layer(layer, problem, fw):
 
     primals = [cand_params, xq] + ([xkv] if xkv is not None else [])
     out, grads, out_dtype = fw.vjp(f, primals, problem.cotangent, problem.dtype)
-    dparams = {}
-    for cname, conv in mapping.items():
-        dparams.update(conv.to_refattn(grads[0][cname]))
+    dparams = gather_gradients(mapping, [grads[0][c] for c in mapping],
+                               {n: np.shape(a) for n, a in params.items()})
     return problem.quantities(out, (dparams, *grads[1:])), out_dtype
 
 
