@@ -132,7 +132,7 @@ def fill_output(policy, o, v, rows, opts):
     if policy == "zero" or rows is None:
         return o
     xp = namespace(o, v)
-    B, H, L, F = o.shape
+    B, H, L, _ = o.shape
     where = xp.broadcast_to(rows, (B, H, L))[..., None]                # (B, H, L, 1)
     if policy == "nan":
         return xp.where(where, xp.asarray(xp.nan, dtype=o.dtype), o)

@@ -11,9 +11,12 @@ import pytest
 
 import refattn
 from refattn.cores.quaternion.algebra import MODES
-from refattn.projections.quaternion import merge_quaternion_heads, split_quaternion_heads
+from refattn.projections.quaternion import (
+    merge_quaternion_heads,
+    split_quaternion_heads,
+)
 
-EXACT = dict(rtol=1e-12, atol=1e-12)
+EXACT = {"rtol": 1e-12, "atol": 1e-12}
 
 
 def _labels(H, dh):
