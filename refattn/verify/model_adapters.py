@@ -47,7 +47,7 @@ def hf_additive_mask(mask, spec, torch, like, what):
     keeps no key is ``n/a`` (:data:`HF_EMPTY_ROWS`).
     """
     np_mask = None if mask is None else mask.cpu().numpy()
-    empty_row_check(np_mask, spec, what, HF_EMPTY_ROWS, policy="uniform")
+    empty_row_check(np_mask, spec, what, HF_EMPTY_ROWS)
     keep = torch_keep(np_mask, spec)
     if keep is None:
         keep = np.ones((1, 1, spec.L, spec.S), dtype=bool)

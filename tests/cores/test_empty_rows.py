@@ -194,3 +194,20 @@ def test_bad_policy_is_named():
     with pytest.raises(ValueError, match=r"empty_rows must be one of"):
         refattn.quaternion_attention(np.zeros((1, 2, 4, 1)), np.zeros((1, 2, 4, 1)),
                                      np.zeros((1, 2, 4, 1)), empty_rows=None)
+
+
+@pytest.mark.parametrize("core", ["sdpa", "shared"])
+def test_layer_with_uniform_rows_finite_differences(core):
+    """The layer option reaches the core: the official module's configuration, by FD."""
+    rng = np.random.default_rng(9)
+    projection = "quaternion" if core == "shared" else "standard"
+    extra = {"head_layout": "chunks"} if core == "shared" else {}
+    layer = refattn.Attention(16, 2, projection=projection, core=core, bias=True,
+                              empty_rows="uniform", **extra)
+    mask = rng.random((4, 4)) > 0.3
+    mask[:, 0], mask[2] = True, False
+    params, x = layer.init(seed=1), rng.standard_normal((1, 4, 16))
+    y = layer(params, x, mask=mask)
+    zero = refattn.Attention(16, 2, projection=projection, core=core, bias=True, **extra)
+    assert np.max(np.abs(y[0, 2] - zero(params, x, mask=mask)[0, 2])) > 1e-3
+    check_grads(layer, params, x, backend="reference", mask=mask)

@@ -438,7 +438,7 @@ def sdpa(q: Array, k: Array, v: Array, *, mask: Array | None = None, bias: Array
     empty_rows : {"zero", "uniform", "nan"}
         What a query row with no kept key gives (``docs/conventions.md``): ``"zero"``
         (refattn, PyTorch SDPA, FlashAttention): 0 and no gradient; ``"uniform"`` (a
-        ``finfo.min`` fill, JAX, Hugging Face): the mean of ``v`` over all keys, its
+        ``finfo.min`` fill, JAX): the mean of ``v`` over all keys, its
         gradient to ``v`` only; ``"nan"`` (a ``-inf`` fill): NaN, and NaN ``dv`` for
         the row's key/value head.  ``return_lse`` and ``return_probs`` are refattn's
         own (``-inf`` and 0 in such rows) whatever the policy.
