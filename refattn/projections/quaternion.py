@@ -208,7 +208,7 @@ class QuaternionProjection(OutputProjection):
     name = "quaternion"
     layout = "quaternion"
     options = ("head_layout",)
-    # The shared output projection, on the Hamilton-product layer and per-unit heads.
+    # The shared output projection, on the Hamilton-product layer and this scheme's heads.
     _linear_forward = staticmethod(quaternion_linear_forward)
     _linear_backward = staticmethod(quaternion_linear_backward)
 
@@ -223,7 +223,7 @@ class QuaternionProjection(OutputProjection):
         return split_quaternion_heads(xp, x, cfg.n_heads, self.head_layout(cfg))
 
     def check(self, cfg):
-        layout = cfg.options.get("head_layout", "units")
+        layout = self.head_layout(cfg)
         if layout not in HEAD_LAYOUTS:
             raise ValueError(f"head_layout must be one of {HEAD_LAYOUTS} (the quaternion "
                              f"projection's head split), got {layout!r}")
