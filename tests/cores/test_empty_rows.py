@@ -118,12 +118,29 @@ def test_quaternion_backends_agree(mode, policy):
     rng = np.random.default_rng(5)
     q, k, v = (rng.standard_normal(s) for s in ((2, 2, 5, 4, 2), (2, 1, 6, 4, 2), (2, 1, 6, 4, 2)))
     mask = rng.random((2, 1, 1, 6)) > 0.3
-    mask[1] = False
+    mask[0, ..., 0], mask[1] = True, False           # batch 0: every causal row keeps key 0
     do = rng.standard_normal((2, 2, 5, 4, 2))
     results = []
     for backend in BACKENDS:
         o, pullback = refattn.vjp(refattn.quaternion_attention, q, k, v, mode=mode, mask=mask,
                                   causal=True, empty_rows=policy, backend=backend)
+        results.append((o, *pullback(do)))
+    for got, expected in zip(*results):
+        _assert_same(got, expected)
+    _, dq, dk, dv = results[0]
+    assert np.isfinite(dq).all() and np.isfinite(dk).all()     # masked_fill's zero pullback
+    # batch 1 is all padding: NaN values gradient there (policy "nan") and nowhere else
+    assert np.isnan(dv[1]).all() == (policy == "nan") and np.isfinite(dv[0]).all()
+
+
+@pytest.mark.parametrize("policy", ["uniform", "nan"])
+def test_preconditioned_backends_agree(policy):
+    rng, q, k, v, mask = _problem(10)
+    do = rng.standard_normal(q.shape)
+    results = []
+    for backend in BACKENDS:
+        o, pullback = refattn.vjp(refattn.preconditioned_sdpa, q, k, v, mask=mask,
+                                  stop_gradient=False, empty_rows=policy, backend=backend)
         results.append((o, *pullback(do)))
     for got, expected in zip(*results):
         _assert_same(got, expected)
