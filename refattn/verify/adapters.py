@@ -82,8 +82,9 @@ class LayerSpec:
     L, S : int
         Query and key lengths of the case (``S == L`` for self-attention).
     empty_rows : {"zero", "uniform", "nan"}
-        The convention the reference runs under for a query row with no kept key
-        (``verify(..., empty_rows=...)``; ``docs/conventions.md``).
+        The convention a query row with no kept key is compared under: verify's
+        ``empty_rows=`` switch, or the reference layer's core option (cases from
+        :func:`under_empty_rows`); ``docs/conventions.md``.
     """
 
     d_model: int
@@ -290,8 +291,9 @@ def jax_dot_product_attention(fn: Callable[..., Any] | None = None,
     JAX gives a query row with no key left the mean of all values (it masks with
     the dtype's minimum instead of ``-inf``); refattn, PyTorch and FlashAttention
     give 0.  Such cases are reported as not expressible unless the reference runs
-    under ``empty_rows="uniform"`` (``verify(..., empty_rows="uniform")``), like values
-    narrower or wider than keys (JAX needs ``Ev == E``).  JAX computes the softmax in float32
+    under the cores' ``empty_rows="uniform"`` (cases from :func:`under_empty_rows`, which
+    pass the adapter ``empty_rows=``), like values narrower or wider than keys (JAX
+    needs ``Ev == E``).  JAX computes the softmax in float32
     whatever the input dtype, so its float64 results have float32 accuracy: the
     report says so (verify it in float32).
     """
@@ -318,7 +320,7 @@ def jax_dot_product_attention(fn: Callable[..., Any] | None = None,
             if not rows.all() and empty_rows != "uniform":
                 raise Unsupported("jax.nn.dot_product_attention gives a query row with no key "
                                   "left the mean of all values (refattn and torch: 0); "
-                                  "verify(..., empty_rows='uniform') compares it")
+                                  "cases=under_empty_rows(cases, 'uniform') compares it")
 
         def tokens_first(x, heads, length, width):
             x = jnp.reshape(x, (B, heads, length, width))          # (B, heads, T, width)

@@ -1,4 +1,10 @@
-"""``verify(..., empty_rows=...)``: the reference under a framework's empty-row convention."""
+"""The reference under a framework's empty-row convention, gradients included.
+
+``cases=under_empty_rows(cases, policy)`` runs the reference with the cores' option
+``empty_rows=policy``, so a candidate is held to that convention's exact gradients
+(``verify(..., empty_rows=)`` alone compares the empty rows' output and zeroes their
+cotangent, ``tests/verify/test_report.py``).
+"""
 
 from __future__ import annotations
 
@@ -46,10 +52,12 @@ def test_core_candidate_passes_under_its_own_convention_only(policy):
     candidate = filled_sdpa(FILLS[policy])
     cases = [c for c in refattn.get_variant("sdpa").cases() if "empty" in c.name]
     assert cases
-    same = V.verify(candidate, "sdpa", framework="torch", cases=cases, empty_rows=policy)
+    same = V.verify(candidate, "sdpa", framework="torch", cases=under_empty_rows(cases, policy))
     assert _empty_row_statuses(same) == {"ok"}
+    assert {c.quantity for c in same.compared} >= {"out", "dq", "dk", "dv"}
     for other in {"zero", "uniform", "nan"} - {policy}:
-        report = V.verify(candidate, "sdpa", framework="torch", cases=cases, empty_rows=other)
+        report = V.verify(candidate, "sdpa", framework="torch",
+                          cases=under_empty_rows(cases, other))
         assert "FAIL" in _empty_row_statuses(report)
 
 
@@ -83,10 +91,15 @@ LINEAR = {**{f"{n}.weight": V.params.linear_weight(f"w_{n}") for n in "qkvo"},
 
 @pytest.mark.parametrize("policy", ["uniform", "nan"])
 def test_layer_factory_reads_the_convention_from_the_spec(policy):
-    report = V.verify(V.Layer(FilledMHA, params=LINEAR), "mha-standard", framework="torch",
+    cases = refattn.get_variant("mha-standard").cases()
+    strict = V.verify(V.Layer(FilledMHA, params=LINEAR), "mha-standard", framework="torch",
+                      dtypes=("float64",), cases=under_empty_rows(cases, policy))
+    strict.assert_()
+    assert _empty_row_statuses(strict) == {"ok"}
+    # verify's own switch hands the convention to the factory too (spec.empty_rows).
+    switch = V.verify(V.Layer(FilledMHA, params=LINEAR), "mha-standard", framework="torch",
                       dtypes=("float64",), empty_rows=policy)
-    report.assert_()
-    assert _empty_row_statuses(report) == {"ok"}
+    switch.assert_()
 
 
 def test_spec_keeps_the_policy_out_of_the_core_options():
@@ -104,14 +117,14 @@ def test_under_empty_rows_rebuilds_layers_and_rejects_what_has_no_policy():
     with pytest.raises(ValueError, match=r"'elementwise' core .* has no empty-row policy"):
         under_empty_rows(refattn.get_variant("mha-elementwise-taylor").cases(), "nan")
     with pytest.raises(ValueError, match=r"empty_rows must be one of"):
-        V.verify(filled_sdpa(FILLS["nan"]), "sdpa", framework="torch", empty_rows="NaN")
+        under_empty_rows(cases, "NaN")
 
 
 def test_jax_adapter_compares_empty_rows_under_uniform():
     jax = pytest.importorskip("jax")
     cases = [c for c in refattn.get_variant("sdpa").cases()
              if c.name == "mask with empty row + causal"]
-    report = V.verify(jax.nn.dot_product_attention, "sdpa", dtypes=("float32",), cases=cases,
-                      empty_rows="uniform")
+    report = V.verify(jax.nn.dot_product_attention, "sdpa", dtypes=("float32",),
+                      cases=under_empty_rows(cases, "uniform"))
     report.assert_()
     assert {c.case for c in report.compared} == {"mask with empty row + causal"}
