@@ -25,13 +25,14 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .._empty_rows import (
+    EMPTY_ROWS,  # the cores' policies: verify(..., empty_rows=) takes them
+)
 from .recompute import CoreCall, Recompute, empty_query_rows, expand_kv_heads, head_axis
 
 __all__ = ["CONVENTIONS", "EMPTY_ROWS", "check_policy", "detect", "expected_out", "fill",
            "nan_region", "zero_rows"]
 
-#: The values of ``verify(..., empty_rows=)``.
-EMPTY_ROWS = ("zero", "uniform", "nan")
 
 #: How the report names each convention.
 CONVENTIONS = {
