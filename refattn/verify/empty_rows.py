@@ -25,9 +25,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .._empty_rows import (
-    EMPTY_ROWS,  # the cores' policies: verify(..., empty_rows=) takes them
-)
+# The cores' policies (refattn._empty_rows): verify(..., empty_rows=) takes the same names.
+from .._empty_rows import EMPTY_ROWS
 from .recompute import CoreCall, Recompute, empty_query_rows, expand_kv_heads, head_axis
 
 __all__ = ["CONVENTIONS", "EMPTY_ROWS", "check_policy", "detect", "expected_out", "fill",
