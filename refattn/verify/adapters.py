@@ -24,21 +24,19 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
 from .. import masks as _masks
-from .._empty_rows import check_empty_rows
 from .._masks import causal_keep, causal_offset
-from ..layers import Attention
 from . import params as _params
 
 __all__ = ["Unsupported", "LayerSpec", "Layer", "accepts", "default_torch_call",
            "default_jax_call", "call_keywords", "torch_sdpa",
            "jax_dot_product_attention", "torch_multihead_attention", "reject_unless",
-           "empty_row_check", "under_empty_rows", "torch_keep", "CAUSAL_KEYWORDS"]
+           "empty_row_check", "torch_keep", "CAUSAL_KEYWORDS"]
 
 
 class Unsupported(Exception):
@@ -83,8 +81,8 @@ class LayerSpec:
         Query and key lengths of the case (``S == L`` for self-attention).
     empty_rows : {"zero", "uniform", "nan"}
         The convention a query row with no kept key is compared under: verify's
-        ``empty_rows=`` switch, or the reference layer's core option (cases from
-        :func:`under_empty_rows`); ``docs/conventions.md``.
+        ``empty_rows=`` switch, or the reference layer's own core option;
+        ``docs/conventions.md``.
     """
 
     d_model: int
@@ -223,12 +221,21 @@ class Layer:
         takes (:func:`call_keywords`).
     name : str, optional
         The candidate's name in the report (default: the factory's qualified name).
+    masks_additively : bool
+        The module *adds* its mask to the scores (``scores + finfo.min``, Hugging
+        Face's ``attention_mask``) rather than filling them.  Under
+        ``verify(..., empty_rows="uniform")`` such a row's output is the mean of
+        the values, but its score gradient reaches ``q`` and ``k``, which the
+        cores' policy does not model: verify then compares the empty rows'
+        output only (``report.comparisons``).  Default False: a fill
+        (``masked_fill``, ``jnp.where``), compared exactly.
     """
 
     factory: Callable
     params: Any = None
     call: Callable | None = None
     name: str | None = None
+    masks_additively: bool = False
 
     def param_map(self, spec):
         return self.params(spec) if callable(self.params) else self.params
@@ -290,10 +297,10 @@ def jax_dot_product_attention(fn: Callable[..., Any] | None = None,
 
     JAX gives a query row with no key left the mean of all values (it masks with
     the dtype's minimum instead of ``-inf``); refattn, PyTorch and FlashAttention
-    give 0.  Such cases are reported as not expressible unless the reference runs
-    under the cores' ``empty_rows="uniform"`` (cases from :func:`under_empty_rows`, which
-    pass the adapter ``empty_rows=``), like values narrower or wider than keys (JAX
-    needs ``Ev == E``).  JAX computes the softmax in float32
+    give 0.  Such cases are reported as not expressible unless
+    ``verify(..., empty_rows="uniform")`` runs the reference under the cores'
+    ``empty_rows="uniform"`` (it passes the adapter ``empty_rows=``), like values
+    narrower or wider than keys (JAX needs ``Ev == E``).  JAX computes the softmax in float32
     whatever the input dtype, so its float64 results have float32 accuracy: the
     report says so (verify it in float32).
     """
@@ -320,7 +327,7 @@ def jax_dot_product_attention(fn: Callable[..., Any] | None = None,
             if not rows.all() and empty_rows != "uniform":
                 raise Unsupported("jax.nn.dot_product_attention gives a query row with no key "
                                   "left the mean of all values (refattn and torch: 0); "
-                                  "cases=under_empty_rows(cases, 'uniform') compares it")
+                                  "verify(..., empty_rows='uniform') compares it")
 
         def tokens_first(x, heads, length, width):
             x = jnp.reshape(x, (B, heads, length, width))          # (B, heads, T, width)
@@ -386,39 +393,6 @@ def empty_row_check(mask, spec, what, convention, policy=None):
                           f"(refattn, torch SDPA and FlashAttention: 0)"
                           + (f"; verify(..., empty_rows={policy!r}) compares it" if policy
                              else ""))
-
-
-def under_empty_rows(cases, policy):
-    """The cases with their reference run under the empty-row ``policy``.
-
-    A core case gets the option ``empty_rows=policy`` (a candidate that does not
-    take it is not passed it); a layer case is rebuilt with the core option.
-    ``"zero"`` returns the cases unchanged.  ``ValueError`` for a policy that is
-    not one of :data:`refattn._empty_rows.EMPTY_ROWS` or a case whose core has no
-    such option (element-wise attention).
-    """
-    check_empty_rows(policy)
-    if policy == "zero":
-        return list(cases)
-    out = []
-    for case in cases:
-        layer = case.fn
-        if isinstance(layer, Attention):
-            if "empty_rows" not in layer.core.options:
-                raise ValueError(f"empty_rows={policy!r}: the {layer.core_name!r} core of case "
-                                 f"{case.name!r} has no empty-row policy")
-            c = layer.config
-            rebuilt = Attention(c.d_model, c.n_heads, projection=layer.projection_name,
-                                core=layer.core_name, causal=c.causal, bias=c.bias,
-                                **c.options, **layer.rotary_options,
-                                **{**layer.core_options, "empty_rows": policy})
-            out.append(replace(case, fn=rebuilt))
-        else:
-            if not accepts(case.fn, "empty_rows"):
-                raise ValueError(f"empty_rows={policy!r}: {getattr(case.fn, '__name__', case.fn)} "
-                                 f"(case {case.name!r}) has no empty-row policy")
-            out.append(replace(case, options={**case.options, "empty_rows": policy}))
-    return out
 
 
 def torch_keep(mask, spec):

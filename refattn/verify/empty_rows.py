@@ -14,23 +14,45 @@ softmax to take.  Frameworks disagree on its output:
     a mask of ``-inf``: ``softmax(-inf, ..., -inf) = 0/0``, the row is NaN.
 
 :func:`detect` names the convention a failing candidate follows; verify's
-``empty_rows=`` keyword compares those rows under it (:func:`expected_out`,
-:func:`zero_rows`, :func:`nan_region`).  The expected values are recomputed here
-from the problem's own inputs (:mod:`refattn.verify.recompute`).
+``empty_rows=`` keyword compares those rows under it, one of two ways per case
+(:func:`reference_case` chooses):
+
+``"exact"``
+    the reference itself runs under the cores' option ``empty_rows=policy``
+    (``refattn/_empty_rows.py``): every output and gradient is compared,
+    those of the empty rows included.  This models a candidate that *fills*
+    its masked scores (``masked_fill``, ``jnp.where``) and is used wherever the
+    case's core has the option.
+``"output"``
+    the empty rows' output is compared with the convention's values
+    (:func:`expected_out`), their cotangent is 0 (:func:`zero_rows`), and under
+    ``"nan"`` a gradient may be NaN where the row's NaN reaches it
+    (:func:`nan_region`).  Used where the cores' option does not model the
+    candidate: a core without the option (element-wise attention), or a
+    candidate that *adds* its mask to the scores (``masks_additively``:
+    Hugging Face's ``finfo.min`` ``attention_mask``, whose pullback passes
+    score gradients of the uniform row to ``q`` and ``k``).
+
+The expected values of the ``"output"`` comparison are recomputed here from the
+problem's own inputs (:mod:`refattn.verify.recompute`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 # The cores' policies (refattn._empty_rows): verify(..., empty_rows=) takes the same names.
 from .._empty_rows import EMPTY_ROWS
+from ..cores import get_core
+from ..layers import Attention
 from .recompute import CoreCall, Recompute, empty_query_rows, expand_kv_heads, head_axis
 
-__all__ = ["CONVENTIONS", "EMPTY_ROWS", "check_policy", "detect", "expected_out", "fill",
-           "nan_region", "zero_rows"]
+__all__ = ["CONVENTIONS", "COMPARISONS", "EMPTY_ROWS", "check_policy", "detect",
+           "expected_out", "fill", "nan_region", "reference_case", "zero_rows"]
 
 
 #: How the report names each convention.
@@ -40,6 +62,60 @@ CONVENTIONS = {
                "attends uniformly to all keys: the mean of the values)",
     "nan": "the -inf/NaN convention for empty rows (a query row that keeps no key is NaN)",
 }
+
+
+#: How the report names each way of comparing a case's empty rows.
+COMPARISONS = {
+    "exact": "exact (the reference under the cores' empty_rows option: outputs and gradients, "
+             "the empty rows' included)",
+    "output": "output only on the empty rows (their cotangent is 0, so their gradients are "
+              "not checked)",
+}
+
+#: Why a candidate that adds its mask to the scores gets the ``"output"`` comparison.
+ADDITIVE = ("the candidate adds its mask to the scores (masks_additively): the cores' policy "
+            "gives its empty rows' output, not their gradient")
+
+
+def reference_case(case: Any, policy: str, core: Any = None,
+                   additive: bool = False) -> tuple[Any, str | None]:
+    """The case the reference runs, and why the empty rows get only their output compared.
+
+    Returns ``(case', None)`` for the ``"exact"`` comparison: ``case'`` is
+    ``case`` with the cores' option ``empty_rows=policy`` (a core case's
+    options gain it; a layer case's layer is rebuilt with the core option).
+    Returns ``(case, reason)`` for the ``"output"`` comparison: ``reason`` says
+    why the cores' option does not model the candidate (``additive``: it adds
+    its mask to the scores; or the case's core has no such option).
+    ``"zero"`` is refattn's own convention: ``(case, None)``.
+
+    ``core`` is the core of a core case (a layer case uses its layer's); a
+    preconditioned case's ``inner_core`` option must have the policy too.
+    """
+    check_policy(policy)
+    if policy == "zero":
+        return case, None
+    if additive:
+        return case, ADDITIVE
+    layer = case.fn
+    if isinstance(layer, Attention):
+        if "empty_rows" not in layer.core.options:
+            return case, f"the {layer.core_name!r} core has no empty-row policy"
+        c = layer.config
+        rebuilt = Attention(c.d_model, c.n_heads, projection=layer.projection_name,
+                            core=layer.core_name, causal=c.causal, bias=c.bias,
+                            **c.options, **layer.rotary_options,
+                            **{**layer.core_options, "empty_rows": policy})
+        return dataclasses.replace(case, fn=rebuilt), None
+    cores = [] if core is None else [core]
+    inner = case.options.get("inner_core")
+    if inner is not None:
+        cores.append(get_core(inner) if isinstance(inner, str) else inner)
+    lacking = next((c for c in cores if "empty_rows" not in c.options), None)
+    if not cores or lacking is not None:
+        name = "its" if lacking is None else f"the {lacking.name!r}"
+        return case, f"{name} core has no empty-row policy"
+    return dataclasses.replace(case, options={**case.options, "empty_rows": policy}), None
 
 
 def check_policy(empty_rows: str) -> str:

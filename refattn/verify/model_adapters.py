@@ -15,7 +15,9 @@ module cannot express is reported ``n/a`` with the reason: cross-attention for
 a self-attention module, grouped-query heads or rotary embeddings it has not,
 and, for Hugging Face modules, every case with a query row that keeps no key:
 their additive ``finfo.min`` mask gives such a row the mean of the values, where
-refattn (and PyTorch's SDPA) give 0.
+refattn (and PyTorch's SDPA) give 0.  ``verify(..., empty_rows="uniform")``
+compares those rows' output (the adapters declare ``masks_additively``: the
+gradient of an added mask reaches ``q`` and ``k``, which no core policy models).
 
 Neither package is a dependency: each is imported when its adapter is called.
 """
@@ -44,10 +46,11 @@ def hf_additive_mask(mask, spec, torch, like, what):
     dtype of ``like`` (:func:`refattn.masks.to_hf_additive_mask` is the NumPy
     version).  Always a tensor, also when every key is kept, so that no module
     infers its own causality from a missing mask.  A case with a query row that
-    keeps no key is ``n/a`` (:data:`HF_EMPTY_ROWS`).
+    keeps no key is ``n/a`` (:data:`HF_EMPTY_ROWS`) unless compared under
+    ``empty_rows="uniform"``.
     """
     np_mask = None if mask is None else mask.cpu().numpy()
-    empty_row_check(np_mask, spec, what, HF_EMPTY_ROWS)
+    empty_row_check(np_mask, spec, what, HF_EMPTY_ROWS, policy="uniform")
     keep = torch_keep(np_mask, spec)
     if keep is None:
         keep = np.ones((1, 1, spec.L, spec.S), dtype=bool)
@@ -117,7 +120,7 @@ def hf_bert_attention(*, attn_implementation="sdpa"):
                     for hf, n in (("query", "q"), ("key", "k"), ("value", "v"))})
     mapping.update({"dense.weight": P.linear_weight("w_o"),
                     "dense.bias": _LINEAR_BIAS(P.same("b_o"))})
-    return Layer(factory, params=mapping, call=call,
+    return Layer(factory, params=mapping, call=call, masks_additively=True,
                  name=f"transformers BertSelfAttention/BertCrossAttention + dense "
                       f"({attn_implementation})")
 
@@ -167,7 +170,7 @@ def hf_gpt2_attention(*, attn_implementation="eager"):
             return module(xq, attention_mask=additive)[0]
         return module(xq, encoder_hidden_states=xkv, encoder_attention_mask=additive)[0]
 
-    return Layer(factory, params=params, call=call,
+    return Layer(factory, params=params, call=call, masks_additively=True,
                  name=f"transformers GPT2Attention ({attn_implementation})")
 
 
@@ -240,7 +243,7 @@ def hf_llama_attention(*, attn_implementation="sdpa", module_rotary=False):
     names = (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v"), ("o_proj", "o"))
     mapping = {f"{hf}.weight": P.linear_weight(f"w_{n}") for hf, n in names}
     mapping.update({f"{hf}.bias": P.same(f"b_{n}") for hf, n in names})
-    return Layer(factory, params=mapping, call=call,
+    return Layer(factory, params=mapping, call=call, masks_additively=True,
                  name=f"transformers LlamaAttention ({attn_implementation}"
                       f"{', LlamaRotaryEmbedding' if module_rotary else ''})")
 

@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .empty_rows import CONVENTIONS
+from .empty_rows import COMPARISONS, CONVENTIONS
 
 __all__ = ["Check", "VerifyReport"]
 
@@ -86,6 +86,18 @@ class VerifyReport:
         ``{case: "zero" | "uniform" | "nan"}``: failing cases whose output is
         right except on its empty rows, where it follows that convention instead
         of :attr:`empty_rows` (:mod:`refattn.verify.empty_rows`).
+    comparisons : dict
+        Under ``empty_rows="uniform"`` or ``"nan"``: ``{case: "exact" | "output"}``,
+        how each case that ran was compared (:mod:`refattn.verify.empty_rows`):
+        the reference under the cores' option, every output and gradient; or the
+        empty rows' output only.  Empty under ``"zero"`` (every case exact).
+    output_only : dict
+        ``{case: reason}`` of the ``"output"`` cases: why the cores' option does
+        not model the candidate there.
+    empty_row_gradients : list
+        ``"exact"`` cases whose output passes but whose gradients fail, with
+        empty rows: the signature of a candidate that adds its mask to the
+        scores (the report suggests declaring it).
     diagnosis : refattn.verify.diagnose.Diagnosis or None
         The likely cause of the other failures (None when nothing else failed).
     """
@@ -96,6 +108,9 @@ class VerifyReport:
     checks: list = field(default_factory=list)
     empty_rows: str = "zero"
     conventions: dict = field(default_factory=dict)
+    comparisons: dict = field(default_factory=dict)
+    output_only: dict = field(default_factory=dict)
+    empty_row_gradients: list = field(default_factory=list)
     diagnosis: Any = None
     legend: str = ("rel err = max|candidate - float64 reference| / scale; allowed = factor x "
                    "ref err + floor, ref err = refattn's own error in that dtype "
@@ -139,9 +154,32 @@ class VerifyReport:
         found = set(self.conventions.values())
         return found.pop() if len(found) == 1 else None
 
+    def comparison_text(self) -> str:
+        """Which comparison the cases got under a non-zero ``empty_rows`` ("" under ``"zero"``)."""
+        if not self.comparisons:
+            return ""
+        parts = []
+        for how in ("exact", "output"):
+            cases = [c for c, v in self.comparisons.items() if v == how]
+            if not cases:
+                continue
+            text = f"{COMPARISONS[how]} in {len(cases)} case(s)"
+            if how == "output":
+                reasons: dict = {}
+                for case in cases:
+                    reasons.setdefault(self.output_only[case], []).append(case)
+                text += " (" + "; ".join(f"{', '.join(names)}: {reason}"
+                                         for reason, names in reasons.items()) + ")"
+            parts.append(text)
+        return f"empty rows compared under empty_rows={self.empty_rows!r}: " + "; ".join(parts)
+
     def explanation(self) -> str:
-        """The empty-row convention and the diagnosis, as text lines ("" when nothing failed)."""
-        lines = []
+        """Empty-row comparisons and conventions, the diagnosis, as text lines.
+
+        "" when nothing failed under ``empty_rows="zero"``.
+        """
+        comparisons = self.comparison_text()
+        lines = [comparisons] if comparisons else []
         for convention in sorted(set(self.conventions.values())):
             cases = [c for c, v in self.conventions.items() if v == convention]
             compared = ("refattn gives 0" if self.empty_rows == "zero" else
@@ -149,6 +187,14 @@ class VerifyReport:
             lines.append(f"empty rows: the candidate follows {CONVENTIONS[convention]} in "
                          f"{len(cases)} case(s) ({', '.join(cases)}); {compared}. Pass "
                          f"empty_rows={convention!r} to verify() to compare those rows under it.")
+        if self.empty_row_gradients:
+            cases = self.empty_row_gradients
+            lines.append(f"empty rows: the output agrees under empty_rows={self.empty_rows!r} "
+                         f"but the gradients differ in {len(cases)} case(s) with empty rows "
+                         f"({', '.join(cases)}). A candidate that adds its mask to the scores "
+                         f"(scores + finfo.min) passes those rows' score gradients to q and k, "
+                         f"which the cores' policy does not model: declare it with "
+                         f"Layer(..., masks_additively=True) to compare their output only.")
         if self.diagnosis is not None:
             lines.append(self.diagnosis.text())
         return "\n".join(lines)
@@ -165,6 +211,8 @@ class VerifyReport:
                 "framework": self.framework, "ok": self.ok, "summary": self.summary(),
                 "empty_rows": self.empty_rows,
                 "conventions": dict(self.conventions),
+                "comparisons": dict(self.comparisons), "output_only": dict(self.output_only),
+                "empty_row_gradients": list(self.empty_row_gradients),
                 "diagnosis": None if self.diagnosis is None else self.diagnosis.to_dict(),
                 "checks": [{k: plain(v) for k, v in asdict(c).items()} for c in self.checks]}
 

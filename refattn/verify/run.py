@@ -79,39 +79,63 @@ class Problem:
         The core of a core case (a layer's core is its own): the recomputations
         of :mod:`refattn.verify.empty_rows` and :mod:`refattn.verify.diagnose` need it.
     empty_rows : {"zero", "uniform", "nan"}
-        The convention the empty rows are compared under
-        (:mod:`refattn.verify.empty_rows`).  Under ``"uniform"`` and ``"nan"``,
+        The convention the empty rows are compared under (verify's ``empty_rows=``).
+    fallback : str or None
+        None: the ``"exact"`` comparison, the reference runs the case under the
+        cores' option ``empty_rows=`` (:func:`refattn.verify.empty_rows.reference_case`).
+        Otherwise why the empty rows get the ``"output"`` comparison instead:
         ``expected["out"]`` holds the convention's values on those rows and the
         cotangent is 0 there, so the gradients do not depend on them.
+    candidate_options : dict
+        The options a core candidate is offered: :attr:`options`, and the
+        policy ``empty_rows`` under the ``"exact"`` comparison (passed only to a
+        candidate that takes the keyword).
     rows : ndarray or None
         The output rows with no key: ``(*batch, H, L)`` (core), ``(*batch, L)`` (layer).
     """
 
-    def __init__(self, case, dtype, fw, seed, *, core=None, empty_rows="zero"):
+    def __init__(self, case, dtype, fw, seed, *, core=None, empty_rows="zero", additive=False):
         self.case, self.dtype = case, dtype
         self.core, self.empty_rows = core, empty_rows
+        reference, self.fallback = _empty_rows.reference_case(case, empty_rows, core, additive)
         self.names = _input_names(case.fn, len(case.arrays))
         self.arrays = tuple(_map(lambda a: fw.round(a, dtype), a) for a in case.arrays)
-        self.options = dict(case.options)
-        if self.options.get("bias") is not None:
-            self.options["bias"] = fw.round(self.options["bias"], dtype)
-        out, pullback = vjp(case.fn, *self.arrays, backend="reference", **self.options)
+        self.options = self._rounded(case.options, fw)
+        self.candidate_options = self._rounded(reference.options, fw)
+        out, pullback = vjp(reference.fn, *self.arrays, backend="reference",
+                            **self.candidate_options)
         rng = np.random.default_rng(seed)
         self.cotangent = fw.round(rng.standard_normal(np.shape(out)), dtype)
-        other = empty_rows != "zero" and self.rows is not None
-        if other:
+        output_only = self.fallback is not None and self.rows is not None
+        if output_only:
             self.cotangent = _empty_rows.zero_rows(self.cotangent, self.rows)
         self.expected = self.quantities(out, pullback(self.cotangent))
         to32 = (lambda a: np.asarray(a, np.float32) if isinstance(a, np.ndarray)
                 and a.dtype == np.float64 else a)
-        out32, pull32 = vjp(case.fn, *(_map(to32, a) for a in self.arrays), backend="reference",
-                            **{k: to32(v) for k, v in self.options.items()})
+        out32, pull32 = vjp(reference.fn, *(_map(to32, a) for a in self.arrays),
+                            backend="reference",
+                            **{k: to32(v) for k, v in self.candidate_options.items()})
         self.float32 = self.quantities(out32, pull32(to32(self.cotangent)))
-        if other:
+        if output_only:
             convention = _empty_rows.expected_out(self.recompute, empty_rows)
             self.expected["out"] = convention
             self.float32["out"] = np.where(self._row_mask(convention.shape), convention,
                                            self.float32["out"])
+
+    def _rounded(self, options, fw):
+        """``options`` with a float ``bias`` rounded like the inputs."""
+        options = dict(options)
+        if options.get("bias") is not None:
+            options["bias"] = fw.round(options["bias"], self.dtype)
+        return options
+
+    @property
+    def comparison(self) -> str:
+        """How the empty rows were compared: ``"exact"`` or ``"output"``.
+
+        ``"exact"`` also for a fallback case without empty rows (nothing was left out).
+        """
+        return "exact" if self.fallback is None or self.rows is None else "output"
 
     @functools.cached_property
     def recompute(self) -> Recompute:
@@ -138,7 +162,7 @@ class Problem:
 
     def nan_allowed(self, quantity, shape):
         """Where ``quantity`` may be NaN under ``empty_rows="nan"`` (False elsewhere)."""
-        if self.empty_rows != "nan" or quantity == "out":
+        if self.empty_rows != "nan" or self.fallback is None or quantity == "out":
             return np.zeros((), bool)
         batched = quantity in {f"d{n}" for n in self.names if n != "params"} | {"dbias"}
         return _empty_rows.nan_region(self.rows, self.batch, shape, batched)
@@ -160,10 +184,10 @@ class Problem:
 
 
 def reference_problem(case, dtype="float64", seed=0, framework=None, *, core=None,
-                      empty_rows="zero"):
+                      empty_rows="zero", additive=False):
     """The :class:`Problem` of ``case`` in ``dtype`` (rounding through ``framework``, or NumPy)."""
     return Problem(case, dtype, framework or _NumpyRounding(), seed, core=core,
-                   empty_rows=empty_rows)
+                   empty_rows=empty_rows, additive=additive)
 
 
 class _NumpyRounding:
@@ -175,10 +199,11 @@ class _NumpyRounding:
 # -- running candidates ----------------------------------------------------------------
 
 def _run_core(fn, problem, fw, selectors=()):
-    options = dict(problem.options)
+    options = dict(problem.candidate_options)
     for key in list(options):
         if not accepts(fn, key):
-            if key in selectors:                     # e.g. mode="shared": names the variant
+            # e.g. mode="shared" names the variant; empty_rows= describes the candidate.
+            if key in selectors or key == "empty_rows":
                 del options[key]
                 continue
             raise Unsupported(f"the candidate takes no {key}= keyword")
@@ -319,7 +344,8 @@ def _accept_nan(problem, quantity, got, expected):
     Returns ``(value, count)``: the finite entries are compared as they are.
     """
     got = np.asarray(got, np.float64)
-    if problem.empty_rows != "nan" or problem.rows is None or got.shape != np.shape(expected):
+    if (problem.empty_rows != "nan" or problem.fallback is None or problem.rows is None
+            or got.shape != np.shape(expected)):
         return got, 0
     allowed = np.broadcast_to(problem.nan_allowed(quantity, got.shape), got.shape)
     nan = np.isnan(got) & allowed & ~np.isnan(expected)
@@ -439,13 +465,19 @@ def verify(candidate: Any, variant: str | Variant, *, framework: str | None = No
         adapter's).
     empty_rows : {"zero", "uniform", "nan"}
         The convention the candidate follows for a query row that keeps no key
-        (:mod:`refattn.verify.empty_rows`): refattn's 0 (default), the mean of
-        all values (a ``finfo.min`` additive mask), or NaN (a ``-inf`` mask).
-        Under ``"uniform"`` or ``"nan"`` those rows of the output are compared
-        with the convention's values, computed from the case's inputs, and the
-        cotangent is 0 on them (the gradients of those rows depend on how the
-        candidate masks); under ``"nan"`` a gradient may be NaN in the batch
-        elements that hold an empty row (and in parameter gradients).
+        (``docs/conventions.md``, "Empty-row policies"): refattn's 0 (default),
+        the mean of all values (a ``finfo.min`` fill), or NaN (a ``-inf`` fill).
+        Wherever the case's core has the option, the reference runs under the
+        cores' own ``empty_rows=`` and every output and gradient is compared
+        exactly (``"exact"``; a core candidate that takes ``empty_rows=`` is
+        passed it).  Where it does not model the candidate, the empty rows'
+        output alone is compared with the convention's values (``"output"``;
+        their cotangent is 0, and under ``"nan"`` NaN is accepted in the
+        gradients it reaches): a core without the option (element-wise
+        attention), or a candidate that adds its mask to the scores (a
+        :class:`Layer` with ``masks_additively=True``, as the Hugging Face
+        adapters).  ``report.comparisons`` says which comparison each case got
+        (:mod:`refattn.verify.empty_rows`).
 
     Returns
     -------
@@ -492,13 +524,18 @@ def verify(candidate: Any, variant: str | Variant, *, framework: str | None = No
     report = VerifyReport(variant.name, name or description, f"{fw.name} {fw.version}",
                           empty_rows=empty_rows)
     selectors = _selectors(case_list)
+    additive = bool(getattr(candidate, "masks_additively", False))
     runs = []
     for index, case in enumerate(case_list):
         for dtype in dtypes:
             checks, problem, got = _check(candidate, case, dtype, fw, seed * 1000 + index,
-                                          selectors, core, empty_rows)
+                                          selectors, core, empty_rows, additive)
             report.checks.extend(checks)
             runs.append((checks, problem, got))
+            if problem is not None and empty_rows != "zero":
+                report.comparisons[case.name] = problem.comparison
+                if problem.comparison == "output":
+                    report.output_only[case.name] = problem.fallback
     if report.failures:
         _explain(report, runs)
     return report
@@ -527,6 +564,9 @@ def _explain(report, runs):
             continue
         if out.status == "ok":
             gradient_only.append(case)
+            if (report.empty_rows != "zero" and problem.fallback is None
+                    and problem.rows is not None):
+                report.empty_row_gradients.append(case)
             continue
         if problem.rows is not None:
             convention = _empty_rows.detect(problem.recompute, got["out"], out.allowed,
@@ -551,10 +591,12 @@ def _selectors(case_list):
                  and all(c.options.get(k) == v for c in case_list))
 
 
-def _check(candidate, case, dtype, fw, seed, selectors=(), core=None, empty_rows="zero"):
+def _check(candidate, case, dtype, fw, seed, selectors=(), core=None, empty_rows="zero",
+           additive=False):
     """``(checks, problem, got)`` of one case in one dtype (``got`` None when it did not run)."""
     with fw.precision(dtype):
-        problem = Problem(case, dtype, fw, seed, core=core, empty_rows=empty_rows)
+        problem = Problem(case, dtype, fw, seed, core=core, empty_rows=empty_rows,
+                          additive=additive)
         try:
             if problem.is_layer:
                 run = _run_torch_layer if fw.name == "torch" else _run_jax_layer
