@@ -33,8 +33,8 @@ from .. import masks as _masks
 from .._masks import causal_keep, causal_offset
 from . import params as _params
 
-__all__ = ["Unsupported", "LayerSpec", "Layer", "accepts", "default_torch_call",
-           "default_jax_call", "call_keywords", "torch_sdpa",
+__all__ = ["Unsupported", "LayerSpec", "Layer", "accepts", "named_keyword",
+           "default_torch_call", "default_jax_call", "call_keywords", "torch_sdpa",
            "jax_dot_product_attention", "torch_multihead_attention", "reject_unless",
            "empty_row_check", "torch_keep", "CAUSAL_KEYWORDS"]
 
@@ -145,7 +145,7 @@ class LayerSpec:
         return {k: v for k, v in self.options.items() if not k.startswith("rotary")}
 
 
-def _named(fn, name: str) -> bool:
+def named_keyword(fn, name: str) -> bool:
     """Whether ``fn`` names a keyword parameter ``name`` (``**kwargs`` does not count)."""
     try:
         sig = inspect.signature(fn)
@@ -171,13 +171,14 @@ def call_keywords(fn, mask, spec) -> dict:
     kwargs = {}
     if mask is not None:
         if not accepts(fn, "mask"):
-            names = [n for n in ("attn_mask", "attention_mask", "key_padding_mask") if _named(fn, n)]
+            names = [n for n in ("attn_mask", "attention_mask", "key_padding_mask")
+                     if named_keyword(fn, n)]
             hint = (f" (it takes {names[0]}=, whose convention differs: pass call=, or use a "
                     f"built-in adapter of refattn.verify)" if names else "; pass call= to adapt it")
             raise Unsupported(f"the candidate takes no mask= keyword{hint}")
         kwargs["mask"] = mask
     for name in CAUSAL_KEYWORDS:
-        if _named(fn, name):
+        if named_keyword(fn, name):
             kwargs[name] = spec.causal
             break
     return kwargs

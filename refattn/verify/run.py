@@ -17,8 +17,8 @@ from .._vjp import vjp
 from . import empty_rows as _empty_rows
 from . import tolerance
 from .adapters import (Layer, LayerSpec, Unsupported, accepts, default_jax_call,
-                       default_torch_call, jax_dot_product_attention, torch_multihead_attention,
-                       torch_sdpa)
+                       default_torch_call, jax_dot_product_attention, named_keyword,
+                       torch_multihead_attention, torch_sdpa)
 from .diagnose import Failure, diagnose
 from .frameworks import detect_framework, load_framework
 from .params import gather_gradients, resolve_map
@@ -89,7 +89,7 @@ class Problem:
     candidate_options : dict
         The options a core candidate is offered: :attr:`options`, and the
         policy ``empty_rows`` under the ``"exact"`` comparison (passed only to a
-        candidate that takes the keyword).
+        candidate whose signature names the keyword).
     rows : ndarray or None
         The output rows with no key: ``(*batch, H, L)`` (core), ``(*batch, L)`` (layer).
     """
@@ -200,10 +200,11 @@ class _NumpyRounding:
 
 def _run_core(fn, problem, fw, selectors=()):
     options = dict(problem.candidate_options)
+    if "empty_rows" in options and not named_keyword(fn, "empty_rows"):
+        del options["empty_rows"]         # it describes the candidate, which need not take it
     for key in list(options):
         if not accepts(fn, key):
-            # e.g. mode="shared" names the variant; empty_rows= describes the candidate.
-            if key in selectors or key == "empty_rows":
+            if key in selectors:                     # e.g. mode="shared": names the variant
                 del options[key]
                 continue
             raise Unsupported(f"the candidate takes no {key}= keyword")
@@ -469,8 +470,8 @@ def verify(candidate: Any, variant: str | Variant, *, framework: str | None = No
         the mean of all values (a ``finfo.min`` fill), or NaN (a ``-inf`` fill).
         Wherever the case's core has the option, the reference runs under the
         cores' own ``empty_rows=`` and every output and gradient is compared
-        exactly (``"exact"``; a core candidate that takes ``empty_rows=`` is
-        passed it).  Where it does not model the candidate, the empty rows'
+        exactly (``"exact"``; a core candidate whose signature names
+        ``empty_rows`` is passed it).  Where it does not model the candidate, the empty rows'
         output alone is compared with the convention's values (``"output"``;
         their cotangent is 0, and under ``"nan"`` NaN is accepted in the
         gradients it reaches): a core without the option (element-wise

@@ -155,8 +155,11 @@ def test_empty_row_convention_is_detected_and_accepted(convention, words):
     assert accepted.empty_rows == convention
     compared = {c.case for c in accepted.compared}
     assert EMPTY_CASES <= compared
-    if convention == "nan":                       # NaN gradients are counted, not hidden
-        assert any("NaN entries from the empty rows accepted" in c.note for c in accepted.checks)
+    # A fill is what the cores' option models: every case is compared exactly, the empty
+    # rows' gradients included (NaN exactly where the reference's dv is NaN).
+    assert set(accepted.comparisons.values()) == {"exact"} and accepted.output_only == {}
+    assert {c.quantity for c in accepted.compared if c.case in EMPTY_CASES} == {
+        "out", "dq", "dk", "dv"}
 
 
 def test_switch_is_not_a_blanket_pass():

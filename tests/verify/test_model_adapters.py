@@ -14,6 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import refattn  # noqa: E402
 import refattn.verify as V  # noqa: E402
 
 EMPTY = {"cross S=L+2, mask (L, S) (empty rows)", "self, key padding (B, S) (empty rows)"}
@@ -63,6 +64,18 @@ def test_bert_self_and_cross_attention(implementation, transformers):
     _hf_checks(report)
     assert CROSS in {c.case for c in report.compared}               # BertCrossAttention
     assert {"db_q", "db_o", "dxkv"} <= {c.quantity for c in report.compared}
+
+
+def test_hf_empty_rows_compared_on_their_output_under_uniform(transformers):
+    # The additive finfo.min mask: the empty rows' output is the mean of the values, their
+    # gradient is not the fill's, so the adapter declares masks_additively.
+    empty = [c for c in refattn.get_variant("mha-standard").cases() if c.name in EMPTY]
+    report = V.verify(V.hf_bert_attention(), "mha-standard", dtypes=("float64",), cases=empty,
+                      empty_rows="uniform")
+    report.assert_()
+    assert {c.case for c in report.compared} == EMPTY
+    assert report.comparisons == {case: "output" for case in EMPTY}
+    assert all("adds its mask to the scores" in r for r in report.output_only.values())
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])

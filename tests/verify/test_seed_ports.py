@@ -24,7 +24,7 @@ import refattn
 from refattn import verify as V
 from refattn.catalog import layer_case
 from refattn.verify import params as P
-from refattn.verify.adapters import empty_row_check, torch_keep, under_empty_rows
+from refattn.verify.adapters import empty_row_check, torch_keep
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -115,19 +115,17 @@ def _compared(report):
 
 def test_shared_score_module_verifies_with_the_chunk_layout_and_uniform_rows():
     # Exact, gradients of the empty rows included: the reference runs the cores' uniform rows.
-    cases = under_empty_rows(refattn.get_variant("qattn-shared-chunks").cases(), "uniform")
     report = V.verify(shared_score_candidate(), "qattn-shared-chunks", framework="torch",
-                      dtypes=("float64",), cases=cases)
+                      dtypes=("float64",), empty_rows="uniform")
     report.assert_()
     assert any("(empty rows)" in c.case for c in _compared(report))
+    assert set(report.comparisons.values()) == {"exact"}
     assert {c.status for c in report.checks} <= {"ok", "n/a"}
     assert all("self-attention only" in c.note for c in report.checks if c.status == "n/a")
     four = V.verify(shared_score_candidate(), "qattn-shared-chunks", framework="torch",
-                    dtypes=("float64",), cases=under_empty_rows(_four_heads_cases(), "uniform"))
+                    dtypes=("float64",), cases=_four_heads_cases(), empty_rows="uniform")
     four.assert_()
-    # verify's own switch (output rows under the convention) agrees.
-    V.verify(shared_score_candidate(), "qattn-shared-chunks", framework="torch",
-             dtypes=("float64",), empty_rows="uniform").assert_()
+    assert four.comparisons == {"H=4 d=32, mask (L, S) (empty rows)": "exact"}
 
 
 def test_shared_score_module_fails_where_refattn_conventions_differ():
