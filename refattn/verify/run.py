@@ -13,8 +13,8 @@ from ..catalog import Variant, get_variant
 from .._vjp import vjp
 from . import tolerance
 from .adapters import (Layer, LayerSpec, Unsupported, accepts, default_jax_call,
-                       default_torch_call, jax_dot_product_attention, torch_multihead_attention,
-                       torch_sdpa)
+                       default_torch_call, framework_keywords, jax_dot_product_attention,
+                       torch_flex_attention, torch_multihead_attention, torch_sdpa)
 from .frameworks import detect_framework, load_framework
 from .params import resolve_map
 from .report import Check, VerifyReport
@@ -112,15 +112,14 @@ class _NumpyRounding:
 
 # -- running candidates ----------------------------------------------------------------
 
-def _run_core(fn, problem, fw, selectors=()):
-    options = dict(problem.options)
-    for key in list(options):
-        if not accepts(fn, key):
-            if key in selectors:                     # e.g. mode="shared": names the variant
-                del options[key]
-                continue
-            raise Unsupported(f"the candidate takes no {key}= keyword")
+def _run_core(fn, problem, fw, selectors=(), gradients=True):
+    # e.g. mode="shared" names the variant: a candidate of that variant alone need not take it
+    options = {k: v for k, v in problem.options.items() if accepts(fn, k) or k not in selectors}
     bias = options.pop("bias", None)
+    wide = sum(max(np.shape(a)) for a in problem.arrays[:2])    # beyond any query-key distance
+    options = framework_keywords(fn, options, wide)
+    if bias is not None and not accepts(fn, "bias"):
+        raise Unsupported("the candidate takes no bias= keyword")
     static = {k: (fw.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in options.items()}
     primals = list(problem.arrays) + ([bias] if bias is not None else [])
     n = len(problem.arrays)
@@ -129,6 +128,9 @@ def _run_core(fn, problem, fw, selectors=()):
         extra = {"bias": xs[n]} if bias is not None else {}
         return fn(*xs[:n], **static, **extra)
 
+    if not gradients:
+        out, out_dtype = fw.forward(f, primals, problem.dtype)
+        return {"out": out}, out_dtype
     out, grads, out_dtype = fw.vjp(f, primals, problem.cotangent, problem.dtype)
     return problem.quantities(out, grads), out_dtype
 
@@ -280,6 +282,9 @@ def _known(candidate, kind, fw_name):
     if fw_name == "torch" and torch is not None:
         if kind == "core" and candidate is torch.nn.functional.scaled_dot_product_attention:
             return torch_sdpa(), "torch.nn.functional.scaled_dot_product_attention"
+        flex = sys.modules.get("torch.nn.attention.flex_attention")
+        if kind == "core" and flex is not None and candidate is flex.flex_attention:
+            return torch_flex_attention(), "torch.nn.attention.flex_attention.flex_attention"
         if kind == "layer" and isinstance(candidate, type) and issubclass(
                 candidate, torch.nn.MultiheadAttention):
             adapter = torch_multihead_attention(candidate)
@@ -321,7 +326,7 @@ def _framework_of(candidate, variant, cases):
 def verify(candidate: Any, variant: str | Variant, *, framework: str | None = None,
            dtypes: Sequence[str] = ("float64", "float32"), cases: Any = "test", seed: int = 0,
            params: Any = None, call: Callable[..., Any] | None = None,
-           name: str | None = None) -> VerifyReport:
+           name: str | None = None, gradients: bool = True) -> VerifyReport:
     """Verify a PyTorch or JAX implementation against refattn's float64 reference.
 
     For every seeded case of ``variant`` (its catalogue ``"test"`` cases: shapes,
@@ -358,6 +363,9 @@ def verify(candidate: Any, variant: str | Variant, *, framework: str | None = No
     name : str, optional
         The candidate's name in the report (default: its qualified name, or the
         adapter's).
+    gradients : bool
+        Compare the gradients too (default).  ``False`` compares the outputs alone, for
+        a core candidate without a backward pass (FlexAttention on the CPU).
 
     Returns
     -------
@@ -379,6 +387,8 @@ def verify(candidate: Any, variant: str | Variant, *, framework: str | None = No
         raise ValueError(f"dtypes must be a non-empty subset of {tolerance.DTYPES}, got {dtypes}")
     if variant.kind == "core" and (params is not None or call is not None):
         raise TypeError(f"params= and call= apply to layer variants; {variant.name!r} is a core")
+    if variant.kind != "core" and not gradients:
+        raise TypeError(f"gradients=False applies to core variants; {variant.name!r} is a layer")
     case_list = (variant.cases(cases, "float64", seed) if isinstance(cases, str)
                  else list(cases))
     fw_name = framework or _framework_of(candidate, variant, case_list)
@@ -400,7 +410,7 @@ def verify(candidate: Any, variant: str | Variant, *, framework: str | None = No
     for index, case in enumerate(case_list):
         for dtype in dtypes:
             report.checks.extend(_check(candidate, case, dtype, fw, seed * 1000 + index,
-                                        selectors))
+                                        selectors, gradients))
     return report
 
 
@@ -416,15 +426,17 @@ def _selectors(case_list):
                  and all(c.options.get(k) == v for c in case_list))
 
 
-def _check(candidate, case, dtype, fw, seed, selectors=()):
+def _check(candidate, case, dtype, fw, seed, selectors=(), gradients=True):
     with fw.precision(dtype):
         problem = Problem(case, dtype, fw, seed)
+        if not gradients:
+            problem.expected = {"out": problem.expected["out"]}
         try:
             if problem.is_layer:
                 run = _run_torch_layer if fw.name == "torch" else _run_jax_layer
                 got, out_dtype = run(candidate, problem, fw)
             else:
-                got, out_dtype = _run_core(candidate, problem, fw, selectors)
+                got, out_dtype = _run_core(candidate, problem, fw, selectors, gradients)
         except Unsupported as exc:
             return [Check(case.name, dtype, "-", status="n/a", note=str(exc))]
         except Exception as exc:                       # the candidate's failure, reported
