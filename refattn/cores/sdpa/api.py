@@ -184,6 +184,8 @@ def _check_window(window):
         return None
     if isinstance(window, numbers.Integral) and not isinstance(window, bool):
         window = (window, window)                       # JAX: one int is a symmetric window
+    if isinstance(window, np.ndarray) and window.dtype.kind in "iu" and window.shape == (2,):
+        window = tuple(window.tolist())                 # e.g. read back from a golden file
     if (not isinstance(window, (tuple, list)) or len(window) != 2
             or any(isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < -1
                    for w in window)):
