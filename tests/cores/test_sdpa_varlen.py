@@ -17,7 +17,8 @@ import refattn
 from refattn.testing import assert_close, assert_within_reference_error, check_grads
 
 SMALL_TILES = (8, 16)
-Q_LENS, K_LENS = (3, 6, 0, 5), (4, 6, 2, 9)      # sequence 2 has no query
+# sequence 2 has no query; 1 and 4 have equal lengths (one batched call), so have 0 and 5
+Q_LENS, K_LENS = (3, 6, 0, 5, 6, 3), (4, 6, 2, 9, 6, 4)
 
 
 def _cu(lengths):
@@ -96,6 +97,14 @@ def test_packed_bias_mask_and_lse_are_block_diagonal():
     report = check_grads(refattn.sdpa, q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck, bias=bias,
                          mask=mask, causal=True, backend="reference")
     assert "bias" in {row[0] for row in report.rows}
+    check_grads(refattn.sdpa, q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck, causal=True,
+                alibi_slopes=rng.random(4), backend="reference")
+    # a bias constant per head is one operand for a group's batched call; its gradient is
+    # 0 (softmax ignores a constant per row) but of the bias's shape
+    o, pull = refattn.vjp(refattn.sdpa, q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck,
+                          bias=rng.standard_normal((4, 1, 1)))
+    dbias = pull(np.ones_like(o))[3]
+    assert dbias.shape == (4, 1, 1) and np.abs(dbias).max() < 1e-12
     o, res = refattn.cores.sdpa.forward(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck, bias=bias)
     dq, dk, dv, dbias = refattn.cores.sdpa.backward(res, np.ones_like(o))
     block = np.zeros((tq, tk), bool)
@@ -281,6 +290,7 @@ def test_jax_padding_and_local_window_forward_and_gradients():
                                       problem_scale=scale)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_torch_flex_attention_softcap_and_sliding_window_forward():
     torch = pytest.importorskip("torch")
     flex = pytest.importorskip("torch.nn.attention.flex_attention")
@@ -294,9 +304,8 @@ def test_torch_flex_attention_softcap_and_sliding_window_forward():
         return (j <= i) & (i - j <= 3)
 
     block_mask = flex.create_block_mask(sliding, B, H, L, S, device="cpu")
-    with pytest.warns(UserWarning, match="without torch.compile"):
-        o = flex.flex_attention(*(torch.from_numpy(x) for x in (q, k, v)), score_mod=softcap,
-                                block_mask=block_mask, enable_gqa=True)
+    o = flex.flex_attention(*(torch.from_numpy(x) for x in (q, k, v)), score_mod=softcap,
+                            block_mask=block_mask, enable_gqa=True)
     assert o.dtype == torch.float64
     for opts in (dict(score_mod=_cap, mask_mod=_sliding), dict(softcap=3.0, window=(3, 0))):
         assert_close(o.numpy(), refattn.sdpa(q, k, v, **opts), "float64", f"flex vs {opts}")
@@ -319,15 +328,15 @@ def _bad_packed(**changes):
     (_bad_packed(cu_seqlens_q=np.array([0, 3, 2, 9, 14])), ValueError,
      r"cu_seqlens_q must be non-decreasing .* cu_seqlens_q\[2\] = 2 < cu_seqlens_q\[1\] = 3"),
     (_bad_packed(cu_seqlens_q=np.array([0, 3, 9, 9, 13])), ValueError,
-     r"cu_seqlens_q must end at the total token count q.shape\[0\] = 14, got .* = 13"),
-    (_bad_packed(cu_seqlens_k=np.array([0, 21])), ValueError,
+     r"cu_seqlens_q must end at the total token count q.shape\[0\] = 23, got .* = 13"),
+    (_bad_packed(cu_seqlens_k=np.array([0, 31])), ValueError,
      "must describe as many sequences"),
     (_bad_packed(cu_seqlens_k=None), ValueError, "cu_seqlens_k is missing"),
     (_bad_packed(query_seq_lengths=np.array([1])), ValueError, "not both"),
     (_bad_packed(alibi_slopes=np.ones((3, 4))), ValueError,
-     r"alibi_slopes must have shape \(H,\) = \(4,\) or \(N sequences, H\) = \(4, 4\)"),
-    (_bad_packed(bias=np.ones((4, 14, 20))), ValueError,
-     r"bias of shape \(4, 14, 20\) does not broadcast to \(H, total_q, total_k\)"),
+     r"alibi_slopes must have shape \(H,\) = \(4,\) or \(N sequences, H\) = \(6, 4\)"),
+    (_bad_packed(bias=np.ones((4, 23, 20))), ValueError,
+     r"bias of shape \(4, 23, 20\) does not broadcast to \(H, total_q, total_k\)"),
     (lambda: refattn.sdpa(*_qkv(), cu_seqlens_q=np.array([0, 9]), cu_seqlens_k=np.array([0, 11])),
      ValueError, r"q must have FlashAttention's packed shape \(total_q, H, E\)"),
     (lambda: refattn.sdpa(*_qkv(), query_seq_lengths=np.array([3, 10])), ValueError,
@@ -371,3 +380,13 @@ def test_layer_passes_padding_and_functions_through():
     builtin = refattn.Attention(16, 4, softcap=3.0, window=(3, 0))
     assert_close(moded(params, x), builtin(params, x), "float64")
     check_grads(moded, params, x)
+
+
+def test_varlen_study_reports_every_tracked_metric(monkeypatch):
+    """The study's plumbing on a tiny size (its timings are not asserted: shared machines)."""
+    from refattn.bench import sdpa_varlen
+
+    monkeypatch.setattr(sdpa_varlen, "_SIZES", {"quick": 256})
+    result = sdpa_varlen.STUDY.run("quick")
+    assert set(result.metrics) == set(sdpa_varlen.STUDY.metric_names)
+    assert all(np.isfinite(x) and x >= 0 for x in result.metrics.values())

@@ -16,10 +16,11 @@ padded
     batch element ``b`` has the queries ``0 : Lq[b]`` and the keys ``0 : Lk[b]``; the
     padded query rows give ``o = 0`` and receive no gradient.
 
-Each sequence is one call of the core on slices of the inputs, so the fused backends keep
-``O(L)`` memory and never visit a pair outside the block diagonal; the causal rule, the
-window, ALiBi and rotary positions count from the start of each sequence.  The cost is one
-core call per sequence (``refattn.bench.sdpa_options`` measures it).
+The sequences of equal ``(queries, keys)`` lengths are stacked into one batched call of the
+core (copies of their rows: ``O(L)``), so the fused backends keep ``O(L)`` memory and never
+visit a pair outside the block diagonal; the causal rule, the window, ALiBi and rotary
+positions count from the start of each sequence.  The cost is one core call per distinct
+length pair (``refattn.bench.sdpa_varlen`` measures it).
 """
 
 from __future__ import annotations
@@ -54,13 +55,11 @@ __all__ = [
     "Span",
     "backward",
     "forward",
+    "groups",
     "is_segmented",
     "packed_spans",
     "padded_spans",
 ]
-
-_SCORE_OPERANDS = ("mask", "bias", "dropout_mask")
-
 
 @dataclass(frozen=True)
 class Span:
@@ -155,7 +154,8 @@ def padded_spans(query_seq_lengths, key_value_seq_lengths, batch: tuple, q_len: 
 class SegmentedResiduals:
     """What the backward pass of a packed or padded call needs: one core residual per sequence.
 
-    ``parts`` pairs each non-empty :class:`Span` with its core residuals; ``lse`` is
+    ``parts`` pairs each group of equal-length sequences (:func:`groups`) with the core
+    residuals of its batched call; ``lse`` is
     ``(B, H, L)`` of the 4-D view (``-inf`` on rows outside every sequence).
     """
 
@@ -187,9 +187,10 @@ class SegmentedResiduals:
         xp = self.xp
         B, H, _, L, S, _, _ = self.view
         p4 = xp.zeros((B, H, L, S), dtype=self.o.dtype, device=array_api_compat.device(self.o))
-        for span, res in self.parts:
-            p4[span.b, :, span.q0:span.q1, span.k0:span.k1] = probs_of(res.q, res.k, res.lse,
-                                                                       res.options)[0]
+        for group, res in self.parts:
+            p = probs_of(res.q, res.k, res.lse, res.options)            # (G, H, t, s)
+            for g, span in enumerate(group):
+                p4[span.b, :, span.q0:span.q1, span.k0:span.k1] = p[g]
         return p4[0] if self.packed else xp.reshape(p4, (*self.batch, H, L, S))
 
 
@@ -218,13 +219,40 @@ def _operand_index(shape4, span):
             slice(span.k0, span.k1) if shape4[3] > 1 else slice(None))
 
 
-def _shifted(fn, seq, with_score):
-    """``fn`` seeing the sequence's index ``seq`` as ``b`` (its own call has ``b = 0``)."""
+def _relabelled(fn, seq_ids, with_score):
+    """``fn`` seeing sequence ``seq_ids[b]`` as ``b`` (batch row ``b`` of a group's call)."""
     if fn is None:
         return None
     if with_score:
-        return lambda s, b, h, i, j: fn(s, b + seq, h, i, j)
-    return lambda b, h, i, j: fn(b + seq, h, i, j)
+        return lambda s, b, h, i, j: fn(s, seq_ids[b], h, i, j)
+    return lambda b, h, i, j: fn(seq_ids[b], h, i, j)
+
+
+def groups(spans) -> list[list[Span]]:
+    """The non-empty sequences grouped by their ``(queries, keys)`` lengths, in order.
+
+    The sequences of a group are stacked into one batched core call.  A sequence without
+    queries, or without keys (its rows give 0), needs no call.
+    """
+    by_shape: dict[tuple, list[Span]] = {}
+    for span in spans:
+        if span.q1 > span.q0 and span.k1 > span.k0:
+            by_shape.setdefault((span.q1 - span.q0, span.k1 - span.k0), []).append(span)
+    return list(by_shape.values())
+
+
+def _stack(xp, x4, group, kv=False):
+    """The group's rows of a 4-D ``(B, F, T, X)`` view stacked: ``(G, F, t, X)``."""
+    if len(group) == 1:
+        return _slice4(x4, group[0], kv)
+    return xp.concat([_slice4(x4, span, kv) for span in group], axis=0)
+
+
+def _operand_blocks(xp, x4, group):
+    """A score operand's blocks for the group: ``(G | 1, H|1, t|1, s|1)``."""
+    if x4.shape[0] == 1 and x4.shape[2] == 1 and x4.shape[3] == 1:
+        return x4                                    # the same for every sequence
+    return xp.concat([x4[_operand_index(x4.shape, span)] for span in group], axis=0)
 
 
 def _check_slopes(slopes, q, heads, rows_legend, rows):
@@ -287,21 +315,23 @@ def forward(core_forward: Callable, q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=
         res.operand_shapes = {"bias": tuple(bias.shape), "bias4": tuple(four["bias"].shape)}
     if slopes2 is not None:
         res.slopes_shape, res.slopes_rows = tuple(alibi_slopes.shape), slopes2.shape[0]
-    for span in spans:
-        if span.q1 == span.q0 or span.k1 == span.k0:    # no query, or rows with no key: o = 0
-            continue
-        extra = {name: x4[_operand_index(x4.shape, span)] for name, x4 in four.items()}
+    for group in groups(spans):
+        extra = {name: _operand_blocks(xp, x4, group) for name, x4 in four.items()}
+        ids = np.array([span.seq for span in group])
         if slopes2 is not None:
             extra["alibi_slopes"] = (slopes2[0] if slopes2.shape[0] == 1
-                                     else slopes2[span.seq:span.seq + 1])
-        o_seg, part = core_forward(_slice4(q4, span), _slice4(k4, span, True),
-                                   _slice4(v4, span, True), **options, **extra,
-                                   mask_mod=_shifted(mask_mod, span.seq, False),
-                                   score_mod=_shifted(score_mod, span.seq, True),
-                                   score_mod_grad=_shifted(score_mod_grad, span.seq, True))
-        o4[span.b, :, span.q0:span.q1] = o_seg[0]
-        lse4[span.b, :, span.q0:span.q1] = xp.astype(part.lse[0], lse4.dtype)
-        res.parts.append((span, part))
+                                     else xp.take(slopes2, xp.asarray(ids, device=device), axis=0))
+        seq_ids = xp.asarray(ids, device=device)
+        o_g, part = core_forward(_stack(xp, q4, group), _stack(xp, k4, group, True),
+                                 _stack(xp, v4, group, True), **options, **extra,
+                                 mask_mod=_relabelled(mask_mod, seq_ids, False),
+                                 score_mod=_relabelled(score_mod, seq_ids, True),
+                                 score_mod_grad=_relabelled(score_mod_grad, seq_ids, True))
+        lse_g = part.lse
+        for g, span in enumerate(group):
+            o4[span.b, :, span.q0:span.q1] = o_g[g]
+            lse4[span.b, :, span.q0:span.q1] = xp.astype(lse_g[g], lse4.dtype)
+        res.parts.append((group, part))
     res.o = res.to_public(o4)
     return res.o, res
 
@@ -328,17 +358,25 @@ def backward(core_backward: Callable, res: SegmentedResiduals, do):
               else None)
     dslopes = (xp.zeros((res.slopes_rows, H), dtype=dtype, device=device)
                if res.slopes_shape is not None else None)
-    for span, part in res.parts:
-        grads = core_backward(part, _slice4(do4, span))
-        dq4[span.b, :, span.q0:span.q1] = grads[0][0]
-        dk4[span.b, :, span.k0:span.k1] = grads[1][0]
-        dv4[span.b, :, span.k0:span.k1] = grads[2][0]
-        if dbias4 is not None:
-            at = _operand_index(dbias4.shape, span)
-            dbias4[at] = dbias4[at] + grads[3]
-        if dslopes is not None:
-            row = 0 if res.slopes_rows == 1 else span.seq
-            dslopes[row:row + 1] = dslopes[row:row + 1] + xp.reshape(grads[-1], (1, H))
+    for group, part in res.parts:
+        grads = core_backward(part, _stack(xp, do4, group))
+        shared_bias = dbias4 is not None and tuple(grads[3].shape) == tuple(dbias4.shape) \
+            and len(group) > 1 and dbias4.shape[0] == 1 and dbias4.shape[2:] == (1, 1)
+        if shared_bias:                          # one operand served the whole group
+            dbias4 = dbias4 + grads[3]
+        for g, span in enumerate(group):
+            dq4[span.b, :, span.q0:span.q1] = grads[0][g]
+            dk4[span.b, :, span.k0:span.k1] = grads[1][g]
+            dv4[span.b, :, span.k0:span.k1] = grads[2][g]
+            if dbias4 is not None and not shared_bias:
+                at = _operand_index(dbias4.shape, span)
+                block = grads[3] if len(group) == 1 else grads[3][g:g + 1]
+                dbias4[at] = dbias4[at] + block
+            if dslopes is not None and res.slopes_rows > 1:
+                dslopes[span.seq:span.seq + 1] = (dslopes[span.seq:span.seq + 1]
+                                                  + xp.reshape(grads[-1][g], (1, H)))
+        if dslopes is not None and res.slopes_rows == 1:
+            dslopes = dslopes + xp.reshape(grads[-1], (1, H))
     out = (res.to_public(dq4), res.to_public(dk4), res.to_public(dv4))
     if dbias4 is not None:
         lead = res.batch if dbias4.shape[0] > 1 else (1,) * len(res.batch)
