@@ -377,7 +377,7 @@ def backward(core_backward: Callable, res: SegmentedResiduals, do):
                                                   + xp.reshape(grads[-1][g], (1, H)))
         if dslopes is not None and res.slopes_rows == 1:
             dslopes = dslopes + xp.reshape(grads[-1], (1, H))
-    out = (res.to_public(dq4), res.to_public(dk4), res.to_public(dv4))
+    out: tuple[Any, ...] = (res.to_public(dq4), res.to_public(dk4), res.to_public(dv4))
     if dbias4 is not None:
         lead = res.batch if dbias4.shape[0] > 1 else (1,) * len(res.batch)
         full = xp.reshape(dbias4, (*lead,) + tuple(dbias4.shape[1:]))
