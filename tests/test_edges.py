@@ -242,9 +242,9 @@ EDGES = {
     "padded batch element without keys": (_no_key_left_padded, None),
     "cu_seqlens_q decreasing": (lambda: _packed([0, 3, 2, 4], [0, 1, 2, 5]),
                                 (ValueError, r"cu_seqlens_q must be non-decreasing")),
-    "cu_seqlens_k short of the key count": (lambda: _packed([0, 4], [0, 4]),
-                                            (ValueError, r"cu_seqlens_k must end at the total "
-                                                         r"token count k.shape\[0\] = 5")),
+    "cu_seqlens_k short of the key count": (
+        lambda: _packed([0, 4], [0, 4]),
+        (ValueError, r"cu_seqlens_k must end at the total token count k.shape\[0\] = 5")),
     "cu_seqlens of floats": (lambda: _packed([0.0, 4.0], [0, 5]),
                              (TypeError, "cu_seqlens_q must be an integer array")),
     "query_seq_lengths beyond L": (lambda: refattn.sdpa(*_qkv(), query_seq_lengths=np.array([4])),
@@ -253,9 +253,9 @@ EDGES = {
                               (TypeError, "mask_mod must be None or a callable")),
     "score_mod differentiated without score_mod_grad": (
         _score_mod_without_derivative, (ValueError, "needs its derivative: pass score_mod_grad")),
-    "window side below -1": (lambda: refattn.sdpa(*_qkv(), window=(-2, 1)),
-                             (ValueError, r"window must be None or \(left, right\) with ints "
-                                          r">= -1")),
+    "window side below -1": (
+        lambda: refattn.sdpa(*_qkv(), window=(-2, 1)),
+        (ValueError, r"window must be None or \(left, right\) with ints >= -1")),
 }
 
 

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import masks as _masks
-from .._masks import causal_keep, causal_offset
+from .._masks import causal_offset
 from . import params as _params
 
 __all__ = ["Unsupported", "LayerSpec", "Layer", "accepts", "default_torch_call",
@@ -380,7 +380,7 @@ def torch_flex_attention(fn: Callable[..., Any] | None = None) -> Callable[..., 
         else:
             keep = _keep(_host, mask, causal, causal_align, q.shape[-2], k.shape[-2], window,
                          query_seq_lengths, key_value_seq_lengths)
-        *batch, H, L, E = q.shape
+        *batch, H, L, _ = q.shape
         Hkv, S, Ev = k.shape[-3], k.shape[-2], v.shape[-1]
         B = math.prod(batch)
         q4, k4, v4 = (x.reshape(B, h, n, x.shape[-1])

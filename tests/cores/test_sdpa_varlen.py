@@ -52,11 +52,11 @@ def _per_sequence(q, k, v, cq, ck, **options):
 
 PACKED_OPTIONS = {
     "plain": {},
-    "causal lower_right (FlashAttention)": dict(causal=True, causal_align="lower_right"),
-    "causal upper_left": dict(causal=True),
-    "window + causal + softcap + GQA": dict(window=(2, 0), causal=True,
-                                            causal_align="lower_right", softcap=2.0),
-    "alibi (N, H) + window": dict(alibi=True, window=(3, 1), causal_align="lower_right"),
+    "causal lower_right (FlashAttention)": {"causal": True, "causal_align": "lower_right"},
+    "causal upper_left": {"causal": True},
+    "window + causal + softcap + GQA": {"window": (2, 0), "causal": True,
+                                            "causal_align": "lower_right", "softcap": 2.0},
+    "alibi (N, H) + window": {"alibi": True, "window": (3, 1), "causal_align": "lower_right"},
 }
 
 
@@ -106,7 +106,7 @@ def test_packed_bias_mask_and_lse_are_block_diagonal():
     dbias = pull(np.ones_like(o))[3]
     assert dbias.shape == (4, 1, 1) and np.abs(dbias).max() < 1e-12
     o, res = refattn.cores.sdpa.forward(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck, bias=bias)
-    dq, dk, dv, dbias = refattn.cores.sdpa.backward(res, np.ones_like(o))
+    _dq, _dk, _dv, dbias = refattn.cores.sdpa.backward(res, np.ones_like(o))
     block = np.zeros((tq, tk), bool)
     for n in range(len(Q_LENS)):
         block[cq[n]:cq[n + 1], ck[n]:ck[n + 1]] = True
@@ -132,7 +132,7 @@ def _padding_mask(lq, lk, L, S):
     return ((i < lq[:, None, None]) & (j < lk[:, None, None]))[:, None]       # (B, 1, L, S)
 
 
-@pytest.mark.parametrize("options", [{}, dict(causal=True), dict(window=(2, 1), softcap=3.0)],
+@pytest.mark.parametrize("options", [{}, {"causal": True}, {"window": (2, 1), "softcap": 3.0}],
                          ids=["plain", "causal", "window + softcap"])
 def test_padded_is_the_padding_mask_with_padded_rows_zero(options):
     q, k, v, lq, lk = _padded()
@@ -151,7 +151,7 @@ def test_padded_is_the_padding_mask_with_padded_rows_zero(options):
 def test_padded_and_packed_layouts_agree_lower_right():
     # The same sequences padded and packed: causal and window aligned at each sequence's end.
     q, k, v, lq, lk = _padded(5)
-    opts = dict(causal=True, causal_align="lower_right", window=(3, -1))
+    opts = {"causal": True, "causal_align": "lower_right", "window": (3, -1)}
     padded = refattn.sdpa(q, k, v, query_seq_lengths=lq, key_value_seq_lengths=lk, **opts)
     pack = lambda x, n: np.concatenate([x[b, :, :n[b]].transpose(1, 0, 2)  # noqa: E731
                                         for b in range(3)])
@@ -163,7 +163,7 @@ def test_padded_and_packed_layouts_agree_lower_right():
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_numba_gradients_match_the_reference(dtype):
     q64, k64, v64, cq, ck = _packed(6)
-    opts = dict(window=(2, 1), causal=True, causal_align="lower_right", softcap=2.5)
+    opts = {"window": (2, 1), "causal": True, "causal_align": "lower_right", "softcap": 2.5}
 
     def run(backend, dt):
         arrays = [x.astype(dt) for x in (q64, k64, v64)]
@@ -262,7 +262,7 @@ def test_jax_padding_and_local_window_forward_and_gradients():
     jnp = pytest.importorskip("jax.numpy")
     q, k, v, lq, lk = _padded(9, L=7, S=9)
     lq, lk = np.array([7, 4, 5], np.int32), np.array([9, 6, 7], np.int32)  # no empty valid row
-    options = dict(window=(2, 1), causal=True)
+    options = {"window": (2, 1), "causal": True}
 
     def jax_fn(q_, k_, v_):
         t = lambda x: jnp.transpose(x, (0, 2, 1, 3))                       # noqa: E731
@@ -307,7 +307,7 @@ def test_torch_flex_attention_softcap_and_sliding_window_forward():
     o = flex.flex_attention(*(torch.from_numpy(x) for x in (q, k, v)), score_mod=softcap,
                             block_mask=block_mask, enable_gqa=True)
     assert o.dtype == torch.float64
-    for opts in (dict(score_mod=_cap, mask_mod=_sliding), dict(softcap=3.0, window=(3, 0))):
+    for opts in ({"score_mod": _cap, "mask_mod": _sliding}, {"softcap": 3.0, "window": (3, 0)}):
         assert_close(o.numpy(), refattn.sdpa(q, k, v, **opts), "float64", f"flex vs {opts}")
 
 
@@ -315,7 +315,7 @@ def test_torch_flex_attention_softcap_and_sliding_window_forward():
 
 def _bad_packed(**changes):
     q, k, v, cq, ck = _packed()
-    args = dict(cu_seqlens_q=cq, cu_seqlens_k=ck)
+    args = {"cu_seqlens_q": cq, "cu_seqlens_k": ck}
     args.update(changes)
     return lambda: refattn.sdpa(q, k, v, **args)
 
