@@ -33,6 +33,7 @@ from typing import Any, Literal
 import array_api_compat
 import numpy as np
 
+from ... import _empty_rows
 from ... import backends as _backends
 from . import numba as _numba_kernels
 from . import reference as _reference
@@ -91,6 +92,9 @@ class SDPAOptions:
         numba: queries x keys per tile; None = the backend's default.
     float32_math : {"tf32x3", "simt"} or None
         cupy: how float32 products run; None = the backend's default.
+    empty_rows : {"zero", "uniform", "nan"}
+        What a query row with no kept key gives; the kernels compute ``"zero"`` and
+        the front end post-processes the others (:mod:`refattn._empty_rows`).
     mask_mod : callable or None
         ``mask_mod(b, h, i, j) -> bool array`` on index arrays broadcastable to
         ``(B, H, L, S)`` (:func:`refattn._masks.score_indices`); ANDed with the kept pairs.
@@ -116,6 +120,7 @@ class SDPAOptions:
     need_alibi_grad: bool = False
     tiles: tuple | None = None
     float32_math: str | None = None
+    empty_rows: str = "zero"
     mask_mod: Any = None
     score_mod: Any = None
     score_mod_grad: Any = None
@@ -232,7 +237,8 @@ def _alibi_4d(xp, slopes, q, shapes):
 
 def prepare(q, k, v, mask=None, bias=None, causal=False, causal_align="upper_left", scale=None,
             dropout_mask=None, dropout_p=0.0, tiles=None, float32_math=None, window=None,
-            softcap=None, alibi_slopes=None, mask_mod=None, score_mod=None, score_mod_grad=None):
+            softcap=None, alibi_slopes=None, empty_rows="zero", mask_mod=None, score_mod=None,
+            score_mod_grad=None):
     """Validate the arguments of :func:`sdpa` and return ``(xp, shapes, options)``.
 
     ``options`` is the :class:`SDPAOptions` every backend receives; other cores that
@@ -275,6 +281,7 @@ def prepare(q, k, v, mask=None, bias=None, causal=False, causal_align="upper_lef
         need_alibi_grad=alibi_slopes is not None,
         tiles=_check_tiles(tiles),
         float32_math=float32_math,
+        empty_rows=_empty_rows.check_empty_rows(empty_rows),
         mask_mod=mask_mod,
         score_mod=score_mod,
         score_mod_grad=score_mod_grad,
@@ -296,7 +303,7 @@ def forward(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_
             cu_seqlens_q=None, cu_seqlens_k=None, query_seq_lengths=None,
             key_value_seq_lengths=None, mask_mod=None, score_mod=None, score_mod_grad=None,
             rotary=None, rotary_base=10000.0, rotary_dim=None, rotary_q_offset=0,
-            backend="auto", tiles=None, float32_math=None):
+            backend="auto", tiles=None, float32_math=None, empty_rows="zero"):
     """SDPA forward pass returning ``(o, residuals)`` for :func:`backward`.
 
     Same arguments as :func:`sdpa`.  ``residuals.lse`` holds the per-row
@@ -314,7 +321,7 @@ def forward(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_
             causal=causal, causal_align=causal_align, scale=scale, dropout_p=dropout_p,
             window=window, softcap=softcap, rotary=rotary, rotary_base=rotary_base,
             rotary_dim=rotary_dim, rotary_q_offset=rotary_q_offset, backend=backend, tiles=tiles,
-            float32_math=float32_math)
+            float32_math=float32_math, empty_rows=empty_rows)
     q, k, v, bias, alibi_slopes = (None if x is None else native_byte_order(x)
                                    for x in (q, k, v, bias, alibi_slopes))
     rope = _rotary_keywords(rotary, rotary_base, rotary_dim)
@@ -325,7 +332,7 @@ def forward(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_
         rope = {**rope, "q_offset": rotary_q_offset}
     xp, shapes, options = prepare(q, k, v, mask, bias, causal, causal_align, scale,
                                   dropout_mask, dropout_p, tiles, float32_math, window, softcap,
-                                  alibi_slopes, mask_mod, score_mod, score_mod_grad)
+                                  alibi_slopes, empty_rows, mask_mod, score_mod, score_mod_grad)
     backend = _backends.resolve(backend, IMPLEMENTED, q, core="sdpa")
     backend = _backends.route(backend, xp, (q, k, v, options.alibi), options.bias)
     if backend == "cupy" and (options.window or options.softcap or options.need_alibi_grad):
@@ -335,10 +342,21 @@ def forward(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_
     impl = implementation(backend)
     q4, k4, v4 = (flatten_batch(xp, x, shapes.batch) for x in (q, k, v))
     o4, lse = impl.forward(q4, k4, v4, options)
+    # The residuals keep the kernel's output (its backward reads o): the policy is on top.
+    out4 = _empty_rows.fill_output(options.empty_rows, o4, v4, _rows(xp, options, q4, k4),
+                                   options)
     res = SDPAResiduals(backend, q4, k4, v4, o4, lse, options, shapes,
                         None if bias is None else tuple(bias.shape),
                         None if alibi_slopes is None else tuple(alibi_slopes.shape), rope)
-    return xp.reshape(o4, shapes.output), res
+    return xp.reshape(out4, shapes.output), res
+
+
+def _rows(xp, options, q4, k4):
+    """The empty rows ``(B|1, H|1, L)`` under a policy other than ``"zero"`` (else None)."""
+    if options.empty_rows == "zero":
+        return None
+    return _empty_rows.empty_rows(xp, options, q4.shape[-2], k4.shape[-2],
+                                  device=array_api_compat.device(q4))
 
 
 def backward(res: SDPAResiduals | _segments.SegmentedResiduals, do):
@@ -357,9 +375,13 @@ def backward(res: SDPAResiduals | _segments.SegmentedResiduals, do):
     xp = namespace(res.q)
     check_cotangent(do, shapes.output, "(..., H, L, Ev)", like=res.o)
     do4 = flatten_batch(xp, xp.astype(native_byte_order(do), res.o.dtype), shapes.batch)
-    impl = implementation(_backends.route(res.backend, xp, (do4,)))
-    dq, dk, dv, dscores, dslopes = impl.backward(res.q, res.k, res.v, res.o, res.lse, do4,
+    rows = _rows(xp, res.options, res.q, res.k)
+    policy = res.options.empty_rows
+    do_kernel = _empty_rows.kernel_cotangent(policy, do4, rows)
+    impl = implementation(_backends.route(res.backend, xp, (do_kernel,)))
+    dq, dk, dv, dscores, dslopes = impl.backward(res.q, res.k, res.v, res.o, res.lse, do_kernel,
                                                  res.options)
+    dv = _empty_rows.value_gradient(policy, dv, do4, rows, res.options)
     batch = shapes.batch
     grads: tuple[Array, ...] = (xp.reshape(dq, (*batch,) + tuple(dq.shape[1:])),
              xp.reshape(dk, (*batch,) + tuple(dk.shape[1:])),
@@ -391,7 +413,8 @@ def sdpa(q: Array, k: Array, v: Array, *, mask: Array | None = None, bias: Array
          rotary_base: float = 10000.0, rotary_dim: int | None = None, rotary_q_offset: int = 0,
          return_lse: bool = False, return_probs: bool = False, backend: Backend = "auto",
          tiles: tuple[int, int] | None = None,
-         float32_math: Literal["tf32x3", "simt"] | None = None) -> Array:
+         float32_math: Literal["tf32x3", "simt"] | None = None,
+         empty_rows: Literal["zero", "uniform", "nan"] = "zero") -> Array:
     r"""Scaled dot-product attention.
 
     .. math::
@@ -482,6 +505,13 @@ def sdpa(q: Array, k: Array, v: Array, *, mask: Array | None = None, bias: Array
     float32_math : {"tf32x3", "simt"}, optional
         cupy backend: float32 products on tensor cores with split operands (default) or
         on CUDA cores.
+    empty_rows : {"zero", "uniform", "nan"}
+        What a query row with no kept key gives (``docs/conventions.md``): ``"zero"``
+        (refattn, PyTorch SDPA, FlashAttention): 0 and no gradient; ``"uniform"`` (a
+        ``finfo.min`` fill, JAX): the mean of ``v`` over all keys, its
+        gradient to ``v`` only; ``"nan"`` (a ``-inf`` fill): NaN, and NaN ``dv`` for
+        the row's key/value head.  ``return_lse`` and ``return_probs`` are refattn's
+        own (``-inf`` and 0 in such rows) whatever the policy.
 
     Returns
     -------
@@ -511,7 +541,7 @@ def sdpa(q: Array, k: Array, v: Array, *, mask: Array | None = None, bias: Array
                      score_mod=score_mod, score_mod_grad=score_mod_grad, rotary=rotary,
                      rotary_base=rotary_base, rotary_dim=rotary_dim,
                      rotary_q_offset=rotary_q_offset, backend=backend, tiles=tiles,
-                     float32_math=float32_math)
+                     float32_math=float32_math, empty_rows=empty_rows)
     extra: tuple[Array, ...] = ()
     xp = namespace(q)
     if isinstance(res, _segments.SegmentedResiduals):
