@@ -38,7 +38,7 @@ try:                        # the optional extra; without it the study is skippe
 except ImportError:
     _distributed = None  # type: ignore[assignment]
 
-__all__ = ["dask_scaling", "EFFICIENCY_TARGET", "STUDY"]
+__all__ = ["EFFICIENCY_TARGET", "STUDY", "dask_scaling"]
 
 EFFICIENCY_TARGET = 0.8
 _SINGLE_THREAD = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
@@ -169,8 +169,7 @@ def dask_scaling(size: str = "quick") -> StudyResult:
         failures=failures,
         notes=[f"tasks per (query block, key block): {tasks_per_block:.2f} "
                f"({all_tasks} tasks of refattn, inputs excluded)",
-               "peak ratio (worker of 2 / single process): "
-               f"{peak2 / single['peak']:.2f}",
+               f"peak ratio (worker of 2 / single process): {peak2 / single['peak']:.2f}",
                "communication per worker and head, L = S = 1M, E = Ev = 64, float32, 64 workers "
                "(calculated, refattn.distributed.volume): " +
                ", ".join(f"{lay} {v:.0f} MiB" for lay, v in volume.items()),
