@@ -13,6 +13,10 @@ parameter gradient as the sum over chunks, a tree of fan-in ``split_every``:
           \\mathcal{L}_c}{\\partial W}
 
 (the loss is a sum over batch elements, and a chunk's backward gives its own term).
+
+The layer's core options (``window``, ``softcap``, ``alibi_slopes``, rotary, ...)
+travel with the layer unchanged, except ALiBi slopes per batch element
+``(*batch, H)``, which each task gets cut to its batch chunk.
 """
 
 from __future__ import annotations

@@ -399,7 +399,12 @@ def _sharded(fn, chunks):
     (refattn.sdpa, ((1, 2, 7, 4), (1, 1, 6, 4)), [(1, 2, (3, 4), 4), (1, 1, (2, 4), 4),
                                                   (1, 1, (2, 4), 4)],
      {"causal": True, "causal_align": "lower_right", "bias": BIAS[0, :2, :7, :6]}),
-], ids=["element-wise Taylor scan", "key/query-sharded sdpa with bias"])
+    (refattn.sdpa, ((1, 2, 7, 4), (1, 1, 6, 4)), [(1, 2, (3, 4), 4), (1, 1, (2, 4), 4),
+                                                  (1, 1, (2, 4), 4)],
+     {"alibi_slopes": np.array([0.5, 0.25]), "window": (2, 1), "softcap": 1.5,
+      "rotary": "half"}),
+], ids=["element-wise Taylor scan", "key/query-sharded sdpa with bias",
+        "key/query-sharded sdpa: ALiBi slopes, window, softcap, rotary"])
 def test_sharded_gradients_match_finite_differences(fn, shapes, chunks, options):
     rng = np.random.default_rng(9)
     q = 0.5 * rng.standard_normal(shapes[0])
