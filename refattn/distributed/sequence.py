@@ -78,7 +78,7 @@ SDPA_OPTIONS = ("mask", "bias", "causal", "causal_align", "scale", "dropout_mask
                 "window", "softcap", "alibi_slopes", "rotary", "rotary_base", "rotary_dim",
                 "rotary_q_offset", "backend", "tiles", "float32_math")
 
-#: Packed-sequence arguments of FlashAttention varlen and JAX: refused by name.
+#: Packed / variable-length sequence arguments of FlashAttention varlen and JAX: refused by name.
 PACKED_SEQUENCE_OPTIONS = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k",
                            "query_seq_lengths", "key_value_seq_lengths")
 
@@ -90,10 +90,11 @@ def check_options(options, call):
             continue
         if name in PACKED_SEQUENCE_OPTIONS:
             raise TypeError(
-                f"{call}() got {name}=: packed sequences (FlashAttention varlen, JAX sequence "
-                "lengths) are not supported on sharded calls, whose chunks would have to follow "
-                "the sequence boundaries; express the packing as a block-diagonal mask= (sliced "
-                "with the blocks, exact for any chunking) or put the sequences on a batch axis "
+                f"{call}() got {name}=: packed or variable-length sequences (FlashAttention "
+                "varlen cu_seqlens, JAX *_seq_lengths) are not supported on sharded calls, whose "
+                "chunks would have to follow the sequence boundaries; express them as a mask= "
+                "(block-diagonal for packing, key padding for lengths: sliced with the blocks, "
+                "exact for any chunking) or put the sequences on a batch axis "
                 "(docs/distributed.md)")
         if name in FRAMEWORK_ALIASES:
             raise TypeError(f"{call}() got {name}=, a PyTorch/JAX/FlashAttention keyword; "

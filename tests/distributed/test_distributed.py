@@ -520,9 +520,9 @@ def test_option_errors_name_the_argument():
     q, k, v = qkv((2,), 4, 2, 5, 5, 4, 4)
     good = _dask(q, k, v, chunks=[(1, 2, (2, 3), 4)] * 3)
     for call in (lambda **o: rd.sdpa(*good, **o), lambda **o: rd.vjp(refattn.sdpa, *good, **o)):
-        with pytest.raises(TypeError, match="cu_seqlens_q=: packed sequences .* not supported"):
+        with pytest.raises(TypeError, match="cu_seqlens_q=: packed or variable-length sequences .* not supported"):
             call(cu_seqlens_q=np.array([0, 2, 5]))
-        with pytest.raises(TypeError, match="key_value_seq_lengths=: packed sequences"):
+        with pytest.raises(TypeError, match="key_value_seq_lengths=: packed or variable-length"):
             call(key_value_seq_lengths=np.array([5, 3]))
         with pytest.raises(TypeError, match="window_size=.*refattn's is window="):
             call(window_size=(2, 0))
