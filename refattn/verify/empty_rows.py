@@ -25,13 +25,13 @@ from collections.abc import Callable
 
 import numpy as np
 
+# The cores' policies (refattn._empty_rows): verify(..., empty_rows=) takes the same names.
+from .._empty_rows import EMPTY_ROWS
 from .recompute import CoreCall, Recompute, empty_query_rows, expand_kv_heads, head_axis
 
 __all__ = ["CONVENTIONS", "EMPTY_ROWS", "check_policy", "detect", "expected_out", "fill",
            "nan_region", "zero_rows"]
 
-#: The values of ``verify(..., empty_rows=)``.
-EMPTY_ROWS = ("zero", "uniform", "nan")
 
 #: How the report names each convention.
 CONVENTIONS = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import sys
@@ -20,7 +21,7 @@ from .adapters import (Layer, LayerSpec, Unsupported, accepts, default_jax_call,
                        torch_sdpa)
 from .diagnose import Failure, diagnose
 from .frameworks import detect_framework, load_framework
-from .params import resolve_map
+from .params import gather_gradients, resolve_map
 from .recompute import Recompute, head_axis
 from .report import Check, VerifyReport
 
@@ -150,7 +151,12 @@ class Problem:
         return quantities(out, grads, self.names)
 
     def layer_spec(self):
-        return LayerSpec.from_case(self.case, self.dtype)
+        """The case's :class:`LayerSpec`; ``spec.empty_rows`` is the convention compared under
+        (verify's ``empty_rows=``, or the layer's own core option)."""
+        spec = LayerSpec.from_case(self.case, self.dtype)
+        if self.empty_rows != "zero" and spec.empty_rows == "zero":
+            spec = dataclasses.replace(spec, empty_rows=self.empty_rows)
+        return spec
 
 
 def reference_problem(case, dtype="float64", seed=0, framework=None, *, core=None,
@@ -218,9 +224,8 @@ def _run_torch_layer(layer, problem, fw):
     out = call(module, inputs[0], inputs[1] if xkv is not None else None,
                None if mask is None else fw.asarray(mask), spec)
     grads = fw.grad(out, leaves + flat_inputs, problem.cotangent)
-    dparams = {}
-    for conv, g in zip(mapping.values(), grads):
-        dparams.update(conv.to_refattn(g))
+    shapes = {n: np.shape(a) for n, a in params.items()}
+    dparams = gather_gradients(mapping, grads[:len(leaves)], shapes)
     return (problem.quantities(fw.to_numpy(out), (dparams, *grads[len(leaves):])),
             fw.dtype_name(out))
 
@@ -243,9 +248,8 @@ def _run_jax_layer(layer, problem, fw):
 
     primals = [cand_params, xq] + ([xkv] if xkv is not None else [])
     out, grads, out_dtype = fw.vjp(f, primals, problem.cotangent, problem.dtype)
-    dparams = {}
-    for cname, conv in mapping.items():
-        dparams.update(conv.to_refattn(grads[0][cname]))
+    dparams = gather_gradients(mapping, [grads[0][c] for c in mapping],
+                               {n: np.shape(a) for n, a in params.items()})
     return problem.quantities(out, (dparams, *grads[1:])), out_dtype
 
 
