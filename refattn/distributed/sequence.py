@@ -84,9 +84,20 @@ PACKED_SEQUENCE_OPTIONS = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_
 
 
 def check_options(options, call):
-    """Raise ``TypeError`` naming the first option of ``options`` that ``call`` does not take."""
+    """Raise ``TypeError`` naming the first option of ``options`` that ``call`` does not take.
+
+    ``empty_rows`` is taken with its default ``"zero"`` only (``ValueError`` otherwise).
+    """
     for name in options:
         if name in SDPA_OPTIONS:
+            continue
+        if name == "empty_rows":
+            if options[name] != "zero":
+                raise ValueError(
+                    f"{call}() got empty_rows={options[name]!r}: sharded calls give an empty "
+                    "row (no kept key) refattn's convention only, empty_rows='zero' (o = 0, "
+                    "lse = -inf, no gradient); the 'uniform' and 'nan' fills are not "
+                    "implemented on sharded calls yet (docs/distributed.md)")
             continue
         if name in PACKED_SEQUENCE_OPTIONS:
             raise TypeError(
@@ -182,7 +193,7 @@ def _rotated(x, axis, start, rope, backward=False):
 
 def _make_blocks(q, k, v, options, call):
     check_options(options, call)
-    options = dict(options)
+    options = {n: x for n, x in options.items() if n != "empty_rows"}
     slopes = options.pop("alibi_slopes", None)
     plan = make_plan(q, k, v, options, feature_axes=1, shard_sequence=True)
     backend = plan.static.get("backend", "auto")

@@ -252,6 +252,13 @@ def _keep(L_, S_, offset, window):
     return keep
 
 
+def test_empty_rows_zero_is_the_sharded_convention():
+    q, k, v = qkv((3,), 4, 2, L, S, 8, 6)
+    qc, kc = SDPA_CHUNKS["queries and keys uneven"]
+    check_vjp(refattn.sdpa, (q, k, v), (qc, kc, kc[:-1] + (6,)),
+              {"mask": MASK, "empty_rows": "zero"})
+
+
 def test_block_band_is_the_block_of_the_full_rules():
     """Local offset, window and ALiBi distance reproduce the global rules on random blocks."""
     rng = np.random.default_rng(11)
@@ -524,6 +531,8 @@ def test_option_errors_name_the_argument():
             call(cu_seqlens_q=np.array([0, 2, 5]))
         with pytest.raises(TypeError, match="key_value_seq_lengths=: packed or variable-length"):
             call(key_value_seq_lengths=np.array([5, 3]))
+        with pytest.raises(ValueError, match="empty_rows='nan': sharded calls give"):
+            call(empty_rows="nan")
         with pytest.raises(TypeError, match="window_size=.*refattn's is window="):
             call(window_size=(2, 0))
         with pytest.raises(TypeError, match="unexpected keyword argument 'windw'"):
