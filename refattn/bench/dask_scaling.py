@@ -58,6 +58,9 @@ EFFICIENCY_TARGET = 0.8
 SINGLE_THREAD = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
                  "MKL_NUM_THREADS": "1"}
 #: (H, L, E, key blocks, dtype, rounds) of each size.
+#: Warm-up length: long enough that the numba backend's tile choice (timed at first use on
+#: blocks of >= 512 queries and keys, refattn.backends.tuning) is made before the timed rounds.
+WARM_UP = 512
 SIZES = {"quick": (1, 4096, 64, 4, "float32", 3), "full": (1, 32768, 64, 16, "float32", 2)}
 
 
@@ -84,8 +87,8 @@ def _single_rounds(H, L, E, dtype):
     Runs in a fresh process of its own (its peak RSS is the single-process call's).
     """
     q, k, v = _inputs(H, L, E, dtype)
-    small = [x[..., :256, :] for x in (q, k, v)]
-    o, pullback = vjp(sdpa, *small)                          # load the kernels
+    small = [x[..., :WARM_UP, :] for x in (q, k, v)]
+    o, pullback = vjp(sdpa, *small)                          # load the kernels, choose tiles
     pullback(np.ones_like(o))
     print("ready", flush=True)
     for _ in sys.stdin:
@@ -123,6 +126,14 @@ class _SingleProcess:
     def close(self):
         self.proc.stdin.close()
         self.proc.wait()
+
+
+def _warm_up(n, E, dtype):
+    """In a worker: the single-machine fwd+bwd on ``n`` tokens (loads the kernels, and
+    the tile choice of refattn.backends.tuning, recorded by the first process to time it)."""
+    q, k, v = _inputs(1, n, E, dtype)
+    o, pullback = vjp(sdpa, q, k, v)
+    pullback(np.ones_like(o))
 
 
 def _peak():
@@ -182,9 +193,11 @@ class _Cluster:
                       for j in range(blocks)]
             self.inputs.append(self.client.persist(da.concatenate(pieces, axis=2)))
         wait(self.inputs)
-        small = [da.from_array(x[..., :256, :], chunks=(1, x.shape[1], 128, x.shape[3]))
+        small = [da.from_array(x[..., :WARM_UP, :], chunks=(1, x.shape[1], WARM_UP // 2,
+                                                            x.shape[3]))
                  for x in arrays]
-        wait(self.client.compute(_graph(*small)))           # load the kernels in every worker
+        self.client.run(_warm_up, WARM_UP, arrays[0].shape[3], arrays[0].dtype.name)                  # kernels and tiles, every worker
+        wait(self.client.compute(_graph(*small)))           # and the block tasks themselves
         self.threads = sorted(set(self.client.run(_numba_threads).values()))
 
     def round(self):
