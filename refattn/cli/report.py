@@ -126,10 +126,11 @@ def check_row(variant, backend, dtype, doing=lambda what: None):
         grad_err, grad_what = _grad_errors(grads, grads_ref), "ref"
         ok = _within_reference_error(out, out_ref, low_out, grads, grads_ref, low_grads, dtype)
     dout_t = dout.astype(dtype)
+    # The check above already ran forward and backward (compiled, caches filled): no warm-up.
     doing(f"{label}: timing forward")
-    t_fwd, n_fwd = time_per_call(lambda: case.run(backend))
+    t_fwd, n_fwd = time_per_call(lambda: case.run(backend), warmup=0)
     doing(f"{label}: timing forward+backward")
-    t_bwd, n_bwd = time_per_call(lambda: case.vjp(backend)[1](dout_t))
+    t_bwd, n_bwd = time_per_call(lambda: case.vjp(backend)[1](dout_t), warmup=0)
     return dict(variant=variant.name, case=case.name, backend=backend, dtype=dtype,
                 fwd_err=fwd_err, grad_err=grad_err, grad_what=grad_what, t_fwd=t_fwd,
                 t_fwdbwd=t_bwd, calls_per_sample_fwd=n_fwd, calls_per_sample_fwdbwd=n_bwd,
@@ -200,6 +201,7 @@ def run(args) -> int:
         for line in fmt.header():
             bar.emit(line)
         for variant, backend, dtype in jobs:
+            row_start = time.perf_counter()
             try:
                 row = check_row(variant, backend, dtype, doing=bar.doing)
             except Exception as exc:  # report and keep going; the exit status says it
@@ -207,6 +209,7 @@ def run(args) -> int:
                 row = dict(variant=variant.name, backend=backend, dtype=dtype, ok=False,
                            error=text)
                 errors.append(row)
+            row["seconds"] = time.perf_counter() - row_start
             rows.append(row)
             bar.emit(fmt.line(row_cells(row)))
             bar.advance()
