@@ -32,6 +32,7 @@ import functools
 import os
 import shutil
 import tempfile
+from typing import ClassVar
 
 import numpy as np
 
@@ -169,8 +170,8 @@ class ColdStart:
     sample compiles for tens of seconds).
     """
 
-    params = [list(SCRIPTS) if FULL else ["sdpa-float32"]]
-    param_names = ["script"]
+    params: ClassVar[list] = [list(SCRIPTS) if FULL else ["sdpa-float32"]]
+    param_names: ClassVar[list] = ["script"]
     timeout = 900
     number = 1
     repeat = (1, 3, 600.0) if FULL else 1

@@ -34,6 +34,7 @@ import os
 import tempfile
 import threading
 import warnings
+from typing import Any
 
 import numba
 import numpy as np
@@ -401,9 +402,9 @@ def cached_signatures(dispatcher) -> dict:
         ``{"enabled": bool, "dir": str | None, "here": [signature, ...],
         "elsewhere": int}``; signatures are tuples of Numba types.
     """
-    cache = getattr(dispatcher, "_cache", None)
+    cache: Any = getattr(dispatcher, "_cache", None)
     index_file = getattr(cache, "_cache_file", None)
-    if index_file is None:                        # caching off (NullCache)
+    if cache is None or index_file is None:       # caching off (NullCache)
         return {"enabled": False, "dir": None, "here": [], "elsewhere": 0}
     index = index_file._load_index()              # {} if missing, stale or another Numba
     codegen = dispatcher.targetctx.codegen()

@@ -40,7 +40,7 @@ def test_info_compiles_nothing_and_reports_an_empty_cache(tmp_path):
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     t0 = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", _INFO_COUNTING_COMPILES], env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     seconds = time.perf_counter() - t0
     assert done.returncode == 0, done.stderr
     assert re.search(r"COMPILES 0 \[\] STATUS 0", done.stdout), done.stdout
@@ -117,7 +117,7 @@ def test_elementwise_kernels_get_one_layout_per_argument():
 
 def test_the_taste_constant_is_the_readme_snippet():
     readme = (ROOT / "README.md").read_text()
-    snippet = re.search(r"## A taste\n\n```python\n(.*?)```", readme, re.S)
+    snippet = re.search(r"## A taste\n\n```python\n(.*?)```", readme, re.DOTALL)
     assert snippet is not None and snippet.group(1) == TASTE
 
 
