@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import os
 import tempfile
 import threading
@@ -43,9 +44,22 @@ from llvmlite import ir
 from numba.core import cgutils
 from numba.np.linalg import ensure_blas
 
-__all__ = ["jit", "NumbaCacheWarning", "cache_status", "launch", "threading_layer",
-           "available_threading_layers", "kernels", "fast_exp",
-           "num_threads", "blas_threads", "gemm", "kernel_name", "cached_signatures"]
+__all__ = [
+    "NumbaCacheWarning",
+    "available_threading_layers",
+    "blas_threads",
+    "cache_status",
+    "cached_signatures",
+    "fast_exp",
+    "fast_tanh",
+    "gemm",
+    "jit",
+    "kernel_name",
+    "kernels",
+    "launch",
+    "num_threads",
+    "threading_layer",
+]
 
 
 class NumbaCacheWarning(RuntimeWarning):
@@ -295,6 +309,50 @@ def _fast_exp_overload(x):
 
 _exp32_nb = numba.njit(**_EXP_OPTIONS)(_exp32)
 _exp64_nb = numba.njit(**_EXP_OPTIONS)(_exp64)
+
+
+def _tanh32(x):
+    # Eigen's float tanh: an odd rational (13, 6) minimax form on [-7.9988, 7.9988] (beyond
+    # it tanh rounds to +-1 in float32); max error 4.4 ulp (2.6e-7 relative, measured
+    # against float64 tanh on 2.2e6 points).  No libm call: LLVM vectorises it.
+    xc = min(max(x, _F32(-7.99881172180175781)), _F32(7.99881172180175781))
+    x2 = xc * xc
+    p = x2 * _F32(-2.76076847742355e-16) + _F32(2.00018790482477e-13)
+    p = x2 * p + _F32(-8.60467152213735e-11)
+    p = x2 * p + _F32(5.12229709037114e-08)
+    p = x2 * p + _F32(1.48572235717979e-05)
+    p = x2 * p + _F32(6.37261928875436e-04)
+    p = x2 * p + _F32(4.89352455891786e-03)
+    d = x2 * _F32(1.19825839466702e-06) + _F32(1.18534705686654e-04)
+    d = x2 * d + _F32(2.26843463243900e-03)
+    d = x2 * d + _F32(4.89352518554385e-03)
+    out = xc * p / d
+    if abs(x) < _F32(0.0004):  # tanh(x) = x to float32 rounding
+        out = x
+    if x != x:
+        out = x
+    return out
+
+
+def fast_tanh(x):
+    """``tanh(x)`` for float32/float64 scalars; float32 in a form LLVM vectorises.
+
+    float32 resolves to a rational minimax form (4.4 ulp); float64 to libm's ``tanh``
+    (correctly rounded in practice; not vectorised).
+    """
+    if isinstance(x, np.float32):
+        return _tanh32(x)
+    return math.tanh(x)
+
+
+@numba.extending.overload(fast_tanh, jit_options=_EXP_OPTIONS)
+def _fast_tanh_overload(x):
+    if x == numba.types.float32:
+        return lambda x: _tanh32_nb(x)
+    return lambda x: math.tanh(x)
+
+
+_tanh32_nb = numba.njit(**_EXP_OPTIONS)(_tanh32)
 
 
 # --------------------------------------------------------------------------- gemm

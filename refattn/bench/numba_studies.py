@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 
@@ -36,76 +34,114 @@ MEMORY_TARGET_MIB = 64.0
 REFERENCE_SPEEDUP_TARGET = 5.0
 
 
-def _gemm_contender(n: int):
-    """A square float32 NumPy matmul (all BLAS threads) and its FLOPs: the ceiling.
+def _gemm_contender(n: int, dtype=np.float32):
+    """A square NumPy matmul (all BLAS threads) and its FLOPs: the ceiling.
 
     It runs interleaved with the attention contenders, so it sees the same machine load.
     """
     rng = np.random.default_rng(0)
-    a, b = (rng.standard_normal((n, n)).astype(np.float32) for _ in range(2))
+    a, b = (rng.standard_normal((n, n)).astype(dtype) for _ in range(2))
     return (lambda: a @ b), 2.0 * n ** 3
+
+
+#: ``(B, H, L, E, dtype)`` judged at size "full" (issue 17), and the quick stand-ins.
+TORCH_PROBLEMS = {"full": ((1, 8, 2048, 64, "float32"), (4, 16, 1024, 64, "float32"),
+                           (1, 8, 8192, 64, "float32"), (1, 8, 2048, 64, "float64")),
+                  "quick": ((1, 4, 512, 64, "float32"), (1, 4, 512, 64, "float64"))}
+#: numba's non-causal float32 forward as a fraction of the float32 GEMM rate.
+GEMM_FRACTION_TARGET = 0.8
+
+
+def _problem_name(B, H, L, E, dtype) -> str:
+    return f"{B}x{H}x{L}x{E}_{dtype}"
+
+
+def _torch_metric_names() -> tuple:
+    names = []
+    for problem in TORCH_PROBLEMS["quick"]:
+        for label in ("full", "causal"):
+            for what in ("fwd", "fwd+bwd"):
+                names.append(f"{_problem_name(*problem)}_{label}_{what}_ratio")
+        if problem[4] == "float32":
+            names.append(f"{_problem_name(*problem)}_full_fwd_gemm_fraction")
+    return tuple(names)
+
+
+def _torch_contenders(q, k, v, do, causal, torch):
+    tq, tk, tv, tdo = (torch.from_numpy(x) for x in (q, k, v, do))
+    sdpa_t = torch.nn.functional.scaled_dot_product_attention
+
+    def numba_fwd():
+        return api.forward(q, k, v, causal=causal, backend="numba")[0]
+
+    def numba_fwd_bwd():
+        o, res = api.forward(q, k, v, causal=causal, backend="numba")
+        return api.backward(res, do)
+
+    def torch_fwd():
+        with torch.no_grad():
+            return sdpa_t(tq, tk, tv, is_causal=causal)
+
+    def torch_fwd_bwd():
+        a, b, c = (x.detach().requires_grad_() for x in (tq, tk, tv))
+        sdpa_t(a, b, c, is_causal=causal).backward(tdo)
+        return a.grad
+
+    return {"numba fwd": numba_fwd, "torch fwd": torch_fwd,
+            "numba fwd+bwd": numba_fwd_bwd, "torch fwd+bwd": torch_fwd_bwd}
 
 
 def sdpa_vs_torch(size: str = "quick") -> StudyResult:
     import torch
 
-
-    B, H, L, E = (1, 8, 2048, 64) if size == "full" else (1, 4, 512, 64)
     rounds = 5 if size == "full" else 2
     rng = np.random.default_rng(0)
-    q, k, v, do = (rng.standard_normal((B, H, L, E)).astype(np.float32) for _ in range(4))
-    tq, tk, tv, tdo = (torch.from_numpy(x) for x in (q, k, v, do))
-    sdpa_t = torch.nn.functional.scaled_dot_product_attention
-
     rows, metrics, failures = [], {}, []
-    gemm_fn, gemm_flops = _gemm_contender(2048 if size == "full" else 1024)
-    gemm_rates = []
-    for causal in (False, True):
-        def numba_fwd():
-            return api.forward(q, k, v, causal=causal, backend="numba")[0]
-
-        def numba_fwd_bwd():
-            o, res = api.forward(q, k, v, causal=causal, backend="numba")
-            return api.backward(res, do)
-
-        def torch_fwd():
-            with torch.no_grad():
-                return sdpa_t(tq, tk, tv, is_causal=causal)
-
-        def torch_fwd_bwd():
-            a, b, c = (x.detach().requires_grad_() for x in (tq, tk, tv))
-            sdpa_t(a, b, c, is_causal=causal).backward(tdo)
-            return a.grad
-
-        t = compare({"numba fwd": numba_fwd, "torch fwd": torch_fwd,
-                     "numba fwd+bwd": numba_fwd_bwd, "torch fwd+bwd": torch_fwd_bwd,
-                     "gemm": gemm_fn}, rounds=rounds)
-        gemm = gemm_flops / t["gemm"] / 1e9
-        gemm_rates.append(gemm)
-        fwd_flops = api.flops((B,), H, L, L, E, E, causal=causal)
-        # forward+backward = 2 + 5 tile products: 3.5x the forward FLOPs (FlashAttention count)
-        label = "causal" if causal else "full"
-        for what, flops in (("fwd", fwd_flops), ("fwd+bwd", 3.5 * fwd_flops)):
-            tn, tt = t[f"numba {what}"], t[f"torch {what}"]
-            ratio = tt / tn
-            metrics[f"{label}_{what}_ratio"] = ratio
-            rows.append([f"{label} {what}", f"{tn * 1e3:.1f}", f"{tt * 1e3:.1f}", f"{ratio:.2f}",
-                         f"{flops / tn / 1e9:.0f}", f"{flops / tt / 1e9:.0f}",
-                         f"{flops / tn / 1e9 / gemm:.0%}"])
-            if size == "full" and ratio < TORCH_RATIO_TARGET:
-                failures.append(f"sdpa {label} {what}: numba/torch throughput {ratio:.2f} < "
-                                f"{TORCH_RATIO_TARGET}")
-    gemm = float(np.median(gemm_rates))
-    metrics["gemm_gflops"] = gemm
+    gemm_rates: dict[str, list] = {}
+    for B, H, L, E, dtype in TORCH_PROBLEMS[size]:
+        name = _problem_name(B, H, L, E, dtype)
+        q, k, v, do = (rng.standard_normal((B, H, L, E)).astype(dtype) for _ in range(4))
+        gemm_fn, gemm_flops = _gemm_contender(2048 if size == "full" else 1024, dtype)
+        for causal in (False, True):
+            contenders = _torch_contenders(q, k, v, do, causal, torch)
+            t = compare({**contenders, "gemm": gemm_fn}, rounds=rounds)
+            gemm = gemm_flops / t["gemm"] / 1e9
+            gemm_rates.setdefault(dtype, []).append(gemm)
+            fwd_flops = api.flops((B,), H, L, L, E, E, causal=causal)
+            # forward+backward = 2 + 5 tile products: 3.5x the forward FLOPs (FlashAttention)
+            label = "causal" if causal else "full"
+            for what, flops in (("fwd", fwd_flops), ("fwd+bwd", 3.5 * fwd_flops)):
+                tn, tt = t[f"numba {what}"], t[f"torch {what}"]
+                ratio = tt / tn
+                fraction = flops / tn / 1e9 / gemm
+                metrics[f"{name}_{label}_{what}_ratio"] = ratio
+                rows.append([f"({B}, {H}, {L}, {E})", dtype, f"{label} {what}",
+                             f"{tn * 1e3:.1f}", f"{tt * 1e3:.1f}", f"{ratio:.2f}",
+                             f"{flops / tn / 1e9:.0f}", f"{flops / tt / 1e9:.0f}",
+                             f"{fraction:.0%}", f"{flops / tt / 1e9 / gemm:.0%}"])
+                if size == "full" and ratio < TORCH_RATIO_TARGET:
+                    failures.append(f"sdpa {name} {label} {what}: numba/torch throughput "
+                                    f"{ratio:.2f} < {TORCH_RATIO_TARGET}")
+                if dtype == "float32" and label == "full" and what == "fwd":
+                    metrics[f"{name}_full_fwd_gemm_fraction"] = fraction
+                    if size == "full" and fraction < GEMM_FRACTION_TARGET:
+                        failures.append(f"sdpa {name} full fwd: {fraction:.2f} of the float32 "
+                                        f"GEMM rate < {GEMM_FRACTION_TARGET}")
+    for dtype, rates in gemm_rates.items():
+        metrics[f"gemm_gflops_{dtype}"] = float(np.median(rates))
+    ceilings = ", ".join(f"{d} {float(np.median(r)):.0f}" for d, r in gemm_rates.items())
     return StudyResult(
-        title=f"numba vs torch SDPA, float32 (B, H, L, E) = {(B, H, L, E)}",
-        headers=["pass", "numba ms", "torch ms", "numba/torch", "numba GFLOP/s",
-                 "torch GFLOP/s", "numba / GEMM"],
+        title="numba vs torch SDPA (CPU), forward and forward+backward",
+        headers=["(B, H, L, E)", "dtype", "pass", "numba ms", "torch ms", "numba/torch",
+                 "numba GFLOP/s", "torch GFLOP/s", "numba / GEMM", "torch / GEMM"],
         rows=rows, metrics=metrics, failures=failures,
-        notes=[f"ceiling: float32 GEMM (NumPy matmul, interleaved with the contenders) "
-               f"{gemm:.0f} GFLOP/s",
-               "ratio = torch time / numba time (> 1: numba faster); medians of interleaved "
-               "rounds", "target >= 1.0 at (1, 8, 2048, 64), judged at size 'full'"])
+        notes=[f"ceiling: square GEMM of the same dtype (NumPy matmul, all threads, "
+               f"interleaved with the contenders), GFLOP/s: {ceilings}",
+               "ratio = torch time / numba time (> 1: numba faster); medians of "
+               f"{rounds} interleaved rounds; FLOPs: forward 4 B H L S E over kept pairs, "
+               "forward+backward 3.5x that",
+               f"targets at size 'full': numba/torch >= {TORCH_RATIO_TARGET} on every row; "
+               f"float32 non-causal forward >= {GEMM_FRACTION_TARGET:.0%} of the GEMM rate"])
 
 
 _MEMORY_SCRIPT = """
@@ -237,8 +273,8 @@ def numba_vs_reference(size: str = "quick") -> StudyResult:
 
 
 STUDIES = (
-    Study("sdpa-vs-torch", "numba SDPA throughput over PyTorch CPU SDPA, float32",
-          sdpa_vs_torch, requires=("torch",)),
+    Study("sdpa-vs-torch", "numba SDPA throughput over PyTorch CPU SDPA and the GEMM ceiling",
+          sdpa_vs_torch, requires=("torch",), metric_names=_torch_metric_names()),
     Study("sdpa-memory", "peak memory of numba SDPA forward+backward above its inputs and "
           "outputs", sdpa_memory),
     Study("numba-vs-reference", "every numba core over the NumPy reference",

@@ -114,4 +114,12 @@ LAYER_VARIANTS = (
                     test_sizes=(2, 5, 16, 2), default_size=(2, 64, 64, 4),
                     bench_sizes={"B1 L1100 d64 H4": (1, 1100, 64, 4, {})})
       for mode in ("shared", "hamilton")),
+    # The official shared-score code's head split (contiguous chunks of the flat vector).
+    *(layer_variant(f"qattn-{mode}-chunks", projection="quaternion", core=mode,
+                    layer_options={"head_layout": "chunks"},
+                    summary=f"quaternion Q/K/V/O layers, heads as contiguous chunks of the flat "
+                            f"[r|i|j|k] vector (the official code's layout), {mode} core",
+                    test_sizes=(2, 5, 16, 2), default_size=(2, 64, 64, 4),
+                    bench_sizes={"B1 L1100 d64 H4": (1, 1100, 64, 4, {})})
+      for mode in ("shared", "hamilton")),
 )

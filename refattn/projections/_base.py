@@ -126,7 +126,8 @@ class OutputProjection(Projection):
     """Output projection ``y = merge_heads(O) W_O + b_O``, written once for every scheme.
 
     A scheme picks its linear map and head layout through four hooks
-    (``_linear_forward``, ``_linear_backward``, ``_merge_heads``, ``_split_heads``);
+    (``_linear_forward``, ``_linear_backward``, ``_merge_heads``, ``_split_heads``), or
+    overrides ``_merge`` / ``_split`` when the head layout depends on the configuration;
     the real schemes use a plain linear map on contiguous head slices, the
     quaternion scheme a Hamilton-product layer on per-unit heads.
     """
@@ -136,9 +137,17 @@ class OutputProjection(Projection):
     _merge_heads = staticmethod(merge_heads)
     _split_heads = staticmethod(split_heads)
 
+    def _merge(self, xp: Namespace, o: Array, cfg: LayerConfig) -> Array:
+        """The core output's heads merged into features (a scheme may read ``cfg``)."""
+        return self._merge_heads(xp, o)
+
+    def _split(self, xp: Namespace, x: Array, cfg: LayerConfig) -> Array:
+        """Features split into the core's heads: the adjoint of :meth:`_merge`."""
+        return self._split_heads(xp, x, cfg.n_heads)
+
     def project_out(self, params: Params, o: Array, cfg: LayerConfig) -> tuple[Array, Array]:
         xp = namespace(o)
-        merged = self._merge_heads(xp, o)                            # (*batch, L, d)
+        merged = self._merge(xp, o, cfg)                             # (*batch, L, d)
         return self._linear_forward(xp, merged, params["w_o"], params.get("b_o")), merged
 
     def backward_out(self, params: Params, merged: Array, dy: Array,
@@ -148,7 +157,7 @@ class OutputProjection(Projection):
         grads = {"w_o": dw}
         if cfg.bias:
             grads["b_o"] = db
-        return grads, self._split_heads(xp, dmerged, cfg.n_heads)    # the core's head layout
+        return grads, self._split(xp, dmerged, cfg)                  # the core's head layout
 
 
 class RealOutputProjection(OutputProjection):

@@ -7,9 +7,12 @@ product ``y = x @ M`` with the block matrix ``M[b, c] = SIGN[b^c][b] W_(b^c)``
 (:mod:`refattn.cores.quaternion.algebra`): four ``(n_in, n_out)`` blocks, a
 quarter of a real layer's parameters.  See ``docs/projections/quaternion.md``.
 
-Heads: head ``h`` owns units ``h*dh ... (h+1)*dh - 1`` of EACH component
-(``dh = d_model / (4 H)``), not the contiguous chunk ``h*d_k ... (h+1)*d_k - 1``
-of the flat vector, which for ``H = 4`` would hand each head one component.
+Heads (layer option ``head_layout``): by default (``"units"``) head ``h`` owns units
+``h*dh ... (h+1)*dh - 1`` of EACH component (``dh = d_model / (4 H)``), not the
+contiguous chunk ``h*d_k ... (h+1)*d_k - 1`` of the flat vector, which for ``H = 4``
+would hand each head one component.  ``head_layout="chunks"`` is that contiguous
+split, then four quarters of each chunk as the head's components: the layout of
+the official shared-score code (``docs/projections/quaternion.md``, "Head layouts").
 
 Shape legend: ``*batch`` batch dims, ``L`` query length, ``S`` key length,
 ``d`` = ``d_model``, ``H`` heads, ``n = d / 4`` units per component,
@@ -27,7 +30,10 @@ from ._base import OutputProjection, linear_backward, linear_forward
 
 __all__ = ["quaternion_linear", "linear_matrix", "linear_matrix_adjoint",
            "quaternion_linear_forward", "quaternion_linear_backward", "split_quaternion_heads",
-           "merge_quaternion_heads", "QuaternionProjection"]
+           "merge_quaternion_heads", "HEAD_LAYOUTS", "QuaternionProjection"]
+
+#: Head layouts of the quaternion projection (layer option ``head_layout``).
+HEAD_LAYOUTS = ("units", "chunks")
 
 
 def linear_matrix(xp, w):
@@ -146,37 +152,81 @@ def _quaternion_linear_backward(residuals: tuple, dy: Array) -> tuple[Array, ...
 attach_vjp(quaternion_linear, _quaternion_linear_forward, _quaternion_linear_backward)
 
 
-def split_quaternion_heads(xp, x, n_heads: int):
-    """``(*batch, L, 4 n) -> (*batch, H, L, 4, dh)``.
+def split_quaternion_heads(xp, x, n_heads: int, layout: str = "units"):
+    """``(*batch, L, 4 n) -> (*batch, H, L, 4, dh)``, a permutation of the features.
 
-    Head ``h`` owns units ``h dh ... (h+1) dh - 1`` of EACH component (``dh = n / H``).
+    ``layout="units"``: head ``h``, component ``c``, unit ``u`` is flat feature
+    ``c n + h dh + u`` (head ``h`` owns units ``h dh ... (h+1) dh - 1`` of EACH component).
+    ``layout="chunks"``: it is flat feature ``h (4 dh) + c dh + u`` (head ``h`` is the
+    contiguous chunk ``h 4dh ... (h+1) 4dh - 1``, its components the chunk's quarters).
+    Both agree for ``H = 1``.  The adjoint (and inverse) is :func:`merge_quaternion_heads`.
     """
     *batch, L, d = x.shape
     nb = len(batch)
-    x = xp.reshape(x, (*batch, L, 4, n_heads, d // (4 * n_heads)))   # (*batch, L, 4, H, dh)
+    dh = d // (4 * n_heads)
+    if layout == "chunks":
+        x = xp.reshape(x, (*batch, L, n_heads, 4, dh))                # (*batch, L, H, 4, dh)
+        return xp.permute_dims(x, (*range(nb), nb + 1, nb, nb + 2, nb + 3))
+    x = xp.reshape(x, (*batch, L, 4, n_heads, dh))                    # (*batch, L, 4, H, dh)
     return xp.permute_dims(x, (*range(nb), nb + 2, nb, nb + 1, nb + 3))
 
 
-def merge_quaternion_heads(xp, x):
-    """Inverse of :func:`split_quaternion_heads`: ``(*batch, H, L, 4, dh) -> (*batch, L, 4Hdh)``."""
+def merge_quaternion_heads(xp, x, layout: str = "units"):
+    """Inverse of :func:`split_quaternion_heads`: ``(*batch, H, L, 4, dh) -> (*batch, L, 4Hdh)``.
+
+    A permutation's inverse is its transpose, so this is also the backward pass of
+    the split (and the split the backward pass of this merge).
+    """
     *batch, H, L, _, dh = x.shape
     nb = len(batch)
-    x = xp.permute_dims(x, (*range(nb), nb + 1, nb + 2, nb, nb + 3))  # (*batch, L, 4, H, dh)
+    if layout == "chunks":
+        x = xp.permute_dims(x, (*range(nb), nb + 1, nb, nb + 2, nb + 3))  # (*batch, L, H, 4, dh)
+    else:
+        x = xp.permute_dims(x, (*range(nb), nb + 1, nb + 2, nb, nb + 3))  # (*batch, L, 4, H, dh)
     return xp.reshape(x, (*batch, L, 4 * H * dh))
 
 
 class QuaternionProjection(OutputProjection):
-    """Quaternion ``Q, K, V`` and output layers; heads own units of every component."""
+    """Quaternion ``Q, K, V`` and output layers; heads own units of every component.
+
+    Layer option ``head_layout``: ``"units"`` (default; head ``h`` owns units
+    ``h dh ... (h+1) dh - 1`` of each component) or ``"chunks"`` (head ``h`` is the
+    ``h``-th contiguous chunk of the flat ``[r | i | j | k]`` vector, split in four:
+    the official shared-score code's layout).  See :func:`split_quaternion_heads`.
+
+    Examples
+    --------
+    >>> import numpy as np, refattn
+    >>> layer = refattn.Attention(16, 2, projection="quaternion", core="shared",
+    ...                           head_layout="chunks")
+    >>> x = np.random.default_rng(0).standard_normal((1, 3, 16))
+    >>> y, pullback = refattn.vjp(layer, layer.init(seed=0), x)
+    >>> y.shape, pullback(np.ones_like(y))[1].shape
+    ((1, 3, 16), (1, 3, 16))
+    """
 
     name = "quaternion"
     layout = "quaternion"
-    # The shared output projection, on the Hamilton-product layer and per-unit heads.
+    options = ("head_layout",)
+    # The shared output projection, on the Hamilton-product layer and this scheme's heads.
     _linear_forward = staticmethod(quaternion_linear_forward)
     _linear_backward = staticmethod(quaternion_linear_backward)
-    _merge_heads = staticmethod(merge_quaternion_heads)
-    _split_heads = staticmethod(split_quaternion_heads)
+
+    @staticmethod
+    def head_layout(cfg) -> str:
+        return cfg.options.get("head_layout", "units")
+
+    def _merge(self, xp, o, cfg):
+        return merge_quaternion_heads(xp, o, self.head_layout(cfg))
+
+    def _split(self, xp, x, cfg):
+        return split_quaternion_heads(xp, x, cfg.n_heads, self.head_layout(cfg))
 
     def check(self, cfg):
+        layout = self.head_layout(cfg)
+        if layout not in HEAD_LAYOUTS:
+            raise ValueError(f"head_layout must be one of {HEAD_LAYOUTS} (the quaternion "
+                             f"projection's head split), got {layout!r}")
         if cfg.d_model % (4 * cfg.n_heads):
             raise ValueError(
                 f"projection='quaternion' needs d_model divisible by 4 * n_heads (each head owns "
@@ -201,11 +251,11 @@ class QuaternionProjection(OutputProjection):
 
     def _project(self, xp, params, name, x, cfg):
         y = quaternion_linear_forward(xp, x, params[f"w_{name}"], params.get(f"b_{name}"))
-        return split_quaternion_heads(xp, y, cfg.n_heads)          # (*batch, H, L, 4, dh)
+        return self._split(xp, y, cfg)                             # (*batch, H, L, 4, dh)
 
     def _project_backward(self, xp, params, name, x, dheads, cfg, grads):
         dx, dw, db = quaternion_linear_backward(xp, x, params[f"w_{name}"],
-                                                merge_quaternion_heads(xp, dheads), cfg.bias)
+                                                self._merge(xp, dheads, cfg), cfg.bias)
         grads[f"w_{name}"] = dw
         if cfg.bias:
             grads[f"b_{name}"] = db

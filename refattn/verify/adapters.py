@@ -24,19 +24,21 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
 
 from .. import masks as _masks
+from .._empty_rows import check_empty_rows
 from .._masks import causal_keep, causal_offset
+from ..layers import Attention
 from . import params as _params
 
 __all__ = ["Unsupported", "LayerSpec", "Layer", "accepts", "default_torch_call",
            "default_jax_call", "call_keywords", "torch_sdpa",
            "jax_dot_product_attention", "torch_multihead_attention", "reject_unless",
-           "empty_row_check", "torch_keep", "CAUSAL_KEYWORDS"]
+           "empty_row_check", "under_empty_rows", "torch_keep", "CAUSAL_KEYWORDS"]
 
 
 class Unsupported(Exception):
@@ -69,7 +71,8 @@ class LayerSpec:
         ``kv_heads`` for grouped-query ``"standard"``) and rotary's (``rotary``,
         ``rotary_base``, ``rotary_dim``).  Read them through the properties below.
     core_options : dict
-        Core options (e.g. ``scale``, ``causal_align``).
+        Core options (e.g. ``scale``, ``causal_align``); the reference's empty-row
+        policy is not among them (it is :attr:`empty_rows`).
     dtype : str
         The dtype of this run (the runner casts a torch module to it).
     layer : refattn.Attention
@@ -78,6 +81,10 @@ class LayerSpec:
         Cross-attention (the case has ``xkv``); False for self-attention.
     L, S : int
         Query and key lengths of the case (``S == L`` for self-attention).
+    empty_rows : {"zero", "uniform", "nan"}
+        The convention a query row with no kept key is compared under: verify's
+        ``empty_rows=`` switch, or the reference layer's core option (cases from
+        :func:`under_empty_rows`); ``docs/conventions.md``.
     """
 
     d_model: int
@@ -93,14 +100,16 @@ class LayerSpec:
     cross: bool = False
     L: int = 0
     S: int = 0
+    empty_rows: str = "zero"
 
     @classmethod
     def from_layer(cls, layer, dtype="float64", *, L=0, S=None, cross=False):
         c = layer.config
+        core_options = {k: v for k, v in layer.core_options.items() if k != "empty_rows"}
         return cls(c.d_model, c.n_heads, layer.projection_name, layer.core_name, c.causal, c.bias,
                    {**c.options, **getattr(layer, "rotary_options", {})},
-                   dict(layer.core_options), dtype, layer, bool(cross), int(L),
-                   int(L if S is None else S))
+                   core_options, dtype, layer, bool(cross), int(L),
+                   int(L if S is None else S), layer.core_options.get("empty_rows", "zero"))
 
     @classmethod
     def from_case(cls, case, dtype="float64"):
@@ -281,8 +290,10 @@ def jax_dot_product_attention(fn: Callable[..., Any] | None = None,
 
     JAX gives a query row with no key left the mean of all values (it masks with
     the dtype's minimum instead of ``-inf``); refattn, PyTorch and FlashAttention
-    give 0.  Such cases are reported as not expressible, like values narrower or
-    wider than keys (JAX needs ``Ev == E``).  JAX computes the softmax in float32
+    give 0.  Such cases are reported as not expressible unless the reference runs
+    under the cores' ``empty_rows="uniform"`` (cases from :func:`under_empty_rows`, which
+    pass the adapter ``empty_rows=``), like values narrower or wider than keys (JAX
+    needs ``Ev == E``).  JAX computes the softmax in float32
     whatever the input dtype, so its float64 results have float32 accuracy: the
     report says so (verify it in float32).
     """
@@ -293,7 +304,7 @@ def jax_dot_product_attention(fn: Callable[..., Any] | None = None,
 
     def dot_product_attention(q, k, v, *, mask=None, bias=None, causal=False,
                               causal_align="upper_left", scale=None, dropout_mask=None,
-                              dropout_p=0.0):
+                              dropout_p=0.0, empty_rows="zero"):
         if dropout_mask is not None or dropout_p:
             raise Unsupported("jax.nn.dot_product_attention has no dropout")
         *batch, H, L, E = q.shape
@@ -306,9 +317,10 @@ def jax_dot_product_attention(fn: Callable[..., Any] | None = None,
         keep = _keep(np.asarray, mask, causal and not plain_causal, causal_align, L, S)
         if keep is not None:
             rows = np.broadcast_to(keep, (*batch, H, L, S)).any(axis=-1)
-            if not rows.all():
+            if not rows.all() and empty_rows != "uniform":
                 raise Unsupported("jax.nn.dot_product_attention gives a query row with no key "
-                                  "left the mean of all values (refattn and torch: 0)")
+                                  "left the mean of all values (refattn and torch: 0); "
+                                  "cases=under_empty_rows(cases, 'uniform') compares it")
 
         def tokens_first(x, heads, length, width):
             x = jnp.reshape(x, (B, heads, length, width))          # (B, heads, T, width)
@@ -356,18 +368,57 @@ def reject_unless(spec, *, what, projection=("standard",), core=("sdpa",), kv_he
         raise Unsupported(f"{what} is self-attention only")
 
 
-def empty_row_check(mask, spec, what, convention):
+def empty_row_check(mask, spec, what, convention, policy=None):
     """Raise :class:`Unsupported` when a query row keeps no key and ``what`` answers otherwise.
 
-    ``convention`` says what the module gives such a row (e.g. "the mean of the values").
+    ``convention`` says what the module gives such a row (e.g. "the mean of the values");
+    ``policy`` names it among refattn's empty-row policies (``"uniform"``, ``"nan"``):
+    when the reference runs under that policy (``spec.empty_rows``) the case is compared.
     """
+    if policy is not None and spec.empty_rows == policy:
+        return
     keep = _keep(np.asarray, mask, spec.causal, spec.core_options.get("causal_align",
                                                                        "upper_left"),
                  spec.L, spec.S)
     if keep is not None and not np.broadcast_to(keep, (*keep.shape[:-2], spec.L, spec.S)) \
             .any(axis=-1).all():
         raise Unsupported(f"a query row keeps no key: {what} gives it {convention} "
-                          f"(refattn, torch SDPA and FlashAttention: 0)")
+                          f"(refattn, torch SDPA and FlashAttention: 0)"
+                          + (f"; verify(..., empty_rows={policy!r}) compares it" if policy
+                             else ""))
+
+
+def under_empty_rows(cases, policy):
+    """The cases with their reference run under the empty-row ``policy``.
+
+    A core case gets the option ``empty_rows=policy`` (a candidate that does not
+    take it is not passed it); a layer case is rebuilt with the core option.
+    ``"zero"`` returns the cases unchanged.  ``ValueError`` for a policy that is
+    not one of :data:`refattn._empty_rows.EMPTY_ROWS` or a case whose core has no
+    such option (element-wise attention).
+    """
+    check_empty_rows(policy)
+    if policy == "zero":
+        return list(cases)
+    out = []
+    for case in cases:
+        layer = case.fn
+        if isinstance(layer, Attention):
+            if "empty_rows" not in layer.core.options:
+                raise ValueError(f"empty_rows={policy!r}: the {layer.core_name!r} core of case "
+                                 f"{case.name!r} has no empty-row policy")
+            c = layer.config
+            rebuilt = Attention(c.d_model, c.n_heads, projection=layer.projection_name,
+                                core=layer.core_name, causal=c.causal, bias=c.bias,
+                                **c.options, **layer.rotary_options,
+                                **{**layer.core_options, "empty_rows": policy})
+            out.append(replace(case, fn=rebuilt))
+        else:
+            if not accepts(case.fn, "empty_rows"):
+                raise ValueError(f"empty_rows={policy!r}: {getattr(case.fn, '__name__', case.fn)} "
+                                 f"(case {case.name!r}) has no empty-row policy")
+            out.append(replace(case, options={**case.options, "empty_rows": policy}))
+    return out
 
 
 def torch_keep(mask, spec):

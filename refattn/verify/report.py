@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .empty_rows import CONVENTIONS
 
 __all__ = ["Check", "VerifyReport"]
 
@@ -35,6 +39,8 @@ class Check:
     status : {"ok", "FAIL", "n/a", "error"}
     note : str
         Why a row failed or did not run.
+    scale : float or None
+        The quantity's scale (``rel = max_abs / scale``).
     """
 
     case: str
@@ -46,6 +52,7 @@ class Check:
     allowed: float | None = None
     status: str = "ok"
     note: str = ""
+    scale: float | None = None
 
     @property
     def failed(self) -> bool:
@@ -68,13 +75,28 @@ class VerifyReport:
     """Errors of a candidate against the float64 reference, per case, dtype and quantity.
 
     ``repr(report)`` is a table; :meth:`assert_` raises an ``AssertionError``
-    listing the failures (use it in pytest); :attr:`ok` is the verdict.
+    listing the failures (use it in pytest); :attr:`ok` is the verdict;
+    :meth:`to_dict` is the same as plain data (JSON-serialisable).
+
+    Attributes
+    ----------
+    empty_rows : str
+        The empty-row convention the report compared under (``verify(empty_rows=)``).
+    conventions : dict
+        ``{case: "zero" | "uniform" | "nan"}``: failing cases whose output is
+        right except on its empty rows, where it follows that convention instead
+        of :attr:`empty_rows` (:mod:`refattn.verify.empty_rows`).
+    diagnosis : refattn.verify.diagnose.Diagnosis or None
+        The likely cause of the other failures (None when nothing else failed).
     """
 
     variant: str
     candidate: str
     framework: str
     checks: list = field(default_factory=list)
+    empty_rows: str = "zero"
+    conventions: dict = field(default_factory=dict)
+    diagnosis: Any = None
     legend: str = ("rel err = max|candidate - float64 reference| / scale; allowed = factor x "
                    "ref err + floor, ref err = refattn's own error in that dtype "
                    "(refattn.verify.tolerance)")
@@ -111,6 +133,41 @@ class VerifyReport:
             text += " (nothing was compared)"
         return text
 
+    @property
+    def convention(self) -> str | None:
+        """The empty-row convention detected in every case that shows one (None: none or mixed)."""
+        found = set(self.conventions.values())
+        return found.pop() if len(found) == 1 else None
+
+    def explanation(self) -> str:
+        """The empty-row convention and the diagnosis, as text lines ("" when nothing failed)."""
+        lines = []
+        for convention in sorted(set(self.conventions.values())):
+            cases = [c for c, v in self.conventions.items() if v == convention]
+            compared = ("refattn gives 0" if self.empty_rows == "zero" else
+                        f"compared under empty_rows={self.empty_rows!r}")
+            lines.append(f"empty rows: the candidate follows {CONVENTIONS[convention]} in "
+                         f"{len(cases)} case(s) ({', '.join(cases)}); {compared}. Pass "
+                         f"empty_rows={convention!r} to verify() to compare those rows under it.")
+        if self.diagnosis is not None:
+            lines.append(self.diagnosis.text())
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        """The report as plain data: verdict, summary, rows, conventions, diagnosis.
+
+        Non-finite numbers become the strings ``"nan"``, ``"inf"``, ``"-inf"``.
+        """
+        def plain(x):
+            return x if not isinstance(x, float) or math.isfinite(x) else str(x)
+
+        return {"variant": self.variant, "candidate": self.candidate,
+                "framework": self.framework, "ok": self.ok, "summary": self.summary(),
+                "empty_rows": self.empty_rows,
+                "conventions": dict(self.conventions),
+                "diagnosis": None if self.diagnosis is None else self.diagnosis.to_dict(),
+                "checks": [{k: plain(v) for k, v in asdict(c).items()} for c in self.checks]}
+
     def table(self, checks=None) -> str:
         """The rows as an aligned text table (all rows by default)."""
         checks = self.checks if checks is None else checks
@@ -127,11 +184,16 @@ class VerifyReport:
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        return "\n".join([self.summary(), self.legend, self.table()])
+        explanation = self.explanation()
+        return "\n".join([self.summary(), *([explanation] if explanation else []), self.legend,
+                          self.table()])
 
     def assert_(self) -> "VerifyReport":
         """Raise ``AssertionError`` with the failing rows unless :attr:`ok`; return ``self``."""
         if not self.ok:
             shown = self.failures or self.checks
-            raise AssertionError(f"{self.summary()}\n{self.table(shown)}")
+            explanation = self.explanation()
+            raise AssertionError(f"{self.summary()}\n"
+                                 + (f"{explanation}\n" if explanation else "")
+                                 + self.table(shown))
         return self

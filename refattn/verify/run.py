@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
 import sys
 from collections.abc import Callable, Sequence
@@ -10,13 +12,17 @@ from typing import Any
 import numpy as np
 
 from ..catalog import Variant, get_variant
+from ..cores import get_core
 from .._vjp import vjp
+from . import empty_rows as _empty_rows
 from . import tolerance
 from .adapters import (Layer, LayerSpec, Unsupported, accepts, default_jax_call,
                        default_torch_call, jax_dot_product_attention, torch_multihead_attention,
                        torch_sdpa)
+from .diagnose import Failure, diagnose
 from .frameworks import detect_framework, load_framework
-from .params import resolve_map
+from .params import gather_gradients, resolve_map
+from .recompute import Recompute, head_axis
 from .report import Check, VerifyReport
 
 __all__ = ["verify", "reference_problem", "Problem", "quantities"]
@@ -69,10 +75,21 @@ class Problem:
         parameter dict contributes ``"d<param>"`` per parameter), ``"dbias"``.
     float32 : dict
         The same quantities from the reference run in float32.
+    core : refattn.cores.Core, optional
+        The core of a core case (a layer's core is its own): the recomputations
+        of :mod:`refattn.verify.empty_rows` and :mod:`refattn.verify.diagnose` need it.
+    empty_rows : {"zero", "uniform", "nan"}
+        The convention the empty rows are compared under
+        (:mod:`refattn.verify.empty_rows`).  Under ``"uniform"`` and ``"nan"``,
+        ``expected["out"]`` holds the convention's values on those rows and the
+        cotangent is 0 there, so the gradients do not depend on them.
+    rows : ndarray or None
+        The output rows with no key: ``(*batch, H, L)`` (core), ``(*batch, L)`` (layer).
     """
 
-    def __init__(self, case, dtype, fw, seed):
+    def __init__(self, case, dtype, fw, seed, *, core=None, empty_rows="zero"):
         self.case, self.dtype = case, dtype
+        self.core, self.empty_rows = core, empty_rows
         self.names = _input_names(case.fn, len(case.arrays))
         self.arrays = tuple(_map(lambda a: fw.round(a, dtype), a) for a in case.arrays)
         self.options = dict(case.options)
@@ -81,12 +98,50 @@ class Problem:
         out, pullback = vjp(case.fn, *self.arrays, backend="reference", **self.options)
         rng = np.random.default_rng(seed)
         self.cotangent = fw.round(rng.standard_normal(np.shape(out)), dtype)
+        other = empty_rows != "zero" and self.rows is not None
+        if other:
+            self.cotangent = _empty_rows.zero_rows(self.cotangent, self.rows)
         self.expected = self.quantities(out, pullback(self.cotangent))
         to32 = (lambda a: np.asarray(a, np.float32) if isinstance(a, np.ndarray)
                 and a.dtype == np.float64 else a)
         out32, pull32 = vjp(case.fn, *(_map(to32, a) for a in self.arrays), backend="reference",
                             **{k: to32(v) for k, v in self.options.items()})
         self.float32 = self.quantities(out32, pull32(to32(self.cotangent)))
+        if other:
+            convention = _empty_rows.expected_out(self.recompute, empty_rows)
+            self.expected["out"] = convention
+            self.float32["out"] = np.where(self._row_mask(convention.shape), convention,
+                                           self.float32["out"])
+
+    @functools.cached_property
+    def recompute(self) -> Recompute:
+        """This problem's :class:`~refattn.verify.recompute.Recompute`."""
+        return Recompute(self, self.core)
+
+    @property
+    def layout(self) -> str:
+        return self.recompute.layout
+
+    @functools.cached_property
+    def rows(self):
+        return self.recompute.empty_rows()
+
+    def _row_mask(self, shape):
+        rows = self.rows
+        return np.broadcast_to(rows.reshape(rows.shape + (1,) * (len(shape) - rows.ndim)), shape)
+
+    @property
+    def batch(self) -> tuple:
+        """The batch dimensions of the inputs."""
+        first = self.arrays[1] if self.is_layer else self.arrays[0]
+        return tuple(first.shape[:-2] if self.is_layer else first.shape[:head_axis(self.layout)])
+
+    def nan_allowed(self, quantity, shape):
+        """Where ``quantity`` may be NaN under ``empty_rows="nan"`` (False elsewhere)."""
+        if self.empty_rows != "nan" or quantity == "out":
+            return np.zeros((), bool)
+        batched = quantity in {f"d{n}" for n in self.names if n != "params"} | {"dbias"}
+        return _empty_rows.nan_region(self.rows, self.batch, shape, batched)
 
     @property
     def is_layer(self) -> bool:
@@ -96,12 +151,19 @@ class Problem:
         return quantities(out, grads, self.names)
 
     def layer_spec(self):
-        return LayerSpec.from_case(self.case, self.dtype)
+        """The case's :class:`LayerSpec`; ``spec.empty_rows`` is the convention compared under
+        (verify's ``empty_rows=``, or the layer's own core option)."""
+        spec = LayerSpec.from_case(self.case, self.dtype)
+        if self.empty_rows != "zero" and spec.empty_rows == "zero":
+            spec = dataclasses.replace(spec, empty_rows=self.empty_rows)
+        return spec
 
 
-def reference_problem(case, dtype="float64", seed=0, framework=None):
+def reference_problem(case, dtype="float64", seed=0, framework=None, *, core=None,
+                      empty_rows="zero"):
     """The :class:`Problem` of ``case`` in ``dtype`` (rounding through ``framework``, or NumPy)."""
-    return Problem(case, dtype, framework or _NumpyRounding(), seed)
+    return Problem(case, dtype, framework or _NumpyRounding(), seed, core=core,
+                   empty_rows=empty_rows)
 
 
 class _NumpyRounding:
@@ -162,9 +224,8 @@ def _run_torch_layer(layer, problem, fw):
     out = call(module, inputs[0], inputs[1] if xkv is not None else None,
                None if mask is None else fw.asarray(mask), spec)
     grads = fw.grad(out, leaves + flat_inputs, problem.cotangent)
-    dparams = {}
-    for conv, g in zip(mapping.values(), grads):
-        dparams.update(conv.to_refattn(g))
+    shapes = {n: np.shape(a) for n, a in params.items()}
+    dparams = gather_gradients(mapping, grads[:len(leaves)], shapes)
     return (problem.quantities(fw.to_numpy(out), (dparams, *grads[len(leaves):])),
             fw.dtype_name(out))
 
@@ -187,9 +248,8 @@ def _run_jax_layer(layer, problem, fw):
 
     primals = [cand_params, xq] + ([xkv] if xkv is not None else [])
     out, grads, out_dtype = fw.vjp(f, primals, problem.cotangent, problem.dtype)
-    dparams = {}
-    for cname, conv in mapping.items():
-        dparams.update(conv.to_refattn(grads[0][cname]))
+    dparams = gather_gradients(mapping, [grads[0][c] for c in mapping],
+                               {n: np.shape(a) for n, a in params.items()})
     return problem.quantities(out, (dparams, *grads[1:])), out_dtype
 
 
@@ -221,7 +281,8 @@ def _compare(problem, got, out_dtype):
     label = problem.case.name
     for quantity, expected in problem.expected.items():
         ref32_err = max_abs_error(problem.float32[quantity], expected)
-        scale = tolerance.scale(float(np.max(np.abs(expected), initial=0.0)), ref32_err)
+        finite = np.abs(expected[np.isfinite(expected)])          # NaN rows: empty_rows="nan"
+        scale = tolerance.scale(float(np.max(finite, initial=0.0)), ref32_err)
         ref_err = (ref32_err if problem.dtype == "float32"
                    else tolerance.reference_error(ref32_err, problem.dtype))
         gradient = quantity != "out"
@@ -230,21 +291,39 @@ def _compare(problem, got, out_dtype):
             checks.append(Check(label, problem.dtype, quantity, status="FAIL",
                                 note="the candidate returned no such gradient"))
             continue
+        value, accepted = _accept_nan(problem, quantity, got[quantity], expected)
         try:
-            abs_err = max_abs_error(got[quantity], expected)
+            abs_err = max_abs_error(value, expected)
         except ValueError as exc:                       # shape mismatch
             checks.append(Check(label, problem.dtype, quantity, status="FAIL", note=str(exc)))
             continue
         ok = abs_err <= allowed                        # False for NaN
-        note = "" if ok else _hint(got[quantity], expected)
+        note = "" if ok else _hint(value, expected)
+        if accepted:
+            note = (f"{accepted} NaN entries from the empty rows accepted (empty_rows='nan')"
+                    + (f"; {note}" if note else ""))
         if not ok and problem.dtype == "float64" and abs_err <= tolerance.bound(
                 "float32", ref32_err, scale, gradient):
             note = f"float32-level error in a float64 run; {note}"
         if quantity == "out" and out_dtype != problem.dtype:
             ok, note = False, f"returned {out_dtype}, expected {problem.dtype}"
         checks.append(Check(label, problem.dtype, quantity, abs_err, abs_err / scale,
-                            ref_err / scale, allowed / scale, "ok" if ok else "FAIL", note))
+                            ref_err / scale, allowed / scale, "ok" if ok else "FAIL", note,
+                            scale))
     return checks
+
+
+def _accept_nan(problem, quantity, got, expected):
+    """``got`` with its NaN entries where ``empty_rows="nan"`` allows them set to ``expected``.
+
+    Returns ``(value, count)``: the finite entries are compared as they are.
+    """
+    got = np.asarray(got, np.float64)
+    if problem.empty_rows != "nan" or problem.rows is None or got.shape != np.shape(expected):
+        return got, 0
+    allowed = np.broadcast_to(problem.nan_allowed(quantity, got.shape), got.shape)
+    nan = np.isnan(got) & allowed & ~np.isnan(expected)
+    return (np.where(nan, expected, got), int(nan.sum())) if nan.any() else (got, 0)
 
 
 def _digits(a: float, b: float) -> int:
@@ -321,7 +400,7 @@ def _framework_of(candidate, variant, cases):
 def verify(candidate: Any, variant: str | Variant, *, framework: str | None = None,
            dtypes: Sequence[str] = ("float64", "float32"), cases: Any = "test", seed: int = 0,
            params: Any = None, call: Callable[..., Any] | None = None,
-           name: str | None = None) -> VerifyReport:
+           name: str | None = None, empty_rows: str = "zero") -> VerifyReport:
     """Verify a PyTorch or JAX implementation against refattn's float64 reference.
 
     For every seeded case of ``variant`` (its catalogue ``"test"`` cases: shapes,
@@ -358,11 +437,24 @@ def verify(candidate: Any, variant: str | Variant, *, framework: str | None = No
     name : str, optional
         The candidate's name in the report (default: its qualified name, or the
         adapter's).
+    empty_rows : {"zero", "uniform", "nan"}
+        The convention the candidate follows for a query row that keeps no key
+        (:mod:`refattn.verify.empty_rows`): refattn's 0 (default), the mean of
+        all values (a ``finfo.min`` additive mask), or NaN (a ``-inf`` mask).
+        Under ``"uniform"`` or ``"nan"`` those rows of the output are compared
+        with the convention's values, computed from the case's inputs, and the
+        cotangent is 0 on them (the gradients of those rows depend on how the
+        candidate masks); under ``"nan"`` a gradient may be NaN in the batch
+        elements that hold an empty row (and in parameter gradients).
 
     Returns
     -------
     VerifyReport
         ``repr`` is a table; ``report.assert_()`` raises with the failures.
+        A failing report also says which empty-row convention the candidate
+        follows, when its failures are only there (``report.conventions``), and
+        the likely cause among known mistakes (``report.diagnosis``,
+        :mod:`refattn.verify.diagnose`).
 
     Examples
     --------
@@ -379,6 +471,8 @@ def verify(candidate: Any, variant: str | Variant, *, framework: str | None = No
         raise ValueError(f"dtypes must be a non-empty subset of {tolerance.DTYPES}, got {dtypes}")
     if variant.kind == "core" and (params is not None or call is not None):
         raise TypeError(f"params= and call= apply to layer variants; {variant.name!r} is a core")
+    _empty_rows.check_policy(empty_rows)
+    core = get_core(variant.core)
     case_list = (variant.cases(cases, "float64", seed) if isinstance(cases, str)
                  else list(cases))
     fw_name = framework or _framework_of(candidate, variant, case_list)
@@ -395,13 +489,54 @@ def verify(candidate: Any, variant: str | Variant, *, framework: str | None = No
         candidate = Layer(candidate, params=params, call=call, name=description)
     if variant.kind == "core" and not callable(candidate):
         raise TypeError(f"candidate must be callable, got {type(candidate).__name__}")
-    report = VerifyReport(variant.name, name or description, f"{fw.name} {fw.version}")
+    report = VerifyReport(variant.name, name or description, f"{fw.name} {fw.version}",
+                          empty_rows=empty_rows)
     selectors = _selectors(case_list)
+    runs = []
     for index, case in enumerate(case_list):
         for dtype in dtypes:
-            report.checks.extend(_check(candidate, case, dtype, fw, seed * 1000 + index,
-                                        selectors))
+            checks, problem, got = _check(candidate, case, dtype, fw, seed * 1000 + index,
+                                          selectors, core, empty_rows)
+            report.checks.extend(checks)
+            runs.append((checks, problem, got))
+    if report.failures:
+        _explain(report, runs)
     return report
+
+
+def _explain(report, runs):
+    """Name the empty-row convention and the likely cause of the failures (only on failure).
+
+    Per failing case, the most precise dtype that failed is examined (a case
+    whose failures there are all float32-level, already noted, is skipped): a
+    case whose output fails only on its empty rows, where it follows another
+    convention, is recorded in ``report.conventions``; the other failing outputs
+    go to :func:`refattn.verify.diagnose.diagnose`.
+    """
+    by_case: dict = {}
+    for checks, problem, got in runs:
+        if problem is not None and any(c.failed for c in checks):
+            by_case.setdefault(problem.case.name, []).append((checks, problem, got))
+    failures, gradient_only = [], []
+    for case, failed in by_case.items():
+        checks, problem, got = min(failed, key=lambda run: tolerance.eps(run[1].dtype))
+        if all(c.note.startswith("float32-level") for c in checks if c.failed):
+            continue                           # float32 arithmetic: the rows' notes say so
+        out = next((c for c in checks if c.quantity == "out"), None)
+        if out is None or out.allowed is None or "out" not in got:
+            continue
+        if out.status == "ok":
+            gradient_only.append(case)
+            continue
+        if problem.rows is not None:
+            convention = _empty_rows.detect(problem.recompute, got["out"], out.allowed,
+                                            out.scale, problem.rows)
+            if convention is not None and convention != report.empty_rows:
+                report.conventions[case] = convention
+                continue
+        failures.append(Failure(problem, got["out"], out.allowed, out.scale))
+    if failures or gradient_only:
+        report.diagnosis = diagnose(failures, gradient_only)
 
 
 def _selectors(case_list):
@@ -416,9 +551,10 @@ def _selectors(case_list):
                  and all(c.options.get(k) == v for c in case_list))
 
 
-def _check(candidate, case, dtype, fw, seed, selectors=()):
+def _check(candidate, case, dtype, fw, seed, selectors=(), core=None, empty_rows="zero"):
+    """``(checks, problem, got)`` of one case in one dtype (``got`` None when it did not run)."""
     with fw.precision(dtype):
-        problem = Problem(case, dtype, fw, seed)
+        problem = Problem(case, dtype, fw, seed, core=core, empty_rows=empty_rows)
         try:
             if problem.is_layer:
                 run = _run_torch_layer if fw.name == "torch" else _run_jax_layer
@@ -426,8 +562,8 @@ def _check(candidate, case, dtype, fw, seed, selectors=()):
             else:
                 got, out_dtype = _run_core(candidate, problem, fw, selectors)
         except Unsupported as exc:
-            return [Check(case.name, dtype, "-", status="n/a", note=str(exc))]
+            return [Check(case.name, dtype, "-", status="n/a", note=str(exc))], None, None
         except Exception as exc:                       # the candidate's failure, reported
             return [Check(case.name, dtype, "-", status="error",
-                          note=f"{type(exc).__name__}: {exc}".splitlines()[0])]
-    return _compare(problem, got, out_dtype)
+                          note=f"{type(exc).__name__}: {exc}".splitlines()[0])], None, None
+    return _compare(problem, got, out_dtype), problem, got

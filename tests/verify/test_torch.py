@@ -45,6 +45,11 @@ VARIANTS = {
                                          M.QUATERNION_PARAMS), ("scale", "hamilton_sign")),
     "qattn-hamilton": (lambda bug: V.Layer(lambda s: M.QuaternionAttention(s, bug),
                                            M.QUATERNION_PARAMS), ("hamilton_sign",)),
+    "qattn-shared-chunks": (lambda bug: V.Layer(lambda s: M.QuaternionAttention(s, bug),
+                                                M.QUATERNION_PARAMS), ("head_layout",)),
+    "qattn-hamilton-chunks": (lambda bug: V.Layer(lambda s: M.QuaternionAttention(s, bug),
+                                                  M.QUATERNION_PARAMS),
+                              ("head_layout", "hamilton_sign")),
     "elementwise": (lambda bug: functools.partial(M.elementwise_attention, bug=bug),
                     ("softmax_axis", "causal_leak")),
     "elementwise-taylor": (lambda bug: functools.partial(M.elementwise_attention, bug=bug),
@@ -54,6 +59,28 @@ VARIANTS = {
     "mha-elementwise-taylor": (lambda bug: V.Layer(lambda s: M.RealAttention(s, bug),
                                                    M.REAL_PARAMS), ("scale", "causal_leak")),
 }
+
+
+SOFTMAX_REAL = {"sdpa", "preconditioned", "mha-standard", "mha-rotary", "mha-optimised",
+                "mha-efficient", "mha-preconditioned", "mha-super"}
+QUATERNION = {"quaternion-shared", "quaternion-hamilton", "preconditioned-shared",
+              "preconditioned-hamilton", "qattn-shared", "qattn-hamilton"}
+#: Planted causal bugs that are not the causal mask off by one (Super: W_A not triangular)
+#: or that the recomputation cannot express (the Taylor cores take masks on keys only).
+OTHER_LEAKS = {"mha-super", "elementwise-taylor-causal", "mha-elementwise-taylor",
+               "preconditioned-elementwise"}
+
+
+def expected_cause(name, bug):
+    """What verify's diagnosis names for a planted bug (None: not one of its known mistakes)."""
+    if bug == "scale":
+        return ("scale 1/d" if name in SOFTMAX_REAL else
+                "quaternion scale 1/sqrt(d)" if name in QUATERNION else None)
+    if bug == "softmax_axis":
+        return "softmax over queries" if name in SOFTMAX_REAL | {"quaternion-shared"} else None
+    if bug == "causal_leak":
+        return None if name in OTHER_LEAKS else "causal mask off by one"
+    return None                   # hamilton_sign: one sign of the product flipped
 
 
 def test_every_registered_variant_has_a_pytorch_model():
@@ -86,6 +113,8 @@ def test_planted_bug_is_caught(name, bug):
     assert f"{failing.case}" in message and "FAIL  worst at" in message
     # A semantic bug moves results by far more than rounding: at least 100x the allowance.
     assert max(c.rel / c.allowed for c in report.failures) > 100
+    # The report names the mistake when it is a known one, and only then.
+    assert report.diagnosis.cause == expected_cause(name, bug), report.diagnosis.description
 
 
 def test_torch_sdpa_recognised_and_dropout_reported_not_expressible():

@@ -287,9 +287,16 @@ class QuaternionAttention(nn.Module):
         for name in "qkvo":
             setattr(self, name, QuaternionLinear(n, n, spec.bias, bug))
 
+    def _chunks(self):
+        """Heads as contiguous chunks of the flat vector (``head_layout="chunks"``)."""
+        chunks = self.spec.options.get("head_layout", "units") == "chunks"
+        return chunks != (self.bug == "head_layout")       # the planted bug: the other layout
+
     def _heads(self, x):
         b, L, d = x.shape
         H = self.spec.n_heads
+        if self._chunks():
+            return x.reshape(b, L, H, 4, d // (4 * H)).permute(0, 2, 1, 3, 4)
         return x.reshape(b, L, 4, H, d // (4 * H)).permute(0, 3, 1, 2, 4)   # (b, H, L, 4, dh)
 
     def forward(self, xq, xkv=None, mask=None):
@@ -299,7 +306,8 @@ class QuaternionAttention(nn.Module):
                                  causal=self.spec.causal, bug=self.bug,
                                  **self.spec.core_options)
         b, H, L, _, dh = o.shape
-        return self.o(o.permute(0, 2, 3, 1, 4).reshape(b, L, 4 * H * dh))
+        order = (0, 2, 1, 3, 4) if self._chunks() else (0, 2, 3, 1, 4)
+        return self.o(o.permute(*order).reshape(b, L, 4 * H * dh))
 
 
 QUATERNION_PARAMS = {**{f"{n}.weight": P.same(f"w_{n}") for n in "qkvo"},

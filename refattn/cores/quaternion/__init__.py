@@ -23,7 +23,7 @@ SUMMARIES = {
 
 def _core(mode):
     return Core(name=mode, forward=core_forward(mode), backward=backward, layout="quaternion",
-                backends=IMPLEMENTED, options=("scale", "causal_align", "bias"),
+                backends=IMPLEMENTED, options=("scale", "causal_align", "bias", "empty_rows"),
                 flops=lambda *args, **options: flops(*args, mode=mode, **options),
                 summary=SUMMARIES[mode])
 

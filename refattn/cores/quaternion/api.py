@@ -22,6 +22,9 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import array_api_compat
+
+from ... import _empty_rows
 from ... import backends as _backends
 from ..._array import flatten_batch, namespace, native_byte_order, sum_to_shape
 from ..._validate import (AttentionShapes, attention_shapes, check_choice, check_cotangent,
@@ -80,6 +83,7 @@ class QuaternionResiduals:
     shapes: AttentionShapes
     dtype: Any              # of the inputs; the cotangent is cast to it
     bias_shape: tuple | None = None
+    empty_rows: Any = None  # (B|1, H|1, L) rows with no kept key, under a non-zero policy
 
     @property
     def output(self) -> tuple:
@@ -92,7 +96,7 @@ def _flat_components(xp, x):
 
 
 def prepare(q, k, v, mode, mask=None, bias=None, causal=False, causal_align="upper_left",
-            scale=None):
+            scale=None, empty_rows="zero"):
     """Validate the arguments of :func:`quaternion_attention`: ``(xp, shapes, SDPAOptions)``."""
     check_choice(mode, "mode", MODES)
     shapes = attention_shapes(q, k, v, feature_axes=2, legend_feature="d")
@@ -100,8 +104,17 @@ def prepare(q, k, v, mode, mask=None, bias=None, causal=False, causal_align="upp
     scale = _sdpa_api.check_scale(scale, 4 * shapes.head_dim, legend="4 d")
     # SDPA's own validation on the flattened problem: same errors, same mask semantics.
     _, _, options = _sdpa_api.prepare(
-        *(_flat_components(xp, x) for x in (q, k, v)), mask, bias, causal, causal_align, scale)
+        *(_flat_components(xp, x) for x in (q, k, v)), mask, bias, causal, causal_align, scale,
+        empty_rows=empty_rows)
     return xp, shapes, options
+
+
+def _rows(xp, options, q5, k5):
+    """The empty rows ``(B|1, H|1, L)`` under a policy other than ``"zero"`` (else None)."""
+    if options.empty_rows == "zero":
+        return None
+    return _empty_rows.empty_rows(xp, options, q5.shape[2], k5.shape[2],
+                                  device=array_api_compat.device(q5))
 
 
 def implementation(backend: str):
@@ -115,20 +128,30 @@ def implementation(backend: str):
 
 @reject_framework_keywords
 def forward(q, k, v, *, mode="shared", mask=None, bias=None, causal=False,
-            causal_align="upper_left", scale=None, backend="auto"):
+            causal_align="upper_left", scale=None, backend="auto", empty_rows="zero"):
     """Quaternion attention forward pass returning ``(o, residuals)`` for :func:`backward`.
 
     Same arguments as :func:`quaternion_attention`.
     """
     q, k, v, bias = (None if x is None else native_byte_order(x) for x in (q, k, v, bias))
-    xp, shapes, options = prepare(q, k, v, mode, mask, bias, causal, causal_align, scale)
+    xp, shapes, options = prepare(q, k, v, mode, mask, bias, causal, causal_align, scale,
+                                  empty_rows)
     backend = _backends.resolve(backend, IMPLEMENTED, q, core=f"quaternion attention ({mode})")
     backend = _backends.route(backend, xp, (q, k, v), options.bias)
     q5, k5, v5 = (flatten_batch(xp, x, shapes.batch) for x in (q, k, v))   # (B, H|Hkv, L|S, 4, d|dv)
     o5, saved = implementation(backend).forward(q5, k5, v5, options, mode)
+    # The empty-row policy on the rows' 4 dv features (every component shares the row).
+    rows = _rows(xp, options, q5, k5)
+    o5 = xp.reshape(_empty_rows.fill_output(options.empty_rows, _flat_rows(xp, o5),
+                                            _flat_rows(xp, v5), rows, options), tuple(o5.shape))
     res = QuaternionResiduals(mode, backend, saved, options, shapes, q.dtype,
-                              None if bias is None else tuple(bias.shape))
+                              None if bias is None else tuple(bias.shape), rows)
     return xp.reshape(o5, res.output), res
+
+
+def _flat_rows(xp, x):
+    """``(B, H, T, 4, f) -> (B, H, T, 4f)``."""
+    return xp.reshape(x, (*x.shape[:3], 4 * x.shape[-1]))
 
 
 def backward(res: QuaternionResiduals, do):
@@ -138,10 +161,15 @@ def backward(res: QuaternionResiduals, do):
     xp = namespace(do)
     do5 = flatten_batch(xp, xp.astype(native_byte_order(do), res.dtype), shapes.batch)
     # do5 (B, H, L, 4, dv); a non-finite cotangent takes SDPA's exact path (same residuals)
+    policy, rows = res.options.empty_rows, res.empty_rows
+    do_flat = _flat_rows(xp, do5)                                      # (B, H, L, 4 dv)
+    do5 = xp.reshape(_empty_rows.kernel_cotangent(policy, do_flat, rows), tuple(do5.shape))
     impl = implementation(res.backend)
     if res.backend != "reference" and _backends.needs_exact_path(xp, (do5,)):
         impl = SDPAReduction(_sdpa_api.implementation("reference"))
     dq, dk, dv, dscores = impl.backward(res.saved, do5, res.options, res.mode)
+    dv = xp.reshape(_empty_rows.value_gradient(policy, _flat_rows(xp, dv), do_flat, rows,
+                                               res.options), tuple(dv.shape))
     batch = shapes.batch
     grads = tuple(xp.reshape(g, (*batch, *g.shape[1:])) for g in (dq, dk, dv))
     if res.bias_shape is not None:
@@ -155,7 +183,8 @@ def quaternion_attention(q: Array, k: Array, v: Array, *,
                          mode: Literal["shared", "hamilton"] = "shared", mask: Array | None = None,
                          bias: Array | None = None, causal: bool = False,
                          causal_align: CausalAlign = "upper_left", scale: float | None = None,
-                         backend: Backend = "auto") -> Array:
+                         backend: Backend = "auto",
+                         empty_rows: Literal["zero", "uniform", "nan"] = "zero") -> Array:
     r"""Quaternion self-attention with shared scores or Hamilton (component-wise) scores.
 
     Each head holds ``d`` quaternion units: ``q[..., h, l, c, u]`` is component ``c``
@@ -188,6 +217,10 @@ def quaternion_attention(q: Array, k: Array, v: Array, *,
     backend : {"auto", "reference", "numba", "cupy"}
         ``"reference"`` evaluates the explicit formulas; the others run SDPA's kernels
         through an exact reduction (available wherever :func:`refattn.sdpa` has them).
+    empty_rows : {"zero", "uniform", "nan"}
+        What a query row with no kept key gives, as for :func:`refattn.sdpa`:
+        ``"uniform"`` (the official shared-score code's ``finfo.min`` fill) makes every
+        component of the row the mean of that component of ``v`` over all keys.
 
     Returns
     -------
@@ -207,7 +240,8 @@ def quaternion_attention(q: Array, k: Array, v: Array, *,
     True
     """
     return forward(q, k, v, mode=mode, mask=mask, bias=bias, causal=causal,
-                   causal_align=causal_align, scale=scale, backend=backend)[0]
+                   causal_align=causal_align, scale=scale, backend=backend,
+                   empty_rows=empty_rows)[0]
 
 
 attach_vjp(quaternion_attention, forward, backward)

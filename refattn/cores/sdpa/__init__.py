@@ -18,7 +18,7 @@ CORE = Core(
     layout="real",
     backends=IMPLEMENTED,
     options=("scale", "dropout_mask", "dropout_p", "causal_align", "bias", "window", "softcap",
-             "alibi_slopes"),
+             "alibi_slopes", "empty_rows"),
     flops=flops,
     summary="softmax(scale q k^T + bias) v, FlashAttention-2 backward",
 )

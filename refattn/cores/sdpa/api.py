@@ -32,6 +32,7 @@ from typing import Any, Literal
 import array_api_compat
 import numpy as np
 
+from ... import _empty_rows
 from ... import backends as _backends
 from . import numba as _numba_kernels
 from . import reference as _reference
@@ -88,6 +89,9 @@ class SDPAOptions:
         numba: queries x keys per tile; None = the backend's default.
     float32_math : {"tf32x3", "simt"} or None
         cupy: how float32 products run; None = the backend's default.
+    empty_rows : {"zero", "uniform", "nan"}
+        What a query row with no kept key gives; the kernels compute ``"zero"`` and
+        the front end post-processes the others (:mod:`refattn._empty_rows`).
 
     Forward and backward read these from the residuals, so the two passes of one
     call always agree.
@@ -106,6 +110,7 @@ class SDPAOptions:
     need_alibi_grad: bool = False
     tiles: tuple | None = None
     float32_math: str | None = None
+    empty_rows: str = "zero"
 
 
 @dataclass
@@ -215,7 +220,7 @@ def _alibi_4d(xp, slopes, q, shapes):
 
 def prepare(q, k, v, mask=None, bias=None, causal=False, causal_align="upper_left", scale=None,
             dropout_mask=None, dropout_p=0.0, tiles=None, float32_math=None, window=None,
-            softcap=None, alibi_slopes=None):
+            softcap=None, alibi_slopes=None, empty_rows="zero"):
     """Validate the arguments of :func:`sdpa` and return ``(xp, shapes, options)``.
 
     ``options`` is the :class:`SDPAOptions` every backend receives; other cores that
@@ -257,6 +262,7 @@ def prepare(q, k, v, mask=None, bias=None, causal=False, causal_align="upper_lef
         need_alibi_grad=alibi_slopes is not None,
         tiles=_check_tiles(tiles),
         float32_math=float32_math,
+        empty_rows=_empty_rows.check_empty_rows(empty_rows),
     )
     return xp, shapes, options
 
@@ -273,7 +279,7 @@ def _rotary_keywords(rotary, base, rotary_dim):
 def forward(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_left", scale=None,
             dropout_mask=None, dropout_p=0.0, window=None, softcap=None, alibi_slopes=None,
             rotary=None, rotary_base=10000.0, rotary_dim=None, rotary_q_offset=0,
-            backend="auto", tiles=None, float32_math=None):
+            backend="auto", tiles=None, float32_math=None, empty_rows="zero"):
     """SDPA forward pass returning ``(o, residuals)`` for :func:`backward`.
 
     Same arguments as :func:`sdpa`.  ``residuals.lse`` holds the per-row
@@ -290,7 +296,7 @@ def forward(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_
         rope = {**rope, "q_offset": rotary_q_offset}
     xp, shapes, options = prepare(q, k, v, mask, bias, causal, causal_align, scale,
                                   dropout_mask, dropout_p, tiles, float32_math, window, softcap,
-                                  alibi_slopes)
+                                  alibi_slopes, empty_rows)
     backend = _backends.resolve(backend, IMPLEMENTED, q, core="sdpa")
     backend = _backends.route(backend, xp, (q, k, v, options.alibi), options.bias)
     if backend == "cupy" and (options.window or options.softcap or options.need_alibi_grad):
@@ -298,10 +304,21 @@ def forward(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_
     impl = implementation(backend)
     q4, k4, v4 = (flatten_batch(xp, x, shapes.batch) for x in (q, k, v))
     o4, lse = impl.forward(q4, k4, v4, options)
+    # The residuals keep the kernel's output (its backward reads o): the policy is on top.
+    out4 = _empty_rows.fill_output(options.empty_rows, o4, v4, _rows(xp, options, q4, k4),
+                                   options)
     res = SDPAResiduals(backend, q4, k4, v4, o4, lse, options, shapes,
                         None if bias is None else tuple(bias.shape),
                         None if alibi_slopes is None else tuple(alibi_slopes.shape), rope)
-    return xp.reshape(o4, shapes.output), res
+    return xp.reshape(out4, shapes.output), res
+
+
+def _rows(xp, options, q4, k4):
+    """The empty rows ``(B|1, H|1, L)`` under a policy other than ``"zero"`` (else None)."""
+    if options.empty_rows == "zero":
+        return None
+    return _empty_rows.empty_rows(xp, options, q4.shape[-2], k4.shape[-2],
+                                  device=array_api_compat.device(q4))
 
 
 def backward(res: SDPAResiduals, do):
@@ -315,9 +332,13 @@ def backward(res: SDPAResiduals, do):
     xp = namespace(res.q)
     check_cotangent(do, shapes.output, "(..., H, L, Ev)", like=res.o)
     do4 = flatten_batch(xp, xp.astype(native_byte_order(do), res.o.dtype), shapes.batch)
-    impl = implementation(_backends.route(res.backend, xp, (do4,)))
-    dq, dk, dv, dscores, dslopes = impl.backward(res.q, res.k, res.v, res.o, res.lse, do4,
+    rows = _rows(xp, res.options, res.q, res.k)
+    policy = res.options.empty_rows
+    do_kernel = _empty_rows.kernel_cotangent(policy, do4, rows)
+    impl = implementation(_backends.route(res.backend, xp, (do_kernel,)))
+    dq, dk, dv, dscores, dslopes = impl.backward(res.q, res.k, res.v, res.o, res.lse, do_kernel,
                                                  res.options)
+    dv = _empty_rows.value_gradient(policy, dv, do4, rows, res.options)
     batch = shapes.batch
     grads: tuple[Array, ...] = (xp.reshape(dq, (*batch,) + tuple(dq.shape[1:])),
              xp.reshape(dk, (*batch,) + tuple(dk.shape[1:])),
@@ -344,7 +365,8 @@ def sdpa(q: Array, k: Array, v: Array, *, mask: Array | None = None, bias: Array
          rotary_base: float = 10000.0, rotary_dim: int | None = None, rotary_q_offset: int = 0,
          return_lse: bool = False, return_probs: bool = False, backend: Backend = "auto",
          tiles: tuple[int, int] | None = None,
-         float32_math: Literal["tf32x3", "simt"] | None = None) -> Array:
+         float32_math: Literal["tf32x3", "simt"] | None = None,
+         empty_rows: Literal["zero", "uniform", "nan"] = "zero") -> Array:
     r"""Scaled dot-product attention.
 
     .. math::
@@ -413,6 +435,13 @@ def sdpa(q: Array, k: Array, v: Array, *, mask: Array | None = None, bias: Array
     float32_math : {"tf32x3", "simt"}, optional
         cupy backend: float32 products on tensor cores with split operands (default) or
         on CUDA cores.
+    empty_rows : {"zero", "uniform", "nan"}
+        What a query row with no kept key gives (``docs/conventions.md``): ``"zero"``
+        (refattn, PyTorch SDPA, FlashAttention): 0 and no gradient; ``"uniform"`` (a
+        ``finfo.min`` fill, JAX): the mean of ``v`` over all keys, its
+        gradient to ``v`` only; ``"nan"`` (a ``-inf`` fill): NaN, and NaN ``dv`` for
+        the row's key/value head.  ``return_lse`` and ``return_probs`` are refattn's
+        own (``-inf`` and 0 in such rows) whatever the policy.
 
     Returns
     -------
@@ -439,7 +468,7 @@ def sdpa(q: Array, k: Array, v: Array, *, mask: Array | None = None, bias: Array
                      softcap=softcap, alibi_slopes=alibi_slopes, rotary=rotary,
                      rotary_base=rotary_base, rotary_dim=rotary_dim,
                      rotary_q_offset=rotary_q_offset, backend=backend, tiles=tiles,
-                     float32_math=float32_math)
+                     float32_math=float32_math, empty_rows=empty_rows)
     extra: tuple[Array, ...] = ()
     xp = namespace(q)
     if return_lse:
