@@ -19,6 +19,7 @@ import scipy
 from .._version import __version__
 from ..backends import available_backends
 from ..backends import numba_support as ns
+from ..backends import tuning
 from ..bench.cold_start import first_call_times
 
 NAME = "info"
@@ -92,7 +93,8 @@ def _dtype_counts(signatures) -> str:
 
 
 def cache_facts() -> dict:
-    """Which kernels Numba's cache holds for this CPU, per kernel; compiles nothing.
+    """Which kernels Numba's cache holds for this CPU, per kernel, and the tuned choices
+    recorded beside it (:mod:`refattn.backends.tuning`); compiles and measures nothing.
 
     Kernels marked ``inline="always"`` are left out: they are compiled into their
     callers and never cached on their own.
@@ -119,6 +121,13 @@ def cache_facts() -> dict:
         facts["numba cache folders"] = "; ".join(folders)
     for name, entry in entries:
         facts[f"  {name}"] = _dtype_counts(entry["here"]) if entry["here"] else "not cached"
+    choices = tuning.recorded_choices()
+    where = tuning.tuning_file() or "nowhere writable: kept in the process only"
+    facts["tuned choices"] = (f"{len(choices)} recorded for this machine in {where}" if choices
+                              else f"none yet for this machine (measured at first use of a "
+                                   f"large enough problem; recorded in {where})")
+    for name, value in sorted(choices.items()):
+        facts[f"  {name}"] = str(value)
     return facts
 
 
