@@ -17,9 +17,8 @@ import numpy
 import scipy
 
 from .._version import __version__
-from ..backends import available_backends
+from ..backends import available_backends, tuning
 from ..backends import numba_support as ns
-from ..backends import tuning
 from ..bench.cold_start import first_call_times
 
 NAME = "info"
