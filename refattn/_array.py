@@ -27,6 +27,7 @@ __all__ = [
     "upcast_half",
     "all_finite",
     "native_byte_order",
+    "as_batched_4d",
 ]
 
 
@@ -119,3 +120,14 @@ def native_byte_order(x):
     if isinstance(x, np.ndarray) and x.dtype.byteorder not in ("=", "|"):
         return x.astype(x.dtype.newbyteorder("="))
     return x
+
+
+def as_batched_4d(xp, m, batch):
+    """Reshape an array broadcastable to ``(*batch, H, L, S)`` into 4-D ``(B|1, H|1, L|1, S|1)``."""
+    nb = len(batch)
+    m = xp.reshape(m, (1,) * (nb + 3 - m.ndim) + tuple(m.shape))
+    lead, tail = tuple(m.shape[:nb]), tuple(m.shape[nb:])
+    if all(d == 1 for d in lead):
+        return xp.reshape(m, (1,) + tail)
+    m = xp.broadcast_to(m, tuple(batch) + tail)
+    return xp.reshape(m, (product(batch),) + tail)

@@ -13,7 +13,7 @@ import numpy as np
 CAUSAL_ALIGNS = ("upper_left", "lower_right")
 
 __all__ = ["CAUSAL_ALIGNS", "causal_offset", "causal_keep", "keep_mask", "causal_pairs",
-           "window_keep", "window_bounds", "alibi_distance",
+           "window_keep", "window_bounds", "alibi_distance", "score_indices",
            "from_torch_key_padding_mask", "from_torch_attn_mask"]
 
 
@@ -113,3 +113,18 @@ def alibi_distance(xp, q_len: int, kv_len: int, dtype, device=None):
     i = xp.reshape(xp.arange(q_len, device=device), (q_len, 1))
     j = xp.reshape(xp.arange(kv_len, device=device), (1, kv_len))
     return xp.astype(xp.abs(i + (kv_len - q_len) - j), dtype)
+
+
+def score_indices(xp, batch: int, heads: int, q_len: int, kv_len: int, device=None):
+    """Index arrays ``(b, h, i, j)`` that broadcast to the scores ``(B, H, L, S)``.
+
+    ``b (B, 1, 1, 1)``, ``h (1, H, 1, 1)``, ``i (1, 1, L, 1)``, ``j (1, 1, 1, S)``: what the
+    array functions ``mask_mod(b, h, i, j)`` and ``score_mod(score, b, h, i, j)`` of
+    :func:`refattn.sdpa` receive (FlexAttention's arguments, evaluated on every pair at once).
+    """
+    def axis(n, at):
+        shape = [1, 1, 1, 1]
+        shape[at] = n
+        return xp.reshape(xp.arange(n, device=device), tuple(shape))
+
+    return axis(batch, 0), axis(heads, 1), axis(q_len, 2), axis(kv_len, 3)

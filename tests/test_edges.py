@@ -182,6 +182,28 @@ def _heads_without_kv_heads():
     refattn.sdpa(R((1, 2, 3, 4)), R((1, 0, 5, 4)), R((1, 0, 5, 4)))
 
 
+def _packed(cu_q, cu_k):
+    q, k, v = R((4, 2, 3)), R((5, 2, 3)), R((5, 2, 3))                # (total, H, E)
+    return refattn.sdpa(q, k, v, cu_seqlens_q=np.array(cu_q), cu_seqlens_k=np.array(cu_k))
+
+
+def _empty_sequences_packed():
+    o = _packed([0, 0, 4, 4], [0, 2, 2, 5])     # no query; no key (rows give 0); no query
+    assert o.shape == (4, 2, 3) and not o.any()
+
+
+def _no_key_left_padded():
+    q, k, v = _qkv()
+    o, lse = refattn.sdpa(q, k, v, key_value_seq_lengths=np.array([0]), return_lse=True)
+    assert not o.any() and np.isneginf(lse).all()
+
+
+def _score_mod_without_derivative():
+    q, k, v = _qkv()
+    o, pullback = refattn.vjp(refattn.sdpa, q, k, v, score_mod=lambda s, b, h, i, j: 2 * s)
+    pullback(np.ones_like(o))
+
+
 # id -> (call, None for "returns normally" or (exception type, message pattern))
 EDGES = {
     "numba keeps a NaN query row NaN, and its lse": (_nan_row_numba, None),
@@ -216,6 +238,24 @@ EDGES = {
                                               (TypeError, "batch_shape must be a tuple")),
     "query heads without kv heads": (_heads_without_kv_heads,
                                      (ValueError, "does not divide the 2 heads of q")),
+    "packed sequences without queries or keys": (_empty_sequences_packed, None),
+    "padded batch element without keys": (_no_key_left_padded, None),
+    "cu_seqlens_q decreasing": (lambda: _packed([0, 3, 2, 4], [0, 1, 2, 5]),
+                                (ValueError, r"cu_seqlens_q must be non-decreasing")),
+    "cu_seqlens_k short of the key count": (
+        lambda: _packed([0, 4], [0, 4]),
+        (ValueError, r"cu_seqlens_k must end at the total token count k.shape\[0\] = 5")),
+    "cu_seqlens of floats": (lambda: _packed([0.0, 4.0], [0, 5]),
+                             (TypeError, "cu_seqlens_q must be an integer array")),
+    "query_seq_lengths beyond L": (lambda: refattn.sdpa(*_qkv(), query_seq_lengths=np.array([4])),
+                                   (ValueError, r"query_seq_lengths must lie in \[0, L = 3\]")),
+    "mask_mod not callable": (lambda: refattn.sdpa(*_qkv(), mask_mod=np.ones((3, 5), bool)),
+                              (TypeError, "mask_mod must be None or a callable")),
+    "score_mod differentiated without score_mod_grad": (
+        _score_mod_without_derivative, (ValueError, "needs its derivative: pass score_mod_grad")),
+    "window side below -1": (
+        lambda: refattn.sdpa(*_qkv(), window=(-2, 1)),
+        (ValueError, r"window must be None or \(left, right\) with ints >= -1")),
 }
 
 

@@ -15,7 +15,8 @@ line below.
 from __future__ import annotations
 
 from . import (dask_scaling, elementwise_scaling, numba_studies, preconditioned_overhead,
-               projection_schemes, quaternion_cores, sdpa_gpu, sdpa_options, training)
+               projection_schemes, quaternion_cores, sdpa_gpu, sdpa_options, sdpa_varlen,
+               training)
 from .study import Study, StudyResult
 from .timing import compare, time_call
 
@@ -29,6 +30,7 @@ STUDIES = {study.name: study for study in (
     preconditioned_overhead.STUDY,
     *numba_studies.STUDIES,
     sdpa_options.STUDY,
+    sdpa_varlen.STUDY,
     sdpa_gpu.STUDY,
     dask_scaling.STUDY,
     training.STUDY,

@@ -30,13 +30,14 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import masks as _masks
-from .._masks import causal_keep, causal_offset
+from .._masks import causal_offset
 from . import params as _params
 
 __all__ = ["Unsupported", "LayerSpec", "Layer", "accepts", "named_keyword",
            "default_torch_call", "default_jax_call", "call_keywords", "torch_sdpa",
-           "jax_dot_product_attention", "torch_multihead_attention", "reject_unless",
-           "empty_row_check", "torch_keep", "CAUSAL_KEYWORDS"]
+           "torch_flex_attention", "jax_dot_product_attention", "torch_multihead_attention",
+           "reject_unless", "empty_row_check", "torch_keep", "CAUSAL_KEYWORDS",
+           "FRAMEWORK_NAMES", "framework_keywords"]
 
 
 class Unsupported(Exception):
@@ -242,13 +243,92 @@ class Layer:
         return self.params(spec) if callable(self.params) else self.params
 
 
-def _keep(xp_from, mask, causal, causal_align, L, S):
-    """The combined NumPy keep-mask of ``mask`` and ``causal`` (None when every key is kept)."""
+def _keep(xp_from, mask, causal, causal_align, L, S, window=None, q_lens=None, k_lens=None):
+    """The combined NumPy keep-mask of a case (None when every key is kept).
+
+    ``mask`` AND the causal rule AND the sliding ``window`` (refattn's ``(left, right)``, or
+    one int) AND JAX-style padding (``q_lens``, ``k_lens`` of the batch shape, or None);
+    with padding, ``causal_align="lower_right"`` aligns each batch element at its own lengths.
+    """
     keep = None if mask is None else np.asarray(xp_from(mask))
+    if q_lens is None and k_lens is None:
+        offset: Any = causal_offset(causal_align, L, S)
+        i, j = np.arange(L)[:, None], np.arange(S)[None, :]
+        pad = None
+    else:
+        lq = np.full((), L) if q_lens is None else np.asarray(_host(q_lens))
+        lk = np.full((), S) if k_lens is None else np.asarray(_host(k_lens))
+        lq, lk = (x[..., None, None, None] for x in np.broadcast_arrays(lq, lk))  # (*batch,1,1,1)
+        i, j = np.arange(L)[:, None], np.arange(S)[None, :]
+        pad = (i < lq) & (j < lk)
+        offset = 0 if causal_align == "upper_left" else lk - lq
+    rules = [] if pad is None else [pad]
     if causal:
-        tri = causal_keep(np, L, S, causal_offset(causal_align, L, S))
-        keep = tri if keep is None else np.logical_and(keep, tri)
+        rules.append(j <= i + offset)
+    if window is not None:
+        left, right = (window, window) if isinstance(window, int) else window
+        if left >= 0:
+            rules.append(j >= i + offset - left)
+        if right >= 0:
+            rules.append(j <= i + offset + right)
+    for rule in rules:
+        keep = rule if keep is None else np.logical_and(keep, rule)
     return keep
+
+
+def _host(x):
+    """A framework array (torch tensor, JAX array) or NumPy array as NumPy."""
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+
+def _packed_keep(cu_q, cu_k, causal, causal_align, window, mask=None):
+    """Block-diagonal NumPy keep-mask ``(Tq, Tk)`` of packed sequences (FlashAttention varlen)."""
+    cu_q, cu_k = np.asarray(_host(cu_q)), np.asarray(_host(cu_k))
+    keep = np.zeros((int(cu_q[-1]), int(cu_k[-1])), bool)
+    for n in range(len(cu_q) - 1):
+        q0, q1, k0, k1 = int(cu_q[n]), int(cu_q[n + 1]), int(cu_k[n]), int(cu_k[n + 1])
+        block = _keep(np.asarray, None, causal, causal_align, q1 - q0, k1 - k0, window)
+        keep[q0:q1, k0:k1] = True if block is None else block
+    return keep if mask is None else np.logical_and(np.asarray(_host(mask)), keep)
+
+
+#: refattn's core options and the names frameworks give them, tried in order when a
+#: candidate takes no keyword of refattn's name (FlashAttention's ``window_size`` and
+#: ``softmax_scale``, JAX's ``local_window_size``, PyTorch's and JAX's ``is_causal``).
+#: ``softcap``, ``alibi_slopes``, ``cu_seqlens_q``/``cu_seqlens_k`` (FlashAttention) and
+#: ``query_seq_lengths``/``key_value_seq_lengths`` (JAX) are refattn's names already.
+FRAMEWORK_NAMES = {
+    "causal": ("is_causal",),
+    "scale": ("softmax_scale",),
+    "window": ("window_size", "local_window_size"),
+}
+
+
+def _window_for(alias, window, wide):
+    """refattn's window as ``alias`` takes it: FlashAttention's ``(left, right)`` with ``-1``
+    unbounded is refattn's own; JAX's ``local_window_size`` has no ``-1`` (``wide`` instead)."""
+    left, right = (window, window) if isinstance(window, int) else window
+    if alias == "window_size":
+        return (left, right)
+    return tuple(wide if w < 0 else w for w in (left, right))
+
+
+def framework_keywords(fn, options: dict, wide: int) -> dict:
+    """``options`` under the names ``fn`` takes: refattn's, else a :data:`FRAMEWORK_NAMES` one.
+
+    ``wide`` is a window size larger than any query-key distance of the case (JAX's
+    unbounded side).  Raises :class:`Unsupported` for an option ``fn`` takes under no name.
+    """
+    out = {}
+    for key, value in options.items():
+        if accepts(fn, key):
+            out[key] = value
+            continue
+        alias = next((a for a in FRAMEWORK_NAMES.get(key, ()) if named_keyword(fn, a)), None)
+        if alias is None:
+            raise Unsupported(f"the candidate takes no {key}= keyword")
+        out[alias] = _window_for(alias, value, wide) if key == "window" else value
+    return out
 
 
 def torch_sdpa(fn: Callable[..., Any] | None = None) -> Callable[..., Any]:
@@ -266,7 +346,8 @@ def torch_sdpa(fn: Callable[..., Any] | None = None) -> Callable[..., Any]:
 
     def scaled_dot_product_attention(q, k, v, *, mask=None, bias=None, causal=False,
                                      causal_align="upper_left", scale=None, dropout_mask=None,
-                                     dropout_p=0.0):
+                                     dropout_p=0.0, window=None, query_seq_lengths=None,
+                                     key_value_seq_lengths=None):
         if dropout_mask is not None or dropout_p:
             raise Unsupported("torch SDPA draws its own dropout mask; an explicit keep-mask "
                               "cannot be passed")
@@ -274,11 +355,14 @@ def torch_sdpa(fn: Callable[..., Any] | None = None) -> Callable[..., Any]:
         kwargs = {"scale": scale}
         if k.shape[-3] != q.shape[-3]:
             kwargs["enable_gqa"] = True
-        if causal and mask is None and bias is None and causal_align == "upper_left":
+        padded = query_seq_lengths is not None or key_value_seq_lengths is not None
+        if (causal and mask is None and bias is None and causal_align == "upper_left"
+                and window is None and not padded):
             kwargs["is_causal"] = True
             keep = None
-        else:
-            keep = _keep(lambda m: m.cpu().numpy(), mask, causal, causal_align, L, S)
+        else:       # window and padding as a mask: torch gives a row with no key 0, like refattn
+            keep = _keep(_host, mask, causal, causal_align, L, S, window, query_seq_lengths,
+                         key_value_seq_lengths)
         attn_mask = None if keep is None else torch.from_numpy(keep).to(q.device)
         if bias is not None:
             attn_mask = bias if attn_mask is None else bias.masked_fill(~attn_mask, -math.inf)
@@ -287,13 +371,68 @@ def torch_sdpa(fn: Callable[..., Any] | None = None) -> Callable[..., Any]:
     return scaled_dot_product_attention
 
 
+def torch_flex_attention(fn: Callable[..., Any] | None = None) -> Callable[..., Any]:
+    """PyTorch FlexAttention (``torch.nn.attention.flex_attention.flex_attention``) as a core candidate.
+
+    refattn's options become FlexAttention's functions: ``softcap`` and a float ``bias`` a
+    ``score_mod`` (``softcap * tanh(score / softcap) + bias[b, h, i, j]``); ``mask``, ``causal``
+    (both alignments), ``window``, JAX-style padding and packed sequences (``cu_seqlens_q``,
+    ``cu_seqlens_k``: one batch row, a block-diagonal ``mask_mod``, FlexAttention's document
+    masking) a ``mask_mod`` over the case's keep-mask; GQA -> ``enable_gqa=True``.  FlexAttention
+    gives a row with no key 0, like refattn.  Torch 2.13 has no FlexAttention backward on the
+    CPU: verify it there with ``verify(..., gradients=False)``.
+    """
+    import torch
+    from torch.nn.attention import flex_attention as flex
+
+    fn = flex.flex_attention if fn is None else fn
+
+    def flex_attention(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_left",
+                       scale=None, window=None, softcap=None, cu_seqlens_q=None,
+                       cu_seqlens_k=None, query_seq_lengths=None, key_value_seq_lengths=None):
+        packed = cu_seqlens_q is not None
+        if packed:                                         # (T, H, E) -> (1, H, T, E)
+            q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+            keep = _packed_keep(cu_seqlens_q, cu_seqlens_k, causal, causal_align, window, mask)
+        else:
+            keep = _keep(_host, mask, causal, causal_align, q.shape[-2], k.shape[-2], window,
+                         query_seq_lengths, key_value_seq_lengths)
+        *batch, H, L, _ = q.shape
+        Hkv, S, Ev = k.shape[-3], k.shape[-2], v.shape[-1]
+        B = math.prod(batch)
+        q4, k4, v4 = (x.reshape(B, h, n, x.shape[-1])
+                      for x, h, n in ((q, H, L), (k, Hkv, S), (v, Hkv, S)))
+        block_mask = None
+        if keep is not None:
+            table = torch.from_numpy(np.ascontiguousarray(
+                np.broadcast_to(keep, (*batch, H, L, S)).reshape(B, H, L, S))).to(q.device)
+            block_mask = flex.create_block_mask(lambda b, h, i, j: table[b, h, i, j], B, H, L, S,
+                                                device=str(q.device))
+        bias4 = None if bias is None else bias.expand(*batch, H, L, S).reshape(B, H, L, S)
+
+        def score_mod(score, b, h, i, j):
+            if softcap is not None:
+                score = softcap * torch.tanh(score / softcap)
+            return score if bias4 is None else score + bias4[b, h, i, j]
+
+        o = fn(q4, k4, v4, score_mod=score_mod if softcap is not None or bias is not None
+               else None, block_mask=block_mask, scale=scale, enable_gqa=Hkv != H)
+        o = o.reshape(*batch, H, L, Ev)
+        return o[0].transpose(0, 1) if packed else o
+
+    return flex_attention
+
+
 def jax_dot_product_attention(fn: Callable[..., Any] | None = None,
                               **fixed: Any) -> Callable[..., Any]:
     """``jax.nn.dot_product_attention`` (or a drop-in) as a core candidate.
 
     JAX puts tokens before heads (``(B, T, N, H)``, one batch axis): the adapter
-    flattens the batch dimensions, transposes, and folds ``causal`` into the mask
-    when it is combined with one or lower-right aligned.  ``fixed`` keywords
+    flattens the batch dimensions, transposes, and folds ``causal`` and ``window`` into the
+    mask when they are combined with one or lower-right aligned (JAX aligns both at the
+    first query and key); otherwise ``window`` goes as ``local_window_size`` (an unbounded
+    side as a size wider than the problem).  ``query_seq_lengths`` and
+    ``key_value_seq_lengths`` are JAX's own arguments.  ``fixed`` keywords
     (e.g. ``implementation="xla"``) are passed through.
 
     JAX gives a query row with no key left the mean of all values (it masks with
@@ -312,7 +451,8 @@ def jax_dot_product_attention(fn: Callable[..., Any] | None = None,
 
     def dot_product_attention(q, k, v, *, mask=None, bias=None, causal=False,
                               causal_align="upper_left", scale=None, dropout_mask=None,
-                              dropout_p=0.0, empty_rows="zero"):
+                              dropout_p=0.0, window=None, query_seq_lengths=None,
+                              key_value_seq_lengths=None, empty_rows="zero"):
         if dropout_mask is not None or dropout_p:
             raise Unsupported("jax.nn.dot_product_attention has no dropout")
         *batch, H, L, E = q.shape
@@ -321,14 +461,31 @@ def jax_dot_product_attention(fn: Callable[..., Any] | None = None,
             raise Unsupported(f"jax.nn.dot_product_attention needs values as wide as keys "
                               f"(Ev={Ev}, E={E})")
         B = math.prod(batch)
-        plain_causal = causal and mask is None and causal_align == "upper_left"
-        keep = _keep(np.asarray, mask, causal and not plain_causal, causal_align, L, S)
-        if keep is not None:
-            rows = np.broadcast_to(keep, (*batch, H, L, S)).any(axis=-1)
+        lengths = {n: None if x is None else np.asarray(_host(x))
+                   for n, x in (("query_seq_lengths", query_seq_lengths),
+                                ("key_value_seq_lengths", key_value_seq_lengths))}
+        # JAX aligns causal rule and window at the first query and key (refattn's upper_left)
+        native = mask is None and (causal_align == "upper_left" or (L == S and not any(
+            x is not None for x in lengths.values())))
+        folded = (None, None) if native else (lengths["query_seq_lengths"],
+                                              lengths["key_value_seq_lengths"])
+        keep = _keep(np.asarray, mask, causal and not native, causal_align, L, S,
+                     None if native else window, *folded)
+        valid = _keep(np.asarray, keep, causal, causal_align, L, S, window,
+                      lengths["query_seq_lengths"], lengths["key_value_seq_lengths"])
+        if valid is not None:
+            rows = np.broadcast_to(valid, (*batch, H, L, S)).any(axis=-1)
+            if lengths["query_seq_lengths"] is not None:    # padded queries: 0 in JAX as well
+                padded = np.arange(L) >= lengths["query_seq_lengths"][..., None]
+                rows = rows | padded.reshape((*batch, 1, L))
             if not rows.all() and empty_rows != "uniform":
                 raise Unsupported("jax.nn.dot_product_attention gives a query row with no key "
                                   "left the mean of all values (refattn and torch: 0); "
                                   "verify(..., empty_rows='uniform') compares it")
+        extra = {n: jnp.asarray(np.reshape(x, (B,)), jnp.int32)
+                 for n, x in lengths.items() if x is not None}
+        if native and window is not None:
+            extra["local_window_size"] = _window_for("local_window_size", window, L + S)
 
         def tokens_first(x, heads, length, width):
             x = jnp.reshape(x, (B, heads, length, width))          # (B, heads, T, width)
@@ -341,7 +498,7 @@ def jax_dot_product_attention(fn: Callable[..., Any] | None = None,
         o = fn(tokens_first(q, H, L, E), tokens_first(k, Hkv, S, E), tokens_first(v, Hkv, S, Ev),
                bias=None if bias is None else scores_4d(bias),
                mask=None if keep is None else scores_4d(jnp.asarray(keep)),
-               scale=scale, is_causal=plain_causal, **fixed)
+               scale=scale, is_causal=bool(causal and native), **extra, **fixed)
         o = jnp.transpose(o, (0, 2, 1, 3))                         # (B, H, L, Ev)
         return jnp.reshape(o, (*batch, H, L, Ev))
 

@@ -51,6 +51,10 @@ class Framework:
     def vjp(self, f, primals, cotangent, dtype):
         raise NotImplementedError
 
+    def forward(self, f, primals, dtype):
+        """``(out, out_dtype)`` of ``f(*primals)`` in ``dtype``, without gradients."""
+        raise NotImplementedError
+
 
 class TorchFramework(Framework):
     name = "torch"
@@ -113,6 +117,13 @@ class TorchFramework(Framework):
                   for p in primals]
         return self.to_numpy(out), shaped, self.dtype_name(out)
 
+    def forward(self, f, primals, dtype):
+        tensors = [{k: self.asarray(a, dtype) for k, a in p.items()} if isinstance(p, dict)
+                   else self.asarray(p, dtype) for p in primals]
+        with self.torch.no_grad():
+            out = f(*tensors)
+        return self.to_numpy(out), self.dtype_name(out)
+
 
 class JaxFramework(Framework):
     name = "jax"
@@ -161,6 +172,11 @@ class JaxFramework(Framework):
         grads = pullback(self.asarray(cotangent, self.dtype_name(out)))
         grads = [jax.tree_util.tree_map(self.to_numpy, g) for g in grads]
         return self.to_numpy(out), grads, self.dtype_name(out)
+
+    def forward(self, f, primals, dtype):
+        args = [self.jax.tree_util.tree_map(lambda a: self.asarray(a, dtype), p) for p in primals]
+        out = self.jax.jit(f)(*args)
+        return self.to_numpy(out), self.dtype_name(out)
 
 
 _LOADED: dict = {}

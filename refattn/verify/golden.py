@@ -18,8 +18,10 @@ layout (version ``refattn-cases/2``)::
     case{i}/params/<name>         float64 layer parameters, refattn layout (w_q is (d_in, d_out))
     case{i}/options/<key>         keyword options: mask, dropout_mask (bool, True = keep),
                                   bias (float64, differentiated too), causal (bool),
-                                  causal_align (str), scale, dropout_p (float64), ...;
-                                  an absent key means the default
+                                  causal_align (str), scale, dropout_p (float64), window,
+                                  cu_seqlens_q/k, *_seq_lengths (int64), ...; an absent
+                                  key means the default (cases with function options,
+                                  mask_mod and score_mod, are left out)
     case{i}/layer/<key>           layers: d_model, n_heads (int64), projection, core (str),
                                   causal, bias (bool); layer/options/<key> and
                                   layer/core_options/<key> for scheme and core options
@@ -61,7 +63,8 @@ from ..testing import TOLERANCES, assert_close, max_errors
 from .report import Check, VerifyReport
 from .run import Problem, _NumpyRounding, quantities
 
-__all__ = ["FORMAT", "READABLE_FORMATS", "GoldenFileError", "export", "check", "load_cases"]
+__all__ = ["FORMAT", "READABLE_FORMATS", "GoldenFileError", "export", "check", "load_cases",
+           "storable_cases"]
 
 FORMAT = "refattn-cases/2"
 #: Formats :func:`load_cases` and :func:`check` read (``/1`` has no manifest).
@@ -96,8 +99,10 @@ def _encode(value):
     arr = np.asarray(value)
     if arr.dtype == bool:
         return arr
-    if arr.dtype.kind in "fiu":
+    if arr.dtype.kind == "f":
         return arr.astype(np.float64)
+    if arr.dtype.kind in "iu":          # a window (left, right), cu_seqlens, sequence lengths
+        return arr.astype(np.int64)
     raise TypeError(f"cannot store option value of type {type(value).__name__} in a golden file")
 
 
@@ -123,12 +128,19 @@ def _manifest(entries) -> dict:
             "manifest/finite": np.array(sorted(finite), dtype=str)}
 
 
+def storable_cases(cases) -> list:
+    """The cases a golden file can hold: those without function options (``mask_mod``,
+    ``score_mod``; a file of plain arrays holds no code)."""
+    return [c for c in cases if not any(callable(v) for v in c.options.values())]
+
+
 def export(variant: str | Variant, path: str | os.PathLike[str], *, kind: str = "test",
            seed: int = 0) -> int:
     """Write ``variant``'s seeded ``kind`` cases with float64 outputs and gradients to ``path``.
 
     ``path`` is written as given (no ``.npz`` is appended).  Returns the number
-    of cases written.
+    of cases written: every case but those with function options
+    (:func:`storable_cases`).
 
     Examples
     --------
@@ -136,7 +148,7 @@ def export(variant: str | Variant, path: str | os.PathLike[str], *, kind: str = 
     >>> from refattn.verify import golden
     >>> path = os.path.join(tempfile.mkdtemp(), "sdpa.npz")
     >>> golden.export("sdpa", path)
-    11
+    15
     >>> data = np.load(path, allow_pickle=False)
     >>> str(data["case3/name"]), data["case3/inputs/q"].shape, bool(data["case3/options/causal"])
     ('MQA 4/1 causal', (1, 4, 7, 8), True)
@@ -150,7 +162,7 @@ def export(variant: str | Variant, path: str | os.PathLike[str], *, kind: str = 
         raise ValueError(f"kind must be one of {', '.join(map(repr, CASE_KINDS))}; got {kind!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer; got {seed!r}")
-    cases = variant.cases(kind, "float64", int(seed))
+    cases = storable_cases(variant.cases(kind, "float64", int(seed)))
     out: dict[str, Any] = {"format": np.array(FORMAT), "variant": np.array(variant.name),
            "variant_kind": np.array(variant.kind), "case_kind": np.array(kind),
            "seed": np.array(seed, dtype=np.int64), "refattn_version": np.array(__version__),

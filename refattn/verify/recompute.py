@@ -54,12 +54,22 @@ def lengths(q, k, layout: str) -> tuple[int, int]:
     return q.shape[axis], k.shape[axis]
 
 
+#: Options :func:`empty_query_rows` does not model.
+_ROWS_NOT_MODELLED = ("window", "mask_mod", "cu_seqlens_q", "cu_seqlens_k", "query_seq_lengths",
+                      "key_value_seq_lengths")
+
+
 def empty_query_rows(q, k, options: dict, layout: str) -> np.ndarray | None:
     """``(*batch, H, L)`` True where a query row keeps no key (None when none does).
 
     From the options' ``mask``, ``causal`` and ``causal_align`` (the kept pairs of
-    ``docs/conventions.md``, without a sliding window).
+    ``docs/conventions.md``, without a sliding window).  A case with options whose rows
+    this does not model answers None: a window or ``mask_mod`` (the catalogue's cases of
+    them keep a key in every row), packed sequences (another layout) and padding (JAX
+    itself gives its padded query rows 0, like refattn).
     """
+    if any(options.get(name) is not None for name in _ROWS_NOT_MODELLED):
+        return None
     L, S = lengths(q, k, layout)
     keep = combined_keep(options.get("mask"), bool(options.get("causal", False)), L, S,
                          options.get("causal_align", "upper_left"))

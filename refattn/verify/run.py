@@ -17,8 +17,9 @@ from .._vjp import vjp
 from . import empty_rows as _empty_rows
 from . import tolerance
 from .adapters import (Layer, LayerSpec, Unsupported, accepts, default_jax_call,
-                       default_torch_call, jax_dot_product_attention, named_keyword,
-                       torch_multihead_attention, torch_sdpa)
+                       default_torch_call, framework_keywords, jax_dot_product_attention,
+                       named_keyword, torch_flex_attention, torch_multihead_attention,
+                       torch_sdpa)
 from .diagnose import Failure, diagnose
 from .frameworks import detect_framework, load_framework
 from .params import gather_gradients, resolve_map
@@ -198,17 +199,17 @@ class _NumpyRounding:
 
 # -- running candidates ----------------------------------------------------------------
 
-def _run_core(fn, problem, fw, selectors=()):
+def _run_core(fn, problem, fw, selectors=(), gradients=True):
     options = dict(problem.candidate_options)
     if "empty_rows" in options and not named_keyword(fn, "empty_rows"):
         del options["empty_rows"]         # it describes the candidate, which need not take it
-    for key in list(options):
-        if not accepts(fn, key):
-            if key in selectors:                     # e.g. mode="shared": names the variant
-                del options[key]
-                continue
-            raise Unsupported(f"the candidate takes no {key}= keyword")
+    # e.g. mode="shared" names the variant: a candidate of that variant alone need not take it
+    options = {k: v for k, v in options.items() if accepts(fn, k) or k not in selectors}
     bias = options.pop("bias", None)
+    wide = sum(max(np.shape(a)) for a in problem.arrays[:2])    # beyond any query-key distance
+    options = framework_keywords(fn, options, wide)
+    if bias is not None and not accepts(fn, "bias"):
+        raise Unsupported("the candidate takes no bias= keyword")
     static = {k: (fw.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in options.items()}
     primals = list(problem.arrays) + ([bias] if bias is not None else [])
     n = len(problem.arrays)
@@ -217,6 +218,9 @@ def _run_core(fn, problem, fw, selectors=()):
         extra = {"bias": xs[n]} if bias is not None else {}
         return fn(*xs[:n], **static, **extra)
 
+    if not gradients:
+        out, out_dtype = fw.forward(f, primals, problem.dtype)
+        return {"out": out}, out_dtype
     out, grads, out_dtype = fw.vjp(f, primals, problem.cotangent, problem.dtype)
     return problem.quantities(out, grads), out_dtype
 
@@ -386,6 +390,9 @@ def _known(candidate, kind, fw_name):
     if fw_name == "torch" and torch is not None:
         if kind == "core" and candidate is torch.nn.functional.scaled_dot_product_attention:
             return torch_sdpa(), "torch.nn.functional.scaled_dot_product_attention"
+        flex = sys.modules.get("torch.nn.attention.flex_attention")
+        if kind == "core" and flex is not None and candidate is flex.flex_attention:
+            return torch_flex_attention(), "torch.nn.attention.flex_attention.flex_attention"
         if kind == "layer" and isinstance(candidate, type) and issubclass(
                 candidate, torch.nn.MultiheadAttention):
             adapter = torch_multihead_attention(candidate)
@@ -427,7 +434,8 @@ def _framework_of(candidate, variant, cases):
 def verify(candidate: Any, variant: str | Variant, *, framework: str | None = None,
            dtypes: Sequence[str] = ("float64", "float32"), cases: Any = "test", seed: int = 0,
            params: Any = None, call: Callable[..., Any] | None = None,
-           name: str | None = None, empty_rows: str = "zero") -> VerifyReport:
+           name: str | None = None, empty_rows: str = "zero",
+           gradients: bool = True) -> VerifyReport:
     """Verify a PyTorch or JAX implementation against refattn's float64 reference.
 
     For every seeded case of ``variant`` (its catalogue ``"test"`` cases: shapes,
@@ -471,14 +479,17 @@ def verify(candidate: Any, variant: str | Variant, *, framework: str | None = No
         Wherever the case's core has the option, the reference runs under the
         cores' own ``empty_rows=`` and every output and gradient is compared
         exactly (``"exact"``; a core candidate whose signature names
-        ``empty_rows`` is passed it).  Where it does not model the candidate, the empty rows'
-        output alone is compared with the convention's values (``"output"``;
+        ``empty_rows`` is passed it).  Where it does not model the candidate,
+        the empty rows' output alone is compared with the convention's values (``"output"``;
         their cotangent is 0, and under ``"nan"`` NaN is accepted in the
         gradients it reaches): a core without the option (element-wise
         attention), or a candidate that adds its mask to the scores (a
         :class:`Layer` with ``masks_additively=True``, as the Hugging Face
         adapters).  ``report.comparisons`` says which comparison each case got
         (:mod:`refattn.verify.empty_rows`).
+    gradients : bool
+        Compare the gradients too (default).  ``False`` compares the outputs alone, for
+        a core candidate without a backward pass (FlexAttention on the CPU).
 
     Returns
     -------
@@ -504,6 +515,8 @@ def verify(candidate: Any, variant: str | Variant, *, framework: str | None = No
         raise ValueError(f"dtypes must be a non-empty subset of {tolerance.DTYPES}, got {dtypes}")
     if variant.kind == "core" and (params is not None or call is not None):
         raise TypeError(f"params= and call= apply to layer variants; {variant.name!r} is a core")
+    if variant.kind != "core" and not gradients:
+        raise TypeError(f"gradients=False applies to core variants; {variant.name!r} is a layer")
     _empty_rows.check_policy(empty_rows)
     core = get_core(variant.core)
     case_list = (variant.cases(cases, "float64", seed) if isinstance(cases, str)
@@ -530,7 +543,7 @@ def verify(candidate: Any, variant: str | Variant, *, framework: str | None = No
     for index, case in enumerate(case_list):
         for dtype in dtypes:
             checks, problem, got = _check(candidate, case, dtype, fw, seed * 1000 + index,
-                                          selectors, core, empty_rows, additive)
+                                          selectors, core, empty_rows, gradients, additive)
             report.checks.extend(checks)
             runs.append((checks, problem, got))
             if problem is not None and empty_rows != "zero":
@@ -593,17 +606,19 @@ def _selectors(case_list):
 
 
 def _check(candidate, case, dtype, fw, seed, selectors=(), core=None, empty_rows="zero",
-           additive=False):
+           gradients=True, additive=False):
     """``(checks, problem, got)`` of one case in one dtype (``got`` None when it did not run)."""
     with fw.precision(dtype):
         problem = Problem(case, dtype, fw, seed, core=core, empty_rows=empty_rows,
                           additive=additive)
+        if not gradients:
+            problem.expected = {"out": problem.expected["out"]}
         try:
             if problem.is_layer:
                 run = _run_torch_layer if fw.name == "torch" else _run_jax_layer
                 got, out_dtype = run(candidate, problem, fw)
             else:
-                got, out_dtype = _run_core(candidate, problem, fw, selectors)
+                got, out_dtype = _run_core(candidate, problem, fw, selectors, gradients)
         except Unsupported as exc:
             return [Check(case.name, dtype, "-", status="n/a", note=str(exc))], None, None
         except Exception as exc:                       # the candidate's failure, reported

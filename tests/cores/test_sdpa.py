@@ -14,8 +14,13 @@ from refattn.testing import check_grads
 
 
 def naive_sdpa(q, k, v, mask=None, bias=None, causal=False, align="upper_left", scale=None,
-               dropout_mask=None, dropout_p=0.0):
-    """The definition of docs/variants.md section 1, one (batch, head, query) at a time."""
+               dropout_mask=None, dropout_p=0.0, window=None, softcap=None, q_lens=None,
+               k_lens=None, mask_mod=None, score_mod=None, first_b=0):
+    """The definition of docs/cores/sdpa.md, one (batch, head, query, key) at a time.
+
+    ``q_lens``/``k_lens`` (flattened batch) are JAX's padding, each batch element aligned at
+    its own lengths; ``mask_mod``/``score_mod`` see the flattened batch index plus ``first_b``.
+    """
     *batch, H, L, E = q.shape
     Hkv, S, Ev = k.shape[-3], k.shape[-2], v.shape[-1]
     scale = 1 / math.sqrt(E) if scale is None else scale
@@ -24,16 +29,29 @@ def naive_sdpa(q, k, v, mask=None, bias=None, causal=False, align="upper_left", 
     bias = np.zeros(shape) if bias is None else np.broadcast_to(bias, shape)
     keep_drop = np.ones(shape, bool) if dropout_mask is None else np.broadcast_to(dropout_mask,
                                                                                   shape)
+    left, right = (-1, -1) if window is None else (
+        (window, window) if isinstance(window, int) else window)
     out = np.zeros((*batch, H, L, Ev))
-    offset = 0 if align == "upper_left" else S - L
-    for idx in np.ndindex(*batch):
+    for b, idx in enumerate(np.ndindex(*batch)):
+        Lb = L if q_lens is None else int(np.ravel(q_lens)[b])
+        Sb = S if k_lens is None else int(np.ravel(k_lens)[b])
+        offset = 0 if align == "upper_left" else Sb - Lb
         for h in range(H):
             g = h // (H // Hkv)
-            for i in range(L):
+            for i in range(Lb):
                 logits = []
                 for j in range(S):
-                    allowed = mask[idx + (h, i, j)] and (not causal or j <= i + offset)
-                    s = scale * float(np.dot(q[idx + (h, i)], k[idx + (g, j)])) + bias[idx + (h, i, j)]
+                    allowed = (j < Sb and mask[idx + (h, i, j)]
+                               and (not causal or j <= i + offset)
+                               and (left < 0 or j >= i + offset - left)
+                               and (right < 0 or j <= i + offset + right)
+                               and (mask_mod is None or bool(mask_mod(b + first_b, h, i, j))))
+                    s = scale * float(np.dot(q[idx + (h, i)], k[idx + (g, j)]))
+                    if softcap is not None:
+                        s = softcap * math.tanh(s / softcap)
+                    s += bias[idx + (h, i, j)]
+                    if score_mod is not None:
+                        s = float(score_mod(s, b + first_b, h, i, j))
                     logits.append(s if allowed else -math.inf)
                 m = max(logits)
                 if m == -math.inf:
@@ -48,16 +66,33 @@ def naive_sdpa(q, k, v, mask=None, bias=None, causal=False, align="upper_left", 
     return out
 
 
+def naive_packed(q, k, v, cu_q, cu_k, **options):
+    """FlashAttention varlen, one sequence at a time: ``(T, H, E)`` tokens, head-first inside."""
+    o = np.zeros(q.shape[:2] + v.shape[2:])
+    for n in range(len(cu_q) - 1):
+        rows, keys = slice(cu_q[n], cu_q[n + 1]), slice(cu_k[n], cu_k[n + 1])
+        if cu_q[n + 1] > cu_q[n]:
+            o[rows] = naive_sdpa(*(x.transpose(1, 0, 2) for x in (q[rows], k[keys], v[keys])),
+                                 first_b=n, **options).transpose(1, 0, 2)
+    return o
+
+
 @pytest.mark.parametrize("index", range(len(refattn.get_variant("sdpa").cases("test"))))
 def test_matches_independent_loop_implementation(index):
     case = refattn.get_variant("sdpa").cases("test")[index]
     q, k, v = case.arrays
     opts = dict(case.options)
-    expected = naive_sdpa(q, k, v, mask=opts.get("mask"), bias=opts.get("bias"),
-                          causal=opts.get("causal", False),
-                          align=opts.get("causal_align", "upper_left"), scale=opts.get("scale"),
-                          dropout_mask=opts.get("dropout_mask"),
-                          dropout_p=opts.get("dropout_p", 0.0))
+    definition = dict(mask=opts.get("mask"), bias=opts.get("bias"),
+                      causal=opts.get("causal", False),
+                      align=opts.get("causal_align", "upper_left"), scale=opts.get("scale"),
+                      dropout_mask=opts.get("dropout_mask"), dropout_p=opts.get("dropout_p", 0.0),
+                      window=opts.get("window"), softcap=opts.get("softcap"),
+                      mask_mod=opts.get("mask_mod"), score_mod=opts.get("score_mod"))
+    if "cu_seqlens_q" in opts:
+        expected = naive_packed(q, k, v, opts["cu_seqlens_q"], opts["cu_seqlens_k"], **definition)
+    else:
+        expected = naive_sdpa(q, k, v, q_lens=opts.get("query_seq_lengths"),
+                              k_lens=opts.get("key_value_seq_lengths"), **definition)
     got = refattn.sdpa(q, k, v, backend="reference", **opts)
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
 

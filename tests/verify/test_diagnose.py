@@ -122,8 +122,11 @@ def test_random_wrong_candidate_has_no_known_cause():
 
 
 def test_wrong_backward_is_told_apart_from_a_wrong_forward():
-    def doubled_gradient(q, k, v, **options):
-        o = attention(q, k, v, **options)
+    def doubled_gradient(q, k, v, *, mask=None, bias=None, causal=False,
+                         causal_align="upper_left", scale=None, dropout_mask=None, dropout_p=0.0):
+        # the options of attention() alone: the cases with others (window, ...) are n/a
+        o = attention(q, k, v, mask=mask, bias=bias, causal=causal, causal_align=causal_align,
+                      scale=scale, dropout_mask=dropout_mask, dropout_p=dropout_p)
         return o + (o - o.detach())                      # same forward, twice the gradient
 
     report = run(doubled_gradient)

@@ -94,3 +94,21 @@ def test_jax_layer_with_renamed_parameters():
     V.verify(factory, "mha-standard", framework="jax", dtypes=("float32",), cases=cases,
              params=mapping).assert_()
 
+
+def test_jax_local_window_and_seq_lengths_are_mapped():
+    names = ("window (3, 1)", "padded seq lengths, causal")
+    report = V.verify(jax.nn.dot_product_attention, "sdpa", dtypes=("float32",),
+                      cases=_cases("sdpa", names))
+    report.assert_()
+    assert {c.case for c in report.compared} == set(names)
+    assert {"out", "dq", "dk", "dv"} <= {c.quantity for c in report.compared}
+
+    def jax_style(q, k, v, *, local_window_size=None, is_causal=False):   # JAX's names
+        t = lambda x: jnp.swapaxes(x, -2, -3)                              # noqa: E731
+        return t(jax.nn.dot_product_attention(t(q), t(k), t(v), is_causal=is_causal,
+                                              local_window_size=local_window_size))
+
+    report = V.verify(jax_style, "sdpa", framework="jax", dtypes=("float32",),
+                      cases=_cases("sdpa", names[:1]))
+    report.assert_()
+    assert len(report.compared) == 4

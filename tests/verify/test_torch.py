@@ -122,13 +122,16 @@ def test_torch_sdpa_recognised_and_dropout_reported_not_expressible():
                       dtypes=("float32",))
     report.assert_()
     assert report.framework.startswith("torch ")
-    (na,) = report.not_run
-    assert na.case == "dropout keep-mask" and "dropout" in na.note
-    assert "1 case(s) not expressible" in report.summary()
-    # GQA, empty rows, lower-right causal and a float bias are all compared.
+    not_run = {c.case: c.note for c in report.not_run}
+    assert "dropout" in not_run.pop("dropout keep-mask")
+    # torch SDPA has no soft-cap, packed sequences or score functions: n/a, not failures
+    assert sorted(not_run.values()) == sorted(f"the candidate takes no {name}= keyword" for name
+                                              in ("softcap", "cu_seqlens_q", "score_mod"))
+    assert "4 case(s) not expressible" in report.summary()
+    # GQA, empty rows, lower-right causal, a float bias, a window and padding (as masks)
     compared = {c.case for c in report.compared}
     assert {"two batch dims, GQA 4/2", "causal lower_right L>S (empty rows)",
-            "bias (B,1,L,S)"} <= compared
+            "bias (B,1,L,S)", "window (3, 1)", "padded seq lengths, causal"} <= compared
     assert "dbias" in {c.quantity for c in report.compared}
 
 
@@ -248,3 +251,52 @@ def test_repr_is_a_table():
     assert len(lines) == 3 + len(report.checks)
     np.testing.assert_array_less([c.rel for c in report.compared],
                                  [c.allowed for c in report.compared])
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_forward_with_every_option_it_expresses():
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    names = ("window + causal lower_right + GQA 4/2 + softcap",
+             "packed varlen: window + causal + GQA 4/2 + softcap", "padded seq lengths, causal",
+             "bias (B,1,L,S)", "mask with empty row + causal", "score_mod soft-cap + mask_mod "
+             "sliding window")
+    cases = [c for c in refattn.get_variant("sdpa").cases() if c.name in names]
+    report = V.verify(flex.flex_attention, "sdpa", gradients=False, cases=cases)
+    report.assert_()
+    assert report.candidate == "torch.nn.attention.flex_attention.flex_attention"
+    assert {c.quantity for c in report.compared} == {"out"}
+    assert {c.case for c in report.compared} == set(names[:-1])
+    # refattn's own score_mod is a NumPy function: not FlexAttention's (n/a, not a failure)
+    assert {c.case for c in report.not_run} == {names[-1]}
+    # the forward has no backward on the CPU: with gradients the adapter's error is reported
+    report = V.verify(flex.flex_attention, "sdpa", dtypes=("float64",), cases=cases[:1])
+    assert not report.ok and "backward on CPU" in report.checks[0].note
+
+
+def test_framework_argument_names_are_mapped():
+    """A FlashAttention-style candidate: window_size=, softmax_scale=, is_causal=."""
+    def flash_style(q, k, v, *, is_causal=False, window_size=(-1, -1), softmax_scale=None,
+                    softcap=0.0, causal_align="upper_left"):
+        L, S = q.shape[-2], k.shape[-2]
+        offset = S - L if causal_align == "lower_right" else 0
+        i, j = torch.arange(L)[:, None] + offset, torch.arange(S)[None, :]
+        left, right = window_size
+        keep = torch.ones(L, S, dtype=torch.bool)
+        if left >= 0:
+            keep &= j >= i - left
+        if right >= 0:
+            keep &= j <= i + right
+        if is_causal:
+            keep &= j <= i
+        scale = softmax_scale or q.shape[-1] ** -0.5
+        s = scale * q @ M._repeat_kv(k, q.shape[-3], -3).transpose(-1, -2)
+        s = softcap * torch.tanh(s / softcap) if softcap else s
+        p = torch.softmax(s.masked_fill(~keep, -torch.inf), -1)
+        return p @ M._repeat_kv(v, q.shape[-3], -3)
+
+    names = ("window + causal lower_right + GQA 4/2 + softcap", "scale=0.3, L=63",
+             "window (3, 1)", "MQA 4/1 causal")
+    cases = [c for c in refattn.get_variant("sdpa").cases() if c.name in names]
+    report = V.verify(flash_style, "sdpa", framework="torch", cases=cases, dtypes=("float64",))
+    report.assert_()
+    assert {c.case for c in report.compared} == set(names)

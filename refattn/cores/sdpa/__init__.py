@@ -18,7 +18,8 @@ CORE = Core(
     layout="real",
     backends=IMPLEMENTED,
     options=("scale", "dropout_mask", "dropout_p", "causal_align", "bias", "window", "softcap",
-             "alibi_slopes", "empty_rows"),
+             "alibi_slopes", "empty_rows", "query_seq_lengths", "key_value_seq_lengths",
+             "mask_mod", "score_mod", "score_mod_grad"),
     flops=flops,
     summary="softmax(scale q k^T + bias) v, FlashAttention-2 backward",
 )

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,7 +37,9 @@ from ... import _empty_rows
 from ... import backends as _backends
 from . import numba as _numba_kernels
 from . import reference as _reference
-from ..._array import flatten_batch, namespace, native_byte_order, product, sum_to_shape
+from . import segments as _segments
+from ..._array import (as_batched_4d, flatten_batch, namespace, native_byte_order, product,
+                       sum_to_shape)
 from ..._masks import CAUSAL_ALIGNS, causal_offset, causal_pairs, window_bounds
 from ..._vjp import attach_vjp
 from ...rotary import ROTARY_STYLES, apply_rotary, apply_rotary_backward
@@ -92,6 +95,13 @@ class SDPAOptions:
     empty_rows : {"zero", "uniform", "nan"}
         What a query row with no kept key gives; the kernels compute ``"zero"`` and
         the front end post-processes the others (:mod:`refattn._empty_rows`).
+    mask_mod : callable or None
+        ``mask_mod(b, h, i, j) -> bool array`` on index arrays broadcastable to
+        ``(B, H, L, S)`` (:func:`refattn._masks.score_indices`); ANDed with the kept pairs.
+    score_mod, score_mod_grad : callable or None
+        ``score_mod(score, b, h, i, j) -> score`` applied last to the scores, and its
+        derivative with respect to ``score`` (same signature) for the backward pass.
+        Reference backend only.
 
     Forward and backward read these from the residuals, so the two passes of one
     call always agree.
@@ -111,6 +121,9 @@ class SDPAOptions:
     tiles: tuple | None = None
     float32_math: str | None = None
     empty_rows: str = "zero"
+    mask_mod: Any = None
+    score_mod: Any = None
+    score_mod_grad: Any = None
 
 
 @dataclass
@@ -141,17 +154,6 @@ def implementation(backend: str):
             from . import cupy as cupy_kernels    # optional: compiles CUDA through CuPy
             return cupy_kernels
     raise ValueError(f"backend must be one of {', '.join(map(repr, IMPLEMENTED))}; got {backend!r}")
-
-
-def as_batched_4d(xp, m, batch):
-    """Reshape an array broadcastable to ``(*batch, H, L, S)`` into 4-D ``(B|1, H|1, L|1, S|1)``."""
-    nb = len(batch)
-    m = xp.reshape(m, (1,) * (nb + 3 - m.ndim) + tuple(m.shape))
-    lead, tail = tuple(m.shape[:nb]), tuple(m.shape[nb:])
-    if all(d == 1 for d in lead):
-        return xp.reshape(m, (1,) + tail)
-    m = xp.broadcast_to(m, tuple(batch) + tail)
-    return xp.reshape(m, (product(batch),) + tail)
 
 
 def check_scale(scale, head_dim: int, legend: str = "E") -> float:
@@ -187,6 +189,8 @@ def _check_window(window):
         return None
     if isinstance(window, numbers.Integral) and not isinstance(window, bool):
         window = (window, window)                       # JAX: one int is a symmetric window
+    if isinstance(window, np.ndarray) and window.dtype.kind in "iu" and window.shape == (2,):
+        window = tuple(window.tolist())                 # e.g. read back from a golden file
     if (not isinstance(window, (tuple, list)) or len(window) != 2
             or any(isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < -1
                    for w in window)):
@@ -206,6 +210,19 @@ def _check_softcap(softcap):
     return float(softcap)
 
 
+def _check_mods(mask_mod, score_mod, score_mod_grad):
+    """FlexAttention-style callables: each None or callable; a derivative needs its score_mod."""
+    for name, fn, signature in (("mask_mod", mask_mod, "(b, h, i, j) -> bool array"),
+                                ("score_mod", score_mod, "(score, b, h, i, j) -> score"),
+                                ("score_mod_grad", score_mod_grad,
+                                 "(score, b, h, i, j) -> d score_mod / d score")):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be None or a callable {signature}, got "
+                            f"{type(fn).__name__}")
+    if score_mod_grad is not None and score_mod is None:
+        raise ValueError("score_mod_grad= is the derivative of score_mod=, which is missing")
+
+
 def _alibi_4d(xp, slopes, q, shapes):
     """Validate ALiBi slopes ``(H,)`` or ``(*batch, H)``; return them as ``(B|1, H, 1, 1)``."""
     check_float_array(slopes, "alibi_slopes")
@@ -220,7 +237,8 @@ def _alibi_4d(xp, slopes, q, shapes):
 
 def prepare(q, k, v, mask=None, bias=None, causal=False, causal_align="upper_left", scale=None,
             dropout_mask=None, dropout_p=0.0, tiles=None, float32_math=None, window=None,
-            softcap=None, alibi_slopes=None, empty_rows="zero"):
+            softcap=None, alibi_slopes=None, empty_rows="zero", mask_mod=None, score_mod=None,
+            score_mod_grad=None):
     """Validate the arguments of :func:`sdpa` and return ``(xp, shapes, options)``.
 
     ``options`` is the :class:`SDPAOptions` every backend receives; other cores that
@@ -248,6 +266,7 @@ def prepare(q, k, v, mask=None, bias=None, causal=False, causal_align="upper_lef
     batch = shapes.batch
     offset = causal_offset(causal_align, shapes.q_len, shapes.kv_len)
     window = _check_window(window)
+    _check_mods(mask_mod, score_mod, score_mod_grad)
     options = SDPAOptions(
         scale=float(scale),
         causal_offset=offset if causal else None,
@@ -263,6 +282,9 @@ def prepare(q, k, v, mask=None, bias=None, causal=False, causal_align="upper_lef
         tiles=_check_tiles(tiles),
         float32_math=float32_math,
         empty_rows=_empty_rows.check_empty_rows(empty_rows),
+        mask_mod=mask_mod,
+        score_mod=score_mod,
+        score_mod_grad=score_mod_grad,
     )
     return xp, shapes, options
 
@@ -278,14 +300,28 @@ def _rotary_keywords(rotary, base, rotary_dim):
 @reject_framework_keywords
 def forward(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_left", scale=None,
             dropout_mask=None, dropout_p=0.0, window=None, softcap=None, alibi_slopes=None,
+            cu_seqlens_q=None, cu_seqlens_k=None, query_seq_lengths=None,
+            key_value_seq_lengths=None, mask_mod=None, score_mod=None, score_mod_grad=None,
             rotary=None, rotary_base=10000.0, rotary_dim=None, rotary_q_offset=0,
             backend="auto", tiles=None, float32_math=None, empty_rows="zero"):
     """SDPA forward pass returning ``(o, residuals)`` for :func:`backward`.
 
     Same arguments as :func:`sdpa`.  ``residuals.lse`` holds the per-row
     log-sum-exp ``(B, H, L)`` that the backward pass uses to recompute the
-    probabilities (FlashAttention-2).
+    probabilities (FlashAttention-2).  Packed or padded sequences give
+    :class:`~refattn.cores.sdpa.segments.SegmentedResiduals` (one core call per sequence).
     """
+    if _segments.is_segmented(cu_seqlens_q, cu_seqlens_k, query_seq_lengths,
+                              key_value_seq_lengths):
+        return _segments.forward(
+            forward, q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+            query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+            mask=mask, bias=bias, dropout_mask=dropout_mask, alibi_slopes=alibi_slopes,
+            mask_mod=mask_mod, score_mod=score_mod, score_mod_grad=score_mod_grad,
+            causal=causal, causal_align=causal_align, scale=scale, dropout_p=dropout_p,
+            window=window, softcap=softcap, rotary=rotary, rotary_base=rotary_base,
+            rotary_dim=rotary_dim, rotary_q_offset=rotary_q_offset, backend=backend, tiles=tiles,
+            float32_math=float32_math, empty_rows=empty_rows)
     q, k, v, bias, alibi_slopes = (None if x is None else native_byte_order(x)
                                    for x in (q, k, v, bias, alibi_slopes))
     rope = _rotary_keywords(rotary, rotary_base, rotary_dim)
@@ -296,11 +332,13 @@ def forward(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_
         rope = {**rope, "q_offset": rotary_q_offset}
     xp, shapes, options = prepare(q, k, v, mask, bias, causal, causal_align, scale,
                                   dropout_mask, dropout_p, tiles, float32_math, window, softcap,
-                                  alibi_slopes, empty_rows)
+                                  alibi_slopes, empty_rows, mask_mod, score_mod, score_mod_grad)
     backend = _backends.resolve(backend, IMPLEMENTED, q, core="sdpa")
     backend = _backends.route(backend, xp, (q, k, v, options.alibi), options.bias)
     if backend == "cupy" and (options.window or options.softcap or options.need_alibi_grad):
         backend = "reference"       # the CUDA kernels do not take these options yet
+    if options.mask_mod is not None or options.score_mod is not None:
+        backend = "reference"       # array functions of (b, h, i, j): no tile-wise kernel yet
     impl = implementation(backend)
     q4, k4, v4 = (flatten_batch(xp, x, shapes.batch) for x in (q, k, v))
     o4, lse = impl.forward(q4, k4, v4, options)
@@ -321,13 +359,18 @@ def _rows(xp, options, q4, k4):
                                   device=array_api_compat.device(q4))
 
 
-def backward(res: SDPAResiduals, do):
+def backward(res: SDPAResiduals | _segments.SegmentedResiduals, do):
     """SDPA backward pass: ``(dq, dk, dv)``, then ``dbias`` with a float bias, then
     ``dalibi_slopes`` with ALiBi slopes.
 
     ``dbias`` is summed to the bias's own (broadcast) shape, ``dalibi_slopes`` to the
     slopes' shape.
     """
+    if isinstance(res, _segments.SegmentedResiduals):
+        return _segments.backward(backward, res, do)
+    if res.options.score_mod is not None and res.options.score_mod_grad is None:
+        raise ValueError("the gradient through score_mod= needs its derivative: pass "
+                         "score_mod_grad(score, b, h, i, j) = d score_mod / d score")
     shapes = res.shapes
     xp = namespace(res.q)
     check_cotangent(do, shapes.output, "(..., H, L, Ev)", like=res.o)
@@ -361,7 +404,12 @@ def sdpa(q: Array, k: Array, v: Array, *, mask: Array | None = None, bias: Array
          causal: bool = False, causal_align: CausalAlign = "upper_left",
          scale: float | None = None, dropout_mask: Array | None = None, dropout_p: float = 0.0,
          window: int | tuple[int | None, int | None] | None = None, softcap: float | None = None,
-         alibi_slopes: Array | None = None, rotary: Literal["half", "interleaved"] | None = None,
+         alibi_slopes: Array | None = None, cu_seqlens_q: Array | None = None,
+         cu_seqlens_k: Array | None = None, query_seq_lengths: Array | None = None,
+         key_value_seq_lengths: Array | None = None, mask_mod: Callable[..., Array] | None = None,
+         score_mod: Callable[..., Array] | None = None,
+         score_mod_grad: Callable[..., Array] | None = None,
+         rotary: Literal["half", "interleaved"] | None = None,
          rotary_base: float = 10000.0, rotary_dim: int | None = None, rotary_q_offset: int = 0,
          return_lse: bool = False, return_probs: bool = False, backend: Backend = "auto",
          tiles: tuple[int, int] | None = None,
@@ -410,6 +458,28 @@ def sdpa(q: Array, k: Array, v: Array, *, mask: Array | None = None, bias: Array
     alibi_slopes : float array (H,) or (..., H), optional
         FlashAttention's ALiBi: adds ``-slope_h * |i + S - L - j|``; ``vjp`` returns
         the slopes' gradient after ``dbias`` (if any).
+    cu_seqlens_q, cu_seqlens_k : int array (N + 1,), optional
+        FlashAttention varlen: ``q (total_q, H, E)``, ``k (total_k, Hkv, E)``,
+        ``v (total_k, Hkv, Ev)`` hold ``N`` sequences back to back, sequence ``n`` the
+        tokens ``cu_seqlens[n] : cu_seqlens[n+1]``; attention stays within a sequence,
+        whose positions (causal rule, window, ALiBi, rotary) start at 0.  ``o`` is
+        ``(total_q, H, Ev)``; ``mask``, ``bias``, ``dropout_mask`` broadcast to
+        ``(H, total_q, total_k)``; ``alibi_slopes`` is ``(H,)`` or ``(N, H)``.
+    query_seq_lengths, key_value_seq_lengths : int array (...,), optional
+        JAX's padding: batch element ``b`` has the queries ``0 : Lq[b]`` and keys
+        ``0 : Lk[b]``; padded query rows give 0 and receive no gradient.
+    mask_mod : callable, optional
+        FlexAttention's ``mask_mod(b, h, i, j) -> bool`` as an array function: index
+        arrays ``b (B, 1, 1, 1)``, ``h (1, H, 1, 1)``, ``i (1, 1, L, 1)``,
+        ``j (1, 1, 1, S)`` (``b`` the flattened batch index, or the sequence index with
+        ``cu_seqlens``); ``True`` = attend, ANDed with the other masks.
+    score_mod : callable, optional
+        FlexAttention's ``score_mod(score, b, h, i, j) -> score``, applied to the whole
+        score (after soft-cap, bias and ALiBi, before masking).
+    score_mod_grad : callable, optional
+        ``d score_mod / d score`` with the same signature; required for gradients.
+        ``mask_mod`` and ``score_mod`` run on the reference backend whatever ``backend``
+        says (``O(L S)`` memory), until the kernels evaluate them tile by tile.
     rotary : {None, "half", "interleaved"}
         Rotary position embeddings applied to ``q`` and ``k`` first
         (:func:`refattn.apply_rotary`): ``"half"`` pairs ``(x_m, x_{m+r/2})``
@@ -465,12 +535,21 @@ def sdpa(q: Array, k: Array, v: Array, *, mask: Array | None = None, bias: Array
     """
     o, res = forward(q, k, v, mask=mask, bias=bias, causal=causal, causal_align=causal_align,
                      scale=scale, dropout_mask=dropout_mask, dropout_p=dropout_p, window=window,
-                     softcap=softcap, alibi_slopes=alibi_slopes, rotary=rotary,
+                     softcap=softcap, alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q,
+                     cu_seqlens_k=cu_seqlens_k, query_seq_lengths=query_seq_lengths,
+                     key_value_seq_lengths=key_value_seq_lengths, mask_mod=mask_mod,
+                     score_mod=score_mod, score_mod_grad=score_mod_grad, rotary=rotary,
                      rotary_base=rotary_base, rotary_dim=rotary_dim,
                      rotary_q_offset=rotary_q_offset, backend=backend, tiles=tiles,
                      float32_math=float32_math, empty_rows=empty_rows)
     extra: tuple[Array, ...] = ()
     xp = namespace(q)
+    if isinstance(res, _segments.SegmentedResiduals):
+        if return_lse:
+            extra += (res.public_lse(),)
+        if return_probs:
+            extra += (res.probabilities(_reference.probabilities),)
+        return (o, *extra) if extra else o
     if return_lse:
         extra += (xp.reshape(res.lse, res.shapes.scores[:-1]),)
     if return_probs:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import array_api_compat
 
 from ..._array import matrix_transpose, namespace, upcast_half
-from ..._masks import alibi_distance, keep_mask
+from ..._masks import alibi_distance, keep_mask, score_indices
 from ..._softmax import kept_matmul, masked_softmax, probs_from_lse, softmax_backward
+from ..._validate import check_bool_array, check_broadcastable, check_float_array
 
 
 def expand_kv_heads(xp, x, group: int):
@@ -31,12 +32,33 @@ def reduce_kv_heads(xp, g, kv_heads: int):
     return xp.sum(xp.reshape(g, (B, kv_heads, H // kv_heads, S, F)), axis=2)
 
 
-def _scores(xp, q, kh, opts):
-    """Scores ``(B, H, L, S)``, the kept pairs, and ``tanh`` of the capped scores (or None).
+def _mask_mod_keep(xp, opts, shape, device):
+    """``mask_mod(b, h, i, j)`` on every pair ``(B, H, L, S)`` ANDed with ``mask`` (or None)."""
+    if opts.mask_mod is None:
+        return opts.mask
+    keep = opts.mask_mod(*score_indices(xp, *shape, device=device))
+    check_bool_array(keep, "mask_mod(b, h, i, j)", hint=" (True = attend)")
+    check_broadcastable(keep, "mask_mod(b, h, i, j)", shape, "(B, H, L, S)")
+    return keep if opts.mask is None else xp.logical_and(opts.mask, keep)
 
-    ``s = cap(scale q k^T) + bias - slope |i + S - L - j|`` with ``cap`` the soft-cap;
-    the kept pairs combine mask, causal rule, window and ``bias != -inf``.
+
+def _apply_score_mod(xp, fn, name, s, device):
+    """``fn(s, b, h, i, j)`` checked to be a float array broadcastable to ``s (B, H, L, S)``."""
+    out = fn(s, *score_indices(xp, *s.shape, device=device))
+    check_float_array(out, f"{name}(score, b, h, i, j)")
+    check_broadcastable(out, f"{name}(score, b, h, i, j)", tuple(s.shape), "(B, H, L, S)")
+    return xp.broadcast_to(xp.astype(out, s.dtype), tuple(s.shape))
+
+
+def _scores(xp, q, kh, opts):
+    """Scores ``(B, H, L, S)``, the kept pairs, ``tanh`` of the capped scores (or None) and
+    the scores before ``score_mod`` (or None without it).
+
+    ``s = score_mod(cap(scale q k^T) + bias - slope |i + S - L - j|)`` with ``cap`` the
+    soft-cap; the kept pairs combine mask, ``mask_mod``, causal rule, window and
+    ``bias != -inf``.
     """
+    device = array_api_compat.device(q)
     raw = opts.scale * (q @ matrix_transpose(xp, kh))  # (B, H, L, S)
     tanh = None
     s = raw
@@ -50,11 +72,15 @@ def _scores(xp, q, kh, opts):
         s = s + bias
     if opts.alibi is not None:
         L, S = q.shape[-2], kh.shape[-2]
-        distance = alibi_distance(xp, L, S, s.dtype, device=array_api_compat.device(q))
+        distance = alibi_distance(xp, L, S, s.dtype, device=device)
         s = s - xp.astype(opts.alibi, s.dtype) * distance
-    keep = keep_mask(xp, opts.mask, opts.causal_offset, q.shape[-2], kh.shape[-2],
-                     device=array_api_compat.device(q), bias=bias, window=opts.window)
-    return s, keep, tanh
+    before_mod = None
+    if opts.score_mod is not None:
+        before_mod = s
+        s = _apply_score_mod(xp, opts.score_mod, "score_mod", s, device)
+    keep = keep_mask(xp, _mask_mod_keep(xp, opts, tuple(raw.shape), device), opts.causal_offset,
+                     q.shape[-2], kh.shape[-2], device=device, bias=bias, window=opts.window)
+    return s, keep, tanh, before_mod
 
 
 def probabilities(q, k, lse, opts):
@@ -63,7 +89,7 @@ def probabilities(q, k, lse, opts):
     dtype = q.dtype
     q, k, lse = upcast_half(xp, q, k, lse)
     kh = expand_kv_heads(xp, k, q.shape[1] // max(k.shape[1], 1))
-    s, keep, _ = _scores(xp, q, kh, opts)
+    s, keep, _, _ = _scores(xp, q, kh, opts)
     return xp.astype(probs_from_lse(xp, s, keep, lse), dtype)
 
 
@@ -80,6 +106,11 @@ def _value_keep(keep, opts, xp):
     return opts.dropout_mask if keep is None else xp.logical_and(keep, opts.dropout_mask)
 
 
+def _kept(xp, ds, keep):
+    """``ds`` with exact zeros at the pairs that are not kept (a NaN factor there stays out)."""
+    return ds if keep is None else xp.where(keep, ds, xp.zeros_like(ds))
+
+
 def _transposed(xp, keep):
     return None if keep is None else matrix_transpose(xp, keep)
 
@@ -90,7 +121,7 @@ def forward(q, k, v, opts):
     q, k, v = upcast_half(xp, q, k, v)
     group = q.shape[1] // max(k.shape[1], 1)   # H = Hkv = 0: no heads
     kh, vh = expand_kv_heads(xp, k, group), expand_kv_heads(xp, v, group)
-    s, keep, _ = _scores(xp, q, kh, opts)
+    s, keep, _, _ = _scores(xp, q, kh, opts)
     p, lse = masked_softmax(xp, s, keep)
     o = kept_matmul(xp, _dropout(xp, p, opts), vh, _value_keep(keep, opts, xp))  # (B, H, L, Ev)
     return xp.astype(o, dtype), xp.astype(lse, dtype)
@@ -103,12 +134,15 @@ def backward(q, k, v, o, lse, do, opts):
     kv_heads = k.shape[1]
     group = q.shape[1] // max(kv_heads, 1)
     kh, vh = expand_kv_heads(xp, k, group), expand_kv_heads(xp, v, group)
-    s, keep, tanh = _scores(xp, q, kh, opts)
+    s, keep, tanh, before_mod = _scores(xp, q, kh, opts)
     p = probs_from_lse(xp, s, keep, lse)                          # (B, H, L, S)
     value_keep = _transposed(xp, _value_keep(keep, opts, xp))
     dv = kept_matmul(xp, matrix_transpose(xp, _dropout(xp, p, opts)), do, value_keep)  # (B, H, S, Ev)
     dp = _dropout(xp, do @ matrix_transpose(xp, vh), opts)        # (B, H, L, S)
     ds = softmax_backward(xp, p, dp, row_dot=xp.sum(do * o, axis=-1), keep=keep)
+    if before_mod is not None:                                    # through score_mod
+        ds = _kept(xp, ds * _apply_score_mod(xp, opts.score_mod_grad, "score_mod_grad",
+                                             before_mod, array_api_compat.device(q)), keep)
     dslopes = None
     if opts.need_alibi_grad:                                      # d s / d slope = -|i + S - L - j|
         distance = alibi_distance(xp, s.shape[-2], s.shape[-1], s.dtype,
@@ -116,9 +150,7 @@ def backward(q, k, v, o, lse, do, opts):
         dslopes = -xp.sum(ds * distance, axis=(-2, -1))            # (B, H)
     ds_raw = ds
     if tanh is not None:                                          # through the soft-cap
-        ds_raw = ds * (1 - tanh * tanh)
-        if keep is not None:      # pairs that are not kept stay exact zeros (NaN raw scores)
-            ds_raw = xp.where(keep, ds_raw, xp.zeros_like(ds_raw))
+        ds_raw = _kept(xp, ds * (1 - tanh * tanh), keep)
     dq = opts.scale * kept_matmul(xp, ds_raw, kh, keep)           # (B, H, L, E)
     dk = opts.scale * kept_matmul(xp, matrix_transpose(xp, ds_raw), q, _transposed(xp, keep))
     # dk (B, H, S, E)
