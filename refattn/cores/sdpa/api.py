@@ -92,6 +92,14 @@ class SDPAOptions:
     empty_rows : {"zero", "uniform", "nan"}
         What a query row with no kept key gives; the kernels compute ``"zero"`` and
         the front end post-processes the others (:mod:`refattn._empty_rows`).
+    mask_mod : callable or None
+        ``mask_mod(b, h, i, j) -> bool array`` on index arrays broadcastable to
+        ``(B, H, L, S)`` (:func:`refattn._masks.score_indices`); ANDed with the kept pairs.
+    score_mod, score_mod_grad : callable or None
+        ``score_mod(score, b, h, i, j) -> score`` applied last to the scores, and its
+        derivative with respect to ``score`` (same signature) for the backward pass.
+        The numba backend calls them pair by pair on scalars
+        (:mod:`refattn.cores.sdpa.numba_mods`).
 
     Forward and backward read these from the residuals, so the two passes of one
     call always agree.
@@ -111,6 +119,9 @@ class SDPAOptions:
     tiles: tuple | None = None
     float32_math: str | None = None
     empty_rows: str = "zero"
+    mask_mod: Any = None
+    score_mod: Any = None
+    score_mod_grad: Any = None
 
 
 @dataclass
