@@ -26,9 +26,8 @@ import numpy as np
 import pytest
 
 from refattn._vjp import attach_vjp
-from refattn.cores.sdpa import api
+from refattn.cores.sdpa import api, numba_mods
 from refattn.cores.sdpa import numba as sdpa_numba
-from refattn.cores.sdpa import numba_mods
 from refattn.cores.sdpa import reference as sdpa_reference
 from refattn.testing import assert_close, check_grads
 
@@ -137,7 +136,7 @@ def test_score_mod_alone_is_softcap_plus_a_position_bias(compiled):
 def test_both_functions_with_causal_gqa_and_window(compiled, causal_align, window):
     q, k, v, do = _problem(3, B=2, H=6, Hkv=2, L=21, S=30)
     B, H, L, S = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
-    common = dict(causal=True, causal_align=causal_align, window=window)
+    common = {"causal": True, "causal_align": causal_align, "window": window}
     opts = _options(q, k, v, mask_mod=mask_mod, score_mod=score_mod,
                     score_mod_grad=score_mod_grad, **common)
     got = _both_passes(sdpa_numba, q, k, v, do, opts)
@@ -274,7 +273,7 @@ def test_default_path_stays_cached_and_untouched(compiled):
                           for n in ("_forward_kernel", "_backward_kernel")}))
     """
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)],
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], check=False,
                           env={**os.environ, "PYTHONPATH": path}, capture_output=True,
                           text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
