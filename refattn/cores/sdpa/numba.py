@@ -28,6 +28,10 @@ Design (``docs/backends/numba.md`` has the full story):
   already feeds every thread) and the chunks are summed at the end.  No races.
 * Causal: key tiles entirely above the diagonal are skipped; only diagonal
   tiles are masked element-wise.
+* FlexAttention-style ``mask_mod`` / ``score_mod`` / ``score_mod_grad`` are called pair by
+  pair on the tiles that causal rule and window leave (no other tile is skipped), through
+  module-level placeholders that :mod:`.numba_mods` rebinds in uncached copies of the
+  kernels (:data:`MOD_KERNELS`); the default kernels stay cached and unchanged.
 * Masks, bias and the dropout keep-mask arrive as zero-stride broadcast views
   of shape ``(B, H, L, S)``: nothing L x S is materialised, except ``dscores``
   when the bias gradient is requested (L x S by definition).
