@@ -4,7 +4,10 @@ For every variant of the catalogue: ``time_forward``, ``time_forward_backward`` 
 ``peakmem_forward_backward`` over its ``"bench"`` cases x backends x dtypes
 (a backend that is not available, or not implemented for the variant, shows
 as n/a).  For every performance study: ``track_`` benchmarks of its metrics
-(ratios, exponents), measured side by side inside one process.
+(ratios, exponents), measured side by side inside one process.  ``ColdStart``:
+``time_`` of a first call in a fresh process with an empty Numba cache (so it
+compiles every kernel it calls): a float32 SDPA forward+backward, and the README's
+"A taste" (full matrix only).
 
 Two selections (environment variables, read when asv discovers the suite):
 
@@ -12,11 +15,12 @@ Two selections (environment variables, read when asv discovers the suite):
   ``elementwise``, ``quaternion-hamilton``, ..., :func:`quick_variants`), its
   first bench case, float32, the fused backends (numba; cupy where a GPU is
   visible), ``time_forward_backward`` only, one process and at most 5 samples
-  per benchmark, plus the studies: 9 benchmarks.
+  per benchmark, the cold start of the float32 SDPA forward+backward (one sample),
+  plus the studies: 10 benchmarks.
   ``asv continuous HEAD~1 HEAD`` finishes in about 15 minutes on 2 cores (README).
 * ``REFATTN_ASV_FULL=1``: the full matrix, every bench case x backend
-  (reference too) x dtype, with asv's default sampling (about 1 h 40 min on 2
-  cores).
+  (reference too) x dtype, with asv's default sampling, and the cold start of
+  "A taste" too (about 1 h 40 min on 2 cores).
 
 Numba kernels are compiled and warmed up in ``setup`` so compile time never
 counts; CUDA work is synchronised before the clock stops.
@@ -26,12 +30,16 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
+import tempfile
+from typing import ClassVar
 
 import numpy as np
 
 import refattn
 from refattn.backends import BACKENDS, available_backends
 from refattn.bench import studies
+from refattn.bench.cold_start import SCRIPTS, cold_start_seconds
 
 #: ``REFATTN_ASV_FULL=1``: the full matrix; otherwise the quick selection (module docstring).
 FULL = os.environ.get("REFATTN_ASV_FULL", "") not in ("", "0")
@@ -153,3 +161,31 @@ class Studies:
         if study_metric not in metrics:
             raise NotImplementedError(study_metric)
         return metrics[study_metric]
+
+
+class ColdStart:
+    """A first call in a fresh process with an empty Numba cache: Python start, import, compile.
+
+    Each sample gets its own empty ``NUMBA_CACHE_DIR``; one sample per run (a
+    sample compiles for tens of seconds).
+    """
+
+    params: ClassVar[list] = [list(SCRIPTS) if FULL else ["sdpa-float32"]]
+    param_names: ClassVar[list] = ["script"]
+    timeout = 900
+    number = 1
+    repeat = (1, 3, 600.0) if FULL else 1
+    warmup_time = 0
+    processes = 1
+
+    def setup(self, script):
+        self.cache_dirs = []
+
+    def teardown(self, script):
+        for path in self.cache_dirs:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def time_first_call(self, script):
+        self.cache_dirs.append(tempfile.mkdtemp(prefix="refattn-asv-cold-"))
+        cold_start_seconds(script, cache_dir=self.cache_dirs[-1])
+

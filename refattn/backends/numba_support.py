@@ -20,8 +20,10 @@
   ``workqueue`` layer does not (it aborts the process), so :func:`launch` holds a
   lock around parallel launches whenever ``workqueue`` is (or may become) the
   layer in use.
-* ``refattn.bench.cold_start.first_call_times`` measures what the first call of each core costs
-  (compiling, or loading from the cache); ``refattn info`` prints it.
+* :func:`cached_signatures` reads a kernel's cache index without compiling or loading
+  anything: which signatures are cached for this CPU (``refattn info`` reports it).
+  ``refattn.bench.cold_start.first_call_times`` measures what the first call of each core
+  costs (compiling, or loading from the cache); ``refattn info --first-calls`` prints it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import os
 import tempfile
 import threading
 import warnings
+from typing import Any
 
 import numba
 import numpy as np
@@ -46,10 +49,12 @@ __all__ = [
     "available_threading_layers",
     "blas_threads",
     "cache_status",
+    "cached_signatures",
     "fast_exp",
     "fast_tanh",
     "gemm",
     "jit",
+    "kernel_name",
     "kernels",
     "launch",
     "num_threads",
@@ -432,3 +437,36 @@ def _gemm_overload(c, a, trans_a, b, trans_b, accumulate):
 
 
 # --------------------------------------------------------------------------- compile time
+
+def kernel_name(dispatcher) -> str:
+    """``core.function`` of a kernel, e.g. ``sdpa._forward_kernel``."""
+    module = dispatcher.py_func.__module__.split(".")
+    core = module[-2] if module[-1] == "numba" and len(module) > 1 else module[-1]
+    return f"{core}.{dispatcher.py_func.__name__}"
+
+
+def cached_signatures(dispatcher) -> dict:
+    """What Numba's cache holds for ``dispatcher``, read from its index file only.
+
+    Nothing is compiled and no compiled code is loaded.  An entry counts as
+    usable (``"here"``) when it was written for this CPU (target triple, CPU name
+    and features: Numba's ``magic_tuple``), from the current source file (its
+    stamp) and the current bytecode of the function; anything else in the index
+    is ``"elsewhere"`` (another CPU sharing the folder, or stale).
+
+    Returns
+    -------
+    dict
+        ``{"enabled": bool, "dir": str | None, "here": [signature, ...],
+        "elsewhere": int}``; signatures are tuples of Numba types.
+    """
+    cache: Any = getattr(dispatcher, "_cache", None)
+    index_file = getattr(cache, "_cache_file", None)
+    if cache is None or index_file is None:       # caching off (NullCache)
+        return {"enabled": False, "dir": None, "here": [], "elsewhere": 0}
+    index = index_file._load_index()              # {} if missing, stale or another Numba
+    codegen = dispatcher.targetctx.codegen()
+    here = [key[0] for key in index if key == cache._index_key(key[0], codegen)]
+    return {"enabled": True, "dir": cache.cache_path, "here": here,
+            "elsewhere": len(index) - len(here)}
+

@@ -1,19 +1,32 @@
 """Study ``dask-scaling``: strong scaling of key-sharded SDPA forward+backward on Dask.
 
 Key-sharded SDPA (:func:`refattn.distributed.vjp` of :func:`refattn.sdpa`, key
-blocks of ``S / n_blocks``, one query block) on ``LocalCluster``\\ s of one and
-of two single-threaded worker processes (``NUMBA_NUM_THREADS=1`` in each), on
-inputs persisted on the workers first.  Reported:
+blocks of ``S / n_blocks``, one query block) on a ``LocalCluster`` of one and one
+of two single-threaded worker processes, against the single-machine
+``refattn.vjp`` in a fresh single-threaded process.  Method:
 
-* ``efficiency = T1 / (2 T2)`` (target >= 0.8 at size ``"full"``, L = 32768);
-* the merge's share: time in the log-sum-exp merge tasks and in the gradient
-  sums, over all task time (from the scheduler's task stream);
-* peak resident memory of each worker against a single-process call of the
-  same forward+backward (fresh subprocess, one thread);
-* tasks per block: tasks of the fwd+bwd graph (inputs excluded) per
-  ``(query block, key block)`` pair;
-* the calculated communication volume per worker at L = 1M on 64 workers
-  (:mod:`refattn.distributed.volume`).
+* everything runs in a child process whose environment has
+  ``NUMBA_NUM_THREADS=1`` (and the BLAS/OpenMP variables) *before* it starts:
+  workers inherit it at spawn.  ``LocalCluster(env=...)`` is too late for Numba,
+  which a worker imports before it applies ``env`` (measured: a worker given
+  ``env={"NUMBA_NUM_THREADS": "1"}`` ran its kernels on every core);
+* inputs are persisted on the workers and the query chunk replicated to every
+  worker before timing (key sharding sends the queries to every key block); the
+  kernels are loaded (compiled or read from the cache) by a small warm-up graph
+  of the same dtype in every worker;
+* a timed round is ``client.compute`` of the fwd+bwd graph until every result
+  is in worker memory (``wait``): neither building the graph (reported
+  separately) nor bringing the results back to the client is in it; the
+  single-process round is the same ``vjp`` and pullback on arrays in memory;
+* rounds interleave single process, 1 worker and 2 workers, so that load drift
+  on a shared machine hits all three alike; the medians are reported.
+
+Reported: ``efficiency = T1 / (2 T2)`` (target >= 0.8 at size ``"full"``, L =
+32768); ``T1 / T_single`` (what one worker costs over the plain call); the
+merge's and the gradient sums' shares of the task time; peak resident memory
+of each worker against the single-process call; tasks per ``(query block, key
+block)``; the calculated communication volume per worker at L = 1M on 64
+workers (:mod:`refattn.distributed.volume`).
 """
 
 from __future__ import annotations
@@ -24,11 +37,12 @@ import resource
 import statistics
 import subprocess
 import sys
-import textwrap
 import time
 
+import numba
 import numpy as np
 
+from .._vjp import vjp
 from ..cores.sdpa import sdpa
 from .study import Study, StudyResult
 
@@ -38,39 +52,21 @@ try:                        # the optional extra; without it the study is skippe
 except ImportError:
     _distributed = None  # type: ignore[assignment]
 
-__all__ = ["dask_scaling", "EFFICIENCY_TARGET", "STUDY"]
+__all__ = ["EFFICIENCY_TARGET", "STUDY", "dask_scaling"]
 
 EFFICIENCY_TARGET = 0.8
-_SINGLE_THREAD = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-                  "MKL_NUM_THREADS": "1"}
-
-_SINGLE_SCRIPT = """
-import json, resource, sys, time
-import numpy as np
-import refattn
-H, L, E, dtype = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-rng = np.random.default_rng(0)
-q, k, v = (rng.standard_normal((1, H, L, E)).astype(dtype) for _ in range(3))
-o, pullback = refattn.vjp(refattn.sdpa, q, k, v)       # warm up (kernel cache)
-pullback(np.ones_like(o))
-t0 = time.perf_counter()
-o, pullback = refattn.vjp(refattn.sdpa, q, k, v)
-pullback(np.ones_like(o))
-seconds = time.perf_counter() - t0
-print(json.dumps({"seconds": seconds,
-                  "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
-"""
+SINGLE_THREAD = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+                 "MKL_NUM_THREADS": "1"}
+#: (H, L, E, key blocks, dtype, rounds) of each size.
+#: Warm-up length: long enough that the numba backend's tile choice (timed at first use on
+#: blocks of >= 512 queries and keys, refattn.backends.tuning) is made before the timed rounds.
+WARM_UP = 512
+SIZES = {"quick": (1, 4096, 64, 4, "float32", 3), "full": (1, 32768, 64, 16, "float32", 2)}
 
 
-def _worker_peak():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _single_process(H, L, E, dtype):
-    env = {**os.environ, **_SINGLE_THREAD}
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(_SINGLE_SCRIPT), str(H), str(L),
-                          str(E), dtype], capture_output=True, text=True, env=env, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def _inputs(H, L, E, dtype):
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal((1, H, L, E)).astype(dtype) for _ in range(3)]
 
 
 def _graph(dq, dk, dv):
@@ -80,32 +76,86 @@ def _graph(dq, dk, dv):
     return [o, *pullback(da.ones_like(o))]
 
 
-def _run_cluster(n_workers, arrays, chunks, rounds):
-    import dask.array as da
-    from distributed import Client, LocalCluster, get_task_stream, wait
-
-    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                           dashboard_address=None, silence_logs=40, env=dict(_SINGLE_THREAD))
-    try:
-        with Client(cluster) as client:
-            inputs = [client.persist(da.from_array(x, chunks=c)) for x, c in zip(arrays, chunks)]
-            wait(inputs)
-            client.gather(client.compute(_graph(*inputs)))          # warm-up: kernel caches
-            times, streams = [], []
-            for _ in range(rounds):
-                with get_task_stream(client) as ts:
-                    t0 = time.perf_counter()
-                    client.gather(client.compute(_graph(*inputs)))
-                    times.append(time.perf_counter() - t0)
-                streams.append(ts.data)
-            peaks = client.run(_worker_peak)
-    finally:
-        cluster.close()
-    return statistics.median(times), streams[-1], max(peaks.values())
+def _chunks(H, L, E, blocks):
+    kc = (1, H, L // blocks, E)
+    return ((1, H, L, E), kc, kc)
 
 
-def _shares(stream):
-    """Fractions of task time spent merging (lse tree) and summing gradients (trees)."""
+def _single_rounds(H, L, E, dtype):
+    """Serve single-machine fwd+bwd rounds: one line ``{"seconds", "peak"}`` per input line.
+
+    Runs in a fresh process of its own (its peak RSS is the single-process call's).
+    """
+    q, k, v = _inputs(H, L, E, dtype)
+    small = [x[..., :WARM_UP, :] for x in (q, k, v)]
+    o, pullback = vjp(sdpa, *small)                          # load the kernels, choose tiles
+    pullback(np.ones_like(o))
+    print("ready", flush=True)
+    for _ in sys.stdin:
+        t0 = time.perf_counter()
+        o, pullback = vjp(sdpa, q, k, v)
+        pullback(np.ones_like(o))
+        seconds = time.perf_counter() - t0
+        del o, pullback
+        print(json.dumps({"seconds": seconds, "peak": _peak()}), flush=True)
+
+
+class _SingleProcess:
+    """A fresh single-threaded process answering :func:`_single_rounds` requests."""
+
+    def __init__(self, H, L, E, dtype, env):
+        code = ("import sys, json; from refattn.bench import dask_scaling as d; "
+                "d._single_rounds(*json.loads(sys.argv[1]))")
+        self.proc = subprocess.Popen([sys.executable, "-c", code, json.dumps([H, L, E, dtype])],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=env)
+        self._read()
+
+    def _read(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"dask-scaling: the single-process child exited with "
+                               f"{self.proc.wait()}")
+        return line
+
+    def round(self):
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        return json.loads(self._read())
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def _warm_up(n, E, dtype):
+    """In a worker: the single-machine fwd+bwd on ``n`` tokens (loads the kernels, and
+    the tile choice of refattn.backends.tuning, recorded by the first process to time it)."""
+    q, k, v = _inputs(1, n, E, dtype)
+    o, pullback = vjp(sdpa, q, k, v)
+    pullback(np.ones_like(o))
+
+
+def _peak():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _numba_threads():
+    return int(numba.config.NUMBA_NUM_THREADS)
+
+
+def _child(args, env):
+    code = ("import sys, json; from refattn.bench import dask_scaling as d; "
+            "print(json.dumps(getattr(d, sys.argv[1])(*json.loads(sys.argv[2]))))")
+    out = subprocess.run([sys.executable, "-c", code, *args],
+                         capture_output=True, text=True, env=env, check=False)
+    if out.returncode:
+        raise RuntimeError(f"dask-scaling child {args[0]} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _task_seconds(stream):
+    """``(total, merge, sums)`` seconds of compute in a task stream."""
     total = merge = sums = 0.0
     for task in stream:
         seconds = sum(s["stop"] - s["start"] for s in task["startstops"]
@@ -117,67 +167,174 @@ def _shares(stream):
         elif "-leaf" in name or "-tree" in name or "sdpa-dq-" in name or "sdpa-dk-" in name \
                 or "sdpa-dv-" in name:
             sums += seconds
-    return merge / total if total else 0.0, sums / total if total else 0.0
+    return total, merge, sums
 
 
-def dask_scaling(size: str = "quick") -> StudyResult:
+class _Cluster:
+    """A LocalCluster of ``n`` single-threaded workers holding the persisted inputs."""
+
+    def __init__(self, n, arrays, chunks):
+        import dask.array as da
+        from distributed import Client, LocalCluster, futures_of, wait
+
+        self.cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                    dashboard_address=None, silence_logs=40)
+        self.client = Client(self.cluster)
+        workers = sorted(self.client.scheduler_info()["workers"])
+        q = self.client.persist(da.from_array(arrays[0], chunks=chunks[0]))
+        wait(q)
+        self.client.replicate(futures_of(q))               # the queries, to every worker
+        self.inputs = [q]
+        for x in arrays[1:]:                                # key block j on worker j n / blocks
+            size = chunks[1][2]
+            blocks = x.shape[2] // size
+            pieces = [self.client.persist(da.from_array(x[..., j * size:(j + 1) * size, :]),
+                                          workers=[workers[j * n // blocks]])
+                      for j in range(blocks)]
+            self.inputs.append(self.client.persist(da.concatenate(pieces, axis=2)))
+        wait(self.inputs)
+        small = [da.from_array(x[..., :WARM_UP, :], chunks=(1, x.shape[1], WARM_UP // 2,
+                                                            x.shape[3]))
+                 for x in arrays]
+        self.client.run(_warm_up, WARM_UP, arrays[0].shape[3], arrays[0].dtype.name)                  # kernels and tiles, every worker
+        wait(self.client.compute(_graph(*small)))           # and the block tasks themselves
+        self.threads = sorted(set(self.client.run(_numba_threads).values()))
+
+    def round(self):
+        """``(seconds, graph seconds, task stream)`` of one fwd+bwd."""
+        from distributed import get_task_stream, wait
+
+        t0 = time.perf_counter()
+        graph = _graph(*self.inputs)
+        built = time.perf_counter() - t0
+        with get_task_stream(self.client) as ts:
+            t0 = time.perf_counter()
+            futures = self.client.compute(graph)
+            wait(futures)
+            seconds = time.perf_counter() - t0
+        keys = {f.key for f in futures}
+        del futures
+        while keys & set(self.client.who_has()):           # released before the next round
+            time.sleep(0.01)
+        return seconds, built, ts.data
+
+    def close(self):
+        peaks = self.client.run(_peak)
+        self.client.close()
+        self.cluster.close()
+        return max(peaks.values())
+
+
+def _measure(H, L, E, blocks, dtype, rounds):
+    """In the single-threaded child: interleaved rounds of single process, 1 and 2 workers."""
+    arrays = _inputs(H, L, E, dtype)
+    chunks = _chunks(H, L, E, blocks)
+    env = {**os.environ, **SINGLE_THREAD}
+    solo = _SingleProcess(H, L, E, dtype, env)
+    one, two = _Cluster(1, arrays, chunks), _Cluster(2, arrays, chunks)
+    single, t1, t2, built, streams1, streams2, blocks_per_worker = [], [], [], [], [], [], []
+    try:
+        for _ in range(rounds):
+            single.append(solo.round())
+            seconds, b, stream = one.round()
+            t1.append(seconds)
+            built.append(b)
+            streams1.append(stream)
+            seconds, b, stream = two.round()
+            t2.append(seconds)
+            streams2.append(stream)
+            counts: dict = {}
+            for task in stream:
+                if "sdpa-block-" in str(task["key"]):
+                    counts[task["worker"]] = counts.get(task["worker"], 0) + 1
+            blocks_per_worker.append(sorted(counts.values()))
+        threads = sorted(set(one.threads + two.threads))
+    finally:
+        solo.close()
+        peak1, peak2 = one.close(), two.close()
+    seconds1 = [_task_seconds(s) for s in streams1]
+    seconds2 = [_task_seconds(s) for s in streams2]
+    shares1 = [[x / max(tot, 1e-300) for x in (merge, sums)] for tot, merge, sums in seconds1]
+    shares = [[x / max(tot, 1e-300) for x in (merge, sums)] for tot, merge, sums in seconds2]
+    return {"single": statistics.median(r["seconds"] for r in single),
+            "single_peak": max(r["peak"] for r in single),
+            "t1": statistics.median(t1), "t2": statistics.median(t2),
+            "t1_all": t1, "t2_all": t2, "single_all": [r["seconds"] for r in single],
+            "graph": statistics.median(built), "peak1": peak1, "peak2": peak2,
+            "merge1": statistics.median(s[0] for s in shares1),
+            "sums1": statistics.median(s[1] for s in shares1),
+            "merge2": statistics.median(s[0] for s in shares),
+            "sums2": statistics.median(s[1] for s in shares),
+            "busy1": statistics.median(s[0] / t for s, t in zip(seconds1, t1)),
+            "busy2": statistics.median(s[0] / (2 * t) for s, t in zip(seconds2, t2)),
+            "blocks_per_worker": blocks_per_worker[-1], "worker_threads": threads}
+
+
+def _tasks_per_block(H, L, E, blocks, dtype):
     import dask.array as da
 
-    H, L, E, blocks, dtype = (2, 32768, 64, 16, "float32") if size == "full" else \
-        (1, 4096, 64, 4, "float32")
-    rounds = 3 if size == "full" else 2
-    rng = np.random.default_rng(0)
-    arrays = [rng.standard_normal((1, H, L, E)).astype(dtype) for _ in range(3)]
-    qc = (1, H, L, E)
-    kc = (1, H, L // blocks, E)
-    chunks = (qc, kc, kc)
-    graph = _graph(*(da.from_array(x, chunks=c) for x, c in zip(arrays, chunks)))
+    arrays = [np.zeros((1, H, L, E), dtype) for _ in range(3)]
+    graph = _graph(*(da.from_array(x, chunks=c) for x, c in zip(arrays, _chunks(H, L, E,
+                                                                                 blocks))))
     keys: set[object] = set()
     for collection in graph:
         keys.update(dict(collection.__dask_graph__()))
     # refattn's own tasks (their names start with "sdpa-"): not the inputs nor the cotangent
-    all_tasks = sum(1 for key in keys if isinstance(key, tuple) and key[0].startswith("sdpa-"))
-    tasks_per_block = all_tasks / (H * blocks)
+    total = sum(1 for key in keys if isinstance(key, tuple) and key[0].startswith("sdpa-"))
+    return total, total / (H * blocks)
 
-    single = _single_process(H, L, E, dtype)
-    t1, stream1, peak1 = _run_cluster(1, arrays, chunks, rounds)
-    t2, stream2, peak2 = _run_cluster(2, arrays, chunks, rounds)
-    efficiency = t1 / (2 * t2)
-    merge1, sums1 = _shares(stream1)
-    merge2, sums2 = _shares(stream2)
+
+def dask_scaling(size: str = "quick") -> StudyResult:
+    H, L, E, blocks, dtype, rounds = SIZES["full" if size == "full" else "quick"]
+    all_tasks, tasks_per_block = _tasks_per_block(H, L, E, blocks, dtype)
+    m = _child(["_measure", json.dumps([H, L, E, blocks, dtype, rounds])],
+               {**os.environ, **SINGLE_THREAD})
+    efficiency = m["t1"] / (2 * m["t2"])
+    overhead = m["t1"] / m["single"]
     mib = 2.0 ** 20
     rows = [
-        ["single process, 1 thread", f"{single['seconds']:.3f}", "-", "-", "-",
-         f"{single['peak'] / mib:.0f}"],
-        ["1 worker", f"{t1:.3f}", "-", f"{merge1:.1%}", f"{sums1:.1%}", f"{peak1 / mib:.0f}"],
-        ["2 workers", f"{t2:.3f}", f"{efficiency:.2f}", f"{merge2:.1%}", f"{sums2:.1%}",
-         f"{peak2 / mib:.0f}"],
+        ["single process, 1 thread", f"{m['single']:.3f}", "-", "-", "-",
+         f"{m['single_peak'] / mib:.0f}"],
+        ["1 worker", f"{m['t1']:.3f}", "-", f"{m['merge1']:.1%}", f"{m['sums1']:.1%}",
+         f"{m['peak1'] / mib:.0f}"],
+        ["2 workers", f"{m['t2']:.3f}", f"{efficiency:.2f}", f"{m['merge2']:.1%}",
+         f"{m['sums2']:.1%}", f"{m['peak2'] / mib:.0f}"],
     ]
     volume = {lay: communication_volume(lay, 2 ** 20, 2 ** 20, 64, 64, 64) / mib
               for lay in LAYOUTS}
     failures = []
     if size == "full" and efficiency < EFFICIENCY_TARGET:
         failures.append(f"strong-scaling efficiency {efficiency:.2f} < {EFFICIENCY_TARGET}")
+    rounds_text = ", ".join(f"{a:.3f}/{b:.3f}/{c:.3f}" for a, b, c in
+                            zip(m["single_all"], m["t1_all"], m["t2_all"]))
     return StudyResult(
         title=f"key-sharded SDPA fwd+bwd on Dask, {dtype}, (B, H, L=S, E) = {(1, H, L, E)}, "
-              f"{blocks} key blocks",
+              f"{blocks} key blocks, median of {rounds} interleaved rounds",
         headers=["run", "seconds", "efficiency T1/(2 T2)", "merge share", "grad-sum share",
                  "peak MiB per process"],
         rows=rows,
-        metrics={"efficiency": efficiency, "merge_share": merge2, "grad_sum_share": sums2,
-                 "peak_ratio": peak2 / single["peak"], "tasks_per_block": tasks_per_block},
+        metrics={"efficiency": efficiency, "worker_overhead": overhead,
+                 "merge_share": m["merge2"], "grad_sum_share": m["sums2"],
+                 "peak_ratio": m["peak2"] / m["single_peak"],
+                 "tasks_per_block": tasks_per_block},
         failures=failures,
-        notes=[f"tasks per (query block, key block): {tasks_per_block:.2f} "
-               f"({all_tasks} tasks of refattn, inputs excluded)",
-               "peak ratio (worker of 2 / single process): "
-               f"{peak2 / single['peak']:.2f}",
-               "communication per worker and head, L = S = 1M, E = Ev = 64, float32, 64 workers "
-               "(calculated, refattn.distributed.volume): " +
-               ", ".join(f"{lay} {v:.0f} MiB" for lay, v in volume.items()),
+        notes=[(f"one worker / single process: {overhead:.2f}x; rounds (single / 1 worker / "
+                f"2 workers, s): {rounds_text}"),
+               (f"tasks per (query block, key block): {tasks_per_block:.2f} "
+                f"({all_tasks} tasks of refattn, inputs excluded); block tasks per worker "
+                f"(2 workers, last round): {m['blocks_per_worker']}"),
+               (f"numba threads per worker: {m['worker_threads']}; graph built in "
+                f"{m['graph']:.3f} s (not timed); workers busy running tasks "
+                f"{m['busy1']:.0%} (1 worker), {m['busy2']:.0%} (2 workers) of the round"),
+               f"peak ratio (worker of 2 / single process): {m['peak2'] / m['single_peak']:.2f}",
+               ("communication per worker and head, L = S = 1M, E = Ev = 64, float32, 64 "
+                "workers (calculated, refattn.distributed.volume): "
+                + ", ".join(f"{lay} {v:.0f} MiB" for lay, v in volume.items())),
                f"target: efficiency >= {EFFICIENCY_TARGET} at size 'full' (L = 32768)"])
 
 
 STUDY = Study("dask-scaling", "key-sharded SDPA fwd+bwd on 1 vs 2 Dask workers: "
                      "efficiency, merge share, memory, tasks per block", dask_scaling,
                      requires=("dask", "distributed"),
-                     metric_names=("efficiency", "merge_share", "peak_ratio", "tasks_per_block"))
+                     metric_names=("efficiency", "worker_overhead", "merge_share", "peak_ratio",
+                                   "tasks_per_block"))

@@ -18,11 +18,11 @@ import os
 import sys
 
 from .._version import __version__
-from . import bench, cases, cond, info, params, report, variants
+from . import bench, cases, cond, info, params, report, variants, warmup
 from ._errors import INTERNAL, USAGE, UsageError
 
 #: The subcommands, in the order ``refattn --help`` lists them.
-COMMANDS = (report, variants, info, bench, cond, params, cases)
+COMMANDS = (report, variants, info, warmup, bench, cond, params, cases)
 #: Exit statuses of an interrupted run (128 + SIGINT) and of output into a closed pipe
 #: (128 + SIGPIPE, ``refattn variants | head``), as shells report them.
 INTERRUPTED, BROKEN_PIPE = 130, 141

@@ -50,20 +50,33 @@ except ImportError as exc:  # pragma: no cover - the optional extra is missing
     raise ImportError("refattn.distributed needs Dask: pip install 'refattn[distributed]' "
                       f"(dask[array] and distributed); {exc}") from exc
 
+from .._validate import reject_framework_keywords
 from ..cores.sdpa import sdpa as _single_sdpa
 from ..layers import Attention
+from .geometry import block_band, block_visibility
 from .heads import apply_heads, core_of, vjp_heads
 from .layers import attention_forward, attention_vjp
 from .merge import merge_partials
 from .scan import taylor_scan_forward, taylor_scan_vjp, wants_scan
-from .sequence import block_visibility, sdpa_sharded, sdpa_vjp_sharded
+from .sequence import check_options, sdpa_sharded, sdpa_vjp_sharded
 
-__all__ = ["sdpa", "apply", "vjp", "attention", "merge_partials", "block_visibility"]
+__all__ = [
+    "apply",
+    "attention",
+    "block_band",
+    "block_visibility",
+    "merge_partials",
+    "sdpa",
+    "vjp",
+]
 
 
+@reject_framework_keywords
 def sdpa(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_left", scale=None,
-         dropout_mask=None, dropout_p=0.0, return_lse=False, backend="auto", tiles=None,
-         float32_math=None, split_every=4):
+         dropout_mask=None, dropout_p=0.0, window=None, softcap=None, alibi_slopes=None,
+         rotary=None, rotary_base=10000.0, rotary_dim=None, rotary_q_offset=0,
+         return_lse=False, return_probs=False, backend="auto", tiles=None, float32_math=None,
+         split_every=4, **unsupported):
     """:func:`refattn.sdpa` on dask arrays, sharded along ``*batch``, ``H``, ``L`` and ``S``.
 
     Parameters
@@ -76,25 +89,43 @@ def sdpa(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_lef
         chunks are the key blocks (``v`` follows them).
     mask, bias, dropout_mask : arrays broadcastable to (..., H, L, S), optional
         NumPy or dask; chunked like the score blocks.
-    causal, causal_align, scale, dropout_p, backend, tiles, float32_math
-        As :func:`refattn.sdpa`; ``backend`` is resolved per block (and a block with
-        non-finite or no data runs the reference, as the single-machine call routes).
+    alibi_slopes : array (H,) or (..., H), optional
+        NumPy or dask; chunked like ``q``'s batch and head blocks.  A block whose ALiBi
+        distances are not the backend's own (``docs/distributed.md``) gets them as an
+        ``(L_i, S_j)`` bias per head inside its task.
+    causal, causal_align, scale, dropout_p, window, softcap, rotary, rotary_base, rotary_dim, rotary_q_offset, backend, tiles, float32_math
+        As :func:`refattn.sdpa`; positions (causal offset, window, ALiBi distances,
+        rotary angles) are shifted into each block, and a block no pair of which the
+        causal rule and the window keep gets no task.  ``backend`` is resolved per block
+        (a block with non-finite or no data runs the reference, as the single-machine
+        call routes).
     return_lse : bool
         Also return the merged log-sum-exp ``(..., H, L)``.
+    return_probs : bool
+        Also return the probabilities ``P (..., H, L, S)`` before dropout (after ``lse``),
+        chunked like the score blocks: ``O(L S)`` memory, one task per block.
     split_every : int >= 2
         Fan-in of the merge tree.
+    **unsupported
+        Packed sequences (``cu_seqlens_q`` ...) and unknown names: ``TypeError`` naming
+        the argument.
 
     Returns
     -------
     o : dask array (..., H, L, Ev), chunked like ``q`` along ``*batch, H, L``
     lse : dask array (..., H, L), only with ``return_lse=True``
+    probs : dask array (..., H, L, S), only with ``return_probs=True``
     """
+    check_options(unsupported, "refattn.distributed.sdpa")
     if isinstance(split_every, bool) or not isinstance(split_every, int) or split_every < 2:
         raise ValueError(f"split_every must be an integer >= 2, got {split_every!r}")
     return sdpa_sharded(q, k, v, mask=mask, bias=bias, causal=causal, causal_align=causal_align,
                         scale=scale, dropout_mask=dropout_mask, dropout_p=dropout_p,
-                        backend=backend, tiles=tiles, float32_math=float32_math,
-                        return_lse=return_lse, split_every=split_every)
+                        window=window, softcap=softcap, alibi_slopes=alibi_slopes,
+                        rotary=rotary, rotary_base=rotary_base, rotary_dim=rotary_dim,
+                        rotary_q_offset=rotary_q_offset, backend=backend, tiles=tiles,
+                        float32_math=float32_math, return_lse=return_lse,
+                        return_probs=return_probs, split_every=split_every)
 
 
 def attention(layer, params, xq, xkv=None, mask=None, *, backend="auto"):
@@ -169,7 +200,7 @@ def vjp(fn, *arrays, split_every=4, **options):
     out : dask array
     pullback : callable
         ``pullback(dout)`` (dask or NumPy/CuPy, the shape of ``out``) returns dask
-        arrays: ``(dq, dk, dv[, dbias])`` for a core (``dbias`` in the bias's own
+        arrays: ``(dq, dk, dv[, dbias][, dalibi_slopes])`` for a core (in the options' own
         shape), ``(dparams, dxq[, dxkv])`` for a layer (``dparams`` a dict, each
         summed over the batch chunks in a tree).
 

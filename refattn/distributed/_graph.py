@@ -18,14 +18,21 @@ from dask.highlevelgraph import HighLevelGraph
 
 from .._array import namespace
 
-__all__ = ["tree_reduce", "new_array", "chunk_starts", "add", "zeros_like_block",
-           "sum_parts", "broadcast_grad"]
+__all__ = [
+    "add",
+    "broadcast_grad",
+    "chunk_starts",
+    "new_array",
+    "sum_parts",
+    "tree_reduce",
+    "zeros_like_block",
+]
 
 
 def chunk_starts(chunks):
     """``[(start, stop), ...]`` of each chunk along one axis."""
     bounds = [0] + list(itertools.accumulate(chunks))
-    return list(zip(bounds[:-1], bounds[1:]))
+    return list(itertools.pairwise(bounds))
 
 
 def tree_reduce(layer, name, keys, combine, split_every=4):

@@ -24,7 +24,7 @@ import numpy as np
 from .._validate import attention_shapes, check_broadcastable
 from ..backends import resolve
 
-__all__ = ["Plan", "make_plan", "SCORE_ARRAYS", "as_dask", "probe_arrays"]
+__all__ = ["SCORE_ARRAYS", "Plan", "as_dask", "make_plan", "probe_arrays"]
 
 #: Options that are arrays broadcastable to the scores ``(*batch, H, L, S)``.
 SCORE_ARRAYS = ("mask", "bias", "dropout_mask")

@@ -32,7 +32,7 @@ from ._cotangent import as_cotangent
 from ._graph import broadcast_grad, new_array
 from ._plan import make_plan, probe_arrays
 
-__all__ = ["apply_heads", "vjp_heads", "core_of"]
+__all__ = ["apply_heads", "core_of", "vjp_heads"]
 
 
 def core_of(fn, options):

@@ -13,22 +13,27 @@ parameter gradient as the sum over chunks, a tree of fan-in ``split_every``:
           \\mathcal{L}_c}{\\partial W}
 
 (the loss is a sum over batch elements, and a chunk's backward gives its own term).
+
+The layer's core options (``window``, ``softcap``, ``alibi_slopes``, rotary, ...)
+travel with the layer unchanged, except ALiBi slopes per batch element
+``(*batch, H)``, which each task gets cut to its batch chunk.
 """
 
 from __future__ import annotations
 
+import copy
 import operator
 
 import numpy as np
 from dask.base import tokenize
 
-from .._vjp import vjp as _single_vjp
 from .._validate import check_broadcastable
+from .._vjp import vjp as _single_vjp
 from ._cotangent import as_cotangent
-from ._graph import add, new_array, tree_reduce
+from ._graph import add, chunk_starts, new_array, tree_reduce
 from ._plan import as_dask
 
-__all__ = ["attention_vjp", "attention_forward"]
+__all__ = ["attention_forward", "attention_vjp"]
 
 
 def _params(names, *arrays):
@@ -86,9 +91,27 @@ def _prepare(layer, params, xq, xkv, mask):
         sizes = (1,) * nb + (heads, lp, sp)
         maskp = np.ones(tuple(n if m != 1 else 1 for n, m in zip(sizes, mask.shape)),
                         np.dtype(mask.dtype))
-    y, pullback = _single_vjp(layer, params, xqp, xkvp, mask=maskp, backend="reference")
+    slopes = layer.core_options.get("alibi_slopes")
+    if slopes is not None and slopes.ndim > 1 and tuple(slopes.shape[:-1]) != tuple(xq.shape[:nb]):
+        raise ValueError(f"alibi_slopes must have shape (H,) = ({heads},) or (*batch, H) = "
+                         f"{(*xq.shape[:nb], heads)}, got {tuple(slopes.shape)}")
+    probe = _block_layer(layer, (0,) * nb, ((1,),) * nb)
+    y, pullback = _single_vjp(probe, params, xqp, xkvp, mask=maskp, backend="reference")
     pullback(np.ones(y.shape, y.dtype))
     return xq, xkv, mask, nb
+
+
+def _block_layer(layer, index, batch_chunks):
+    """``layer``, or for ALiBi slopes per batch element ``(*batch, H)`` a copy of it whose
+    slopes are those of batch block ``index`` (every other option is per head or global)."""
+    slopes = layer.core_options.get("alibi_slopes")
+    if slopes is None or slopes.ndim == 1:
+        return layer
+    cut = tuple(slice(start, stop) for (start, stop) in
+                (chunk_starts(c)[i] for c, i in zip(batch_chunks, index)))
+    block = copy.copy(layer)
+    block.core_options = {**layer.core_options, "alibi_slopes": slopes[cut]}
+    return block
 
 
 def _graph(layer, params, xq, xkv, mask, nb, backend, task, prefix):
@@ -104,7 +127,8 @@ def _graph(layer, params, xq, xkv, mask, nb, backend, task, prefix):
         kvkey = None if xkv is None else (xkv.name,) + index + (0, 0)
         mkey = None if mask is None else \
             (mask.name,) + tuple(i if n != 1 else 0 for i, n in zip(index, mask.shape)) + (0,) * 3
-        dsk[(name,) + index] = (task, layer, pkey, xkey, kvkey, mkey, backend)
+        dsk[(name,) + index] = (task, _block_layer(layer, index, xq.chunks[:nb]), pkey, xkey,
+                                kvkey, mkey, backend)
         blocks[index] = (name,) + index
     deps = [x for x in (xq, xkv, mask) if x is not None]
     return dsk, blocks, deps, token

@@ -54,16 +54,16 @@ from .._masks import causal_offset
 from ..backends import resolve
 from ..cores.elementwise import elementwise_attention as _single
 from ..cores.elementwise.api import IMPLEMENTED, ElementwiseOptions, implementation
-from ..cores.elementwise.taylor import taylor_coefficients
 from ..cores.elementwise.reference import state_read, state_update
+from ..cores.elementwise.taylor import taylor_coefficients
 from ..cores.sdpa.api import as_batched_4d
 from ..cores.sdpa.reference import expand_kv_heads, reduce_kv_heads
 from ._cotangent import as_cotangent
 from ._graph import chunk_starts, new_array
 from ._plan import make_plan, probe_arrays
-from .sequence import block_visibility
+from .geometry import block_visibility
 
-__all__ = ["taylor_scan_forward", "taylor_scan_vjp", "combine_moments", "wants_scan"]
+__all__ = ["combine_moments", "taylor_scan_forward", "taylor_scan_vjp", "wants_scan"]
 
 def _finite_exp(xp, a, b):
     """``exp(a - b)`` where both are finite, else 0 (``+-inf`` mark empty states and rows)."""

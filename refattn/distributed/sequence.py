@@ -17,136 +17,114 @@ final ones, so each block's backward is exact on its own::
     (dq_ij, dk_ij, dv_ij, dS_ij) = sdpa_block_backward(q_i, k_j, v_j, o_i, lse_i, dO_i)
     dq_i = sum_j dq_ij,   dk_j = sum_i dk_ij,   dv_j = sum_i dv_ij    (trees)
     dbias block (i, j) = dS_ij summed over the bias's broadcast axes
+    dslopes (b, h) = sum over blocks of the block's slope gradient   (a tree)
 
-Causal masking: block ``(i, j)`` with keys ``[s0, s1)`` and queries
-``[l0, l1)`` is empty when ``s0 > l1 - 1 + offset`` (no task is made for it),
-fully kept when ``s1 - 1 <= l0 + offset`` (no mask applied), and otherwise
-masked with the local offset ``offset + l0 - s0``.  Each block runs the SDPA
-backend contract (:mod:`refattn.cores.sdpa.api`) of the best local backend.
+Position rules (causal, window, ALiBi distance) are shifted into block
+coordinates and blocks no pair of which is kept get no task
+(:mod:`refattn.distributed.geometry`).  Rotary embeddings rotate each chunk of
+``q`` and ``k`` at its own positions before the blocks (and the gradients back
+after them), the single-machine order.  Each block runs the SDPA backend
+contract (:mod:`refattn.cores.sdpa.api`) of the best local backend
+(:mod:`refattn.distributed._block_tasks`).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from dataclasses import dataclass
 
 import numpy as np
 from dask.base import tokenize
 
-from .._array import flatten_batch, namespace, sum_to_shape
-from .._masks import causal_offset
-from ..backends import resolve, route
+from .._masks import causal_offset, window_bounds
+from .._validate import FRAMEWORK_ALIASES, check_float_array, check_same_dtype
 from ..cores.sdpa import sdpa as _single_sdpa
-from ..cores.sdpa.api import IMPLEMENTED, SDPAOptions, as_batched_4d, implementation
+from ..cores.sdpa.api import IMPLEMENTED
+from ..rotary import apply_rotary, apply_rotary_backward
+from ._block_tasks import (
+    BlockSpec,
+    backward_block,
+    empty_partial,
+    forward_block,
+    probs_block,
+    zeros_scores,
+)
 from ._cotangent import as_cotangent
-from ._graph import broadcast_grad, chunk_starts, new_array, sum_parts, tree_reduce, \
-    zeros_like_block
-from ._plan import SCORE_ARRAYS, make_plan, probe_arrays
+from ._graph import (
+    broadcast_grad,
+    chunk_starts,
+    new_array,
+    sum_parts,
+    tree_reduce,
+    zeros_like_block,
+)
+from ._plan import SCORE_ARRAYS, as_dask, make_plan, probe_arrays
+from .geometry import alibi_offset, block_band, block_visibility
 from .merge import merge_partials
 
-__all__ = ["BlockSpec", "sdpa_sharded", "sdpa_vjp_sharded", "block_visibility"]
+__all__ = [
+    "PACKED_SEQUENCE_OPTIONS",
+    "SDPA_OPTIONS",
+    "block_visibility",
+    "check_options",
+    "sdpa_sharded",
+    "sdpa_vjp_sharded",
+]
 
-@dataclass(frozen=True)
-class BlockSpec:
-    """The static options of one ``(L_i, S_j)`` block (what the SDPA backends receive)."""
+#: Options of :func:`refattn.sdpa` that the sharded calls take (and mean the same).
+SDPA_OPTIONS = ("mask", "bias", "causal", "causal_align", "scale", "dropout_mask", "dropout_p",
+                "window", "softcap", "alibi_slopes", "rotary", "rotary_base", "rotary_dim",
+                "rotary_q_offset", "backend", "tiles", "float32_math")
 
-    scale: float
-    causal_offset: int | None
-    dropout_scale: float
-    need_bias_grad: bool
-    backend: str
-    tiles: tuple | None = None
-    float32_math: str | None = None
-
-    def options(self, xp, batch, mask, bias, drop):
-        four = lambda m: None if m is None else as_batched_4d(xp, m, batch)   # noqa: E731
-        return SDPAOptions(scale=self.scale, causal_offset=self.causal_offset, mask=four(mask),
-                           bias=four(bias), dropout_mask=four(drop),
-                           dropout_scale=self.dropout_scale, need_bias_grad=self.need_bias_grad,
-                           tiles=self.tiles, float32_math=self.float32_math)
+#: Packed / variable-length sequence arguments of FlashAttention varlen and JAX: refused by name.
+PACKED_SEQUENCE_OPTIONS = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k",
+                           "query_seq_lengths", "key_value_seq_lengths")
 
 
-def block_visibility(l_range, s_range, offset):
-    """``(visible, local_offset)`` of the block of queries ``l_range`` and keys ``s_range``.
+def check_options(options, call):
+    """Raise ``TypeError`` naming the first option of ``options`` that ``call`` does not take.
 
-    ``offset=None`` (not causal): visible, no mask.  Otherwise key ``j`` is kept for
-    query ``i`` iff ``j <= i + offset``.
-
-    Examples
-    --------
-    >>> block_visibility((0, 4), (4, 8), 0)          # above the diagonal: no task
-    (False, None)
-    >>> block_visibility((4, 8), (0, 4), 0)          # below it: every key kept
-    (True, None)
-    >>> block_visibility((4, 8), (4, 8), 0)          # on it: masked, local offset 0
-    (True, 0)
+    ``empty_rows`` is taken with its default ``"zero"`` only (``ValueError`` otherwise).
     """
-    (l0, l1), (s0, s1) = l_range, s_range
-    if offset is None:
-        return True, None
-    if l1 <= l0 or s1 <= s0 or s0 > l1 - 1 + offset:
-        return False, None
-    if s1 - 1 <= l0 + offset:
-        return True, None
-    return True, offset + l0 - s0
-
-
-def _impl(spec, xp, arrays, bias):
-    """The backend module for a block: the best local one, or the reference for non-finite or
-    empty data (the single-machine routing rule, ``refattn.backends.route``)."""
-    backend = resolve(spec.backend, IMPLEMENTED, arrays[0], core="sdpa")
-    return implementation(route(backend, xp, arrays, bias))
-
-
-def _flat(xp, x, nb):
-    return flatten_batch(xp, x, tuple(x.shape[:nb]))
-
-
-def _forward_block(q, k, v, mask, bias, drop, spec):
-    """``(o_ij, lse_ij)`` of one block, shapes ``(*b, Hb, Li, Ev)`` and ``(*b, Hb, Li)``."""
-    nb = q.ndim - 3
-    xp = namespace(q, k, v)
-    batch = tuple(q.shape[:nb])
-    opts = spec.options(xp, batch, mask, bias, drop)
-    o, lse = _impl(spec, xp, (q, k, v), opts.bias).forward(
-        _flat(xp, q, nb), _flat(xp, k, nb), _flat(xp, v, nb), opts)
-    return (xp.reshape(o, batch + tuple(o.shape[1:])),
-            xp.reshape(lse, batch + tuple(lse.shape[1:])))
-
-
-def _empty_partial(q, value_dim):
-    """``(0, -inf)`` for query rows that see no key block at all."""
-    xp = namespace(q)
-    rows = tuple(q.shape[:-1])
-    return (xp.zeros(rows + (value_dim,), dtype=q.dtype),
-            xp.full(rows, -xp.inf, dtype=q.dtype))
-
-
-def _backward_block(q, k, v, o, lse, do, mask, bias, drop, spec):
-    """``(dq_ij, dk_ij, dv_ij, dbias_ij)``; ``dbias_ij`` summed to the bias block's shape."""
-    nb = q.ndim - 3
-    xp = namespace(q, k, v)
-    batch = tuple(q.shape[:nb])
-    opts = spec.options(xp, batch, mask, bias, drop)
-    dq, dk, dv, ds, _ = _impl(spec, xp, (q, k, v, do), opts.bias).backward(
-        _flat(xp, q, nb), _flat(xp, k, nb), _flat(xp, v, nb), _flat(xp, o, nb),
-        _flat(xp, lse, nb), _flat(xp, do, nb), opts)
-    back = lambda g: xp.reshape(g, batch + tuple(g.shape[1:]))   # noqa: E731
-    dbias = None
-    if spec.need_bias_grad:
-        dbias = sum_to_shape(xp, back(ds), tuple(bias.shape))
-    return back(dq), back(dk), back(dv), dbias
+    for name in options:
+        if name in SDPA_OPTIONS:
+            continue
+        if name == "empty_rows":
+            if options[name] != "zero":
+                raise ValueError(
+                    f"{call}() got empty_rows={options[name]!r}: sharded calls give an empty "
+                    "row (no kept key) refattn's convention only, empty_rows='zero' (o = 0, "
+                    "lse = -inf, no gradient); the 'uniform' and 'nan' fills are not "
+                    "implemented on sharded calls yet (docs/distributed.md)")
+            continue
+        if name in PACKED_SEQUENCE_OPTIONS:
+            raise TypeError(
+                f"{call}() got {name}=: packed or variable-length sequences (FlashAttention "
+                "varlen cu_seqlens, JAX *_seq_lengths) are not supported on sharded calls, whose "
+                "chunks would have to follow the sequence boundaries; express them as a mask= "
+                "(block-diagonal for packing, key padding for lengths: sliced with the blocks, "
+                "exact for any chunking) or put the sequences on a batch axis "
+                "(docs/distributed.md)")
+        if name in FRAMEWORK_ALIASES:
+            raise TypeError(f"{call}() got {name}=, a PyTorch/JAX/FlashAttention keyword; "
+                            f"refattn's is {FRAMEWORK_ALIASES[name]}")
+        raise TypeError(f"{call}() got an unexpected keyword argument {name!r}")
 
 
 @dataclass
 class _Blocks:
-    """The visible blocks of a sharded SDPA call and their specs."""
+    """The visible blocks of a sharded SDPA call, their specs and the per-call extras."""
 
     plan: object
     token: str
     specs: dict          # (*bh, i, j) -> BlockSpec
     value_dim: int
+    slopes: object = None         # dask (*batch|1, H), chunked like q's batch/head blocks
+    slopes_ndim: int = 0
+    rope: dict | None = None      # apply_rotary keywords
+    q_offset: int = 0
 
     def rows(self):
         """Every ``(*bh, i)`` query-row block."""
@@ -158,44 +136,118 @@ class _Blocks:
         return [j for j in range(self.plan.k.numblocks[self.plan.nb + 1])
                 if row + (j,) in self.specs]
 
+    def slopes_key(self, bh):
+        """Key of the slopes block that batch/head block ``bh`` reads (None without ALiBi)."""
+        if self.slopes is None:
+            return None
+        nb = self.plan.nb
+        return (self.slopes.name,) + tuple(b if n != 1 else 0 for b, n in
+                                           zip(bh[:nb], self.slopes.shape[:nb])) + (bh[nb],)
+
     def inputs(self, index):
-        """Keys of ``q_i, k_j, v_j`` and the option blocks of block ``index = (*bh, i, j)``."""
+        """Keys of ``q_i, k_j, v_j``, the option blocks (mask, bias, dropout) and the slopes
+        of block ``index = (*bh, i, j)``."""
         p = self.plan
         bh, i, j = index[:-2], index[-2], index[-1]
         opts = [p.option_block(n, index) if n in p.arrays else None for n in SCORE_ARRAYS]
         return ((p.q.name,) + bh + (i, 0), (p.k.name,) + bh + (j, 0),
-                (p.v.name,) + bh + (j, 0), opts)
+                (p.v.name,) + bh + (j, 0), opts, self.slopes_key(bh))
 
 
-def _make_blocks(q, k, v, options):
+def _slopes_array(slopes, plan):
+    """ALiBi slopes ``(H,)`` or ``(*batch, H)`` as a dask array ``(*batch|1, H)`` chunked like
+    ``q``'s batch (full axes) and head blocks; validated as the single-machine call does."""
+    s, nb = plan.shapes, plan.nb
+    check_float_array(slopes, "alibi_slopes")
+    check_same_dtype(q=plan.q, alibi_slopes=slopes)
+    if tuple(slopes.shape) not in ((s.heads,), (*s.batch, s.heads)):
+        raise ValueError(f"alibi_slopes must have shape (H,) = ({s.heads},) or (*batch, H) = "
+                         f"{(*s.batch, s.heads)}, got {tuple(slopes.shape)}")
+    x = as_dask(slopes, "alibi_slopes")
+    if x.ndim == 1:
+        x = x[(None,) * nb]
+    chunks = tuple(c if n != 1 else (1,) for c, n in zip(plan.q.chunks[:nb], x.shape[:nb]))
+    return x.rechunk(chunks + (plan.q.chunks[nb],))
+
+
+def _window(window, offset):
+    """``(lo, hi)`` of a validated ``window`` option (one int: symmetric), or None."""
+    if window is None:
+        return None
+    if isinstance(window, numbers.Integral):
+        window = (window, window)
+    return window_bounds((int(window[0]), int(window[1])), offset)
+
+
+def _rotate_block(x, rope, start, axis, backward, block_info=None):
+    first = start + block_info[0]["array-location"][axis][0]
+    rotate = apply_rotary_backward if backward else apply_rotary
+    return rotate(x, offset=first, **rope)
+
+
+def _rotated(x, axis, start, rope, backward=False):
+    """Each chunk of ``x`` rotated at its own positions ``start + (chunk start) + 0, 1, ...``."""
+    return x.map_blocks(_rotate_block, rope=rope, start=start, axis=axis, backward=backward,
+                        dtype=x.dtype, meta=x._meta)
+
+
+def _make_blocks(q, k, v, options, call):
+    check_options(options, call)
+    options = {n: x for n, x in options.items() if n != "empty_rows"}
+    slopes = options.pop("alibi_slopes", None)
     plan = make_plan(q, k, v, options, feature_axes=1, shard_sequence=True)
     backend = plan.static.get("backend", "auto")
     (qp, kp, vp), arrays = probe_arrays(plan, IMPLEMENTED, backend)
-    _single_sdpa(qp, kp, vp, **{**plan.static, **arrays, "backend": "reference",
-                                "return_lse": False})
     s = plan.shapes
+    slopes_ndim = 0
+    if slopes is not None:
+        slopes, slopes_ndim = _slopes_array(slopes, plan), len(slopes.shape)
+        arrays["alibi_slopes"] = np.zeros((s.heads,), np.dtype(slopes.dtype))
+    _single_sdpa(qp, kp, vp, **{**plan.static, **arrays, "backend": "reference"})
+    nb = plan.nb
+    rope, q_offset = None, int(options.get("rotary_q_offset", 0))
+    if options.get("rotary") is not None:
+        rope = {"base": options.get("rotary_base", 10000.0),
+                "rotary_dim": options.get("rotary_dim"),
+                "interleaved": options["rotary"] == "interleaved"}
+        plan.q = _rotated(plan.q, nb + 1, q_offset, rope)
+        plan.k = _rotated(plan.k, nb + 1, 0, rope)
     scale = options.get("scale")
     scale = 1.0 / math.sqrt(s.head_dim) if scale is None else float(scale)
-    offset = causal_offset(options.get("causal_align", "upper_left"), s.q_len, s.kv_len) \
-        if options.get("causal", False) else None
+    aligned = causal_offset(options.get("causal_align", "upper_left"), s.q_len, s.kv_len)
+    offset = aligned if options.get("causal", False) else None
+    window = _window(options.get("window"), aligned)
+    softcap = None if options.get("softcap") is None else float(options["softcap"])
     drop_scale = 1.0 / (1.0 - float(options.get("dropout_p", 0.0))) \
         if options.get("dropout_mask") is not None else 1.0
-    need_bias = options.get("bias") is not None
     tiles = None if options.get("tiles") is None else tuple(int(t) for t in options["tiles"])
-    nb = plan.nb
-    l_ranges = chunk_starts(plan.q.chunks[nb + 1])
-    s_ranges = chunk_starts(plan.k.chunks[nb + 1])
-    specs = {}
-    for bh in np.ndindex(*plan.q.numblocks[:nb + 1]):
-        for i, lr in enumerate(l_ranges):
-            for j, sr in enumerate(s_ranges):
-                visible, local = block_visibility(lr, sr, offset)
-                if visible:
-                    specs[bh + (i, j)] = BlockSpec(scale, local, drop_scale, need_bias, backend,
-                                                   tiles, options.get("float32_math"))
+    common = {"scale": scale, "dropout_scale": drop_scale, "need_bias_grad": "bias" in plan.arrays,
+              "backend": backend, "softcap": softcap, "tiles": tiles,
+              "float32_math": options.get("float32_math"),
+              "reference_on_cupy": bool(window or softcap or slopes is not None)}
+    grid = {}
+    for i, lr in enumerate(chunk_starts(plan.q.chunks[nb + 1])):
+        for j, sr in enumerate(chunk_starts(plan.k.chunks[nb + 1])):
+            visible, local_offset, local_window = block_band(lr, sr, offset, window)
+            if not visible:
+                continue
+            c = alibi_offset(lr, sr, s.q_len, s.kv_len)
+            mode = None if slopes is None else \
+                "native" if c == (sr[1] - sr[0]) - (lr[1] - lr[0]) else "bias"
+            grid[(i, j)] = BlockSpec(causal_offset=local_offset, window=local_window,
+                                     alibi=mode, alibi_offset=c, **common)
+    specs = {bh + ij: spec for bh in np.ndindex(*plan.q.numblocks[:nb + 1])
+             for ij, spec in grid.items()}
     token = tokenize("sdpa", plan.q, plan.k, plan.v, sorted(plan.static.items()),
-                     *(x.name for x in plan.arrays.values()))
-    return _Blocks(plan, token, specs, s.value_dim)
+                     *(x.name for x in plan.arrays.values()),
+                     None if slopes is None else slopes.name)
+    return _Blocks(plan, token, specs, s.value_dim, slopes, slopes_ndim, rope, q_offset)
+
+
+def _dependencies(blocks):
+    p = blocks.plan
+    return [p.q, p.k, p.v, *p.arrays.values()] + ([blocks.slopes] if blocks.slopes is not None
+                                                   else [])
 
 
 def _forward_graph(blocks, split_every):
@@ -205,15 +257,15 @@ def _forward_graph(blocks, split_every):
     layer = {}
     part = f"sdpa-block-fwd-{t}"
     for index, spec in blocks.specs.items():
-        qk, kk, vk, opts = blocks.inputs(index)
-        layer[(part,) + index] = (_forward_block, qk, kk, vk, *opts, spec)
+        qk, kk, vk, opts, sk = blocks.inputs(index)
+        layer[(part,) + index] = (forward_block, qk, kk, vk, *opts, sk, spec)
     o_name, lse_name = f"sdpa-o-{t}", f"sdpa-lse-{t}"
     lse_layer = {}
     for row in blocks.rows():
         js = blocks.keys_of(row)
         if not js:
             root = (f"sdpa-empty-{t}",) + row
-            layer[root] = (_empty_partial, (p.q.name,) + row + (0,), blocks.value_dim)
+            layer[root] = (empty_partial, (p.q.name,) + row + (0,), blocks.value_dim)
         elif len(js) == 1:
             root = (part,) + row + (js[0],)
         else:
@@ -221,26 +273,44 @@ def _forward_graph(blocks, split_every):
                                [(part,) + row + (j,) for j in js], merge_partials, split_every)
         layer[(o_name,) + row + (0,)] = (operator.getitem, root, 0)
         lse_layer[(lse_name,) + row] = (operator.getitem, root, 1)
-    deps = [p.q, p.k, p.v, *p.arrays.values()]
     o_chunks = tuple(p.q.chunks[:nb + 2]) + ((blocks.value_dim,),)
-    o = new_array(o_name, layer, deps, o_chunks, p.q, p.q.dtype)
+    o = new_array(o_name, layer, _dependencies(blocks), o_chunks, p.q, p.q.dtype)
     lse = new_array(lse_name, lse_layer, [o], tuple(p.q.chunks[:nb + 2]), p.q, p.q.dtype)
     return o, lse
 
 
-def sdpa_sharded(q, k, v, *, return_lse=False, split_every=4, **options):
+def _probs_graph(blocks, lse):
+    """``P (*batch, H, L, S)`` before dropout, one task per block (zeros where none is kept)."""
+    p = blocks.plan
+    nb = p.nb
+    name = f"sdpa-probs-{blocks.token}"
+    layer = {}
+    for index in np.ndindex(*p.q.numblocks[:nb + 2], p.k.numblocks[nb + 1]):
+        qk, kk, _, (mk, bk, _), sk = blocks.inputs(index)
+        spec = blocks.specs.get(index)
+        layer[(name,) + index] = (zeros_scores, qk, kk) if spec is None else \
+            (probs_block, qk, kk, (lse.name,) + index[:-1], mk, bk, sk, spec)
+    return new_array(name, layer, _dependencies(blocks) + [lse], p.scores_chunks(), p.q,
+                     p.q.dtype)
+
+
+def sdpa_sharded(q, k, v, *, return_lse=False, return_probs=False, split_every=4, **options):
     """SDPA on dask arrays chunked along ``*batch``, ``H``, ``L`` and ``S``; see
     :func:`refattn.distributed.sdpa`."""
-    blocks = _make_blocks(q, k, v, options)
+    blocks = _make_blocks(q, k, v, options, "refattn.distributed.sdpa")
     o, lse = _forward_graph(blocks, split_every)
-    return (o, lse) if return_lse else o
+    extra = (lse,) if return_lse else ()
+    if return_probs:
+        extra += (_probs_graph(blocks, lse),)
+    return (o, *extra) if extra else o
 
 
 def sdpa_vjp_sharded(q, k, v, *, split_every=4, **options):
-    """``(o, pullback)`` of sharded SDPA; ``pullback(do) -> (dq, dk, dv[, dbias])``."""
-    if options.pop("return_lse", False):
-        raise ValueError("vjp(sdpa, ...) differentiates the output o only; drop return_lse")
-    blocks = _make_blocks(q, k, v, options)
+    """``(o, pullback)`` of sharded SDPA; ``pullback(do) -> (dq, dk, dv[, dbias][, dslopes])``."""
+    if options.pop("return_lse", False) or options.pop("return_probs", False):
+        raise ValueError("vjp(sdpa, ...) differentiates the output o only; drop return_lse "
+                         "and return_probs")
+    blocks = _make_blocks(q, k, v, options, "refattn.distributed.vjp")
     o, lse = _forward_graph(blocks, split_every)
 
     def pullback(do):
@@ -249,17 +319,19 @@ def sdpa_vjp_sharded(q, k, v, *, split_every=4, **options):
         part = f"sdpa-block-bwd-{t}"
         layer = {}
         for index, spec in blocks.specs.items():
-            qk, kk, vk, opts = blocks.inputs(index)
+            qk, kk, vk, opts, sk = blocks.inputs(index)
             row = index[:-1]
-            layer[(part,) + index] = (_backward_block, qk, kk, vk, (o.name,) + row + (0,),
-                                      (lse.name,) + row, (do.name,) + row + (0,), *opts, spec)
+            layer[(part,) + index] = (backward_block, qk, kk, vk, (o.name,) + row + (0,),
+                                      (lse.name,) + row, (do.name,) + row + (0,), *opts, sk,
+                                      spec)
         return _gradients(blocks, layer, part, t, [o, lse, do], split_every)
 
     return o, pullback
 
 
 def _gradients(blocks, layer, part, t, deps, split_every):
-    """Tree-sum the block gradients into ``dq`` (over key blocks), ``dk, dv`` (over query blocks)."""
+    """Tree-sum the block gradients into ``dq`` (over key blocks), ``dk, dv`` (over query
+    blocks), ``dbias`` and ``dslopes`` (over the blocks sharing each of their blocks)."""
     p = blocks.plan
     nb = p.nb
     dq_name = f"sdpa-dq-{t}"
@@ -287,6 +359,10 @@ def _gradients(blocks, layer, part, t, deps, split_every):
                 sub[root] = (zeros_like_block, (like.name,) + col + (0,),
                              _block_shape(like, col + (0,)), like.dtype)
         grads.append(new_array(name, sub, [dq], like.chunks, p.q, like.dtype))
+    if blocks.rope is not None:            # the rotation is orthogonal: its pullback is R^T
+        grads[0] = _rotated(grads[0], nb + 1, blocks.q_offset, blocks.rope, backward=True)
+        grads[1] = _rotated(grads[1], nb + 1, 0, blocks.rope, backward=True)
+    like_key = (p.q.name,) + (0,) * p.q.ndim
     if "bias" in p.arrays:
         bias = p.arrays["bias"]
         contributions = {}
@@ -294,10 +370,20 @@ def _gradients(blocks, layer, part, t, deps, split_every):
             target = tuple(i if m != 1 else 0 for i, m in zip(index, bias.shape))
             contributions.setdefault(target, []).append(((part,) + index, 3))
         name, sub = f"sdpa-dbias-{t}", {}
-        broadcast_grad(sub, name, contributions, bias.chunks,
-                       (p.q.name,) + (0,) * p.q.ndim, bias.dtype, split_every)
+        broadcast_grad(sub, name, contributions, bias.chunks, like_key, bias.dtype, split_every)
         grads.append(p.to_option_shape("bias", new_array(name, sub, [dq], bias.chunks, p.q,
                                                           bias.dtype)))
+    if blocks.slopes is not None:
+        slopes = blocks.slopes
+        contributions = {}
+        for index in blocks.specs:
+            target = blocks.slopes_key(index[:-2])[1:]
+            contributions.setdefault(target, []).append(((part,) + index, 4))
+        name, sub = f"sdpa-dslopes-{t}", {}
+        broadcast_grad(sub, name, contributions, slopes.chunks, like_key, slopes.dtype,
+                       split_every)
+        grad = new_array(name, sub, [dq], slopes.chunks, p.q, slopes.dtype)
+        grads.append(grad[(0,) * nb] if blocks.slopes_ndim == 1 else grad)
     return tuple(grads)
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["communication_volume", "LAYOUTS"]
+__all__ = ["LAYOUTS", "communication_volume"]
 
 LAYOUTS = ("keys", "ring", "tiles")
 

@@ -313,11 +313,10 @@ def resolve_map(mapping, refattn_names, candidate_names) -> dict:
             twice.add(n)
         elif sorted(i for i, _ in parts) == list(range(counts.pop())):
             covered.append(n)
-    twice = sorted(twice)
     missing = [n for n in refattn_names if n not in covered and n not in twice]
     if twice or missing:
         raise ValueError(f"the parameter map must cover every refattn parameter exactly once; "
-                         f"missing {missing}, mapped twice {twice}")
+                         f"missing {missing}, mapped twice {sorted(twice)}")
     return resolved
 
 

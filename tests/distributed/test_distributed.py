@@ -19,8 +19,17 @@ da = pytest.importorskip("dask.array")
 dask = pytest.importorskip("dask")
 distributed = pytest.importorskip("distributed")
 
-import refattn  # noqa: E402
-from refattn import distributed as rd  # noqa: E402
+import refattn
+from refattn import distributed as rd
+from refattn._masks import (
+    alibi_distance,
+    causal_keep,
+    causal_offset,
+    window_bounds,
+    window_keep,
+)
+from refattn.distributed._block_tasks import probs_block
+from refattn.distributed.geometry import alibi_distance_block, alibi_offset
 
 RTOL = 1e-12
 
@@ -51,7 +60,9 @@ def check_vjp(fn, arrays, chunks, options, scheduler="threads", seed=1):
     got = dask.compute(out, *grads, scheduler=scheduler)
     want_grads = want_pullback(dout)
     assert len(got) == 1 + len(want_grads)
-    for name, g, w in zip(("o", "dq", "dk", "dv", "dbias"), got, (want,) + tuple(want_grads)):
+    names = ("o", "dq", "dk", "dv") + tuple(n for n in ("bias", "alibi_slopes")
+                                            if options.get(n) is not None)
+    for name, g, w in zip(names, got, (want,) + tuple(want_grads)):
         assert_close(g, w, name)
     return out, grads
 
@@ -128,6 +139,11 @@ def test_rows_empty_in_every_block():
     assert np.all(o[..., :7, :] == 0) and np.all(np.isneginf(lse[..., :7]))
 
 
+def _callable(task):
+    """The function a graph entry calls (a legacy tuple or a ``dask`` Task object)."""
+    return task[0] if isinstance(task, tuple) else getattr(task, "func", None)
+
+
 def _tasks(collection, prefix):
     return [k for k in dict(collection.__dask_graph__()) if isinstance(k, tuple)
             and k[0].startswith(prefix)]
@@ -139,7 +155,7 @@ def test_causal_schedules_no_task_above_the_diagonal():
     o, pullback = rd.vjp(refattn.sdpa, q, k, v, causal=True)
     forward = _tasks(o, "sdpa-block-fwd-")
     assert sorted(key[-2:] for key in forward) == [(i, j) for i in range(n) for j in range(i + 1)]
-    dq, dk, dv = pullback(da.ones_like(o))
+    dq, _, _ = pullback(da.ones_like(o))
     backward = _tasks(dq, "sdpa-block-bwd-")
     assert sorted(key[-2:] for key in backward) == sorted(key[-2:] for key in forward)
     # not causal: every block has a task
@@ -191,6 +207,110 @@ def test_merge_is_a_tree():
     o = rd.sdpa(q, k, v, split_every=2)
     merges = _tasks(o, "sdpa-merge-")
     assert len(merges) == 7 and {key[-2] for key in merges} == {0, 1, 2}
+
+
+# -- position options: window, soft-cap, ALiBi, rotary ------------------------------------------
+
+SLOPES = RNG.random(4)
+SLOPES_BATCH = RNG.random((3, 4))
+POSITION_OPTIONS = {
+    "window (3, 1)": {"window": (3, 1)},
+    "window (4, 0) + causal lower_right": {"window": (4, 0), "causal": True,
+                                           "causal_align": "lower_right"},
+    "one-sided window (-1, 2) + softcap": {"window": (-1, 2), "softcap": 2.0},
+    "alibi (H,) + causal": {"alibi_slopes": SLOPES, "causal": True},
+    "alibi (*batch, H) + bias + window 3": {"alibi_slopes": SLOPES_BATCH, "bias": BIAS,
+                                            "window": 3},
+    "rotary half, q offset 2, causal": {"rotary": "half", "rotary_q_offset": 2, "causal": True},
+    "all: rotary interleaved partial, window, softcap, alibi, dropout": {
+        "rotary": "interleaved", "rotary_dim": 4, "rotary_base": 100.0, "window": (2, 5),
+        "softcap": 3.0, "alibi_slopes": SLOPES, "dropout_mask": DROP, "dropout_p": 0.2},
+}
+
+
+@pytest.mark.parametrize("chunks", SDPA_CHUNKS.values(), ids=SDPA_CHUNKS.keys())
+@pytest.mark.parametrize("options", POSITION_OPTIONS.values(), ids=POSITION_OPTIONS.keys())
+def test_sdpa_position_options_equal_single_machine(options, chunks):
+    """Forward, lse, probabilities and every gradient (the slopes' too), blocks shifted."""
+    q, k, v = qkv((3,), 4, 2, L, S, 8, 6)                     # GQA 4/2
+    qc, kc = chunks
+    check_vjp(refattn.sdpa, (q, k, v), (qc, kc, kc[:-1] + (6,)), options)
+    got = dask.compute(*rd.sdpa(*_dask(q, k, v, chunks=(qc, kc, kc)), return_lse=True,
+                                return_probs=True, **options), scheduler="threads")
+    want = refattn.sdpa(q, k, v, return_lse=True, return_probs=True, **options)
+    for name, g, w in zip(("o", "lse", "probs"), got, want):
+        assert_close(g, w, name)
+
+
+def _keep(L_, S_, offset, window):
+    """The kept pairs of the causal rule and the window, from refattn's own definitions."""
+    keep = np.ones((L_, S_), bool)
+    if offset is not None:
+        keep &= causal_keep(np, L_, S_, offset)
+    if window is not None:
+        keep &= window_keep(np, L_, S_, window)
+    return keep
+
+
+def test_empty_rows_zero_is_the_sharded_convention():
+    q, k, v = qkv((3,), 4, 2, L, S, 8, 6)
+    qc, kc = SDPA_CHUNKS["queries and keys uneven"]
+    check_vjp(refattn.sdpa, (q, k, v), (qc, kc, kc[:-1] + (6,)),
+              {"mask": MASK, "empty_rows": "zero"})
+
+
+def test_block_band_is_the_block_of_the_full_rules():
+    """Local offset, window and ALiBi distance reproduce the global rules on random blocks."""
+    rng = np.random.default_rng(11)
+    for _ in range(300):
+        L_, S_ = (int(n) for n in rng.integers(1, 30, 2))
+        l0, l1 = sorted(int(n) for n in rng.choice(L_ + 1, 2, replace=False))
+        s0, s1 = sorted(int(n) for n in rng.choice(S_ + 1, 2, replace=False))
+        offset = None if rng.random() < 0.3 else int(rng.integers(-10, 10))
+        lo, hi = (None if rng.random() < 0.3 else int(rng.integers(-12, 12)) for _ in range(2))
+        window = None if rng.random() < 0.2 else (lo, hi)
+        full = _keep(L_, S_, offset, window)[l0:l1, s0:s1]
+        visible, local_offset, local_window = rd.block_band((l0, l1), (s0, s1), offset, window)
+        assert visible == bool(full.any())
+        if visible:
+            np.testing.assert_array_equal(_keep(l1 - l0, s1 - s0, local_offset, local_window),
+                                          full)
+        c = alibi_offset((l0, l1), (s0, s1), L_, S_)
+        np.testing.assert_array_equal(alibi_distance_block(np, l1 - l0, s1 - s0, c, np.float64),
+                                      alibi_distance(np, L_, S_, np.float64)[l0:l1, s0:s1])
+
+
+@pytest.mark.parametrize("L_, S_, qc, kc, options", [
+    (64, 64, 8, 8, {"window": (10, 0)}),
+    (40, 56, (7, 9, 8, 16), (10, 6, 20, 20), {"window": (5, 3), "causal": True,
+                                               "causal_align": "lower_right"}),
+], ids=["8 x 8 blocks, window (10, 0)", "uneven, window + causal lower_right"])
+def test_window_schedules_no_task_outside_the_band(L_, S_, qc, kc, options):
+    q, k, v = _dask(*qkv((1,), 1, 1, L_, S_, 4, 4), chunks=[(1, 1, qc, 4), (1, 1, kc, 4),
+                                                           (1, 1, kc, 4)])
+    align = causal_offset(options.get("causal_align", "upper_left"), L_, S_)
+    keep = _keep(L_, S_, align if options.get("causal") else None,
+                 window_bounds(options["window"], align))
+    l_bounds = np.cumsum((0,) + q.chunks[2])
+    s_bounds = np.cumsum((0,) + k.chunks[2])
+    want = sorted((i, j) for i in range(len(l_bounds) - 1) for j in range(len(s_bounds) - 1)
+                  if keep[l_bounds[i]:l_bounds[i + 1], s_bounds[j]:s_bounds[j + 1]].any())
+    assert len(want) < q.numblocks[2] * k.numblocks[2] / 2       # the band leaves most out
+    o, pullback = rd.vjp(refattn.sdpa, q, k, v, **options)
+    assert sorted(key[-2:] for key in _tasks(o, "sdpa-block-fwd-")) == want
+    assert sorted(key[-2:] for key in _tasks(pullback(da.ones_like(o))[0],
+                                             "sdpa-block-bwd-")) == want
+    probs = rd.sdpa(q, k, v, return_probs=True, **options)[1]
+    computed = [key[-2:] for key, task in dict(probs.__dask_graph__()).items()
+                if isinstance(key, tuple) and key[0].startswith("sdpa-probs-")
+                and _callable(task) is probs_block]
+    assert sorted(computed) == want                          # the other blocks are zeros
+    got = dask.compute(o, *pullback(da.ones_like(o)), probs, scheduler="threads")
+    want_o, want_pullback = refattn.vjp(refattn.sdpa, *(x.compute() for x in (q, k, v)), **options)
+    for g, w in zip(got, (want_o,) + tuple(want_pullback(np.ones(want_o.shape)))
+                    + (refattn.sdpa(*(x.compute() for x in (q, k, v)), return_probs=True,
+                                    **options)[1],)):
+        assert_close(g, w)
 
 
 # -- the other cores: batch/head sharding ---------------------------------------------------------
@@ -286,7 +406,12 @@ def _sharded(fn, chunks):
     (refattn.sdpa, ((1, 2, 7, 4), (1, 1, 6, 4)), [(1, 2, (3, 4), 4), (1, 1, (2, 4), 4),
                                                   (1, 1, (2, 4), 4)],
      {"causal": True, "causal_align": "lower_right", "bias": BIAS[0, :2, :7, :6]}),
-], ids=["element-wise Taylor scan", "key/query-sharded sdpa with bias"])
+    (refattn.sdpa, ((1, 2, 7, 4), (1, 1, 6, 4)), [(1, 2, (3, 4), 4), (1, 1, (2, 4), 4),
+                                                  (1, 1, (2, 4), 4)],
+     {"alibi_slopes": np.array([0.5, 0.25]), "window": (2, 1), "softcap": 1.5,
+      "rotary": "half"}),
+], ids=["element-wise Taylor scan", "key/query-sharded sdpa with bias",
+        "key/query-sharded sdpa: ALiBi slopes, window, softcap, rotary"])
 def test_sharded_gradients_match_finite_differences(fn, shapes, chunks, options):
     rng = np.random.default_rng(9)
     q = 0.5 * rng.standard_normal(shapes[0])
@@ -382,7 +507,7 @@ def test_errors():
         rd.vjp(refattn.sdpa, *good, split_every=1.5)
     with pytest.raises(TypeError, match="q must be a dask array"):
         rd.sdpa([1.0], *good[1:])
-    o, pullback = rd.vjp(refattn.sdpa, *good)
+    _, pullback = rd.vjp(refattn.sdpa, *good)
     with pytest.raises(ValueError, match="cotangent has shape"):
         pullback(da.ones((2, 4, 5, 3)))
     _, pullback = rd.vjp(refattn.quaternion_attention,
@@ -396,6 +521,57 @@ def test_errors():
     with pytest.raises(ValueError, match="xq must have shape"):
         rd.vjp(layer, layer.init(), da.ones((2, 3, 7)))
 
+
+
+def test_option_errors_name_the_argument():
+    q, k, v = qkv((2,), 4, 2, 5, 5, 4, 4)
+    good = _dask(q, k, v, chunks=[(1, 2, (2, 3), 4)] * 3)
+    for call in (lambda **o: rd.sdpa(*good, **o), lambda **o: rd.vjp(refattn.sdpa, *good, **o)):
+        with pytest.raises(TypeError, match="cu_seqlens_q=: packed or variable-length sequences .* not supported"):
+            call(cu_seqlens_q=np.array([0, 2, 5]))
+        with pytest.raises(TypeError, match="key_value_seq_lengths=: packed or variable-length"):
+            call(key_value_seq_lengths=np.array([5, 3]))
+        with pytest.raises(ValueError, match="empty_rows='nan': sharded calls give"):
+            call(empty_rows="nan")
+        with pytest.raises(TypeError, match="window_size=.*refattn's is window="):
+            call(window_size=(2, 0))
+        with pytest.raises(TypeError, match="unexpected keyword argument 'windw'"):
+            call(windw=(2, 0))
+        with pytest.raises(ValueError, match=r"alibi_slopes must have shape \(H,\) = \(4,\)"):
+            call(alibi_slopes=np.ones(2))
+        with pytest.raises(TypeError, match="alibi_slopes has dtype float32"):
+            call(alibi_slopes=np.ones(4, np.float32))
+        with pytest.raises(ValueError, match="window must be None or"):
+            call(window=(-2, 0))
+        with pytest.raises(ValueError, match="softcap must be a finite number > 0"):
+            call(softcap=0.0)
+        with pytest.raises(ValueError, match="rotary must be one of"):
+            call(rotary="full")
+    with pytest.raises(ValueError, match="drop return_lse and return_probs"):
+        rd.vjp(refattn.sdpa, *good, return_probs=True)
+    layer = refattn.Attention(8, 2, alibi_slopes=np.ones((3, 2)))
+    with pytest.raises(ValueError, match=r"alibi_slopes must have shape .* \(2, 2\), got \(3, 2\)"):
+        rd.vjp(layer, layer.init(), da.ones((2, 3, 8), chunks=1))
+
+
+def test_attention_layer_with_position_options():
+    """window, soft-cap, ALiBi per batch element (sliced per batch chunk) and rotary."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((5, 7, 16))
+    layer = refattn.Attention(16, 4, causal=True, window=(3, 0), softcap=5.0,
+                              alibi_slopes=rng.random((5, 4)), rotary="half")
+    params = layer.init(seed=1)
+    y, pullback = rd.vjp(layer, params, da.from_array(x, chunks=((2, 2, 1), 7, 16)))
+    dy = rng.standard_normal(y.shape)
+    got_y, (got_dp, got_dx) = dask.compute(y, pullback(dy), scheduler="threads")
+    want_y, want_pullback = refattn.vjp(layer, params, x)
+    want_dp, want_dx = want_pullback(dy)
+    assert_close(got_y, want_y, "y")
+    assert_close(got_dx, want_dx, "dx")
+    for name in want_dp:
+        assert_close(got_dp[name], want_dp[name], name)
+    assert_close(rd.attention(layer, params, da.from_array(x, chunks=(2, 7, 16))).compute(),
+                 want_y, "attention")
 
 
 def test_scaling_study_is_registered():
@@ -423,7 +599,7 @@ def test_on_local_cluster(client):
     chunks = SDPA_CHUNKS["queries and keys uneven"]
     check_vjp(refattn.sdpa, (q, k, v), (chunks[0], chunks[1], chunks[1][:-1] + (6,)), opts,
               scheduler=client.get)
-    fn, quaternion, options = CORE_PROBLEMS["quaternion hamilton, bias"]
+    fn, _, options = CORE_PROBLEMS["quaternion hamilton, bias"]
     q, k, v = qkv((3,), 4, 2, 7, 9, 3, 3, quaternion=True)
     check_vjp(fn, (q, k, v), [((2, 1), 2, 7, 4, 3)] * 3, options, scheduler=client.get)
     batch, H, Hkv, L_, S_, qc, kc, options = TAYLOR_SCAN["causal, uneven L and S chunks, GQA"]
@@ -443,6 +619,14 @@ def test_on_local_cluster(client):
     assert_close(got_dx, want_dx, "dx")
     for name in want_dp:
         assert_close(got_dp[name], want_dp[name], name)
+
+
+def test_position_options_on_local_cluster(client):
+    q, k, v = qkv((3,), 4, 2, L, S, 8, 6)
+    qc, kc = SDPA_CHUNKS["queries and keys uneven"]
+    options = {"window": (4, 1), "causal": True, "causal_align": "lower_right", "softcap": 2.5,
+               "alibi_slopes": SLOPES_BATCH, "rotary": "half", "bias": BIAS}
+    check_vjp(refattn.sdpa, (q, k, v), (qc, kc, kc[:-1] + (6,)), options, scheduler=client.get)
 
 
 def test_killed_worker_costs_a_retry_not_the_result(client):

@@ -15,7 +15,13 @@ NumPy float32/float64 arrays (``psi = sqrt(scale) q``, ``kappa = sqrt(scale) k``
 
 Accumulators are float64 for both input dtypes: a scalar scan gains nothing
 from float32 registers, and a prefix sum over 65536 keys in float32 would lose
-up to ``L * 2^-24 ~ 4e-3`` relative.  Parallelism: ``prange`` over
+up to ``L * 2^-24 ~ 4e-3`` relative.  The kernels see C-contiguous arrays only
+(:func:`_as_kernel_input`; a layer's head-split views are not contiguous and are
+copied once): one compiled signature per kernel and dtype instead of one per
+dtype x array layout, which removed 4 of the 8 Taylor-kernel compilations of a cold
+``refattn`` run (docs/benchmarks.md, "Cold start").  Widening float32 inputs to float64 as
+well (one signature per kernel) was measured and rejected: the float32 Taylor
+kernels run 1.6-1.8x faster than on widened inputs.  Parallelism: ``prange`` over
 batch x heads x query tiles (exact) or batch x heads x blocks of 16 channels (Taylor).
 Per-query-head ``dk, dv`` are summed over GQA groups afterwards.
 """
@@ -324,7 +330,13 @@ def _offset(opts):
     return _NO_OFFSET if opts.causal_offset is None else int(opts.causal_offset)
 
 
+def _as_kernel_input(x):
+    """``x`` C-contiguous, aligned and writeable, the kernels' one array layout (no copy if it is)."""
+    return np.require(x, requirements=("C", "A", "W"))
+
+
 def forward(q, k, v, opts):
+    q, k, v = (_as_kernel_input(x) for x in (q, k, v))
     B, H, L, D = q.shape
     S = k.shape[2]
     o = np.empty_like(q)
@@ -343,12 +355,13 @@ def forward(q, k, v, opts):
 
 
 def backward(q, k, v, o, saved, do, opts):
+    q, k, v, o, do = (_as_kernel_input(x) for x in (q, k, v, o, do))
+    saved = tuple(_as_kernel_input(x) for x in saved)
     B, H, L, D = q.shape
     S = k.shape[2]
     dq = np.empty_like(q)
     dk = np.empty((B, H, S, D), dtype=q.dtype)
     dv = np.empty((B, H, S, D), dtype=q.dtype)
-    do = np.ascontiguousarray(do)
     if opts.order is None:
         keep, has_mask = _keep(opts.mask, (B, H, L, S))
         (lse,) = saved

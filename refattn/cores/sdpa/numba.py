@@ -454,45 +454,19 @@ def _backward_kernel(q, k, v, do, lse, row_dot, mask, bias, slopes, drop, mods, 
 _DEFAULT_KERNELS = {name: globals()[name] for name in MOD_KERNELS}
 
 
-@jit(parallel=True)
-def _finish_dq(dq_parts, scale, dq):
-    """``dq = scale * sum(dq_parts, axis=0)`` over the key-tile chunks."""
-    B, H, L, E = dq.shape
-    for bh in prange(B * H):
-        b = bh // H
-        h = bh % H
-        for i in range(L):
-            for e in range(E):
-                total = dq_parts[0, b, h, i, e]
-                for c in range(1, dq_parts.shape[0]):
-                    total += dq_parts[c, b, h, i, e]
-                dq[b, h, i, e] = total * scale
-
-
-@jit(parallel=True)
-def _row_dot(do, o, out):
-    """``D = rowsum(dO * O)`` ``(B, H, L)``."""
-    B, H, L, Ev = o.shape
-    zero = np.zeros(1, o.dtype)[0]
-    for bh in prange(B * H):
-        b = bh // H
-        h = bh % H
-        for i in range(L):
-            total = zero
-            for e in range(Ev):
-                total += do[b, h, i, e] * o[b, h, i, e]
-            out[b, h, i] = total
-
-
 def _c(x, dtype):
     """C-contiguous, aligned, writeable ``dtype`` array (one compiled signature for all inputs)."""
     return np.require(x, dtype=dtype, requirements=("C", "A", "W"))
 
 
 def _broadcast(x, shape, dtype):
-    """Zero-stride read-only view ``shape`` of ``x``; a 1-element stand-in when ``x`` is None."""
+    """Zero-stride read-only view ``shape`` of ``x``; a stand-in when ``x`` is None.
+
+    The stand-in is a zero-stride view too, so that it has the array type (layout 'A') of
+    a broadcast mask or bias: a call with and one without them share one compiled kernel.
+    """
     if x is None:
-        return np.broadcast_to(np.zeros((1, 1, 1, 1), dtype), (1, 1, 1, 1))
+        return np.broadcast_to(np.zeros((1, 1, 1, 1), dtype), (1, 1, 1, 2))
     return np.broadcast_to(np.asarray(x, dtype=dtype), shape)
 
 
@@ -610,19 +584,14 @@ def backward(q, k, v, o, lse, do, opts):
     q_scaled = q * ops["scale"]                   # (B, H, L, E): O(L) per head
     need_ds = bool(opts.need_bias_grad)
     dscores = np.zeros((B, H, L, S) if need_ds else (1, 1, 1, 1), dtype)
-    row_dot = np.empty((B, H, L), dtype)
+    row_dot = np.einsum("bhle,bhle->bhl", do, o)     # D = rowsum(dO * O), (B, H, L)
     dslope_parts = np.zeros((n_chunks, B, H) if opts.need_alibi_grad else (1, 1, 1), dtype)
     with launch():
-        _row_dot(do, o, row_dot)
         kernel(q_scaled, k, v, do, lse, row_dot, ops["mask"], ops["bias"], ops["slopes"],
                ops["drop"], ops["mods"], ops["has_drop"], ops["causal"], ops["scale"],
                ops["drop_scale"], block_q, block_k, n_chunks, need_ds, dq_parts, dk, dv, dscores,
                dslope_parts)
-        if n_chunks == 1:
-            dq = dq_parts[0]
-            dq *= ops["scale"]
-        else:
-            dq = np.empty((B, H, L, E), dtype)
-            _finish_dq(dq_parts, ops["scale"], dq)
+    dq = dq_parts[0] if n_chunks == 1 else dq_parts.sum(axis=0)    # (B, H, L, E)
+    dq *= ops["scale"]
     dslopes = dslope_parts.sum(axis=0) if opts.need_alibi_grad else None       # (B, H)
     return dq, dk, dv, (dscores if need_ds else None), dslopes
