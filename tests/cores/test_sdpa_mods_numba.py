@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import refattn
 from refattn._vjp import attach_vjp
 from refattn.cores.sdpa import api, numba_mods
 from refattn.cores.sdpa import numba as sdpa_numba
@@ -279,3 +280,26 @@ def test_default_path_stays_cached_and_untouched(compiled):
     assert proc.returncode == 0, proc.stderr
     stats = json.loads(proc.stdout.strip().splitlines()[-1])
     assert stats == {"_forward_kernel": [1, 0], "_backward_kernel": [1, 0]}, stats
+
+
+def test_public_sdpa_runs_the_functions_on_numba_like_the_reference():
+    """``refattn.sdpa(..., backend="numba")`` evaluates plain Python functions in the kernel."""
+    rng = np.random.default_rng(7)
+    q, k, v = (rng.standard_normal((1, 2, 64, 16)) for _ in range(3))
+
+    def near(b, h, i, j):
+        return (i - j) <= 8
+
+    def decay(s, b, h, i, j):
+        return s - 0.1 * (h + 1) * abs(i - j)
+
+    def decay_grad(s, b, h, i, j):
+        return 1.0 + 0.0 * s
+
+    kw = dict(mask_mod=near, score_mod=decay, score_mod_grad=decay_grad)
+    outs = {}
+    for backend in ("reference", "numba"):
+        o, pullback = refattn.vjp(refattn.sdpa, q, k, v, backend=backend, **kw)
+        outs[backend] = (o, *pullback(np.cos(o)))
+    for got, expected in zip(outs["numba"], outs["reference"]):
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-13)
