@@ -101,7 +101,8 @@ class SDPAOptions:
     score_mod, score_mod_grad : callable or None
         ``score_mod(score, b, h, i, j) -> score`` applied last to the scores, and its
         derivative with respect to ``score`` (same signature) for the backward pass.
-        Reference backend only.
+        The numba backend calls them pair by pair on scalars
+        (:mod:`refattn.cores.sdpa.numba_mods`); cupy routes them to the reference.
 
     Forward and backward read these from the residuals, so the two passes of one
     call always agree.
@@ -337,8 +338,8 @@ def forward(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_
     backend = _backends.route(backend, xp, (q, k, v, options.alibi), options.bias)
     if backend == "cupy" and (options.window or options.softcap or options.need_alibi_grad):
         backend = "reference"       # the CUDA kernels do not take these options yet
-    if options.mask_mod is not None or options.score_mod is not None:
-        backend = "reference"       # array functions of (b, h, i, j): no tile-wise kernel yet
+    if (options.mask_mod is not None or options.score_mod is not None) and backend != "numba":
+        backend = "reference"       # cupy: no tile-wise evaluation of the functions yet
     impl = implementation(backend)
     q4, k4, v4 = (flatten_batch(xp, x, shapes.batch) for x in (q, k, v))
     o4, lse = impl.forward(q4, k4, v4, options)
@@ -478,8 +479,10 @@ def sdpa(q: Array, k: Array, v: Array, *, mask: Array | None = None, bias: Array
         score (after soft-cap, bias and ALiBi, before masking).
     score_mod_grad : callable, optional
         ``d score_mod / d score`` with the same signature; required for gradients.
-        ``mask_mod`` and ``score_mod`` run on the reference backend whatever ``backend``
-        says (``O(L S)`` memory), until the kernels evaluate them tile by tile.
+        On numba they run pair by pair as scalar numba-compiled functions on the tiles
+        the causal rule and the window leave (``O(L)`` memory; a first call with new
+        functions compiles for 10-30 s); cupy, and packed or padded sequences, route
+        them to the reference backend (``O(L S)`` memory).
     rotary : {None, "half", "interleaved"}
         Rotary position embeddings applied to ``q`` and ``k`` first
         (:func:`refattn.apply_rotary`): ``"half"`` pairs ``(x_m, x_{m+r/2})``

@@ -28,6 +28,10 @@ Design (``docs/backends/numba.md`` has the full story):
   already feeds every thread) and the chunks are summed at the end.  No races.
 * Causal: key tiles entirely above the diagonal are skipped; only diagonal
   tiles are masked element-wise.
+* FlexAttention-style ``mask_mod`` / ``score_mod`` / ``score_mod_grad`` are called pair by
+  pair on the tiles that causal rule and window leave (no other tile is skipped), through
+  module-level placeholders that :mod:`.numba_mods` rebinds in uncached copies of the
+  kernels (:data:`MOD_KERNELS`); the default kernels stay cached and unchanged.
 * Masks, bias and the dropout keep-mask arrive as zero-stride broadcast views
   of shape ``(B, H, L, S)``: nothing L x S is materialised, except ``dscores``
   when the bias gradient is requested (L x S by definition).
@@ -56,6 +60,7 @@ from ...backends.numba_support import (
     num_threads,
 )
 from ...backends.tuning import tuned_choice
+from . import numba_mods
 
 __all__ = ["DEFAULT_TILES", "backward", "forward"]
 
@@ -74,18 +79,48 @@ TUNE_MIN_LEN = 512
 RESHIFT = 30.0
 
 
+# The user's mask and score functions (FlexAttention's mask_mod / score_mod) are called
+# through these three names.  The cached kernels below call these placeholders, guarded by
+# the flags of ``mods`` (False unless the call has the function, so they never run);
+# :mod:`.numba_mods` builds uncached copies of the kernels whose globals bind the names to
+# the user's compiled functions instead.
+@jit
+def _MASK_MOD(b, h, i, j):
+    """Placeholder of ``mask_mod(b, h, i, j) -> bool``: keeps every pair."""
+    return True
+
+
+@jit
+def _SCORE_MOD(score, b, h, i, j):
+    """Placeholder of ``score_mod(score, b, h, i, j) -> score``: the identity."""
+    return score
+
+
+@jit
+def _SCORE_MOD_GRAD(score, b, h, i, j):
+    """Placeholder of ``score_mod_grad(score, b, h, i, j)``: the identity's derivative, 1."""
+    return score - score + 1
+
+
+#: The kernels that reach a placeholder (directly or through a callee), in call order;
+#: :mod:`.numba_mods` rebuilds exactly these for user functions.
+MOD_KERNELS = ("_scores_tile", "_scores_rows", "_forward_kernel", "_backward_kernel")
+
+
 @jit
 def _scores_tile(st, i0, j0, b, h, mods, mask, bias, slopes, causal, has_lo, has_hi, tanh_tile,
-                 store_tanh):
-    """Scores tile ``st (nc, nr)`` (scaled already): soft-cap, bias, ALiBi, then masking.
+                 store_grads, mod_grad_tile):
+    """Scores tile ``st (nc, nr)`` (scaled already): soft-cap, bias, ALiBi, ``score_mod``,
+    then masking (mask, ``mask_mod``, causal rule, window).
 
     ``mods`` holds the flags and numbers of :func:`_modifiers`; ``causal``, ``has_lo`` and
     ``has_hi`` say whether this tile crosses the causal diagonal or a window edge (tiles
-    inside the band skip those loops).  With ``store_tanh`` the soft-cap's ``tanh`` goes to
-    ``tanh_tile (nc, nr)`` for the backward pass.
+    inside the band skip those loops).  With ``store_grads`` the soft-cap's ``tanh`` goes to
+    ``tanh_tile (nc, nr)`` and ``score_mod_grad`` at the score before ``score_mod`` to
+    ``mod_grad_tile (nc, nr)``, for the backward pass.
     """
     (has_mask, has_bias, has_softcap, has_alibi, offset, lo, hi, softcap, inv_softcap,
-     dist_offset, neg_inf, _, _) = mods
+     dist_offset, neg_inf, _, _, has_mask_mod, has_score_mod) = mods
     nc, nr = st.shape
     slope = slopes[b if slopes.shape[0] > 1 else 0, h] if has_alibi else softcap - softcap
     for c in range(nc):
@@ -95,7 +130,7 @@ def _scores_tile(st, i0, j0, b, h, mods, mask, bias, slopes, causal, has_lo, has
             trow = tanh_tile[c]
             for r in range(nr):
                 t = fast_tanh(row[r] * inv_softcap)
-                if store_tanh:
+                if store_grads:
                     trow[r] = t
                 row[r] = softcap * t
         if has_bias:
@@ -104,9 +139,24 @@ def _scores_tile(st, i0, j0, b, h, mods, mask, bias, slopes, causal, has_lo, has
         if has_alibi:
             for r in range(nr):
                 row[r] -= slope * abs(i0 + r + dist_offset - j)
+        if has_score_mod:   # a -inf bias masks the pair whatever score_mod makes of it
+            grow = mod_grad_tile[c]
+            for r in range(nr):
+                if has_bias and bias[b, h, i0 + r, j] == neg_inf:
+                    row[r] = neg_inf
+                    if store_grads:
+                        grow[r] = softcap - softcap
+                else:
+                    if store_grads:
+                        grow[r] = _SCORE_MOD_GRAD(row[r], b, h, i0 + r, j)
+                    row[r] = _SCORE_MOD(row[r], b, h, i0 + r, j)
         if has_mask:
             for r in range(nr):
                 if not mask[b, h, i0 + r, j]:
+                    row[r] = neg_inf
+        if has_mask_mod:
+            for r in range(nr):
+                if not _MASK_MOD(b, h, i0 + r, j):
                     row[r] = neg_inf
         if causal:
             # key j is kept for query i iff j <= i + offset, i.e. r >= j - offset - i0
@@ -124,10 +174,11 @@ def _scores_tile(st, i0, j0, b, h, mods, mask, bias, slopes, causal, has_lo, has
 @jit
 def _scores_rows(s, i0, j0, b, h, mods, mask, bias, slopes, causal, has_lo, has_hi):
     """Scores tile ``s (nr, nc)`` (scaled already), queries by keys: soft-cap, bias, ALiBi,
-    then masking; the forward's layout (:func:`_scores_tile` is the backward's, transposed).
+    ``score_mod``, then masking; the forward's layout (:func:`_scores_tile` is the
+    backward's, transposed).
     """
     (has_mask, has_bias, has_softcap, has_alibi, offset, lo, hi, softcap, inv_softcap,
-     dist_offset, neg_inf, _, _) = mods
+     dist_offset, neg_inf, _, _, has_mask_mod, has_score_mod) = mods
     nr, nc = s.shape
     slope = slopes[b if slopes.shape[0] > 1 else 0, h] if has_alibi else softcap - softcap
     for r in range(nr):
@@ -142,9 +193,19 @@ def _scores_rows(s, i0, j0, b, h, mods, mask, bias, slopes, causal, has_lo, has_
         if has_alibi:
             for c in range(nc):
                 row[c] -= slope * abs(i + dist_offset - j0 - c)
+        if has_score_mod:   # a -inf bias masks the pair whatever score_mod makes of it
+            for c in range(nc):
+                if has_bias and bias[b, h, i, j0 + c] == neg_inf:
+                    row[c] = neg_inf
+                else:
+                    row[c] = _SCORE_MOD(row[c], b, h, i, j0 + c)
         if has_mask:
             for c in range(nc):
                 if not mask[b, h, i, j0 + c]:
+                    row[c] = neg_inf
+        if has_mask_mod:
+            for c in range(nc):
+                if not _MASK_MOD(b, h, i, j0 + c):
                     row[c] = neg_inf
         if causal:          # kept iff j <= i + offset, i.e. c <= i + offset - j0
             for c in range(max(0, min(nc, i + offset - j0 + 1)), nc):
@@ -282,7 +343,7 @@ def _backward_kernel(q, k, v, do, lse, row_dot, mask, bias, slopes, drop, mods, 
                      dscores, dslope_parts):
     # q is already scaled (scale * Q), so dK_j += dS^T q_i carries the scale.
     B, H, L, E = q.shape
-    has_softcap, has_alibi = mods[2], mods[3]
+    has_softcap, has_alibi, has_score_mod = mods[2], mods[3], mods[14]
     offset, window_lo, window_hi, lo, hi, dist_offset = (mods[4], mods[11], mods[12], mods[5],
                                                         mods[6], mods[9])
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
@@ -300,6 +361,7 @@ def _backward_kernel(q, k, v, do, lse, row_dot, mask, bias, slopes, drop, mods, 
         dpt_buf = np.empty(block_k * block_q, q.dtype)
         pd_buf = np.empty(block_k * block_q if has_drop else 0, q.dtype)
         tanh_buf = np.empty(block_k * block_q if has_softcap else 0, q.dtype)
+        mod_grad_buf = np.empty(block_k * block_q if has_score_mod else 0, q.dtype)
         shift = np.empty(block_q, q.dtype)
         for jt in range(chunk, n_kt, n_chunks):
             j0 = jt * block_k
@@ -328,11 +390,12 @@ def _backward_kernel(q, k, v, do, lse, row_dot, mask, bias, slopes, drop, mods, 
                     do_tile = do[b, h, i0:i1]       # (nr, Ev)
                     st = st_buf[:nc * nr].reshape((nc, nr))
                     tt = tanh_buf[:nc * nr].reshape((nc, nr)) if has_softcap else st
+                    gt = mod_grad_buf[:nc * nr].reshape((nc, nr)) if has_score_mod else st
                     gemm(st, k_tile, False, q_tile, True, False)
                     _scores_tile(st, i0, j0, b, h, mods, mask, bias, slopes,
                                  causal and j1 - 1 > i0 + offset,
                                  window_lo and j0 < i1 - 1 + lo, window_hi and j1 - 1 > i0 + hi,
-                                 tt, True)
+                                 tt, True, gt)
                     for r in range(nr):            # a row with no key (lse -inf) gets P = 0
                         x = lse[b, h, i0 + r]
                         shift[r] = x if x > neg_inf else pos_inf
@@ -360,6 +423,13 @@ def _backward_kernel(q, k, v, do, lse, row_dot, mask, bias, slopes, drop, mods, 
                         drow = dpt[c]
                         for r in range(nr):
                             row[r] = row[r] * (drow[r] - row_dot[b, h, i0 + r])
+                    if has_score_mod:               # dU = dS * score_mod_grad(U), 0 if not kept
+                        for c in range(nc):
+                            row = st[c]
+                            grow = gt[c]
+                            for r in range(nr):    # dS = 0 exactly where P = 0 (masked pairs,
+                                if row[r] != zero:  # whose derivative may be NaN): stays 0
+                                    row[r] = row[r] * grow[r]
                     if need_ds:
                         for c in range(nc):
                             for r in range(nr):
@@ -379,6 +449,9 @@ def _backward_kernel(q, k, v, do, lse, row_dot, mask, bias, slopes, drop, mods, 
                     gemm(dq[b, h, i0:i1], st, True, k_tile, False, True)  # dQ_i += dS K_j
                 if has_alibi:
                     dslope_parts[chunk, b, h] += slope_grad
+
+
+_DEFAULT_KERNELS = {name: globals()[name] for name in MOD_KERNELS}
 
 
 def _c(x, dtype):
@@ -401,7 +474,8 @@ def _modifiers(opts, L, S, dtype):
     """The score modifiers as one tuple of fixed types (one compiled signature per dtype).
 
     ``(has_mask, has_bias, has_softcap, has_alibi, causal offset, window lo, window hi,
-    softcap, 1/softcap, ALiBi distance offset S - L, -inf, window has lo, window has hi)``.
+    softcap, 1/softcap, ALiBi distance offset S - L, -inf, window has lo, window has hi,
+    has mask_mod, has score_mod)``.
     """
     lo, hi = opts.window if opts.window is not None else (None, None)
     cap = opts.softcap if opts.softcap is not None else 1.0
@@ -410,7 +484,8 @@ def _modifiers(opts, L, S, dtype):
             int(opts.causal_offset) if opts.causal_offset is not None else 0,
             int(lo) if lo is not None else 0, int(hi) if hi is not None else 0,
             dtype.type(cap), dtype.type(1.0 / cap), int(S - L), dtype.type(-np.inf),
-            lo is not None, hi is not None)
+            lo is not None, hi is not None, opts.mask_mod is not None,
+            opts.score_mod is not None)
 
 
 def _operands(q, k, v, opts):
@@ -457,6 +532,16 @@ def _tiles(opts, pass_name, dtype, L, S, E, Ev):
     return tuple(tuned_choice(name, TILE_CANDIDATES, seconds))
 
 
+def _kernels(opts, dtype) -> dict:
+    """``{name: dispatcher}`` of :data:`MOD_KERNELS` for this call: the module's own (cached)
+    kernels, or, with ``mask_mod``/``score_mod``, uncached copies bound to the call's compiled
+    functions (:func:`.numba_mods.kernels`, built once per set of functions)."""
+    if opts.mask_mod is None and opts.score_mod is None:
+        return _DEFAULT_KERNELS
+    return numba_mods.kernels(globals(), MOD_KERNELS, np.dtype(dtype), mask_mod=opts.mask_mod,
+                              score_mod=opts.score_mod, score_mod_grad=opts.score_mod_grad)
+
+
 def forward(q, k, v, opts):
     """``(o (B, H, L, Ev), lse (B, H, L))``; see :mod:`refattn.cores.sdpa.api`."""
     dtype = q.dtype
@@ -466,10 +551,11 @@ def forward(q, k, v, opts):
     lse = np.empty((B, H, L), dtype)
     ops = _operands(q, k, v, opts)
     block_q, block_k = _tiles(opts, "forward", dtype, L, k.shape[2], q.shape[3], v.shape[3])
+    kernel = _kernels(opts, dtype)["_forward_kernel"]
     with launch():
-        _forward_kernel(q, k, v, ops["mask"], ops["bias"], ops["slopes"], ops["drop"],
-                        ops["mods"], ops["has_drop"], ops["causal"], ops["scale"],
-                        ops["drop_scale"], block_q, block_k, o, lse)
+        kernel(q, k, v, ops["mask"], ops["bias"], ops["slopes"], ops["drop"], ops["mods"],
+               ops["has_drop"], ops["causal"], ops["scale"], ops["drop_scale"], block_q, block_k,
+               o, lse)
     return o, lse
 
 
@@ -481,7 +567,11 @@ def _chunks(work_items: int, key_tiles: int) -> int:
 
 def backward(q, k, v, o, lse, do, opts):
     """``(dq, dk, dv, dscores, dslopes)``; see :mod:`refattn.cores.sdpa.api`."""
+    if opts.score_mod is not None and opts.score_mod_grad is None:
+        raise ValueError("the gradient through score_mod= needs its derivative: pass "
+                         "score_mod_grad(score, b, h, i, j) = d score_mod / d score")
     dtype = q.dtype
+    kernel = _kernels(opts, dtype)["_backward_kernel"]
     q, k, v, o, lse, do = (_c(x, dtype) for x in (q, k, v, o, lse, do))
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
@@ -497,10 +587,10 @@ def backward(q, k, v, o, lse, do, opts):
     row_dot = np.einsum("bhle,bhle->bhl", do, o)     # D = rowsum(dO * O), (B, H, L)
     dslope_parts = np.zeros((n_chunks, B, H) if opts.need_alibi_grad else (1, 1, 1), dtype)
     with launch():
-        _backward_kernel(q_scaled, k, v, do, lse, row_dot, ops["mask"], ops["bias"],
-                         ops["slopes"], ops["drop"], ops["mods"], ops["has_drop"], ops["causal"],
-                         ops["scale"], ops["drop_scale"], block_q, block_k, n_chunks, need_ds,
-                         dq_parts, dk, dv, dscores, dslope_parts)
+        kernel(q_scaled, k, v, do, lse, row_dot, ops["mask"], ops["bias"], ops["slopes"],
+               ops["drop"], ops["mods"], ops["has_drop"], ops["causal"], ops["scale"],
+               ops["drop_scale"], block_q, block_k, n_chunks, need_ds, dq_parts, dk, dv, dscores,
+               dslope_parts)
     dq = dq_parts[0] if n_chunks == 1 else dq_parts.sum(axis=0)    # (B, H, L, E)
     dq *= ops["scale"]
     dslopes = dslope_parts.sum(axis=0) if opts.need_alibi_grad else None       # (B, H)

@@ -279,6 +279,10 @@ def forward(core_forward: Callable, q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k go together (FlashAttention varlen); "
                          f"{missing} is missing")
     xp = namespace(q, k, v)
+    if mask_mod is not None or score_mod is not None:
+        # the functions see relabelled sequences through Python closures, which the numba
+        # kernels cannot compile: evaluate them as array functions
+        options["backend"] = "reference"
     if packed:
         q4, k4, v4 = _packed_view(xp, q, k, v)
         shapes = attention_shapes(q4, k4, v4)
