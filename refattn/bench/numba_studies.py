@@ -1,8 +1,8 @@
 """Studies of the numba backend: against PyTorch, its memory bound, against the reference.
 
 * ``sdpa-vs-torch``: forward and forward+backward throughput of the numba SDPA
-  kernel over ``torch.nn.functional.scaled_dot_product_attention`` (CPU), float32,
-  causal and not, interleaved in one process; with this machine's float32 GEMM
+  kernel over ``torch.nn.functional.scaled_dot_product_attention`` (CPU), float32
+  and float64, causal and not, interleaved in one process; with this machine's GEMM
   rate (NumPy matmul) as the ceiling.  Needs torch (the ``bench`` extra).
 * ``sdpa-memory``: peak resident memory of numba SDPA forward+backward above its
   inputs and outputs, measured in a fresh subprocess (Numba's allocations escape
@@ -18,13 +18,14 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 
 from .. import cores as _cores
 from ..cores.sdpa import api
 from .study import Study, StudyResult
-from .timing import compare, interleaved_calls
+from .timing import compare, interleaved_calls, time_call
 
 __all__ = ["sdpa_vs_torch", "sdpa_memory", "numba_vs_reference"]
 
@@ -35,13 +36,24 @@ REFERENCE_SPEEDUP_TARGET = 5.0
 
 
 def _gemm_contender(n: int, dtype=np.float32):
-    """A square NumPy matmul (all BLAS threads) and its FLOPs: the ceiling.
-
-    It runs interleaved with the attention contenders, so it sees the same machine load.
-    """
+    """A square NumPy matmul (all BLAS threads) and its FLOPs: the ceiling (see
+    :func:`_gemm_seconds` for when it is timed)."""
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((n, n)).astype(dtype) for _ in range(2))
     return (lambda: a @ b), 2.0 * n ** 3
+
+
+def _gemm_seconds(gemm_fn) -> float:
+    """Median seconds of the ceiling GEMM, timed apart from the contenders.
+
+    Not interleaved with them: OpenBLAS's threads keep spinning for a while after a
+    multi-threaded call, and the contender timed next ran 33 % slower (measured: numba
+    causal forward at (1, 8, 2048, 64), 46 ms alone or after torch, 62 ms after the GEMM).
+    A pause lets them sleep before the next contender.
+    """
+    seconds = time_call(gemm_fn, min_time=0.2)
+    time.sleep(0.5)
+    return seconds
 
 
 #: ``(B, H, L, E, dtype)`` judged at size "full" (issue 17), and the quick stand-ins.
@@ -104,11 +116,10 @@ def sdpa_vs_torch(size: str = "quick") -> StudyResult:
         gemm_fn, gemm_flops = _gemm_contender(2048 if size == "full" else 1024, dtype)
         for causal in (False, True):
             contenders = _torch_contenders(q, k, v, do, causal, torch)
-            timed = {**contenders, "gemm": gemm_fn}
             # calls of a second and more: single calls interleaved (compare repeats each 3x)
-            t = (interleaved_calls(timed, rounds) if L >= 4096 else
-                 compare(timed, rounds=rounds))
-            gemm = gemm_flops / t["gemm"] / 1e9
+            t = (interleaved_calls(contenders, rounds) if L >= 4096 else
+                 compare(contenders, rounds=rounds))
+            gemm = gemm_flops / _gemm_seconds(gemm_fn) / 1e9
             gemm_rates.setdefault(dtype, []).append(gemm)
             fwd_flops = api.flops((B,), H, L, L, E, E, causal=causal)
             # forward+backward = 2 + 5 tile products: 3.5x the forward FLOPs (FlashAttention)
@@ -138,8 +149,8 @@ def sdpa_vs_torch(size: str = "quick") -> StudyResult:
         headers=["(B, H, L, E)", "dtype", "pass", "numba ms", "torch ms", "numba/torch",
                  "numba GFLOP/s", "torch GFLOP/s", "numba / GEMM", "torch / GEMM"],
         rows=rows, metrics=metrics, failures=failures,
-        notes=[f"ceiling: square GEMM of the same dtype (NumPy matmul, all threads, "
-               f"interleaved with the contenders), GFLOP/s: {ceilings}",
+        notes=[f"ceiling: square GEMM of the same dtype (NumPy matmul, all threads, timed "
+               f"after each set of contenders, then a pause), GFLOP/s: {ceilings}",
                "ratio = torch time / numba time (> 1: numba faster); medians of "
                f"{rounds} interleaved rounds; FLOPs: forward 4 B H L S E over kept pairs, "
                "forward+backward 3.5x that",
