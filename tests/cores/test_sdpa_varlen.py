@@ -353,11 +353,15 @@ def _bad_packed(**changes):
      "score_mod must be None or a callable"),
     (lambda: refattn.sdpa(*_qkv(), score_mod_grad=_cap_grad), ValueError,
      "score_mod_grad= is the derivative of score_mod=, which is missing"),
-    (lambda: refattn.sdpa(*_qkv(), mask_mod=lambda b, h, i, j: i - j), TypeError,
+    (lambda: refattn.sdpa(*_qkv(), mask_mod=lambda b, h, i, j: i - j,
+                          backend="reference"), TypeError,
      r"mask_mod\(b, h, i, j\) must be a boolean array, got dtype int64"),
-    (lambda: refattn.sdpa(*_qkv(), mask_mod=lambda b, h, i, j: np.ones((3, 1), bool)), ValueError,
+    (lambda: refattn.sdpa(*_qkv(), mask_mod=lambda b, h, i, j: np.ones((3, 1), bool),
+                          backend="reference"), ValueError,
      r"mask_mod\(b, h, i, j\) of shape \(3, 1\) does not broadcast to \(B, H, L, S\)"),
-    (lambda: refattn.sdpa(*_qkv(), score_mod=lambda s, b, h, i, j: s > 0), TypeError,
+    # the array functions' checks (reference backend); numba's own: test_sdpa_mods_numba.py
+    (lambda: refattn.sdpa(*_qkv(), score_mod=lambda s, b, h, i, j: s > 0,
+                          backend="reference"), TypeError,
      r"score_mod\(score, b, h, i, j\) must be a real floating-point array"),
 ], ids=lambda x: x if isinstance(x, str) else "")
 def test_bad_values_name_the_argument(call, error, message):
