@@ -146,21 +146,27 @@ class Studies:
     def setup_cache(self):
         import importlib.util
 
-        metrics = {}
+        metrics, broken = {}, set()
         for name, study in studies().items():
             if any(importlib.util.find_spec(m) is None for m in study.requires):
-                continue
+                continue                 # its optional dependencies are not in this env: n/a
             try:
                 result = study.run("quick")
-            except Exception:  # a broken study shows as n/a, the others still run
+            except Exception:  # a broken study fails its metrics, the others still run
+                broken.add(name)
                 continue
             metrics.update({f"{name}:{k}": float(v) for k, v in result.metrics.items()})
-        return metrics
+        return metrics, broken
 
-    def track_metric(self, metrics, study_metric):
-        if study_metric not in metrics:
-            raise NotImplementedError(study_metric)
-        return metrics[study_metric]
+    def track_metric(self, cache, study_metric):
+        metrics, broken = cache
+        if study_metric in metrics:
+            return metrics[study_metric]
+        if study_metric.split(":", 1)[0] in broken:
+            raise RuntimeError(f"study of {study_metric} raised (run `refattn bench` to see)")
+        # Not measurable in this environment (e.g. torch, dask or a GPU absent from asv's
+        # virtualenv): NaN, which asv shows as n/a rather than as a failure.
+        return float("nan")
 
 
 class ColdStart:
