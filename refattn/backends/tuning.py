@@ -28,14 +28,15 @@ from typing import Any
 import llvmlite.binding as llvm
 import numba
 
-__all__ = ["tuned_choice", "tuning_file", "machine_key", "recorded_choices"]
+__all__ = ["cpu_model", "machine_key", "recorded_choices", "tuned_choice", "tuning_file"]
 
 _FILE_NAME = "refattn-tuning.json"
 _LOCK = threading.Lock()
 _MEMO: dict[str, Any] = {}
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU model (``model name`` of ``/proc/cpuinfo`` on Linux), else the platform's word."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -48,7 +49,7 @@ def _cpu_model() -> str:
 
 def machine_key() -> str:
     """``"<llvm cpu>|<cpu model>|<threads> threads"``: what a recorded choice is valid for."""
-    return f"{llvm.get_host_cpu_name()}|{_cpu_model()}|{numba.get_num_threads()} threads"
+    return f"{llvm.get_host_cpu_name()}|{cpu_model()}|{numba.get_num_threads()} threads"
 
 
 def tuning_file() -> str | None:

@@ -25,15 +25,14 @@ OpenBLAS threads cost more than they save.
 
 from __future__ import annotations
 
-from typing import Any
-
 import os
-import platform
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from ...backends.tuning import cpu_model
 from ...conditioning import layer_conditioning
 from ..study import Study, StudyResult
 from .claims import combine, compare_scores, learned, matches, outperforms
@@ -329,18 +328,6 @@ def _claims(digits_runs, recall_runs, budget, n_classes):
     return rows
 
 
-def _cpu_model() -> str:
-    """The CPU model (``model name`` of ``/proc/cpuinfo`` on Linux), else the platform's word."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 class _Log:
     """One line per trained model on ``stream`` (silent without one)."""
 
@@ -390,7 +377,7 @@ def run(size="quick", log=None) -> TrainingResult:
     notes = [f"verdict rules: refattn/bench/training/claims.py (interval delta +- 2 se over "
              f"seeds; 'matches' = not worse by more than {100 * MATCH_MARGIN:g} points; "
              f"inconclusive when the reference is not above {LEARNED_FACTOR:g}x chance)",
-             f"{_cpu_model()} ({os.cpu_count()} logical CPUs), {time.perf_counter() - t0:.0f} s "
+             f"{cpu_model()} ({os.cpu_count()} logical CPUs), {time.perf_counter() - t0:.0f} s "
              f"in all; NumPy {np.__version__}"]
     return TrainingResult("the papers' claims at this scale", ["claim", "paper", "setting",
                                                               "measured", "verdict"], rows,
