@@ -16,6 +16,7 @@ The choice is a performance decision only: every candidate computes the same fun
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -47,9 +48,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.lru_cache(maxsize=1)
+def _host() -> str:
+    return f"{llvm.get_host_cpu_name()}|{cpu_model()}"    # read once: /proc/cpuinfo is slow
+
+
 def machine_key() -> str:
     """``"<llvm cpu>|<cpu model>|<threads> threads"``: what a recorded choice is valid for."""
-    return f"{llvm.get_host_cpu_name()}|{cpu_model()}|{numba.get_num_threads()} threads"
+    return f"{_host()}|{numba.get_num_threads()} threads"
 
 
 def tuning_file() -> str | None:

@@ -116,15 +116,18 @@ def _causal_options(r: Recompute) -> dict:
     return r.problem.options
 
 
-def _no_causal(r: Recompute):
+def _require_causal(r: Recompute):
     if not _causal_options(r).get("causal"):
         raise NotApplicable("the case is not causal")
+
+
+def _no_causal(r: Recompute):
+    _require_causal(r)
     return r.out(lambda base: lambda q, k, v, o: base(q, k, v, {**o, "causal": False}))
 
 
 def _misaligned(r: Recompute):
-    if not _causal_options(r).get("causal"):
-        raise NotApplicable("the case is not causal")
+    _require_causal(r)
 
     def change(base):
         def call(q, k, v, options):
@@ -140,8 +143,7 @@ def _misaligned(r: Recompute):
 
 
 def _off_by_one(r: Recompute):
-    if not _causal_options(r).get("causal"):
-        raise NotApplicable("the case is not causal")
+    _require_causal(r)
 
     def change(base):
         def call(q, k, v, options):

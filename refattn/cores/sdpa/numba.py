@@ -514,12 +514,15 @@ def _tiles(opts, pass_name, dtype, L, S, E, Ev):
         return opts.tiles
     if min(L, S) < TUNE_MIN_LEN:
         return DEFAULT_TILES
-    rng = np.random.default_rng(0)
-    H, n = num_threads(), 1024                   # one head per thread, 4 tiles of the largest
-    q, k = (rng.standard_normal((1, H, n, E)).astype(dtype) for _ in range(2))
-    v, do = (rng.standard_normal((1, H, n, Ev)).astype(dtype) for _ in range(2))
+    problem: list = []                           # built at the first measurement only
 
     def seconds(tiles):
+        if not problem:
+            rng = np.random.default_rng(0)
+            H, n = num_threads(), 1024           # one head per thread, 4 tiles of the largest
+            problem.extend(rng.standard_normal((1, H, n, d)).astype(dtype)
+                           for d in (E, E, Ev, Ev))
+        q, k, v, do = problem
         probe = type(opts)(scale=opts.scale, tiles=tuple(tiles))
         start = time.perf_counter()
         o, lse = forward(q, k, v, probe)
