@@ -10,6 +10,10 @@ of two single-threaded worker processes, against the single-machine
   workers inherit it at spawn.  ``LocalCluster(env=...)`` is too late for Numba,
   which a worker imports before it applies ``env`` (measured: a worker given
   ``env={"NUMBA_NUM_THREADS": "1"}`` ran its kernels on every core);
+* the clusters run without the periodic work the study does not need
+  (:data:`QUIET_CLUSTER`: Dask's profiler, event-loop tick, system and memory monitors
+  at their default intervals took 13-15 % of a core from the kernels on an idle 2-worker
+  cluster);
 * inputs are persisted on the workers and the query chunk replicated to every
   worker before timing (key sharding sends the queries to every key block); the
   kernels are loaded (compiled or read from the cache) by a small warm-up graph
@@ -52,7 +56,7 @@ try:                        # the optional extra; without it the study is skippe
 except ImportError:
     _distributed = None  # type: ignore[assignment]
 
-__all__ = ["EFFICIENCY_TARGET", "STUDY", "dask_scaling"]
+__all__ = ["EFFICIENCY_TARGET", "QUIET_CLUSTER", "STUDY", "dask_scaling"]
 
 EFFICIENCY_TARGET = 0.8
 SINGLE_THREAD = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
@@ -62,6 +66,18 @@ SINGLE_THREAD = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM
 #: blocks of >= 512 queries and keys, refattn.backends.tuning) is made before the timed rounds.
 WARM_UP = 512
 SIZES = {"quick": (1, 4096, 64, 4, "float32", 3), "full": (1, 32768, 64, 16, "float32", 2)}
+#: Dask settings of the study's clusters (given to ``LocalCluster`` through ``dask.config.set``;
+#: the nannies hand them to their workers).  Each is a periodic callback on the event loops of
+#: the scheduler, nannies and workers that the study does not need, and on a 2-core machine
+#: whose both cores run a worker's kernels, their CPU is taken from the kernels (measured idle,
+#: two workers: 13-15 % of one core with Dask's defaults, 1.6-1.9 % with these; docs/benchmarks.md):
+#: the statistical profiler (samples every thread every 10 ms), the event-loop tick (20 ms, a
+#: blocked-loop warning), the system monitor (500 ms, dashboard figures) and the memory monitor
+#: (100 ms; 1 s still pauses or restarts a worker long before this study's memory matters).
+QUIET_CLUSTER = {"distributed.worker.profile.enabled": False,
+                 "distributed.admin.tick.interval": "1s",
+                 "distributed.admin.system-monitor.interval": "5s",
+                 "distributed.worker.memory.monitor-interval": "1s"}
 
 
 def _inputs(H, L, E, dtype):
@@ -173,12 +189,14 @@ def _task_seconds(stream):
 class _Cluster:
     """A LocalCluster of ``n`` single-threaded workers holding the persisted inputs."""
 
-    def __init__(self, n, arrays, chunks):
+    def __init__(self, n, arrays, chunks, config=None):
+        import dask
         import dask.array as da
         from distributed import Client, LocalCluster, futures_of, wait
 
-        self.cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                    dashboard_address=None, silence_logs=40)
+        with dask.config.set(QUIET_CLUSTER if config is None else config):
+            self.cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                        dashboard_address=None, silence_logs=40)
         self.client = Client(self.cluster)
         workers = sorted(self.client.scheduler_info()["workers"])
         q = self.client.persist(da.from_array(arrays[0], chunks=chunks[0]))
@@ -330,6 +348,7 @@ def dask_scaling(size: str = "quick") -> StudyResult:
                ("communication per worker and head, L = S = 1M, E = Ev = 64, float32, 64 "
                 "workers (calculated, refattn.distributed.volume): "
                 + ", ".join(f"{lay} {v:.0f} MiB" for lay, v in volume.items())),
+               f"cluster settings (dask.config, QUIET_CLUSTER): {QUIET_CLUSTER}",
                f"target: efficiency >= {EFFICIENCY_TARGET} at size 'full' (L = 32768)"])
 
 
