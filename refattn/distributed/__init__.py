@@ -76,7 +76,7 @@ def sdpa(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_lef
          dropout_mask=None, dropout_p=0.0, window=None, softcap=None, alibi_slopes=None,
          rotary=None, rotary_base=10000.0, rotary_dim=None, rotary_q_offset=0,
          return_lse=False, return_probs=False, backend="auto", tiles=None, float32_math=None,
-         split_every=4, **unsupported):
+         empty_rows="zero", split_every=4, **unsupported):
     """:func:`refattn.sdpa` on dask arrays, sharded along ``*batch``, ``H``, ``L`` and ``S``.
 
     Parameters
@@ -99,6 +99,10 @@ def sdpa(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_lef
         causal rule and the window keep gets no task.  ``backend`` is resolved per block
         (a block with non-finite or no data runs the reference, as the single-machine
         call routes).
+    empty_rows : {"zero", "uniform", "nan"}
+        What a row with no kept key in any block gives, as :func:`refattn.sdpa`:
+        applied after the merge (``lse = -inf`` marks the row), with sums over every
+        key block (:mod:`refattn.distributed.empty_rows`).
     return_lse : bool
         Also return the merged log-sum-exp ``(..., H, L)``.
     return_probs : bool
@@ -124,7 +128,7 @@ def sdpa(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_lef
                         window=window, softcap=softcap, alibi_slopes=alibi_slopes,
                         rotary=rotary, rotary_base=rotary_base, rotary_dim=rotary_dim,
                         rotary_q_offset=rotary_q_offset, backend=backend, tiles=tiles,
-                        float32_math=float32_math, return_lse=return_lse,
+                        float32_math=float32_math, empty_rows=empty_rows, return_lse=return_lse,
                         return_probs=return_probs, split_every=split_every)
 
 

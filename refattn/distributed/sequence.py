@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 from dask.base import tokenize
 
+from .._empty_rows import check_empty_rows
 from .._masks import causal_offset, window_bounds
 from .._validate import FRAMEWORK_ALIASES, check_float_array, check_same_dtype
 from ..cores.sdpa import sdpa as _single_sdpa
@@ -61,6 +62,12 @@ from ._graph import (
     zeros_like_block,
 )
 from ._plan import SCORE_ARRAYS, as_dask, make_plan, probe_arrays
+from .empty_rows import (
+    adjusted_value_gradient,
+    cotangent_for_kernels,
+    filled_output,
+    value_gradient_terms,
+)
 from .geometry import alibi_offset, block_band, block_visibility
 from .merge import merge_partials
 
@@ -86,18 +93,13 @@ PACKED_SEQUENCE_OPTIONS = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_
 def check_options(options, call):
     """Raise ``TypeError`` naming the first option of ``options`` that ``call`` does not take.
 
-    ``empty_rows`` is taken with its default ``"zero"`` only (``ValueError`` otherwise).
+    ``empty_rows`` is checked against :data:`refattn._empty_rows.EMPTY_ROWS` (``ValueError``).
     """
     for name in options:
         if name in SDPA_OPTIONS:
             continue
         if name == "empty_rows":
-            if options[name] != "zero":
-                raise ValueError(
-                    f"{call}() got empty_rows={options[name]!r}: sharded calls give an empty "
-                    "row (no kept key) refattn's convention only, empty_rows='zero' (o = 0, "
-                    "lse = -inf, no gradient); the 'uniform' and 'nan' fills are not "
-                    "implemented on sharded calls yet (docs/distributed.md)")
+            check_empty_rows(options[name])
             continue
         if name in PACKED_SEQUENCE_OPTIONS:
             raise TypeError(
@@ -125,6 +127,8 @@ class _Blocks:
     slopes_ndim: int = 0
     rope: dict | None = None      # apply_rotary keywords
     q_offset: int = 0
+    empty_rows: str = "zero"      # the policy (refattn._empty_rows)
+    dropout_scale: float = 1.0    # 1 / (1 - p) with a dropout mask
 
     def rows(self):
         """Every ``(*bh, i)`` query-row block."""
@@ -193,6 +197,7 @@ def _rotated(x, axis, start, rope, backward=False):
 
 def _make_blocks(q, k, v, options, call):
     check_options(options, call)
+    policy = options.get("empty_rows", "zero")
     options = {n: x for n, x in options.items() if n != "empty_rows"}
     slopes = options.pop("alibi_slopes", None)
     plan = make_plan(q, k, v, options, feature_axes=1, shard_sequence=True)
@@ -241,7 +246,9 @@ def _make_blocks(q, k, v, options, call):
     token = tokenize("sdpa", plan.q, plan.k, plan.v, sorted(plan.static.items()),
                      *(x.name for x in plan.arrays.values()),
                      None if slopes is None else slopes.name)
-    return _Blocks(plan, token, specs, s.value_dim, slopes, slopes_ndim, rope, q_offset)
+    token = tokenize(token, policy)
+    return _Blocks(plan, token, specs, s.value_dim, slopes, slopes_ndim, rope, q_offset, policy,
+                   drop_scale)
 
 
 def _dependencies(blocks):
@@ -299,6 +306,8 @@ def sdpa_sharded(q, k, v, *, return_lse=False, return_probs=False, split_every=4
     :func:`refattn.distributed.sdpa`."""
     blocks = _make_blocks(q, k, v, options, "refattn.distributed.sdpa")
     o, lse = _forward_graph(blocks, split_every)
+    if blocks.empty_rows != "zero":
+        o = filled_output(blocks, o, lse, split_every)
     extra = (lse,) if return_lse else ()
     if return_probs:
         extra += (_probs_graph(blocks, lse),)
@@ -311,22 +320,26 @@ def sdpa_vjp_sharded(q, k, v, *, split_every=4, **options):
         raise ValueError("vjp(sdpa, ...) differentiates the output o only; drop return_lse "
                          "and return_probs")
     blocks = _make_blocks(q, k, v, options, "refattn.distributed.vjp")
-    o, lse = _forward_graph(blocks, split_every)
+    o, lse = _forward_graph(blocks, split_every)            # o: the kernels' convention
+    out = o if blocks.empty_rows == "zero" else filled_output(blocks, o, lse, split_every)
 
     def pullback(do):
-        do = as_cotangent(do, o)
+        do = as_cotangent(do, out)
         t = tokenize(o.name, do)
         part = f"sdpa-block-bwd-{t}"
         layer = {}
+        do_kernel = do if blocks.empty_rows == "zero" else cotangent_for_kernels(blocks, do, lse,
+                                                                                 t)
         for index, spec in blocks.specs.items():
             qk, kk, vk, opts, sk = blocks.inputs(index)
             row = index[:-1]
             layer[(part,) + index] = (backward_block, qk, kk, vk, (o.name,) + row + (0,),
-                                      (lse.name,) + row, (do.name,) + row + (0,), *opts, sk,
-                                      spec)
-        return _gradients(blocks, layer, part, t, [o, lse, do], split_every)
+                                      (lse.name,) + row, (do_kernel.name,) + row + (0,), *opts,
+                                      sk, spec)
+        deps = [o, lse, do] + ([do_kernel] if do_kernel is not do else [])
+        return _gradients(blocks, layer, part, t, deps, split_every)
 
-    return o, pullback
+    return out, pullback
 
 
 def _gradients(blocks, layer, part, t, deps, split_every):
@@ -346,19 +359,27 @@ def _gradients(blocks, layer, part, t, deps, split_every):
     dq = new_array(dq_name, layer, deps, p.q.chunks, p.q, p.q.dtype)
     grads = [dq]
     n_rows = p.q.numblocks[nb + 1]
+    policy = blocks.empty_rows
     for n, like in ((1, p.k), (2, p.v)):
         name = f"sdpa-d{'kv'[n - 1]}-{t}"
-        sub = {}
+        sub, sub_deps = {}, [dq]
+        adjust = n == 2 and policy != "zero"           # the empty rows' share of dv
+        if adjust:
+            term, sub_deps = value_gradient_terms(blocks, sub, deps[2], deps[1], t, split_every)
+            sub_deps = [dq] + sub_deps
         for col in np.ndindex(*like.numblocks[:nb + 2]):
             bh, j = col[:-1], col[-1]
             root = (name,) + col + (0,)
+            kernel_root = (f"sdpa-dvk-{t}",) + col + (0,) if adjust else root
             parts = [(part,) + bh + (i, j) for i in range(n_rows) if bh + (i, j) in blocks.specs]
             if parts:
-                sum_parts(sub, root, parts, n, split_every)
+                sum_parts(sub, kernel_root, parts, n, split_every)
             else:
-                sub[root] = (zeros_like_block, (like.name,) + col + (0,),
-                             _block_shape(like, col + (0,)), like.dtype)
-        grads.append(new_array(name, sub, [dq], like.chunks, p.q, like.dtype))
+                sub[kernel_root] = (zeros_like_block, (like.name,) + col + (0,),
+                                    _block_shape(like, col + (0,)), like.dtype)
+            if adjust:
+                adjusted_value_gradient(sub, root, policy, kernel_root, term(col))
+        grads.append(new_array(name, sub, sub_deps, like.chunks, p.q, like.dtype))
     if blocks.rope is not None:            # the rotation is orthogonal: its pullback is R^T
         grads[0] = _rotated(grads[0], nb + 1, blocks.q_offset, blocks.rope, backward=True)
         grads[1] = _rotated(grads[1], nb + 1, 0, blocks.rope, backward=True)

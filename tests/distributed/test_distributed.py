@@ -35,16 +35,17 @@ RTOL = 1e-12
 
 
 def assert_close(got, want, what="", scale=0.0):
-    """``max |got - want| <= RTOL * max(max |want|, scale)``, and the same infinities.
+    """``max |got - want| <= RTOL * max(max |want|, scale)``, and the same infinities and NaNs.
 
     ``scale`` stands in for arrays that are zero in exact arithmetic (the
     gradient of a key bias, which softmax ignores, is rounding noise).
     """
     got, want = np.asarray(got), np.asarray(want)
     assert got.shape == want.shape, what
-    inf = np.isinf(want)
+    inf, nan = np.isinf(want), np.isnan(want)
     np.testing.assert_array_equal(np.isinf(got), inf, err_msg=what)
-    g, w = np.where(inf, 0.0, got), np.where(inf, 0.0, want)
+    np.testing.assert_array_equal(np.isnan(got), nan, err_msg=what)
+    g, w = np.where(inf | nan, 0.0, got), np.where(inf | nan, 0.0, want)
     scale = max(float(np.max(np.abs(w), initial=0.0)), scale, 1e-300)
     err = float(np.max(np.abs(g - w), initial=0.0)) / scale
     assert err <= RTOL, f"{what}: relative error {err:.2e}"
@@ -257,6 +258,51 @@ def test_empty_rows_zero_is_the_sharded_convention():
     qc, kc = SDPA_CHUNKS["queries and keys uneven"]
     check_vjp(refattn.sdpa, (q, k, v), (qc, kc, kc[:-1] + (6,)),
               {"mask": MASK, "empty_rows": "zero"})
+
+
+#: Problems with rows that no key block keeps (L = 13 > S = 11).
+EMPTY_ROW_PROBLEMS = {
+    "mask row 3 empty": {"mask": MASK},
+    "mask + dropout + bias": {"mask": MASK, "dropout_mask": DROP, "dropout_p": 0.2,
+                              "bias": BIAS},
+    "causal lower_right (rows 0-1 empty, blocks skipped)": {"causal": True,
+                                                            "causal_align": "lower_right"},
+    "window + dropout (blocks skipped)": {"window": (-1, 0), "causal": True,
+                                          "causal_align": "lower_right", "dropout_mask": DROP,
+                                          "dropout_p": 0.3},
+}
+
+
+@pytest.mark.parametrize("policy", ["uniform", "nan"])
+@pytest.mark.parametrize("chunks", [SDPA_CHUNKS["keys uneven"],
+                                    SDPA_CHUNKS["queries and keys uneven"]],
+                         ids=["keys uneven", "queries and keys uneven"])
+@pytest.mark.parametrize("options", EMPTY_ROW_PROBLEMS.values(), ids=EMPTY_ROW_PROBLEMS.keys())
+def test_empty_rows_policies_equal_single_machine(options, chunks, policy):
+    """The fills after the merge: o, lse and every gradient against the single-machine call."""
+    q, k, v = qkv((3,), 4, 2, L, S, 8, 6)                     # GQA 4/2
+    qc, kc = chunks
+    options = {**options, "empty_rows": policy}
+    check_vjp(refattn.sdpa, (q, k, v), (qc, kc, kc[:-1] + (6,)), options)
+    got = dask.compute(*rd.sdpa(*_dask(q, k, v, chunks=(qc, kc, kc)), return_lse=True,
+                                **options), scheduler="threads")
+    want = refattn.sdpa(q, k, v, return_lse=True, **options)
+    for name, g, w in zip(("o", "lse"), got, want):
+        assert_close(g, w, name)
+    # the problem has empty rows, and the policy changed them
+    assert np.isneginf(want[1]).any()
+    assert np.isnan(got[0]).any() if policy == "nan" else not np.isnan(got[0]).any()
+
+
+def test_empty_rows_keep_the_graph_of_zero():
+    """'zero' (the default) adds no task; the fills add one per row block (no dropout)."""
+    q, k, v = _dask(*qkv((1,), 2, 2, 16, 16, 4, 4), chunks=[(1, 2, 4, 4)] * 3)
+    plain = rd.sdpa(q, k, v, causal=True)
+    zero = rd.sdpa(q, k, v, causal=True, empty_rows="zero")
+    assert len(dict(zero.__dask_graph__())) == len(dict(plain.__dask_graph__()))
+    assert zero.name == plain.name
+    nan = rd.sdpa(q, k, v, causal=True, empty_rows="nan")
+    assert nan.name != plain.name and len(_tasks(nan, "sdpa-o-nan-")) == 4
 
 
 def test_block_band_is_the_block_of_the_full_rules():
@@ -531,8 +577,8 @@ def test_option_errors_name_the_argument():
             call(cu_seqlens_q=np.array([0, 2, 5]))
         with pytest.raises(TypeError, match="key_value_seq_lengths=: packed or variable-length"):
             call(key_value_seq_lengths=np.array([5, 3]))
-        with pytest.raises(ValueError, match="empty_rows='nan': sharded calls give"):
-            call(empty_rows="nan")
+        with pytest.raises(ValueError, match="empty_rows must be one of .*got 'mean'"):
+            call(empty_rows="mean")
         with pytest.raises(TypeError, match="window_size=.*refattn's is window="):
             call(window_size=(2, 0))
         with pytest.raises(TypeError, match="unexpected keyword argument 'windw'"):
@@ -627,6 +673,15 @@ def test_position_options_on_local_cluster(client):
     options = {"window": (4, 1), "causal": True, "causal_align": "lower_right", "softcap": 2.5,
                "alibi_slopes": SLOPES_BATCH, "rotary": "half", "bias": BIAS}
     check_vjp(refattn.sdpa, (q, k, v), (qc, kc, kc[:-1] + (6,)), options, scheduler=client.get)
+
+
+def test_empty_rows_on_local_cluster(client):
+    q, k, v = qkv((3,), 4, 2, L, S, 8, 6)
+    qc, kc = (3, 4, (5, 8), 8), (3, 2, (4, 7), 8)       # 4 blocks: few tasks, one skipped
+    for policy, name in (("uniform", "mask + dropout + bias"),
+                         ("nan", "causal lower_right (rows 0-1 empty, blocks skipped)")):
+        check_vjp(refattn.sdpa, (q, k, v), (qc, kc, kc[:-1] + (6,)),
+                  {**EMPTY_ROW_PROBLEMS[name], "empty_rows": policy}, scheduler=client.get)
 
 
 def test_killed_worker_costs_a_retry_not_the_result(client):
