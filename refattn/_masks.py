@@ -108,11 +108,17 @@ def from_torch_attn_mask(attn_mask):
     return None, m
 
 
-def alibi_distance(xp, q_len: int, kv_len: int, dtype, device=None):
-    """``|i + S - L - j|`` ``(L, S)``: FlashAttention's ALiBi distance (bias ``-slope * it``)."""
+def alibi_distance(xp, q_len: int, kv_len: int, dtype, device=None, offset=None):
+    """``|i + c - j|`` ``(L, S)``: FlashAttention's ALiBi distance (bias ``-slope * it``).
+
+    ``c = S - L`` (``offset=None``, the last query and the last key aligned) or ``offset``:
+    the distance of a block of a larger problem in its own coordinates
+    (:func:`refattn.distributed.geometry.alibi_offset`).
+    """
+    c = kv_len - q_len if offset is None else int(offset)
     i = xp.reshape(xp.arange(q_len, device=device), (q_len, 1))
     j = xp.reshape(xp.arange(kv_len, device=device), (1, kv_len))
-    return xp.astype(xp.abs(i + (kv_len - q_len) - j), dtype)
+    return xp.astype(xp.abs(i + c - j), dtype)
 
 
 def score_indices(xp, batch: int, heads: int, q_len: int, kv_len: int, device=None):

@@ -90,9 +90,9 @@ def sdpa(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_lef
     mask, bias, dropout_mask : arrays broadcastable to (..., H, L, S), optional
         NumPy or dask; chunked like the score blocks.
     alibi_slopes : array (H,) or (..., H), optional
-        NumPy or dask; chunked like ``q``'s batch and head blocks.  A block whose ALiBi
-        distances are not the backend's own (``docs/distributed.md``) gets them as an
-        ``(L_i, S_j)`` bias per head inside its task.
+        NumPy or dask; chunked like ``q``'s batch and head blocks.  Each block gives the
+        backend the slopes and its distance offset (``docs/distributed.md``): no
+        ``(L_i, S_j)`` array in the task.
     causal, causal_align, scale, dropout_p, window, softcap, rotary, rotary_base, rotary_dim, rotary_q_offset, backend, tiles, float32_math
         As :func:`refattn.sdpa`; positions (causal offset, window, ALiBi distances,
         rotary angles) are shifted into each block, and a block no pair of which the

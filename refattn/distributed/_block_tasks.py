@@ -6,25 +6,22 @@ backend contract (:mod:`refattn.cores.sdpa.api`) of the best local backend on th
 block, with the options shifted into block coordinates
 (:mod:`refattn.distributed.geometry`).
 
-ALiBi: where the block's distance offset ``c`` equals ``S_b - L_b`` the slopes go
-to the backend as they are (``"native"``); elsewhere the block's ALiBi term
-``-slope |i' - j' + c|`` is added to the block's float bias (``"bias"``: an
-``(*b, Hb, Li, Sj)`` array in the task) and the slope gradient is
-``-sum(dS * |i' - j' + c|)`` from the score gradient, the derivative the
-backends use (``docs/cores/sdpa.md``).
+ALiBi: the slopes go to the backend with the block's distance offset ``c``
+(``SDPAOptions.alibi_offset``, :func:`refattn.distributed.geometry.alibi_offset`),
+so the kernel computes ``-slope |i' - j' + c|`` pair by pair inside its tiles and
+the slope gradient ``-sum(dS |i' - j' + c|)`` with them: no ``(Li, Sj)`` array in
+the task (the reference backend, which builds the scores, builds the distances
+with them).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import array_api_compat
-
 from .._array import flatten_batch, namespace, product, sum_to_shape
 from ..backends import resolve, route
 from ..cores.sdpa.api import IMPLEMENTED, SDPAOptions, as_batched_4d, implementation
 from ..cores.sdpa.reference import probabilities
-from .geometry import alibi_distance_block
 
 __all__ = [
     "BlockSpec",
@@ -46,8 +43,8 @@ class BlockSpec:
         As :class:`refattn.cores.sdpa.api.SDPAOptions`.
     causal_offset, window
         Local causal offset and window ``(lo, hi)`` (None where the block needs none).
-    alibi : {None, "native", "bias"}
-        How ALiBi reaches the backend (module docstring).
+    alibi : bool
+        The call has ALiBi slopes (module docstring).
     alibi_offset : int
         ``c`` of the block's ALiBi distance ``|i' - j' + c|``.
     need_bias_grad : bool
@@ -66,33 +63,26 @@ class BlockSpec:
     backend: str
     window: tuple | None = None
     softcap: float | None = None
-    alibi: str | None = None
+    alibi: bool = False
     alibi_offset: int = 0
     tiles: tuple | None = None
     float32_math: str | None = None
     reference_on_cupy: bool = False
 
-    def distance(self, xp, q_len, kv_len, dtype, like):
-        return alibi_distance_block(xp, q_len, kv_len, self.alibi_offset, dtype,
-                                    device=array_api_compat.device(like))
-
     def options(self, xp, q, k, mask, bias, drop, slopes):
         """The block's :class:`SDPAOptions`; ``q`` ``(*b, Hb, Li, E)``, ``k`` ``(*b, Hkv_b, Sj, E)``."""
         batch = tuple(q.shape[:-3])
         four = lambda m: None if m is None else as_batched_4d(xp, m, batch)
-        bias4, alibi4 = four(bias), None
-        if self.alibi is not None:
+        alibi4 = None
+        if self.alibi:
             lead = product(tuple(slopes.shape[:-1]))
             alibi4 = xp.reshape(slopes, (lead, slopes.shape[-1], 1, 1))       # (B|1, Hb, 1, 1)
-        if self.alibi == "bias":
-            term = -(alibi4 * self.distance(xp, q.shape[-2], k.shape[-2], q.dtype, q))
-            bias4 = term if bias4 is None else bias4 + term
-            alibi4 = None
         return SDPAOptions(scale=self.scale, causal_offset=self.causal_offset, mask=four(mask),
-                           bias=bias4, dropout_mask=four(drop), dropout_scale=self.dropout_scale,
-                           need_bias_grad=self.need_bias_grad or self.alibi == "bias",
+                           bias=four(bias), dropout_mask=four(drop),
+                           dropout_scale=self.dropout_scale, need_bias_grad=self.need_bias_grad,
                            window=self.window, softcap=self.softcap, alibi=alibi4,
-                           need_alibi_grad=self.alibi == "native", tiles=self.tiles,
+                           alibi_offset=self.alibi_offset if self.alibi else None,
+                           need_alibi_grad=self.alibi, tiles=self.tiles,
                            float32_math=self.float32_math)
 
     def implementation(self, xp, arrays, bias):
@@ -146,11 +136,8 @@ def backward_block(q, k, v, o, lse, do, mask, bias, drop, slopes, spec):
     dbias = None
     if spec.need_bias_grad:
         dbias = sum_to_shape(xp, _unflat(xp, ds, batch), tuple(bias.shape))
-    if spec.alibi == "bias":         # d s / d slope = -|i' - j' + c| on the block
-        dsl = -xp.sum(ds * spec.distance(xp, ds.shape[-2], ds.shape[-1], ds.dtype, ds),
-                      axis=(-2, -1))
     dslopes = None
-    if spec.alibi is not None:
+    if spec.alibi:
         dslopes = sum_to_shape(xp, _unflat(xp, dsl, batch), tuple(slopes.shape))
     return _unflat(xp, dq, batch), _unflat(xp, dk, batch), _unflat(xp, dv, batch), dbias, dslopes
 

@@ -22,6 +22,8 @@ keeps every pair of the block and is dropped from it.
 
 from __future__ import annotations
 
+from .._masks import alibi_distance
+
 __all__ = ["alibi_distance_block", "alibi_offset", "block_band", "block_visibility"]
 
 
@@ -107,7 +109,8 @@ def alibi_offset(l_range, s_range, q_len, kv_len):
 def alibi_distance_block(xp, q_len, kv_len, c, dtype, device=None):
     """``|i' - j' + c|`` ``(L_b, S_b)``: the ALiBi distance in block coordinates.
 
-    With ``c = S_b - L_b`` it is :func:`refattn._masks.alibi_distance` of the block.
+    :func:`refattn._masks.alibi_distance` with ``offset=c`` (what the backends compute
+    from ``SDPAOptions.alibi_offset``); with ``c = S_b - L_b`` it is the block's own.
 
     Examples
     --------
@@ -116,6 +119,4 @@ def alibi_distance_block(xp, q_len, kv_len, c, dtype, device=None):
     array([[1., 0., 1.],
            [2., 1., 0.]])
     """
-    i = xp.reshape(xp.arange(q_len, device=device), (q_len, 1))
-    j = xp.reshape(xp.arange(kv_len, device=device), (1, kv_len))
-    return xp.astype(xp.abs(i - j + c), dtype)
+    return alibi_distance(xp, q_len, kv_len, dtype, device=device, offset=c)

@@ -236,11 +236,10 @@ def _make_blocks(q, k, v, options, call):
             visible, local_offset, local_window = block_band(lr, sr, offset, window)
             if not visible:
                 continue
-            c = alibi_offset(lr, sr, s.q_len, s.kv_len)
-            mode = None if slopes is None else \
-                "native" if c == (sr[1] - sr[0]) - (lr[1] - lr[0]) else "bias"
             grid[(i, j)] = BlockSpec(causal_offset=local_offset, window=local_window,
-                                     alibi=mode, alibi_offset=c, **common)
+                                     alibi=slopes is not None,
+                                     alibi_offset=alibi_offset(lr, sr, s.q_len, s.kv_len),
+                                     **common)
     specs = {bh + ij: spec for bh in np.ndindex(*plan.q.numblocks[:nb + 1])
              for ij, spec in grid.items()}
     token = tokenize("sdpa", plan.q, plan.k, plan.v, sorted(plan.static.items()),

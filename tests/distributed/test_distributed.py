@@ -243,6 +243,33 @@ def test_sdpa_position_options_equal_single_machine(options, chunks):
         assert_close(g, w, name)
 
 
+@pytest.mark.parametrize("c", [-7, 0, 5])
+def test_backends_take_the_alibi_offset(c):
+    """numba and the reference with ``alibi_offset=c`` equal the reference given the ALiBi term
+    ``-slope |i - j + c|`` as a bias: forward, lse and every gradient (slopes from dS)."""
+    from refattn.cores.sdpa import numba as numba_backend
+    from refattn.cores.sdpa import reference
+    from refattn.cores.sdpa.api import SDPAOptions
+
+    rng = np.random.default_rng(12)
+    q, k, v = (rng.standard_normal((2, 3, n, 5)) for n in (13, 11, 11))
+    do = rng.standard_normal((2, 3, 13, 5))
+    slopes = rng.random((1, 3, 1, 1))
+    distance = alibi_distance_block(np, 13, 11, c, np.float64)
+    common = {"scale": 0.4, "causal_offset": 2, "tiles": (4, 4)}
+    as_bias = SDPAOptions(bias=-slopes * distance, need_bias_grad=True, **common)
+    o, lse = reference.forward(q, k, v, as_bias)
+    dq, dk, dv, ds, _ = reference.backward(q, k, v, o, lse, do, as_bias)
+    want = (o, lse, dq, dk, dv, -np.sum(ds * distance, axis=(-2, -1)))
+    offset = SDPAOptions(alibi=slopes, alibi_offset=c, need_alibi_grad=True, **common)
+    for backend in (reference, numba_backend):
+        o, lse = backend.forward(q, k, v, offset)
+        dq, dk, dv, _, dslopes = backend.backward(q, k, v, o, lse, do, offset)
+        for name, g, w in zip(("o", "lse", "dq", "dk", "dv", "dslopes"),
+                              (o, lse, dq, dk, dv, dslopes), want):
+            assert_close(g, w, f"{backend.__name__} {name}")
+
+
 def _keep(L_, S_, offset, window):
     """The kept pairs of the causal rule and the window, from refattn's own definitions."""
     keep = np.ones((L_, S_), bool)

@@ -85,7 +85,10 @@ class SDPAOptions:
     softcap : float or None
         Scores become ``softcap * tanh(scores / softcap)`` before the bias.
     alibi : array or None
-        ALiBi slopes as ``(B|1, H, 1, 1)``: the bias ``-slope * |i + S - L - j|``.
+        ALiBi slopes as ``(B|1, H, 1, 1)``: the bias ``-slope * |i + c - j|``.
+    alibi_offset : int or None
+        ``c`` of the ALiBi distance; None: ``S - L`` (the public call's).  A block of a
+        sharded call passes its own (:mod:`refattn.distributed.geometry`).
     need_alibi_grad : bool
         Whether the backward pass must return the gradient of the slopes.
     tiles : (int, int) or None
@@ -118,6 +121,7 @@ class SDPAOptions:
     window: tuple | None = None
     softcap: float | None = None
     alibi: Any = None
+    alibi_offset: int | None = None
     need_alibi_grad: bool = False
     tiles: tuple | None = None
     float32_math: str | None = None

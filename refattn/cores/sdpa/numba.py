@@ -474,8 +474,8 @@ def _modifiers(opts, L, S, dtype):
     """The score modifiers as one tuple of fixed types (one compiled signature per dtype).
 
     ``(has_mask, has_bias, has_softcap, has_alibi, causal offset, window lo, window hi,
-    softcap, 1/softcap, ALiBi distance offset S - L, -inf, window has lo, window has hi,
-    has mask_mod, has score_mod)``.
+    softcap, 1/softcap, ALiBi distance offset c (``opts.alibi_offset``, else S - L), -inf,
+    window has lo, window has hi, has mask_mod, has score_mod)``.
     """
     lo, hi = opts.window if opts.window is not None else (None, None)
     cap = opts.softcap if opts.softcap is not None else 1.0
@@ -483,7 +483,9 @@ def _modifiers(opts, L, S, dtype):
             opts.alibi is not None,
             int(opts.causal_offset) if opts.causal_offset is not None else 0,
             int(lo) if lo is not None else 0, int(hi) if hi is not None else 0,
-            dtype.type(cap), dtype.type(1.0 / cap), int(S - L), dtype.type(-np.inf),
+            dtype.type(cap), dtype.type(1.0 / cap),
+            int(S - L) if opts.alibi_offset is None else int(opts.alibi_offset),
+            dtype.type(-np.inf),
             lo is not None, hi is not None, opts.mask_mod is not None,
             opts.score_mod is not None)
 

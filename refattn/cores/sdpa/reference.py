@@ -72,7 +72,7 @@ def _scores(xp, q, kh, opts):
         s = s + bias
     if opts.alibi is not None:
         L, S = q.shape[-2], kh.shape[-2]
-        distance = alibi_distance(xp, L, S, s.dtype, device=device)
+        distance = alibi_distance(xp, L, S, s.dtype, device=device, offset=opts.alibi_offset)
         s = s - xp.astype(opts.alibi, s.dtype) * distance
     before_mod = None
     if opts.score_mod is not None:
@@ -144,9 +144,9 @@ def backward(q, k, v, o, lse, do, opts):
         ds = _kept(xp, ds * _apply_score_mod(xp, opts.score_mod_grad, "score_mod_grad",
                                              before_mod, array_api_compat.device(q)), keep)
     dslopes = None
-    if opts.need_alibi_grad:                                      # d s / d slope = -|i + S - L - j|
+    if opts.need_alibi_grad:                                      # d s / d slope = -|i + c - j|
         distance = alibi_distance(xp, s.shape[-2], s.shape[-1], s.dtype,
-                                  device=array_api_compat.device(q))
+                                  device=array_api_compat.device(q), offset=opts.alibi_offset)
         dslopes = -xp.sum(ds * distance, axis=(-2, -1))            # (B, H)
     ds_raw = ds
     if tanh is not None:                                          # through the soft-cap
