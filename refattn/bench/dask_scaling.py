@@ -18,6 +18,11 @@ of two single-threaded worker processes, against the single-machine
   worker before timing (key sharding sends the queries to every key block); the
   kernels are loaded (compiled or read from the cache) by a small warm-up graph
   of the same dtype in every worker;
+* one untimed round at the measured size before the timed ones: the scheduler
+  places tasks by their durations, learnt from the rounds before; after the
+  small warm-up alone it split the 16 block tasks of the first round 9 / 7
+  between the two workers (twice in two tries at L = 16384, 8 key blocks), and
+  8 / 8 in every later round;
 * a timed round is ``client.compute`` of the fwd+bwd graph until every result
   is in worker memory (``wait``): neither building the graph (reported
   separately) nor bringing the results back to the client is in it; the
@@ -216,6 +221,7 @@ class _Cluster:
                  for x in arrays]
         self.client.run(_warm_up, WARM_UP, arrays[0].shape[3], arrays[0].dtype.name)                  # kernels and tiles, every worker
         wait(self.client.compute(_graph(*small)))           # and the block tasks themselves
+        self.round()              # untimed: the scheduler learns the block tasks' durations
         self.threads = sorted(set(self.client.run(_numba_threads).values()))
 
     def round(self):
