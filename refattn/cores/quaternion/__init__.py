@@ -25,7 +25,7 @@ def _core(mode):
     return Core(name=mode, forward=core_forward(mode), backward=backward, layout="quaternion",
                 backends=IMPLEMENTED, options=OPTIONS,
                 flops=lambda *args, **options: flops(*args, mode=mode, **options),
-                summary=SUMMARIES[mode])
+                summary=SUMMARIES[mode], call_options=("cu_seqlens_q", "cu_seqlens_k"))
 
 
 SHARED, HAMILTON = _core("shared"), _core("hamilton")

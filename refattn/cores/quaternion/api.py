@@ -277,7 +277,8 @@ def _flat_core_backward(part, do):
 
 def _segmented_forward(q, k, v, mode, *, cu_seqlens_q, cu_seqlens_k, **options):
     check_choice(mode, "mode", MODES)
-    _check_segmented_layout(q, k, v, cu_seqlens_q is not None or cu_seqlens_k is not None)
+    # one of the two cu_seqlens alone: the padded layout here, the segmentation's error next
+    _check_segmented_layout(q, k, v, cu_seqlens_q is not None and cu_seqlens_k is not None)
     xp = namespace(q, k, v)
     flat = tuple(_flat_components(xp, x) for x in (q, k, v))            # (..., 4d | 4dv)
     o, seg = _segments.forward(_flat_core_forward(mode), *flat, cu_seqlens_q=cu_seqlens_q,
