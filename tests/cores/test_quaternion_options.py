@@ -319,3 +319,14 @@ def test_preconditioned_errors_name_the_option():
     with pytest.raises(TypeError, match=r"unexpected option\(s\) window for "
                                         r"inner_core='elementwise'"):
         refattn.preconditioned_sdpa(qr, kr, vr, inner_core="elementwise", window=(1, 0))
+
+
+def test_conditioning_takes_the_options_and_counts_padded_rows_as_empty():
+    rng = np.random.default_rng(17)
+    q, k, v = (rng.standard_normal((2, 3, 16, 4)) for _ in range(3))
+    lengths = np.array([16, 9])
+    report = refattn.attention_conditioning(q, k, v, query_seq_lengths=lengths, softcap=2.0)
+    assert report.empty_rows.tolist() == [[0] * 3, [16 - 9] * 3]
+    plain = refattn.attention_conditioning(q, k, v)
+    windowed = refattn.attention_conditioning(q, k, v, window=(2, 0))
+    assert not np.allclose(windowed.kappa_p, plain.kappa_p)         # P is the windowed one

@@ -397,6 +397,10 @@ def quaternion_attention(q: Array, k: Array, v: Array, *,
     >>> shared = refattn.quaternion_attention(q, k, v, mode="shared")
     >>> bool(np.allclose(flat(shared), refattn.sdpa(flat(q), flat(k), flat(v))))
     True
+    >>> o, p = refattn.quaternion_attention(q, k, v, mode="hamilton", window=(1, 0), softcap=5.0,
+    ...                                     return_probs=True)
+    >>> p.shape, bool(np.all(p[..., 3, :2] == 0))   # four maps; query 3 sees keys 2 and 3 only
+    ((2, 4, 4, 6, 6), True)
     """
     o, res = forward(q, k, v, mode=mode, mask=mask, bias=bias, causal=causal,
                      causal_align=causal_align, scale=scale, window=window, softcap=softcap,
