@@ -183,7 +183,9 @@ def test_packed_sequences_are_one_call_per_sequence(mode):
 def test_padded_lengths_equal_the_packed_layout(mode):
     q, k, v = _problem(9, B=2, L=5, S=6)
     lq, lk = np.array([5, 2]), np.array([4, 6])
-    options = dict(mode=mode, causal=True, window=(1, 0), softcap=3.0, backend="reference")
+    # the functions see the batch entry (padded) and the sequence index (packed): the same b
+    options = dict(mode=mode, causal=True, window=(1, 0), softcap=3.0, mask_mod=_window_mod,
+                   score_mod=soft_cap_mod, score_mod_grad=soft_cap_mod_grad, backend="reference")
     padded = refattn.quaternion_attention(q, k, v, query_seq_lengths=lq,
                                           key_value_seq_lengths=lk, **options)
     tokens = lambda x, n: np.concatenate([np.moveaxis(x[b, :, :n[b]], 1, 0)   # noqa: E731
