@@ -99,13 +99,14 @@ def batch_relabelled(fn, batch: int, name: str, scalar: bool):
     built once per function and batch size.
     """
     inner = numba_mods.compile_function(fn, name, np.float64) if scalar else fn
-    if name != "mask_mod":
-        def relabelled(score, b, h, i, j):
-            return inner(score, b % batch, h, i, j)
-    else:
-        def relabelled(b, h, i, j):
-            return inner(b % batch, h, i, j)
-    return relabelled
+
+    def relabelled_mask(b, h, i, j):
+        return inner(b % batch, h, i, j)
+
+    def relabelled_score(score, b, h, i, j):
+        return inner(score, b % batch, h, i, j)
+
+    return relabelled_mask if name == "mask_mod" else relabelled_score
 
 
 def _relabelled_mods(opts, batch: int, scalar: bool) -> dict:
