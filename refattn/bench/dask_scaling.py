@@ -311,8 +311,10 @@ def _tasks_per_block(H, L, E, blocks, dtype):
 def dask_scaling(size: str = "quick") -> StudyResult:
     H, L, E, blocks, dtype, rounds = SIZES["full" if size == "full" else "quick"]
     all_tasks, tasks_per_block = _tasks_per_block(H, L, E, blocks, dtype)
+    load_before = os.getloadavg()[0]
     m = _child(["_measure", json.dumps([H, L, E, blocks, dtype, rounds])],
                {**os.environ, **SINGLE_THREAD})
+    load_after = os.getloadavg()[0]
     efficiency = m["t1"] / (2 * m["t2"])
     overhead = m["t1"] / m["single"]
     mib = 2.0 ** 20
@@ -355,6 +357,9 @@ def dask_scaling(size: str = "quick") -> StudyResult:
                 "workers (calculated, refattn.distributed.volume): "
                 + ", ".join(f"{lay} {v:.0f} MiB" for lay, v in volume.items())),
                f"cluster settings (dask.config, QUIET_CLUSTER): {QUIET_CLUSTER}",
+               (f"load average (1 min) before / after the measurement: {load_before:.1f} / "
+                f"{load_after:.1f} on {os.cpu_count()} CPUs (other processes' load takes cores "
+                "from the 2-worker rounds first: judge the target on a quiet machine)"),
                f"target: efficiency >= {EFFICIENCY_TARGET} at size 'full' (L = 32768)"])
 
 
