@@ -117,7 +117,7 @@ class References:
     own ``dtype`` row); ``case(dtype)``: the variant's default case (built once per dtype).
     """
 
-    def __init__(self, variant):
+    def __init__(self, variant) -> None:
         self.variant = variant
         self._cases: dict = {}
         self._low: dict = {}
