@@ -56,11 +56,12 @@ RULES = {"float64": f"forward relative error <= {FLOAT64_FORWARD_RTOL:g}; gradie
          "float32": "forward and gradients within 2x / 3x the float32 reference's own error "
                     "plus 16 ulps (reference_error_bound)"}
 DTYPES = ("float64", "float32")
-#: Each timed sample of the main job is a batch of calls lasting at least this long: 400x
-#: the resolution of Linux's clock, so the times of these small default problems are not
-#: quantised; a batch that the scheduler interrupts is outvoted by the median of three.
-#: (:data:`refattn.bench.timing.MIN_BATCH_SECONDS`, 50 ms, is for longer studies: 20 ms
-#: keeps 84 rows x 2 timings to about 15 s; measured in docs/benchmarks.md.)
+#: Each timed sample of the main job is a batch of calls lasting at least this long (and
+#: at least 1000 clock ticks, :func:`~refattn.bench.timing.time_per_call`): many calls of
+#: these small default problems per sample, so none is quantised by the clock; a batch
+#: that the scheduler interrupts is outvoted by the median of three.  The library default
+#: (:data:`refattn.bench.timing.MIN_BATCH_SECONDS`, 50 ms) made the timings of 84 rows take
+#: 58 s of CPU, 20 ms about 19 s (docs/benchmarks.md).
 TIMING_MIN_BATCH_SECONDS = 0.02
 
 
