@@ -50,7 +50,7 @@ from ...typing import Array, Backend, CausalAlign
 
 __all__ = ["SDPAOptions", "SDPAResiduals", "sdpa", "forward", "backward", "IMPLEMENTED",
            "as_batched_4d", "flops", "check_scale", "prepare", "implementation", "causal_pairs",
-           "FLOAT32_MATHS", "sequences_options"]
+           "FLOAT32_MATHS", "option_route", "sequences_options"]
 
 #: Backends with an implementation of this core (modules beside this file).
 IMPLEMENTED = ("reference", "numba", "cupy")
@@ -296,6 +296,19 @@ def prepare(q, k, v, mask=None, bias=None, causal=False, causal_align="upper_lef
     return xp, shapes, options
 
 
+def option_route(backend: str, options: SDPAOptions) -> str:
+    """``backend``, or ``"reference"`` for the options that backend's kernels do not take.
+
+    The functions ``mask_mod`` / ``score_mod`` run tile-wise on numba only (the CUDA
+    kernels take ``window``, ``softcap`` and ALiBi slopes, compiled in per call:
+    ``docs/backends/cupy.md``).  Shared with the cores that reduce to SDPA's kernels
+    (quaternion), so both route a call alike.
+    """
+    if (options.mask_mod is not None or options.score_mod is not None) and backend != "numba":
+        return "reference"          # cupy: no tile-wise evaluation of the functions yet
+    return backend
+
+
 def _rotary_keywords(rotary, base, rotary_dim):
     """``apply_rotary`` keywords for ``rotary`` in ``ROTARY_STYLES``, or None without rotary."""
     if rotary is None:
@@ -344,9 +357,8 @@ def forward(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_
                                   dropout_mask, dropout_p, tiles, float32_math, window, softcap,
                                   alibi_slopes, empty_rows, mask_mod, score_mod, score_mod_grad)
     backend = _backends.resolve(backend, IMPLEMENTED, q, core="sdpa")
-    backend = _backends.route(backend, xp, (q, k, v, options.alibi), options.bias)
-    if (options.mask_mod is not None or options.score_mod is not None) and backend != "numba":
-        backend = "reference"       # cupy: no tile-wise evaluation of the functions yet
+    backend = option_route(_backends.route(backend, xp, (q, k, v, options.alibi), options.bias),
+                           options)
     impl = implementation(backend)
     q4, k4, v4 = (flatten_batch(xp, x, shapes.batch) for x in (q, k, v))
     o4, lse = impl.forward(q4, k4, v4, options)

@@ -190,7 +190,9 @@ class SegmentedResiduals:
 
     ``parts`` pairs each group of equal-length sequences (:func:`groups`) with the core
     residuals of its batched call; ``lse`` is
-    ``(B, H, L)`` of the 4-D view (``-inf`` on rows outside every sequence).
+    ``(B, H, L)`` of the 4-D view (``-inf`` on rows outside every sequence, and on every row
+    for a core whose residuals have no ``lse``: the quaternion cores, whose rows have one
+    log-sum-exp per score map).
     """
 
     packed: bool
@@ -392,10 +394,11 @@ def forward(core_forward: Callable, q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=
                                  mask_mod=_relabelled(mask_mod, seq_ids, False),
                                  score_mod=_relabelled(score_mod, seq_ids, True),
                                  score_mod_grad=_relabelled(score_mod_grad, seq_ids, True))
-        lse_g = part.lse
+        lse_g = getattr(part, "lse", None)    # None: a core without a per-row lse (quaternion)
         for g, span in enumerate(group):
             o4[span.b, :, span.q0:span.q1] = o_g[g]
-            lse4[span.b, :, span.q0:span.q1] = xp.astype(lse_g[g], lse4.dtype)
+            if lse_g is not None:
+                lse4[span.b, :, span.q0:span.q1] = xp.astype(lse_g[g], lse4.dtype)
         res.parts.append((group, part))
     res.o = res.to_public(o4)
     return res.o, res
