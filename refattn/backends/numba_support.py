@@ -273,7 +273,8 @@ def split_items(costs, parts: int) -> list[np.ndarray]:
     Returns
     -------
     list of numpy.ndarray
-        int64 index arrays, non-empty, disjoint, covering ``0 .. n-1`` in order.
+        int64 index arrays, non-empty, disjoint, covering ``0 .. n-1`` in order (none when
+        there are no items).
 
     Examples
     --------
@@ -284,9 +285,11 @@ def split_items(costs, parts: int) -> list[np.ndarray]:
     """
     costs = np.asarray(costs, dtype=np.float64)
     n = costs.shape[0]
+    if n == 0:
+        return []
     parts = max(1, min(int(parts), n))
     cum = np.cumsum(costs)
-    total = cum[-1] if n else 0.0
+    total = cum[-1]
     cuts = [0]
     for p in range(1, parts):
         target = total * p / parts
