@@ -21,11 +21,11 @@
   a ``prange`` one: Numba's parfor lowering outlines the loop body into a gufunc and compiles
   it again (docs/benchmarks.md, "Cold start").  ``NUMBA_NUM_THREADS=1`` (a Dask worker's
   setting) or ``numba.set_num_threads(1)`` in the calling thread keeps a call on that thread.
-  Kernels that still use ``prange`` run on Numba's threading layer: its default order
-  (``tbb``, then ``omp``, then ``workqueue``) prefers the layers that accept launches from
-  several Python threads at once; ``workqueue`` does not (it aborts the process), so
-  :func:`launch` holds a lock around parallel launches whenever ``workqueue`` is (or may
-  become) the layer in use.
+  A kernel written with ``prange`` (none in refattn now) runs on Numba's threading layer:
+  its default order (``tbb``, then ``omp``, then ``workqueue``) prefers the layers that
+  accept launches from several Python threads at once; ``workqueue`` does not (it aborts
+  the process), so :func:`launch` holds a lock around parallel launches whenever
+  ``workqueue`` is (or may become) the layer in use.
 * :func:`cached_signatures` reads a kernel's cache index without compiling or loading
   anything: which signatures are cached for this CPU (``refattn info`` reports it).
   ``refattn.bench.cold_start.first_call_times`` measures what the first call of each core
