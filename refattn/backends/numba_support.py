@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import math
 import os
 import tempfile
@@ -298,7 +299,7 @@ def split_items(costs, parts: int) -> list[np.ndarray]:
             at += 1                                   # ending after item ``at`` is nearer
         cuts.append(min(max(at, cuts[-1] + 1), n - (parts - p)))
     cuts.append(n)
-    return [np.arange(a, b, dtype=np.int64) for a, b in zip(cuts[:-1], cuts[1:])]
+    return [np.arange(a, b, dtype=np.int64) for a, b in itertools.pairwise(cuts)]
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}

@@ -56,6 +56,7 @@ import math
 import time
 
 import numpy as np
+
 from ...backends.numba_support import (
     fast_exp,
     fast_tanh,
