@@ -43,6 +43,10 @@ class Core:
     summary : str
     inner : str or None
         For a core wrapped around another (``preconditioned-<core>``): the inner core.
+    call_options : tuple of str
+        Keyword options of the core's function that a layer cannot pass, because they
+        change the arrays' layout (packed ``cu_seqlens_q``/``cu_seqlens_k``: tokens first);
+        a core wrapped around this one (preconditioned) passes them on.
     """
 
     name: str
@@ -54,6 +58,7 @@ class Core:
     flops: Callable | None = None
     summary: str = ""
     inner: str | None = None
+    call_options: tuple = ()
 
     @property
     def feature_axes(self) -> int:

@@ -79,7 +79,8 @@ def problems(draw, core):
         bias = rng.standard_normal((heads, L, S))
         bias[rng.random(bias.shape) < 0.2] = -np.inf        # additive mask entries
         options["bias"] = bias
-    if core == "sdpa" and draw(st.booleans()):               # the framework kernels' options
+    if core in ("sdpa", "shared", "hamilton", "preconditioned") and draw(st.booleans()):
+        # the framework kernels' options, on every softmax core
         options["window"] = (draw(st.integers(-1, 4)), draw(st.integers(-1, 3)))
         if draw(st.booleans()):
             options["softcap"] = draw(st.sampled_from([0.5, 3.0, 30.0]))

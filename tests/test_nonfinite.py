@@ -89,6 +89,8 @@ CASES = {
     "quaternion-shared": lambda: _quaternion_case("shared", causal=True,
                                                   causal_align="lower_right"),
     "quaternion-hamilton": lambda: _quaternion_case("hamilton", mask=_masks()[..., :4]),
+    "quaternion-hamilton-window-softcap-alibi": lambda: _quaternion_case(
+        "hamilton", window=(2, 1), softcap=2.0, alibi_slopes=np.array([0.3, 0.7])),
     "preconditioned": lambda: (refattn.preconditioned_sdpa, _sdpa_case()[1], {"causal": False}),
     "elementwise-exact": lambda: _elementwise_case(mask=_masks()[..., :4]),
     "elementwise-taylor": lambda: _elementwise_case(order=4, mask=_key_mask()),

@@ -57,6 +57,11 @@ def make_cases(kind="test", dtype="float64", seed=0):
               dropout_p=0.25, **full),
         _case("identity preconditioner", rng, (2,), 2, 2, L, S, 8, 8, dtype,
               preconditioner="identity", **full),
+        _case("window + causal lower_right + GQA 4/2 + softcap + alibi + padded lengths", rng,
+              (3,), 4, 2, L, S, 8, 6, dtype, window=(3, -1), causal=True,
+              causal_align="lower_right", softcap=1.5, alibi_slopes=rng.random(4).astype(dtype),
+              query_seq_lengths=np.array([7, 2, 5], np.int32),
+              key_value_seq_lengths=np.array([9, 4, 6], np.int32), **full),
     ]
 
 
@@ -83,7 +88,8 @@ def _wrap_case(case, variant_name, inner):
     """The inner core's ``case`` run through ``diag(c) inner`` (full gradient, see make_cases)."""
     # keep the core's own options; drop the case function's selectors (quaternion's mode=,
     # which the inner core's name already fixes)
-    options = {n: x for n, x in case.options.items() if n in inner.options + COMMON_OPTIONS}
+    takes = inner.options + COMMON_OPTIONS + inner.call_options
+    options = {n: x for n, x in case.options.items() if n in takes}
     q, v = case.arrays[0], case.arrays[2]
     f = inner.feature_axes
     rows, features = product(q.shape[:q.ndim - f]), product(v.shape[v.ndim - f:])
@@ -163,7 +169,9 @@ DROP_IN_VARIANTS = (
         "elementwise": ("mask with empty row + causal",),
         "elementwise-taylor-causal": ("t=4, two batch dims, GQA 4/2",)}),
     preconditioned_variant("shared", test_cases={
-        "quaternion-shared": ("mask with empty row + causal", "bias (B,1,L,S), scale=0.3")}),
+        "quaternion-shared": ("mask with empty row + causal", "bias (B,1,L,S), scale=0.3",
+                              "packed varlen: window + causal + GQA 4/2 + softcap + alibi")}),
     preconditioned_variant("hamilton", test_cases={
-        "quaternion-hamilton": ("mask with empty row + causal",)}),
+        "quaternion-hamilton": ("mask with empty row + causal",
+                                "window + causal lower_right + GQA 4/2 + softcap + alibi (B, H)")}),
 )

@@ -1,4 +1,4 @@
-"""Seeded quaternion problems: masks, causal alignments, bias, GQA, L != S."""
+"""Seeded quaternion problems: masks, causal alignments, bias, GQA, L != S, SDPA's options."""
 
 from __future__ import annotations
 
@@ -17,6 +17,18 @@ def _case(name, mode, rng, batch, H, Hkv, L, S, d, dv, dtype, backends=None, **o
     return Case(name, quaternion_attention, (q, k, v), {"mode": mode, **options},
                 flops(batch, H, L, S, 4 * d, 4 * dv, causal=options.get("causal", False),
                       mode=mode), backends=backends)
+
+
+def _packed_case(name, mode, rng, q_lens, k_lens, H, Hkv, d, dv, dtype, **options):
+    """FlashAttention varlen layout: ``q (total_q, H, 4, d)`` with ``cu_seqlens_q``, ..."""
+    cu_q, cu_k = (np.concatenate([[0], np.cumsum(n)]).astype(np.int32) for n in (q_lens, k_lens))
+    q = rng.standard_normal((int(cu_q[-1]), H, 4, d)).astype(dtype)
+    k = rng.standard_normal((int(cu_k[-1]), Hkv, 4, d)).astype(dtype)
+    v = rng.standard_normal((int(cu_k[-1]), Hkv, 4, dv)).astype(dtype)
+    work = sum(flops((), H, lq, lk, 4 * d, 4 * dv, causal=options.get("causal", False),
+                     mode=mode) for lq, lk in zip(q_lens, k_lens))
+    return Case(name, quaternion_attention, (q, k, v),
+                {"mode": mode, "cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k, **options}, work)
 
 
 def _make_cases(mode):
@@ -48,6 +60,18 @@ def _make_cases(mode):
                   mask=mask, causal=True),
             _case("bias (B,1,L,S), scale=0.3", mode, rng, (2,), 2, 2, L, S, 2, 2, dtype,
                   bias=bias, scale=0.3),
+            _case("window + causal lower_right + GQA 4/2 + softcap + alibi (B, H)", mode, rng,
+                  (2,), 4, 2, L, S, 2, 2, dtype, window=(2, -1), causal=True,
+                  causal_align="lower_right", softcap=1.5,
+                  alibi_slopes=rng.random((2, 4)).astype(dtype)),
+            _case("padded seq lengths + window + softcap, causal", mode, rng, (3,), 2, 2, L, S,
+                  2, 2, dtype, causal=True, window=(3, 0), softcap=2.0,
+                  query_seq_lengths=np.array([5, 2, 4], np.int32),
+                  key_value_seq_lengths=np.array([7, 3, 6], np.int32)),
+            _packed_case("packed varlen: window + causal + GQA 4/2 + softcap + alibi", mode, rng,
+                         (3, 4, 1), (4, 4, 3), 4, 2, 2, 2, dtype, window=(2, 0), causal=True,
+                         causal_align="lower_right", softcap=2.0,
+                         alibi_slopes=rng.random(4).astype(dtype)),
         ]
     return make_cases
 

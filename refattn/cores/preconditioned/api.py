@@ -78,10 +78,18 @@ def _check_options(eps, stop_gradient, preconditioner, inner_core, inner_options
         raise ValueError(f"preconditioner {pre.name!r} has no derivative rule (vjp=None); use "
                          "stop_gradient=True or register it with a vjp")
     core = _inner(inner_core)
-    unknown = sorted(set(inner_options) - set(core.options) - set(COMMON_OPTIONS))
+    inspection = sorted(set(inner_options) & {"return_probs", "return_lse"})
+    if inspection:
+        raise TypeError(f"{inspection[0]}= is not an option of the preconditioned cores: the "
+                        "diagonal c scales the rows of A = P V and leaves the inner core's "
+                        "probabilities and log-sum-exp unchanged; ask the inner core for them "
+                        f"(e.g. refattn.sdpa(..., {inspection[0]}=True)) and for c with "
+                        "return_diagonal=True")
+    takes = COMMON_OPTIONS + core.options + core.call_options
+    unknown = sorted(set(inner_options) - set(takes))
     if unknown:
         raise TypeError(f"unexpected option(s) {', '.join(unknown)} for inner_core="
-                        f"{core.name!r}, which takes {list(COMMON_OPTIONS + core.options)}")
+                        f"{core.name!r}, which takes {list(takes)}")
     return eps, pre, core
 
 
@@ -190,8 +198,13 @@ def preconditioned_sdpa(q: Array, k: Array, v: Array, *, eps: float = DEFAULT_EP
     backend : {"auto", "reference", "numba", "cupy"}
         Passed to the inner core.
     **sdpa_options
-        Options of the inner core: ``mask``, ``causal``, ``causal_align``,
-        ``scale``, ``bias``, ``dropout_mask``, ``dropout_p`` for SDPA.
+        Options of the inner core: for SDPA ``mask``, ``causal``, ``causal_align``,
+        ``scale``, ``bias``, ``dropout_mask``, ``dropout_p``, ``window``, ``softcap``,
+        ``alibi_slopes`` (its gradient after ``dbias``), packed ``cu_seqlens_q`` /
+        ``cu_seqlens_k`` (then ``q (total_q, H, E)`` and ``c (total_q, H)``), padded
+        ``query_seq_lengths`` / ``key_value_seq_lengths``, ``mask_mod``, ``score_mod``,
+        ``score_mod_grad`` (``docs/cores/preconditioned.md``, "Options").  Not
+        ``return_probs`` / ``return_lse``: ``c`` leaves them unchanged (ask the inner core).
 
     Returns
     -------
@@ -273,4 +286,5 @@ def make_core(inner_core, name: str | None = None) -> Core:
         summary=f"diag(c) {inner.name}(q, k, v), c = preconditioner(q, k, v, A)"
                 + (" (rows of (4, d))" if inner.feature_axes == 2 else ""),
         inner=inner.name,
+        call_options=inner.call_options,
     )

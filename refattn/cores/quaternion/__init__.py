@@ -8,8 +8,8 @@ the kernel backends).  Definitions: ``docs/cores/quaternion.md``.
 from __future__ import annotations
 
 from ..._core import Core
-from .api import (IMPLEMENTED, MODES, backward, core_forward, flops, forward, pair_costs,
-                  quaternion_attention, score_maps)
+from .api import (IMPLEMENTED, MODES, OPTIONS, backward, core_forward, flops, forward,
+                  pair_costs, quaternion_attention, score_maps)
 
 __all__ = ["quaternion_attention", "forward", "backward", "score_maps", "pair_costs", "flops",
            "CORES", "SHARED", "HAMILTON", "SUMMARIES", "MODES", "IMPLEMENTED"]
@@ -23,9 +23,9 @@ SUMMARIES = {
 
 def _core(mode):
     return Core(name=mode, forward=core_forward(mode), backward=backward, layout="quaternion",
-                backends=IMPLEMENTED, options=("scale", "causal_align", "bias", "empty_rows"),
+                backends=IMPLEMENTED, options=OPTIONS,
                 flops=lambda *args, **options: flops(*args, mode=mode, **options),
-                summary=SUMMARIES[mode])
+                summary=SUMMARIES[mode], call_options=("cu_seqlens_q", "cu_seqlens_k"))
 
 
 SHARED, HAMILTON = _core("shared"), _core("hamilton")

@@ -14,7 +14,10 @@ Hamilton
     The four problems ``(Qt^(c), Kflat, V_c)`` are stacked on the batch axis
     (``c``-major) and solved by ONE SDPA call on ``4B`` batch entries.  Backward:
     ``dQ_a = sum_c SIGN[a][a^c] dQt^(c)_(a^c)`` (the transposed signed permutation),
-    ``dK = sum_c dK^(c)``, ``dV_c = dV^(c)``, ``dbias = sum_c dbias^(c)``.
+    ``dK = sum_c dK^(c)``, ``dV_c = dV^(c)``, ``dbias = sum_c dbias^(c)``,
+    ``dslopes = sum_c dslopes^(c)``.  Batch-shaped operands (mask, bias, ALiBi slopes)
+    are repeated for the four problems and ``mask_mod`` / ``score_mod`` see the batch
+    entry ``b % B`` (:func:`batch_relabelled`), so every map has the options of the call.
 
 See ``docs/cores/quaternion.md`` for the derivation.
 """
@@ -22,11 +25,16 @@ See ``docs/cores/quaternion.md`` for the derivation.
 from __future__ import annotations
 
 import dataclasses
+import functools
+
+import numpy as np
 
 from ..._array import namespace
+from ..sdpa import numba_mods
 from .algebra import SIGN
 
-__all__ = ["SDPAReduction", "signed_permutations", "signed_permutations_adjoint"]
+__all__ = ["SDPAReduction", "signed_permutations", "signed_permutations_adjoint",
+           "batch_relabelled"]
 
 
 def signed_permutations(xp, q):
@@ -75,17 +83,57 @@ def _components_last(xp, x):
 
 
 def _tile_batch(xp, x):
-    """Repeat a ``(B, ...)`` mask or bias for the 4 stacked problems; ``(1, ...)`` broadcasts."""
+    """Repeat a ``(B, ...)`` mask, bias or slopes for the 4 stacked problems; ``(1, ...)`` broadcasts."""
     if x is None or x.shape[0] == 1:
         return x
     return xp.concat([x] * 4, axis=0)                             # (4B, ...)
 
 
-class SDPAReduction:
-    """A quaternion backend (contract of :mod:`.reference`) built on an SDPA backend module."""
+@functools.lru_cache(maxsize=64)
+def batch_relabelled(fn, batch: int, name: str, scalar: bool):
+    """``fn`` seeing batch entry ``b % batch``: the Hamilton maps stacked ``c``-major on ``4B``.
 
-    def __init__(self, sdpa_impl):
+    ``scalar=True`` (the numba kernels call it pair by pair): a closure over ``fn``'s numba
+    dispatcher, which numba compiles; else a Python closure over the array function.  Memoised
+    on ``(fn, batch)``, so the numba kernels bound to it (memoised on function identity) are
+    built once per function and batch size.
+    """
+    inner = numba_mods.compile_function(fn, name, np.float64) if scalar else fn
+
+    def relabelled_mask(b, h, i, j):
+        return inner(b % batch, h, i, j)
+
+    def relabelled_score(score, b, h, i, j):
+        return inner(score, b % batch, h, i, j)
+
+    return relabelled_mask if name == "mask_mod" else relabelled_score
+
+
+def _relabelled_mods(opts, batch: int, scalar: bool) -> dict:
+    """The call's ``mask_mod`` / ``score_mod`` / ``score_mod_grad`` for the ``4B`` problem."""
+    return {name: (None if getattr(opts, name) is None else
+                   batch_relabelled(getattr(opts, name), batch, name, scalar))
+            for name in ("mask_mod", "score_mod", "score_mod_grad")}
+
+
+def _hamilton_options(xp, opts, batch: int, scalar: bool):
+    """``opts`` of the ``4B`` stacked problem: per-batch operands repeated, functions relabelled."""
+    return dataclasses.replace(opts, mask=_tile_batch(xp, opts.mask),
+                               bias=_tile_batch(xp, opts.bias),
+                               alibi=_tile_batch(xp, opts.alibi),
+                               **_relabelled_mods(opts, batch, scalar))
+
+
+class SDPAReduction:
+    """A quaternion backend (contract of :mod:`.reference`) built on an SDPA backend module.
+
+    ``scalar_mods``: the SDPA backend calls ``mask_mod`` / ``score_mod`` pair by pair as
+    compiled scalar functions (numba), not as array functions (the reference).
+    """
+
+    def __init__(self, sdpa_impl, scalar_mods: bool = False):
         self.sdpa = sdpa_impl
+        self.scalar_mods = scalar_mods
 
     def forward(self, q, k, v, opts, mode):
         xp = namespace(q, k, v)
@@ -97,8 +145,7 @@ class SDPAReduction:
         qt = xp.reshape(signed_permutations(xp, q), (4 * B, H, L, 4 * d))   # (4B, H, L, 4d)
         kf = _flat_features(xp, k)                                          # (B, Hkv, S, 4d)
         args = (qt, xp.concat([kf] * 4, axis=0), _components_first(xp, v))  # kt, vt (4B, Hkv, S, .)
-        opts4 = dataclasses.replace(opts, mask=_tile_batch(xp, opts.mask),
-                                    bias=_tile_batch(xp, opts.bias))
+        opts4 = _hamilton_options(xp, opts, B, self.scalar_mods)
         o4, lse = self.sdpa.forward(*args, opts4)                               # (4B, H, L, dv)
         return _components_last(xp, o4), (args, o4, lse, opts4)
 
@@ -107,18 +154,23 @@ class SDPAReduction:
         xp = namespace(q)
         if mode == "shared":
             B, H, L, _, dv = do.shape
-            dq, dk, dvf, ds, _ = self.sdpa.backward(q, k, v, o, lse, _flat_features(xp, do),
-                                                    opts_used)
+            dq, dk, dvf, ds, dslopes = self.sdpa.backward(q, k, v, o, lse,
+                                                          _flat_features(xp, do), opts_used)
             d = q.shape[-1] // 4
             return (xp.reshape(dq, (*dq.shape[:-1], 4, d)),                # (B, H, L, 4, d)
                     xp.reshape(dk, (*dk.shape[:-1], 4, d)),                # (B, Hkv, S, 4, d)
-                    xp.reshape(dvf, (*dvf.shape[:-1], 4, dv)), ds)         # (B, Hkv, S, 4, dv)
-        dqt, dkt, dvt, ds, _ = self.sdpa.backward(q, k, v, o, lse, _components_first(xp, do),
-                                                  opts_used)
+                    xp.reshape(dvf, (*dvf.shape[:-1], 4, dv)), ds, dslopes)  # (B, Hkv, S, 4, dv)
+        # the functions as this backend calls them (the exact path's reference takes arrays)
+        opts_used = dataclasses.replace(opts_used, **_relabelled_mods(opts, do.shape[0],
+                                                                      self.scalar_mods))
+        dqt, dkt, dvt, ds, dslopes = self.sdpa.backward(q, k, v, o, lse,
+                                                        _components_first(xp, do), opts_used)
         B4, H, L, f = dqt.shape
         dqt = xp.reshape(dqt, (4, B4 // 4, H, L, 4, f // 4))              # (4, B, H, L, 4, d)
         dkt = xp.reshape(dkt, (4, B4 // 4, *dkt.shape[1:-1], 4, f // 4))  # (4, B, Hkv, S, 4, d)
         if ds is not None:
             ds = xp.sum(xp.reshape(ds, (4, B4 // 4, *ds.shape[1:])), axis=0)  # (B, H, L, S)
+        if dslopes is not None:                                           # the maps share them
+            dslopes = xp.sum(xp.reshape(dslopes, (4, B4 // 4, H)), axis=0)    # (B, H)
         return (signed_permutations_adjoint(xp, dqt), xp.sum(dkt, axis=0),
-                _components_last(xp, dvt), ds)
+                _components_last(xp, dvt), ds, dslopes)

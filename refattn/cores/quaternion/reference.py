@@ -12,11 +12,14 @@ Backend contract (batch-flattened, validated by :mod:`.api`)::
 
     forward(q, k, v, opts, mode) -> (o, saved)
         q (B, H, L, 4, d), k (B, Hkv, S, 4, d), v (B, Hkv, S, 4, dv), o (B, H, L, 4, dv)
-    backward(saved, do, opts, mode) -> (dq, dk, dv, dscores)
+    backward(saved, do, opts, mode) -> (dq, dk, dv, dscores, dslopes)
         dscores (B, H, L, S): gradient of a float bias (summed over the maps), or None
+        dslopes (B, H): gradient of the ALiBi slopes (summed over the maps), or None
 
 ``opts`` is the :class:`refattn.cores.sdpa.api.SDPAOptions` of the equivalent SDPA
-problem, so masks, bias and causal alignment mean exactly what they mean there.
+problem, so masks, bias, causal alignment, window, soft-cap, ALiBi and the
+``mask_mod`` / ``score_mod`` functions mean exactly what they mean there, applied to
+every score map (``docs/cores/quaternion.md``, "Options").
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ from __future__ import annotations
 import array_api_compat
 
 from ..._array import matrix_transpose, namespace, upcast_half
-from ..._masks import keep_mask
+from ..._masks import alibi_distance, keep_mask
 from ..._softmax import kept_matmul, masked_softmax, probs_from_lse, softmax_backward
+from ..sdpa.reference import _apply_score_mod as apply_score_mod
+from ..sdpa.reference import _mask_mod_keep as mask_mod_keep
 from ..sdpa.reference import expand_kv_heads, reduce_kv_heads
 from .algebra import n_maps, score_terms
 
-__all__ = ["forward", "backward", "score_maps", "key_mixes", "expand_heads"]
+__all__ = ["forward", "backward", "probabilities", "score_maps", "key_mixes", "expand_heads"]
 
 
 def expand_heads(xp, x, group: int):
@@ -112,16 +117,60 @@ def _from_value_groups(xp, x):
     return xp.reshape(x, (B, H, L, 4, (M * g) // 4))
 
 
-def _probabilities_setup(xp, q, k, v, opts, mode):
-    group = q.shape[1] // max(k.shape[1], 1)   # H = Hkv = 0: no heads
-    kh, vh = expand_heads(xp, k, group), expand_heads(xp, v, group)
-    s = opts.scale * score_maps(xp, q, kh, mode)                         # (B, H, M, L, S)
+def _scores(xp, q, kh, opts, mode):
+    """Logits of every map ``(B, H, M, L, S)``, the kept pairs, ``tanh`` of the capped
+    scores (or None) and the logits before ``score_mod`` (or None without it).
+
+    Per map ``m``: ``Z_m = score_mod(cap(scale S_m) + bias - slope |i + S - L - j|)``, the
+    options of :func:`refattn.sdpa` applied to each map's own score; the kept pairs (mask,
+    ``mask_mod``, causal rule, window, ``bias != -inf``) are the same for every map.
+    """
+    device = array_api_compat.device(q)
+    raw = opts.scale * score_maps(xp, q, kh, mode)                       # (B, H, M, L, S)
+    s, tanh = raw, None
+    if opts.softcap is not None:
+        tanh = xp.tanh(raw / opts.softcap)
+        # a non-finite raw score stays non-finite (it poisons its row; tanh would hide it)
+        s = xp.where(xp.isfinite(raw), opts.softcap * tanh, raw)
     bias = None if opts.bias is None else xp.astype(opts.bias, s.dtype)
     if bias is not None:
         s = s + _with_map_axis(xp, bias)
-    keep = keep_mask(xp, opts.mask, opts.causal_offset, q.shape[2], k.shape[2],
-                     device=array_api_compat.device(q), bias=bias)
-    return kh, vh, s, _with_map_axis(xp, keep)
+    if opts.alibi is not None:
+        distance = alibi_distance(xp, q.shape[2], kh.shape[2], s.dtype, device=device)
+        s = s - _with_map_axis(xp, xp.astype(opts.alibi, s.dtype)) * distance
+    before_mod = None
+    if opts.score_mod is not None:
+        before_mod = s
+        s = _per_map(xp, lambda z: apply_score_mod(xp, opts.score_mod, "score_mod", z, device),
+                     s)
+    B, H, _, L, S = raw.shape
+    keep = keep_mask(xp, mask_mod_keep(xp, opts, (B, H, L, S), device), opts.causal_offset,
+                     L, S, device=device, bias=bias, window=opts.window)
+    return s, _with_map_axis(xp, keep), tanh, before_mod
+
+
+def _per_map(xp, fn, x):
+    """``fn`` on each map ``x[:, :, m]`` ``(B, H, L, S)`` of ``x (B, H, M, L, S)``, restacked."""
+    return xp.stack([fn(x[:, :, m]) for m in range(x.shape[2])], axis=2)
+
+
+def _probabilities_setup(xp, q, k, v, opts, mode):
+    group = q.shape[1] // max(k.shape[1], 1)   # H = Hkv = 0: no heads
+    kh, vh = expand_heads(xp, k, group), expand_heads(xp, v, group)
+    return (kh, vh) + _scores(xp, q, kh, opts, mode)
+
+
+def probabilities(q, k, opts, mode):
+    """``P (B, H, M, L, S)``: every map's attention probabilities (0 where not kept).
+
+    ``q (B, H, L, 4, d)``, ``k (B, Hkv, S, 4, d)``; evaluated afresh from the inputs.
+    """
+    xp = namespace(q, k)
+    dtype = q.dtype
+    q, k = upcast_half(xp, q, k)
+    kh = expand_heads(xp, k, q.shape[1] // max(k.shape[1], 1))
+    s, keep, _, _ = _scores(xp, q, kh, opts, mode)
+    return xp.astype(masked_softmax(xp, s, keep)[0], dtype)
 
 
 def _transposed(xp, keep):
@@ -132,7 +181,7 @@ def forward(q, k, v, opts, mode):
     xp = namespace(q, k, v)
     dtype = q.dtype
     q, k, v = upcast_half(xp, q, k, v)
-    kh, vh, s, keep = _probabilities_setup(xp, q, k, v, opts, mode)
+    kh, vh, s, keep, _, _ = _probabilities_setup(xp, q, k, v, opts, mode)
     p, lse = masked_softmax(xp, s, keep)                 # (B, H, M, L, S), (B, H, M, L)
     o = _from_value_groups(xp, kept_matmul(xp, p, _value_groups(xp, vh, n_maps(mode)), keep))
     # o (B, H, L, 4, dv)
@@ -146,7 +195,7 @@ def backward(saved, do, opts, mode):
     (do,) = upcast_half(xp, do)
     do = xp.astype(do, q.dtype)
     maps = n_maps(mode)
-    kh, vh, s, keep = _probabilities_setup(xp, q, k, v, opts, mode)
+    kh, vh, s, keep, tanh, before_mod = _probabilities_setup(xp, q, k, v, opts, mode)
     p = probs_from_lse(xp, s, keep, lse)                                 # (B, H, M, L, S)
     vg, dog = _value_groups(xp, vh, maps), _value_groups(xp, do, maps)   # (B, H, M, S|L, 4dv/M)
     og = _value_groups(xp, o, maps)                                      # (B, H, M, L, 4dv/M)
@@ -156,9 +205,19 @@ def backward(saved, do, opts, mode):
     dp = dog @ matrix_transpose(xp, vg)                                  # (B, H, M, L, S)
     ds = softmax_backward(xp, p, dp, row_dot=xp.sum(dog * og, axis=-1), keep=keep)
     # ds: d(logits) (B, H, M, L, S)
-    # logits_m = scale Qflat Kmix_m^T + bias  =>  dQflat = scale sum_m dS_m Kmix_m,
-    # dKmix_m = scale dS_m^T Qflat, and dK is dKmix pulled back through the mixing.
-    dsc = opts.scale * ds
+    device = array_api_compat.device(q)
+    if before_mod is not None:                       # through score_mod, map by map
+        grad = _per_map(xp, lambda z: apply_score_mod(xp, opts.score_mod_grad, "score_mod_grad",
+                                                      z, device), before_mod)
+        ds = _kept(xp, ds * grad, keep)
+    dslopes = None
+    if opts.need_alibi_grad:                         # d Z_m / d slope = -|i + S - L - j|
+        distance = alibi_distance(xp, s.shape[-2], s.shape[-1], s.dtype, device=device)
+        dslopes = -xp.sum(ds * distance, axis=(2, 3, 4))                # (B, H)
+    ds_raw = ds if tanh is None else _kept(xp, ds * (1 - tanh * tanh), keep)   # soft-cap
+    # logits_m = cap(scale Qflat Kmix_m^T) + ...  =>  dQflat = scale sum_m dR_m Kmix_m,
+    # dKmix_m = scale dR_m^T Qflat, and dK is dKmix pulled back through the mixing.
+    dsc = opts.scale * ds_raw
     dqf = xp.sum(kept_matmul(xp, dsc, key_mixes(xp, kh, mode), keep), axis=2)   # (B, H, L, 4d)
     qf = xp.broadcast_to(xp.expand_dims(_flat(xp, q), axis=2),
                          (*q.shape[:2], ds.shape[2], q.shape[2], 4 * q.shape[-1]))
@@ -170,4 +229,9 @@ def backward(saved, do, opts, mode):
     grads = tuple(xp.astype(g, dtype) for g in grads)
     # The bias is added to the logits of every map: its gradient sums the maps.
     dscores = xp.astype(xp.sum(ds, axis=2), dtype) if opts.need_bias_grad else None
-    return grads + (dscores,)
+    return grads + (dscores, None if dslopes is None else xp.astype(dslopes, dtype))
+
+
+def _kept(xp, ds, keep):
+    """``ds`` with exact zeros at the pairs that are not kept (a NaN factor there stays out)."""
+    return ds if keep is None else xp.where(keep, ds, xp.zeros_like(ds))

@@ -22,4 +22,5 @@ CORE = Core(
              "mask_mod", "score_mod", "score_mod_grad"),
     flops=flops,
     summary="softmax(scale q k^T + bias) v, FlashAttention-2 backward",
+    call_options=("cu_seqlens_q", "cu_seqlens_k"),
 )
