@@ -316,6 +316,18 @@ def _pool(workers: int) -> ThreadPoolExecutor:
         return pool
 
 
+def _forget_pools_in_child():
+    """A forked child inherits the pools but not their threads (a task submitted to one
+    would never run): it starts with none and creates its own at first use."""
+    global _POOLS_LOCK
+    _POOLS.clear()
+    _POOLS_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):          # POSIX
+    os.register_at_fork(after_in_child=_forget_pools_in_child)
+
+
 def run_split(kernel, args: Sequence, items: np.ndarray, costs) -> None:
     """``kernel(*args, part)`` for disjoint parts of ``items``, on :func:`num_threads` threads.
 

@@ -104,3 +104,26 @@ def test_one_numba_thread_keeps_every_call_on_the_calling_thread():
                           text=True, timeout=600, cwd=ROOT, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "['MainThread']", done.stdout
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork exists on POSIX only")
+def test_a_forked_child_runs_kernels_on_its_own_pool():
+    """A child forked after a call inherits no pool threads: it must not wait for them."""
+    script = textwrap.dedent("""
+        import os
+        import numpy as np
+        import refattn
+        rng = np.random.default_rng(0)
+        q, k, v = (rng.standard_normal((1, 4, 64, 8)) for _ in range(3))
+        o = refattn.sdpa(q, k, v, backend="numba", tiles=(16, 16))
+        pid = os.fork()
+        if pid == 0:
+            o2 = refattn.sdpa(q, k, v, backend="numba", tiles=(16, 16))
+            os._exit(0 if np.array_equal(o, o2) else 3)
+        print("child", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+    """)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": path},
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "child 0", done.stdout
