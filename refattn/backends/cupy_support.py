@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import threading
 
 import numpy as np
 
 from . import cupy_available
 
-__all__ = ["available", "cupy", "KernelSource", "kernel_sources", "nvrtc_compile",
+__all__ = ["available", "cupy", "KernelSource", "kernel_sources", "inline_local_includes",
+           "nvrtc_compile",
            "CudaCompileError", "NVRTC_OPTIONS", "strides4", "scalar_args", "NULL",
            "pointer_or_null"]
 
@@ -84,8 +86,8 @@ class KernelSource:
 
     @functools.cached_property
     def code(self) -> str:
-        with open(self.path, encoding="utf-8") as f:
-            return f.read()
+        """The source with its local headers pasted in (:func:`inline_local_includes`)."""
+        return inline_local_includes(self.path)
 
     def instantiations(self) -> tuple:
         return tuple(self._instantiations())
@@ -107,6 +109,34 @@ class KernelSource:
                     fn = module.get_function(name_expression)
                     self._modules[name_expression] = fn
         return fn
+
+
+_LOCAL_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.MULTILINE)
+
+
+def inline_local_includes(path: str, _seen=None) -> str:
+    """The text of ``path`` with each ``#include "name"`` replaced by the file ``name``
+    beside it (recursively, each header once).
+
+    The compiled text is then self-contained: NVRTC needs no include path, and CuPy's
+    cache, keyed on the source text, sees a change of a header.
+    """
+    seen = set() if _seen is None else _seen
+    folder = os.path.dirname(path)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+
+    def paste(match):
+        header = os.path.join(folder, match.group(1))
+        if not os.path.isfile(header):
+            raise FileNotFoundError(f"{path}: #include \"{match.group(1)}\" is not beside it")
+        header = os.path.abspath(header)
+        if header in seen:
+            return f"// {match.group(1)}: pasted above"
+        seen.add(header)
+        return inline_local_includes(header, seen)
+
+    return _LOCAL_INCLUDE.sub(paste, text)
 
 
 def kernel_sources() -> dict:

@@ -14,12 +14,18 @@
   writable at all, :func:`jit` warns once (:class:`NumbaCacheWarning`) and
   compiles in memory instead of crashing; every process then pays the compile
   time again.
-* Threads: parallel kernels (``prange``) run on Numba's threading layer.  Its
-  default order (``tbb``, then ``omp``, then ``workqueue``) already prefers the
-  layers that accept launches from several Python threads at once; the
-  ``workqueue`` layer does not (it aborts the process), so :func:`launch` holds a
-  lock around parallel launches whenever ``workqueue`` is (or may become) the
-  layer in use.
+* Threads: the SDPA and element-wise kernels are serial ``nogil`` functions over a list of
+  work items; :func:`run_split` cuts the items into :func:`num_threads` disjoint lists of
+  about equal cost and runs one kernel call per list on a small thread pool (one pool per
+  thread count, created at first use).  A serial kernel compiles in about half the time of
+  a ``prange`` one: Numba's parfor lowering outlines the loop body into a gufunc and compiles
+  it again (docs/benchmarks.md, "Cold start").  ``NUMBA_NUM_THREADS=1`` (a Dask worker's
+  setting) or ``numba.set_num_threads(1)`` in the calling thread keeps a call on that thread.
+  A kernel written with ``prange`` (none in refattn now) runs on Numba's threading layer:
+  its default order (``tbb``, then ``omp``, then ``workqueue``) prefers the layers that
+  accept launches from several Python threads at once; ``workqueue`` does not (it aborts
+  the process), so :func:`launch` holds a lock around parallel launches whenever
+  ``workqueue`` is (or may become) the layer in use.
 * :func:`cached_signatures` reads a kernel's cache index without compiling or loading
   anything: which signatures are cached for this CPU (``refattn info`` reports it).
   ``refattn.bench.cold_start.first_call_times`` measures what the first call of each core
@@ -30,11 +36,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import math
 import os
 import tempfile
 import threading
 import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numba
@@ -58,6 +67,8 @@ __all__ = [
     "kernels",
     "launch",
     "num_threads",
+    "run_split",
+    "split_items",
     "threading_layer",
 ]
 
@@ -162,6 +173,8 @@ def threading_layer() -> str:
 
 
 def num_threads() -> int:
+    """Threads a kernel call may use: Numba's setting for the calling thread
+    (``numba.set_num_threads``, else ``NUMBA_NUM_THREADS``, else the CPU count)."""
     return numba.get_num_threads()
 
 
@@ -240,6 +253,108 @@ def launch():
             return
         with _LAUNCH_LOCK:
             yield
+
+
+def split_items(costs, parts: int) -> list[np.ndarray]:
+    """Cut items ``0 .. n-1`` (in this order) into at most ``parts`` contiguous runs of about
+    equal total cost.
+
+    Each cut is placed at the item boundary nearest to ``total * p / parts``, so no run is
+    off its share by more than one item's cost.  Callers order their items so that
+    neighbours are cheap to split (e.g. causal query tiles in zig-zag order 0, n-1, 1, n-2,
+    ...: every pair costs the same).
+
+    Parameters
+    ----------
+    costs : array_like, shape (n,)
+        Non-negative cost of each item (any unit).
+    parts : int
+        Wanted number of runs; fewer come back when there are fewer items.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        int64 index arrays, non-empty, disjoint, covering ``0 .. n-1`` in order (none when
+        there are no items).
+
+    Examples
+    --------
+    >>> [r.tolist() for r in split_items([1, 8, 2, 7, 3, 6, 4, 5], 2)]
+    [[0, 1, 2, 3], [4, 5, 6, 7]]
+    >>> [r.tolist() for r in split_items([5, 1, 1, 1, 1, 1], 2)]
+    [[0], [1, 2, 3, 4, 5]]
+    """
+    costs = np.asarray(costs, dtype=np.float64)
+    n = costs.shape[0]
+    if n == 0:
+        return []
+    parts = max(1, min(int(parts), n))
+    cum = np.cumsum(costs)
+    total = cum[-1]
+    cuts = [0]
+    for p in range(1, parts):
+        target = total * p / parts
+        at = int(np.searchsorted(cum, target))       # cum[at - 1] < target <= cum[at]
+        if at < n and cum[at] - target < target - (cum[at - 1] if at else 0.0):
+            at += 1                                   # ending after item ``at`` is nearer
+        cuts.append(min(max(at, cuts[-1] + 1), n - (parts - p)))
+    cuts.append(n)
+    return [np.arange(a, b, dtype=np.int64) for a, b in itertools.pairwise(cuts)]
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """The process's pool of ``workers`` kernel threads (created at first use)."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            pool = _POOLS[workers] = ThreadPoolExecutor(workers,
+                                                        thread_name_prefix="refattn-kernel")
+        return pool
+
+
+def _forget_pools_in_child():
+    """A forked child inherits the pools but not their threads (a task submitted to one
+    would never run): it starts with none and creates its own at first use."""
+    global _POOLS_LOCK
+    _POOLS.clear()
+    _POOLS_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):          # POSIX
+    os.register_at_fork(after_in_child=_forget_pools_in_child)
+
+
+def run_split(kernel, args: Sequence, items: np.ndarray, costs) -> None:
+    """``kernel(*args, part)`` for disjoint parts of ``items``, on :func:`num_threads` threads.
+
+    ``kernel`` is a serial ``nogil`` Numba kernel that loops over the int64 work items it is
+    given and writes disjoint parts of its outputs.  The items are cut by
+    :func:`split_items` (``costs[i]`` is the cost of ``items[i]``); the calling thread runs
+    the first part and a pool of ``threads - 1`` threads the others.  With one thread (or
+    one item) the kernel runs once in the calling thread, on every item.  The BLAS called
+    inside the kernels stays single-threaded meanwhile (:class:`_SingleThreadedBlas`): the
+    kernel threads own the cores.  An exception of any part is raised after all parts end.
+    """
+    items = np.ascontiguousarray(items, dtype=np.int64)
+    threads = num_threads()
+    parts = [items[p] for p in split_items(costs, threads)] if items.size else [items]
+    with _BLAS:
+        if len(parts) == 1:
+            kernel(*args, parts[0])
+            return
+        pool = _pool(threads - 1)
+        futures = [pool.submit(kernel, *args, part) for part in parts[1:]]
+        try:
+            kernel(*args, parts[0])
+        finally:
+            errors = [f.exception() for f in futures]
+        for error in errors:
+            if error is not None:
+                raise error
 
 
 # --------------------------------------------------------------------------- exp

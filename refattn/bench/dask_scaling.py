@@ -367,4 +367,7 @@ STUDY = Study("dask-scaling", "key-sharded SDPA fwd+bwd on 1 vs 2 Dask workers: 
                      "efficiency, merge share, memory, tasks per block", dask_scaling,
                      requires=("dask", "distributed"),
                      metric_names=("efficiency", "worker_overhead", "merge_share", "peak_ratio",
-                                   "tasks_per_block"))
+                                   "tasks_per_block"),
+                     main_job=False,
+                     main_job_note="its target is judged at L = 32768 only; at the quick size the "
+                                   "start-up of two Dask clusters takes most of its 40-90 s")

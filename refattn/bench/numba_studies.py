@@ -217,9 +217,12 @@ def sdpa_memory(size: str = "quick") -> StudyResult:
         metrics[f"{label}_extra_mib"] = extra
         rows.append([label, L, f"{m['inputs'] / 2 ** 20:.0f}", f"{m['outputs'] / 2 ** 20:.0f}",
                      f"{extra:.1f}", f"{m['scores'] / 2 ** 20:.0f}"])
-        if size == "full" and extra >= MEMORY_TARGET_MIB:
-            failures.append(f"sdpa memory {label}: {extra:.1f} MiB >= {MEMORY_TARGET_MIB} MiB")
-    notes.append(f"target < {MEMORY_TARGET_MIB:.0f} MiB at L = 16384 (size 'full')")
+        if extra >= MEMORY_TARGET_MIB:
+            failures.append(f"sdpa memory {label}, L = {L}: {extra:.1f} MiB >= "
+                            f"{MEMORY_TARGET_MIB} MiB")
+    notes.append(f"target < {MEMORY_TARGET_MIB:.0f} MiB at every size: at L = 16384 (size "
+                 f"'full') a 16th of one L x L float32 map, at L = 4096 (size 'quick') less "
+                 f"than one map, which a kernel that stores the scores cannot meet")
     notes.append("extra = RSS high-water mark during forward+backward minus RSS before it, "
                  "minus the outputs (o, lse, dq, dk, dv); fresh subprocess, kernels warm")
     return StudyResult(
@@ -292,5 +295,7 @@ STUDIES = (
     Study("sdpa-memory", "peak memory of numba SDPA forward+backward above its inputs and "
           "outputs", sdpa_memory),
     Study("numba-vs-reference", "every numba core over the NumPy reference",
-          numba_vs_reference),
+          numba_vs_reference, main_job=False,
+          main_job_note="its target is judged at L = 2048 only; at the quick size it repeats "
+                        "the checks' numba and reference timings of every core"),
 )

@@ -35,10 +35,13 @@ def _contenders(layers, x, dy):
 
 def run(size="quick") -> StudyResult:
 
-    batch, rounds, min_time = (1, 3, 0.005) if size == "quick" else (8, 9, 0.05)
+    # quick (the main job): 2 interleaved rounds of >= 3 calls per contender; the FLOP ratio
+    # bounds Efficient's forward speed-up to 1.57x / 1.80x, below the 2x claim, at any size
+    batch, rounds, min_time = (1, 2, 0.005) if size == "quick" else (8, 9, 0.05)
     dtype = np.float32
     rows, metrics, notes, failures = [], {}, [], []
     best_efficient = 0.0
+    disturbed = []             # settings whose Efficient forward time ratio is implausible
     for label, (L, d, h) in PAPER_SETTINGS.items():
         counts = scheme_counts(d, h, L)
         rng = np.random.default_rng(0)
@@ -67,16 +70,26 @@ def run(size="quick") -> StudyResult:
                             f"{key}.forward_backward_time_ratio": r_fb,
                             f"{key}.matmuls_per_head": float(c.matmuls_per_head)})
         eff = 1.0 / metrics[f"{label}.efficient.forward_time_ratio"]
-        best_efficient = max(best_efficient, eff)
+        # only a plausible ratio judges the claim: one far beyond the FLOP bound is load noise
+        if 1.0 / eff >= SUSPECT_BELOW * metrics[f"{label}.efficient.flops_ratio"]:
+            best_efficient = max(best_efficient, eff)
+        else:
+            disturbed.append(label)
         notes.append(f"{label}: efficient forward {eff:.2f}x faster than standard (FLOP bound "
                      f"{1 / metrics[f'{label}.efficient.flops_ratio']:.2f}x); standard forward "
                      f"{t_fwd['standard'] * 1e3:.2f} ms, forward+backward "
                      f"{t_fb['standard'] * 1e3:.2f} ms")
-    notes.append(f"B={batch}, float32, reference backend, self-attention, no mask; time ratios "
+    notes.append(f"B={batch}, float32, backend auto, self-attention, no mask; time ratios "
                  f"are medians of {rounds} interleaved rounds")
-    if best_efficient < CLAIMED_EFFICIENT_SPEEDUP:
+    if len(disturbed) == len(PAPER_SETTINGS):
+        failures.append(f"paper: Efficient 'up to {CLAIMED_EFFICIENT_SPEEDUP:g}x as fast': not "
+                        f"judged, every setting's time ratio is below {SUSPECT_BELOW} of its "
+                        f"FLOP ratio (a disturbed run); re-run")
+    elif best_efficient < CLAIMED_EFFICIENT_SPEEDUP:
         failures.append(f"paper: Efficient 'up to {CLAIMED_EFFICIENT_SPEEDUP:g}x as fast'; measured "
-                        f"at most {best_efficient:.2f}x (forward). The attention core is not "
+                        f"at most {best_efficient:.2f}x (forward"
+                        f"{', ' + ' and '.join(disturbed) + ' disturbed' if disturbed else ''})."
+                        f" The attention core is not "
                         f"projected, so the FLOP ratio bounds the speed-up below 2x here")
     return StudyResult("projection schemes vs standard (ratios; < 1 = fewer/faster)",
                        ["setting", "scheme", "params", "FLOPs", "fwd time", "fwd+bwd time",

@@ -45,3 +45,8 @@ class Study:
     run: Callable
     requires: tuple = ()   # optional modules (e.g. "torch"); the study is skipped without them
     metric_names: tuple = ()  # names of ``StudyResult.metrics`` that asv tracks
+    #: Whether the main job ``refattn`` runs it (at size "quick").  False for a study whose
+    #: quick size cannot judge its claim in seconds (why: ``main_job_note``); ``refattn
+    #: bench`` runs every study, ``refattn --studies NAME`` adds it to the main job.
+    main_job: bool = True
+    main_job_note: str = ""

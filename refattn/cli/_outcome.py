@@ -26,6 +26,7 @@ class StudyOutcome:
     status: str
     seconds: float = 0.0
     result: StudyResult | None = None   # when status == "ok"
+    cpu_seconds: float = 0.0            # of this process and its finished children
     message: str = ""
 
     @property
@@ -35,7 +36,8 @@ class StudyOutcome:
     def record(self) -> dict:
         """A JSON-ready dict: the table, the metrics, the targets."""
         rec = {"name": self.name, "size": self.size, "status": self.status,
-               "seconds": self.seconds, "message": self.message}
+               "seconds": self.seconds, "cpu_seconds": self.cpu_seconds,
+               "message": self.message}
         if self.result is not None:
             r = self.result
             rec.update(title=r.title, headers=[str(h) for h in r.headers],

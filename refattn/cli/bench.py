@@ -14,6 +14,7 @@ import sys
 import time
 
 from ..bench import studies
+from ..bench.timing import cpu_seconds
 from ._errors import UsageError, check_names
 from ._outcome import StudyOutcome, check_json_path, exit_status, summary_lines, write_json
 from ._progress import Progress
@@ -36,11 +37,21 @@ def add_arguments(parser):
                         help="exit status 3 when a study target is not met")
 
 
-def select_studies(names, argument="STUDY") -> dict:
-    """``{name: Study}`` of ``names`` (all when empty); :class:`UsageError` for an unknown one."""
+def select_studies(names, argument="STUDY", main_job=False) -> dict:
+    """``{name: Study}`` of ``names``; :class:`UsageError` for an unknown one.
+
+    Without names: every study, or with ``main_job`` those whose ``Study.main_job`` is set.
+    """
     available = studies()
     check_names(argument, names or [], available, "study")
-    return {n: available[n] for n in (names or available)}
+    if names:
+        return {n: available[n] for n in names}
+    return {n: s for n, s in available.items() if s.main_job or not main_job}
+
+
+def bench_only(selected: dict) -> dict:
+    """``{name: Study}`` of the studies that the main job leaves to ``refattn bench``."""
+    return {n: s for n, s in studies().items() if not s.main_job and n not in selected}
 
 
 def run_studies(selected: dict, size: str, emit=print, progress=None) -> list:
@@ -58,21 +69,22 @@ def run_studies(selected: dict, size: str, emit=print, progress=None) -> list:
             continue
         if progress is not None:
             progress.doing(f"study {name} (size {size})")
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), cpu_seconds()
         try:
             result = study.run(size)
         except Exception as exc:        # a broken study is reported; the others still run
-            seconds = time.perf_counter() - t0
+            seconds, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
             message = f"{type(exc).__name__}: {exc}".splitlines()[0]
             print(f"{name}: ERROR {message}", file=sys.stderr)
-            outcomes.append(StudyOutcome(name, size, "error", seconds, message=message))
+            outcomes.append(StudyOutcome(name, size, "error", seconds, message=message,
+                                         cpu_seconds=cpu))
         else:
-            seconds = time.perf_counter() - t0
+            seconds, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
             emit(result.format())
             for f in result.failures:
                 emit(f"  target not met: {f}")
-            emit(f"  ({name}, size={size}, {seconds:.1f}s)")
-            outcomes.append(StudyOutcome(name, size, "ok", seconds, result))
+            emit(f"  ({name}, size={size}, {seconds:.1f}s, {cpu:.1f} CPU s)")
+            outcomes.append(StudyOutcome(name, size, "ok", seconds, result, cpu_seconds=cpu))
         if progress is not None:
             progress.advance()
     return outcomes
@@ -105,7 +117,8 @@ def _check_plot_folder(folder):
 def run(args) -> int:
     if args.list:
         for name, s in select_studies([]).items():
-            print(f"{name:<28} {s.summary}")
+            where = "" if s.main_job else " [refattn bench only]"
+            print(f"{name:<28} {s.summary}{where}")
         return 0
     selected = select_studies(args.studies)
     _check_plot_folder(args.plot)

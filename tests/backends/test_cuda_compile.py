@@ -3,7 +3,8 @@
 This runs on CI machines without a GPU (NVRTC needs no device): a syntax or
 type error in a kernel, or a compiler warning, fails the suite.  Templates are
 only checked when instantiated, so each source is compiled with the
-instantiations its backend declares (:class:`refattn.backends.cupy_support.KernelSource`).
+instantiations its backend declares (:class:`refattn.backends.cupy_support.KernelSource`),
+the SDPA option kernels (``sdpa_fwd_opt`` / ``sdpa_bwd_opt``) among them.
 The sources are compiled for ``sm_90``: NVRTC's front end for ``compute_90``
 followed by its built-in assembler, the only step that checks inline PTX
 (tensor-core ``mma``, ``ldmatrix``, ``cp.async``); the PTX of ``compute_90`` is
@@ -69,6 +70,38 @@ def test_sdpa_kernels_use_the_tensor_cores():
     assert "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32" in ptx     # float32 (3xTF32)
     assert "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in ptx         # float16 operands
     assert "cp.async.cg.shared.global" in ptx                              # pipelined tiles
+
+
+def test_every_sdpa_option_is_instantiated_for_the_compile_test():
+    # The option kernels are compiled only when a call uses them, so the compile test must
+    # name them: each option bit alone, and all of them with every element type.
+    from refattn.cores.sdpa import cupy as sdpa_cupy
+
+    names = set(SOURCES[sdpa_cupy.SOURCE.path].instantiations())
+    every = sum(sdpa_cupy.OPTION_BITS.values())
+    for dtype, math in (("float16", None), ("float32", "tf32x3"), ("float32", "simt"),
+                        ("float64", None)):
+        cfg = sdpa_cupy.kernel_config(dtype, 8, 8, math, options=every)
+        assert {cfg["fwd"], cfg["bwd"]} <= names
+    for bit in sdpa_cupy.OPTION_BITS.values():
+        cfg = sdpa_cupy.kernel_config("float64", 8, 8, options=bit)
+        assert {cfg["fwd"], cfg["bwd"]} <= names
+    plain = sdpa_cupy.kernel_config("float32", 64, 64)
+    assert "_opt" not in plain["fwd"] + plain["bwd"]          # no option: the earlier kernels
+
+
+def test_an_error_in_the_option_code_fails_the_compile():
+    # The option code goes through the same compile: break the soft-cap's code, and the
+    # compile of its instantiation fails with the compiler's message.
+    from refattn.cores.sdpa import cupy as sdpa_cupy
+
+    code = sdpa_cupy.SOURCE.code
+    marker = "tc = tanh_acc(s * scale * inv_cap);"
+    assert marker in code
+    broken = code.replace(marker, "tc = tanh_acc(s * scale * undefined_cap);")
+    name = sdpa_cupy.kernel_config("float64", 8, 8, options=sdpa_cupy.OPTION_BITS["softcap"])
+    with pytest.raises(cs.CudaCompileError, match="undefined_cap"):
+        cs.nvrtc_compile(broken, "sdpa.cu", [name["fwd"]], arch="compute_90")
 
 
 def test_inline_ptx_errors_are_caught():

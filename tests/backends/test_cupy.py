@@ -158,3 +158,137 @@ def test_head_dims_beyond_the_kernels_limit_are_rejected():
     with pytest.raises(ValueError, match="head dims up to 256"):
         refattn.sdpa(q, q, q, backend="cupy")
 
+
+
+# --- Options in the kernels (sdpa_fwd_opt / sdpa_bwd_opt) --------------------------------
+# Each option alone, then combinations, on problems spanning several query and key tiles,
+# forward and every gradient (dq, dk, dv, then dbias and dalibi_slopes when present)
+# against the float64 reference.  The index math is also checked on the CPU
+# (tests/backends/test_sdpa_rules.py); these tests run the kernels themselves.
+
+def _slopes(rng, shape, dtype):
+    return (0.05 + 0.3 * rng.random(shape)).astype(dtype)
+
+
+OPTION_CASES = {
+    "window": dict(window=(20, 7)),
+    "window left only + causal lower_right": dict(window=(33, -1), causal=True,
+                                                  causal_align="lower_right"),
+    "window right only + causal upper_left": dict(window=(-1, 70), causal=True),
+    "window wider than S": dict(window=(500, 500)),
+    "softcap": dict(softcap=3.0),
+    "alibi (H,)": dict(alibi="H"),
+    "alibi (B, H) + causal lower_right": dict(alibi="BH", causal=True,
+                                              causal_align="lower_right"),
+    "window + causal + softcap + alibi": dict(window=(40, 0), causal=True, softcap=2.5,
+                                              alibi="H", causal_align="lower_right"),
+    "window + softcap + mask + bias + dropout": dict(window=(25, 25), softcap=4.0, mask=True,
+                                                     bias=True, dropout=True),
+}
+
+
+def _option_problem(rng, case, dtype, B=2, H=4, Hkv=2, L=150, S=200, E=64, Ev=64):
+    case = dict(case)
+    flags = {name: case.pop(name, False) for name in ("mask", "bias", "dropout")}
+    arrays, opts = _problem(rng, B, H, Hkv, L, S, E, Ev, dtype=dtype, **flags)
+    alibi = case.pop("alibi", None)
+    if alibi is not None:
+        opts["alibi_slopes"] = _slopes(rng, (H,) if alibi == "H" else (B, H), dtype)
+    return arrays, {**opts, **case}
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", list(OPTION_CASES))
+def test_option_kernels_match_reference(name, dtype):
+    arrays, opts = _option_problem(np.random.default_rng(10), OPTION_CASES[name], dtype)
+    _compare(arrays, opts, dtype)
+
+
+@pytest.mark.parametrize("shape", MULTI_TILE[1:], ids=lambda s: "L{L} S{S} E{E} Ev{Ev}".format(**s))
+def test_option_kernels_on_every_head_configuration(shape):
+    arrays, opts = _option_problem(np.random.default_rng(11), OPTION_CASES[
+        "window + causal + softcap + alibi"], "float32", **shape)
+    _compare(arrays, opts, "float32")
+
+
+def test_option_kernels_in_float16_and_simt():
+    case = OPTION_CASES["window + causal + softcap + alibi"]
+    arrays, opts = _option_problem(np.random.default_rng(12), case, "float16")
+    _compare(arrays, opts, "float16")
+    arrays, opts = _option_problem(np.random.default_rng(12), case, "float32")
+    _compare(arrays, {**opts, "float32_math": "simt"}, "float32")
+
+
+def test_option_calls_run_on_the_kernels_and_skip_tiles():
+    cp = _cp()
+    rng = np.random.default_rng(13)
+    q, k, v = (cp.asarray(rng.standard_normal((1, 2, 300, 32))) for _ in range(3))
+    _, res = refattn.get_core("sdpa").forward(q, k, v, window=(16, 0), softcap=5.0,
+                                              alibi_slopes=cp.asarray([0.1, 0.2]))
+    assert res.backend == "cupy"
+
+
+def _cu(lengths):
+    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+
+
+# sequence 2 has no query, 5 no key; lengths cross the 64-row tiles
+PACKED_Q, PACKED_K = (70, 130, 0, 5, 64, 33), (90, 130, 20, 140, 0, 33)
+
+SEQUENCE_CASES = {
+    "plain": {},
+    "causal lower_right": dict(causal=True, causal_align="lower_right"),
+    "window + causal + softcap + GQA": dict(window=(30, 0), causal=True, softcap=2.0),
+    "alibi per sequence + window": dict(alibi="rows", window=(20, 9),
+                                        causal_align="lower_right"),
+    "alibi (H,) + mask + bias": dict(alibi="shared", mask=True, bias=True),
+}
+
+
+def _sequence_problem(rng, layout, case, dtype, H=4, Hkv=2, E=40, Ev=24):
+    case = dict(case)
+    alibi, mask, bias = case.pop("alibi", None), case.pop("mask", False), case.pop("bias", False)
+    if layout == "packed":
+        tq, tk = sum(PACKED_Q), sum(PACKED_K)
+        q, k, v = (rng.standard_normal(s) for s in ((tq, H, E), (tk, Hkv, E), (tk, Hkv, Ev)))
+        opts = dict(cu_seqlens_q=_cu(PACKED_Q), cu_seqlens_k=_cu(PACKED_K))
+        rows, scores = len(PACKED_Q), (H, tq, tk)
+    else:
+        B, L, S = 3, 150, 120
+        q, k, v = (rng.standard_normal(s) for s in ((B, H, L, E), (B, Hkv, S, E),
+                                                    (B, Hkv, S, Ev)))
+        opts = dict(query_seq_lengths=np.array([150, 0, 77]),
+                    key_value_seq_lengths=np.array([100, 50, 120]))
+        rows, scores = B, (B, H, L, S)
+    if alibi is not None:
+        opts["alibi_slopes"] = _slopes(rng, (rows, H) if alibi == "rows" else (H,), dtype)
+    if mask:
+        opts["mask"] = rng.random((1,) + scores[1:]) > 0.2
+    if bias:
+        opts["bias"] = rng.standard_normal((H, 1, scores[-1])).astype(dtype)
+    return tuple(x.astype(dtype) for x in (q, k, v)), {**opts, **case}
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+@pytest.mark.parametrize("name", list(SEQUENCE_CASES))
+def test_sequences_in_the_kernels_match_reference(name, layout, dtype):
+    arrays, opts = _sequence_problem(np.random.default_rng(14), layout, SEQUENCE_CASES[name],
+                                     dtype)
+    _compare(arrays, opts, dtype)
+
+
+def test_sequences_run_as_one_kernel_call():
+    cp = _cp()
+    arrays, opts = _sequence_problem(np.random.default_rng(15), "packed",
+                                     SEQUENCE_CASES["window + causal + softcap + GQA"], "float32")
+    dev = tuple(cp.asarray(a) for a in arrays)
+    _, res = refattn.get_core("sdpa").forward(*dev, **opts)
+    assert res.fused and len(res.parts) == 1
+    part = res.parts[0][1]
+    assert part.backend == "cupy" and part.options.sequences is not None
+    # return_probs recomputes on the reference, per sequence
+    _, p = refattn.sdpa(*dev, return_probs=True, **opts)
+    _, p_ref = refattn.sdpa(*(a.astype(np.float64) for a in arrays), return_probs=True,
+                            backend="reference", **opts)
+    assert_close(p, p_ref, "float32", "probabilities")

@@ -70,7 +70,12 @@ def test_json_holds_what_the_table_shows(fixture_studies, tmp_path, capsys):
     for r in rows:
         assert r["ok"] is True and r["t_fwd"] > 0 and r["t_fwdbwd"] > 0
         assert f"{r['t_fwd'] * 1e3:.3f}" in out
+        assert 0 < r["cpu_seconds"] and 0 < r["seconds"]
+    assert 0 < data["checks_cpu_seconds"] <= data["cpu_seconds"]
+    assert f"{data['checks_cpu_seconds']:.1f} CPU s)" in out
     studies = {s["name"]: s for s in data["studies"]}
+    assert all(s["cpu_seconds"] > 0 for s in studies.values())
+    assert data["studies_left_to_bench"] == {}               # studies named: nothing left out
     assert studies["fixture-met"]["targets_met"] is True
     assert studies["fixture-unmet"]["targets_met"] is False
     unmet = studies["fixture-unmet"]
@@ -102,6 +107,43 @@ def test_a_study_that_raises_fails_the_run(fixture_studies, capsys):
     assert "fixture-broken: ERROR RuntimeError: the study broke" in err
     assert "1 study(ies) raised an error: fixture-broken" in out
     assert "Traceback" not in out + err
+
+
+def test_the_main_job_leaves_bench_only_studies_to_refattn_bench(monkeypatch, capsys):
+    """Without --studies the main job runs the main-job studies and names the others."""
+    for name in list(STUDIES):
+        monkeypatch.delitem(STUDIES, name)
+    monkeypatch.setitem(STUDIES, "fixture-met", _ratio_study("fixture-met", float("inf")))
+    slow = Study("fixture-slow", "bench only", lambda size: 1 / 0, main_job=False,
+                 main_job_note="judged at full size only")
+    monkeypatch.setitem(STUDIES, slow.name, slow)
+    from refattn.cli.bench import select_studies
+    assert list(select_studies([], main_job=True)) == ["fixture-met"]
+    assert list(select_studies([])) == ["fixture-met", "fixture-slow"]      # refattn bench
+    assert main(ONE_ROW) == 0                              # the slow study would raise
+    out = capsys.readouterr().out
+    assert "then 1 studies (size quick); 1 left to `refattn bench`" in out
+    assert ("fixture-slow: run by `refattn bench fixture-slow` only (judged at full size "
+            "only; `refattn --studies fixture-slow` adds it here)") in out
+    assert main(ONE_ROW + ["--studies", "fixture-slow"]) == 1           # named: it runs
+    assert main(["bench", "--list"]) == 0
+    assert "bench only [refattn bench only]" in capsys.readouterr().out
+
+
+def test_a_variants_rows_share_its_references():
+    """The float64 and float32 references are computed once and give the same verdicts."""
+    variant = refattn.get_variant("elementwise")
+    refs = report.References(variant)
+    shared = [report.check_row(variant, b, d, refs=refs)
+              for b in ("reference", "numba") for d in ("float64", "float32")]
+    alone = [report.check_row(variant, b, d) for b in ("reference", "numba")
+             for d in ("float64", "float32")]
+    for a, b in zip(shared, alone):
+        assert a["ok"] and b["ok"]
+        assert (a["fwd_err"], a["grad_err"]) == (b["fwd_err"], b["grad_err"])
+    assert refs.float64_output()[0] is refs.float64_output()[0]
+    assert refs.low("float32")[0] is refs.low("float32")[0]
+    assert refs.float64_grads() is refs.float64_grads()
 
 
 def test_rows_are_printed_as_they_finish(monkeypatch, capsys):
@@ -163,11 +205,9 @@ def test_timed_samples_are_far_above_the_clock_resolution():
 
 
 def test_report_rows_record_their_batches(capsys):
-    from refattn.bench.timing import MIN_BATCH_SECONDS
-
     variant = refattn.get_variant("sdpa")
     row = report.check_row(variant, "reference", "float32")
     assert row["ok"]
     for what in ("fwd", "fwdbwd"):
         t, n = row[f"t_{what}"], row[f"calls_per_sample_{what}"]
-        assert t * n >= 0.5 * MIN_BATCH_SECONDS
+        assert t * n >= 0.5 * report.TIMING_MIN_BATCH_SECONDS

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from refattn.cores.sdpa import api
+from refattn.cores.sdpa import numba as sdpa_numba
 from refattn.testing import TOLERANCES, assert_close, max_errors
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -192,6 +193,25 @@ def test_concurrent_python_threads_get_correct_results():
     assert not errors
     for got, want in zip(results, expected):
         assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("B, H", [(1, 1), (2, 3)])
+def test_options_add_no_compiled_signature(B, H):
+    """Masks of every shape (a C-contiguous one included), bias, soft-cap, window, dropout:
+    one forward and one backward signature per dtype (absent options are stand-ins of the
+    same array type, the score helper's flags are runtime values)."""
+    rng = np.random.default_rng(7)
+    L = 24
+    q, k, v = (rng.standard_normal((B, H, L, 8)) for _ in range(3))
+    for opts in ({}, {"causal": True}, {"mask": rng.random((L, L)) > 0.3},
+                 {"mask": rng.random((B, H, L, L)) > 0.3}, {"bias": rng.standard_normal((L, L))},
+                 {"bias": rng.standard_normal((B, H, L, L))}, {"softcap": 5.0},
+                 {"window": (4, 2)}, {"dropout_p": 0.2, "dropout_mask": rng.random((L, L)) > 0.2}):
+        o, res = api.forward(q, k, v, backend="numba", tiles=SMALL_TILES, **opts)
+        api.backward(res, np.ones_like(o))
+    for kernel in (sdpa_numba._forward_kernel, sdpa_numba._backward_kernel):
+        float64 = [sig for sig in kernel.signatures if sig[0].dtype.name == "float64"]
+        assert len(float64) == 1, (kernel, float64)
 
 
 def _run(script: str, **env):

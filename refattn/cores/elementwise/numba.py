@@ -21,8 +21,11 @@ copied once): one compiled signature per kernel and dtype instead of one per
 dtype x array layout, which removed 4 of the 8 Taylor-kernel compilations of a cold
 ``refattn`` run (docs/benchmarks.md, "Cold start").  Widening float32 inputs to float64 as
 well (one signature per kernel) was measured and rejected: the float32 Taylor
-kernels run 1.6-1.8x faster than on widened inputs.  Parallelism: ``prange`` over
-batch x heads x query tiles (exact) or batch x heads x blocks of 16 channels (Taylor).
+kernels run 1.6-1.8x faster than on widened inputs.  Parallelism: the kernels are serial
+``nogil`` loops over work items, batch x heads x tiles of 32 queries or keys (exact) or
+batch x heads x blocks of 16 channels (Taylor), cut into one run of about equal cost per
+thread and run on a thread pool (:func:`~refattn.backends.numba_support.run_split`); a
+serial kernel compiles in about half the time of a ``prange`` one.
 Per-query-head ``dk, dv`` are summed over GQA groups afterwards.
 """
 
@@ -30,10 +33,9 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 
-from ...backends.numba_support import jit, launch
+from ...backends.numba_support import jit, run_split
 from .taylor import taylor_coefficients
 
 __all__ = ["forward", "backward"]
@@ -51,13 +53,13 @@ def _visible_end(i, S, offset):
 _visible_end = jit(_visible_end, inline="always")
 
 
-@jit(parallel=True)
-def _exact_forward(q, k, v, keep, has_mask, offset, o, lse):
+@jit
+def _exact_forward(q, k, v, keep, has_mask, offset, o, lse, items):
     B, H, L, D = q.shape
     S = k.shape[2]
     group = H // k.shape[1]
     tiles = (L + _TILE - 1) // _TILE
-    for task in numba.prange(B * H * tiles):
+    for task in items:
         bh, tile = task // tiles, task % tiles
         b, h = bh // H, bh % H
         hk = h // group
@@ -103,13 +105,13 @@ def _lse_or_inf(x):
     return x if x > -np.inf else np.inf
 
 
-@jit(parallel=True)
-def _exact_dq(q, k, v, o, lse, do, keep, has_mask, offset, dq):
+@jit
+def _exact_dq(q, k, v, o, lse, do, keep, has_mask, offset, dq, items):
     B, H, L, D = q.shape
     S = k.shape[2]
     group = H // k.shape[1]
     tiles = (L + _TILE - 1) // _TILE
-    for task in numba.prange(B * H * tiles):
+    for task in items:
         bh, tile = task // tiles, task % tiles
         b, h = bh // H, bh % H
         hk = h // group
@@ -129,14 +131,14 @@ def _exact_dq(q, k, v, o, lse, do, keep, has_mask, offset, dq):
                 dq[b, h, i, c] = acc[c]
 
 
-@jit(parallel=True)
-def _exact_dkdv(q, k, v, o, lse, do, keep, has_mask, offset, dk, dv):
+@jit
+def _exact_dkdv(q, k, v, o, lse, do, keep, has_mask, offset, dk, dv, items):
     """Per query head: ``dk, dv (B, H, S, D)``."""
     B, H, L, D = q.shape
     S = k.shape[2]
     group = H // k.shape[1]
     tiles = (S + _TILE - 1) // _TILE
-    for task in numba.prange(B * H * tiles):
+    for task in items:
         bh, tile = task // tiles, task % tiles
         b, h = bh // H, bh % H
         hk = h // group
@@ -190,14 +192,14 @@ def _add_keys_until(A, Bm, mu, k, v, keep, has_mask, b, h, hk, c0, added, end, o
     return max(added, end)
 
 
-@jit(parallel=True)
-def _taylor_forward(q, k, v, keep, has_mask, offset, coeffs, o, m, den):
+@jit
+def _taylor_forward(q, k, v, keep, has_mask, offset, coeffs, o, m, den, items):
     B, H, L, D = q.shape
     S = k.shape[2]
     group = H // k.shape[1]
     order = coeffs.shape[0] - 1
     blocks = (D + _CHANNELS - 1) // _CHANNELS
-    for task in numba.prange(B * H * blocks):
+    for task in items:
         b, h, c0 = task // (H * blocks), (task // blocks) % H, (task % blocks) * _CHANNELS
         width = min(D, c0 + _CHANNELS) - c0
         hk = h // group
@@ -226,15 +228,15 @@ def _taylor_forward(q, k, v, keep, has_mask, offset, coeffs, o, m, den):
                 den[b, h, i, c] = dd
 
 
-@jit(parallel=True)
-def _taylor_backward(q, k, v, o, m, den, do, keep, has_mask, offset, coeffs, dq, dk, dv):
+@jit
+def _taylor_backward(q, k, v, o, m, den, do, keep, has_mask, offset, coeffs, dq, dk, dv, items):
     """``dq (B, H, L, D)``; per query head ``dk, dv (B, H, S, D)``."""
     B, H, L, D = q.shape
     S = k.shape[2]
     group = H // k.shape[1]
     order = coeffs.shape[0] - 1
     blocks = (D + _CHANNELS - 1) // _CHANNELS
-    for task in numba.prange(B * H * blocks):
+    for task in items:
         b, h, c0 = task // (H * blocks), (task // blocks) % H, (task % blocks) * _CHANNELS
         width = min(D, c0 + _CHANNELS) - c0
         hk = h // group
@@ -335,22 +337,53 @@ def _as_kernel_input(x):
     return np.require(x, requirements=("C", "A", "W"))
 
 
+def _tile_costs(n, first, end):
+    """Cost of each tile of :data:`_TILE` rows: the rows' visited ranges ``end - first``
+    summed (plus one per row); ``first``/``end`` are per row."""
+    return np.add.reduceat(np.maximum(0, end - first) + 1, np.arange(0, n, _TILE))
+
+
+def _query_items(B, H, L, S, offset):
+    """``(items, costs)`` over batch x heads x query tiles: the keys each tile visits."""
+    if L == 0:
+        return np.arange(0), np.zeros(0)
+    end = np.minimum(S, np.maximum(0, np.arange(L) + offset + 1))     # _visible_end
+    costs = _tile_costs(L, 0, end)
+    return np.arange(B * H * costs.size), np.tile(costs, B * H)
+
+
+def _key_items(B, H, L, S, offset):
+    """``(items, costs)`` over batch x heads x key tiles: the queries each tile visits."""
+    if S == 0:
+        return np.arange(0), np.zeros(0)
+    first = np.zeros(S, np.int64) if offset == _NO_OFFSET else np.maximum(0, np.arange(S) - offset)
+    costs = _tile_costs(S, first, L)
+    return np.arange(B * H * costs.size), np.tile(costs, B * H)
+
+
+def _channel_items(B, H, D):
+    """``(items, costs)`` over batch x heads x blocks of :data:`_CHANNELS` (equal costs)."""
+    n = B * H * (-(-D // _CHANNELS))
+    return np.arange(n), np.ones(n)
+
+
 def forward(q, k, v, opts):
     q, k, v = (_as_kernel_input(x) for x in (q, k, v))
     B, H, L, D = q.shape
     S = k.shape[2]
     o = np.empty_like(q)
+    offset = _offset(opts)
     if opts.order is None:
         keep, has_mask = _keep(opts.mask, (B, H, L, S))
         lse = np.empty_like(q)
-        with launch():
-            _exact_forward(q, k, v, keep, has_mask, _offset(opts), o, lse)
+        run_split(_exact_forward, (q, k, v, keep, has_mask, offset, o, lse),
+                  *_query_items(B, H, L, S, offset))
         return o, (lse,)
     keep, has_mask = _keep(opts.mask, (B, H, 1, S))
     m, den = np.empty_like(q), np.empty_like(q)
     coeffs = np.asarray(taylor_coefficients(opts.order), dtype=np.float64)
-    with launch():
-        _taylor_forward(q, k, v, keep, has_mask, _offset(opts), coeffs, o, m, den)
+    run_split(_taylor_forward, (q, k, v, keep, has_mask, offset, coeffs, o, m, den),
+              *_channel_items(B, H, D))
     return o, (m, den)
 
 
@@ -362,17 +395,18 @@ def backward(q, k, v, o, saved, do, opts):
     dq = np.empty_like(q)
     dk = np.empty((B, H, S, D), dtype=q.dtype)
     dv = np.empty((B, H, S, D), dtype=q.dtype)
+    offset = _offset(opts)
     if opts.order is None:
         keep, has_mask = _keep(opts.mask, (B, H, L, S))
         (lse,) = saved
-        with launch():
-            _exact_dq(q, k, v, o, lse, do, keep, has_mask, _offset(opts), dq)
-            _exact_dkdv(q, k, v, o, lse, do, keep, has_mask, _offset(opts), dk, dv)
+        run_split(_exact_dq, (q, k, v, o, lse, do, keep, has_mask, offset, dq),
+                  *_query_items(B, H, L, S, offset))
+        run_split(_exact_dkdv, (q, k, v, o, lse, do, keep, has_mask, offset, dk, dv),
+                  *_key_items(B, H, L, S, offset))
     else:
         keep, has_mask = _keep(opts.mask, (B, H, 1, S))
         m, den = saved
         coeffs = np.asarray(taylor_coefficients(opts.order), dtype=np.float64)
-        with launch():
-            _taylor_backward(q, k, v, o, m, den, do, keep, has_mask, _offset(opts), coeffs, dq,
-                             dk, dv)
+        run_split(_taylor_backward, (q, k, v, o, m, den, do, keep, has_mask, offset, coeffs, dq,
+                                     dk, dv), *_channel_items(B, H, D))
     return dq, _reduce_groups(dk, k.shape[1]), _reduce_groups(dv, k.shape[1])

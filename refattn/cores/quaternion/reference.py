@@ -29,9 +29,12 @@ import array_api_compat
 from ..._array import matrix_transpose, namespace, upcast_half
 from ..._masks import alibi_distance, keep_mask
 from ..._softmax import kept_matmul, masked_softmax, probs_from_lse, softmax_backward
-from ..sdpa.reference import _apply_score_mod as apply_score_mod
-from ..sdpa.reference import _mask_mod_keep as mask_mod_keep
-from ..sdpa.reference import expand_kv_heads, reduce_kv_heads
+from ..sdpa.reference import (
+    apply_score_mod,
+    expand_kv_heads,
+    mask_mod_keep,
+    reduce_kv_heads,
+)
 from .algebra import n_maps, score_terms
 
 __all__ = ["forward", "backward", "probabilities", "score_maps", "key_mixes", "expand_heads"]

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import array_api_compat
@@ -50,7 +50,7 @@ from ...typing import Array, Backend, CausalAlign
 
 __all__ = ["SDPAOptions", "SDPAResiduals", "sdpa", "forward", "backward", "IMPLEMENTED",
            "as_batched_4d", "flops", "check_scale", "prepare", "implementation", "causal_pairs",
-           "FLOAT32_MATHS", "option_route"]
+           "FLOAT32_MATHS", "option_route", "sequences_options"]
 
 #: Backends with an implementation of this core (modules beside this file).
 IMPLEMENTED = ("reference", "numba", "cupy")
@@ -106,6 +106,11 @@ class SDPAOptions:
         derivative with respect to ``score`` (same signature) for the backward pass.
         The numba backend calls them pair by pair on scalars
         (:mod:`refattn.cores.sdpa.numba_mods`); cupy routes them to the reference.
+    sequences : :class:`~refattn.cores.sdpa.segments.SequenceLayout` or None
+        Packed or padded sequences handed whole to the cupy kernels (then
+        ``causal_offset`` and ``window`` are None: the layout holds the per-sequence
+        rule, and ``alibi`` is ``(1 | N, H, 1, 1)`` per sequence).  Other backends never
+        see it: they get one call per group of sequences (:mod:`~refattn.cores.sdpa.segments`).
 
     Forward and backward read these from the residuals, so the two passes of one
     call always agree.
@@ -129,6 +134,7 @@ class SDPAOptions:
     mask_mod: Any = None
     score_mod: Any = None
     score_mod_grad: Any = None
+    sequences: Any = None
 
 
 @dataclass
@@ -297,12 +303,11 @@ def prepare(q, k, v, mask=None, bias=None, causal=False, causal_align="upper_lef
 def option_route(backend: str, options: SDPAOptions) -> str:
     """``backend``, or ``"reference"`` for the options that backend's kernels do not take.
 
-    The CUDA kernels take no ``window``, ``softcap`` or ALiBi slopes yet; the functions
-    ``mask_mod`` / ``score_mod`` run tile-wise on numba only.  Shared with the cores that
-    reduce to SDPA's kernels (quaternion), so both route a call alike.
+    The functions ``mask_mod`` / ``score_mod`` run tile-wise on numba only (the CUDA
+    kernels take ``window``, ``softcap`` and ALiBi slopes, compiled in per call:
+    ``docs/backends/cupy.md``).  Shared with the cores that reduce to SDPA's kernels
+    (quaternion), so both route a call alike.
     """
-    if backend == "cupy" and (options.window or options.softcap or options.need_alibi_grad):
-        return "reference"          # the CUDA kernels do not take these options yet
     if (options.mask_mod is not None or options.score_mod is not None) and backend != "numba":
         return "reference"          # cupy: no tile-wise evaluation of the functions yet
     return backend
@@ -332,6 +337,9 @@ def forward(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_
     """
     if _segments.is_segmented(cu_seqlens_q, cu_seqlens_k, query_seq_lengths,
                               key_value_seq_lengths):
+        fused = (_sequences_forward if _maps_sequences(q, k, v, bias, alibi_slopes, backend,
+                                                       mask_mod, score_mod, rotary, empty_rows)
+                 else None)
         return _segments.forward(
             forward, q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
             query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
@@ -340,7 +348,7 @@ def forward(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_
             causal=causal, causal_align=causal_align, scale=scale, dropout_p=dropout_p,
             window=window, softcap=softcap, rotary=rotary, rotary_base=rotary_base,
             rotary_dim=rotary_dim, rotary_q_offset=rotary_q_offset, backend=backend, tiles=tiles,
-            float32_math=float32_math, empty_rows=empty_rows)
+            float32_math=float32_math, empty_rows=empty_rows, fused_core=fused)
     q, k, v, bias, alibi_slopes = (None if x is None else native_byte_order(x)
                                    for x in (q, k, v, bias, alibi_slopes))
     rope = _rotary_keywords(rotary, rotary_base, rotary_dim)
@@ -365,6 +373,60 @@ def forward(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_
                         None if bias is None else tuple(bias.shape),
                         None if alibi_slopes is None else tuple(alibi_slopes.shape), rope)
     return xp.reshape(out4, shapes.output), res
+
+
+def _maps_sequences(q, k, v, bias, alibi_slopes, backend, mask_mod, score_mod, rotary,
+                    empty_rows) -> bool:
+    """Whether a packed or padded call runs as one call of the cupy kernels, which map their
+    blocks onto the sequences (else: one core call per group of sequences).
+
+    Not with ``mask_mod``/``score_mod`` (the reference evaluates them), rotary (positions
+    per sequence), an ``empty_rows`` policy other than ``"zero"``, or inputs that the
+    non-finite policy sends to the reference backend.
+    """
+    if (mask_mod is not None or score_mod is not None or rotary is not None
+            or empty_rows != "zero" or not is_array(q)):
+        return False
+    if _backends.resolve(backend, IMPLEMENTED, q, core="sdpa") != "cupy":
+        return False
+    arrays = (q, k, v) + (() if alibi_slopes is None else (alibi_slopes,))
+    return _backends.route("cupy", namespace(q, k, v), arrays, bias) == "cupy"
+
+
+def sequences_options(q4, k4, v4, operands, slopes, spans, *, causal=False,
+                      causal_align="upper_left", scale=None, dropout_p=0.0, window=None,
+                      softcap=None, tiles=None, float32_math=None, empty_rows="zero"):
+    """``(xp, shapes, options)`` of one call on the 4-D view of packed or padded sequences.
+
+    ``operands`` holds the 4-D mask, bias and dropout mask, ``slopes`` the ALiBi slopes
+    ``(1 | N, H)`` or None, ``spans`` the sequences (:mod:`~refattn.cores.sdpa.segments`).
+    The options are validated as for one call, then the causal rule, the window and the
+    slopes move into ``SDPAOptions.sequences`` (per sequence).
+    """
+    xp, shapes, options = prepare(q4, k4, v4, operands.get("mask"), operands.get("bias"), causal,
+                                  causal_align, scale, operands.get("dropout_mask"), dropout_p,
+                                  tiles, float32_math, window, softcap, None, empty_rows)
+    layout = _segments.SequenceLayout(_segments.span_array(spans), options.causal_offset
+                                      is not None, causal_align == "lower_right",
+                                      _check_window(window))
+    alibi = None if slopes is None else xp.reshape(slopes, (slopes.shape[0], shapes.heads, 1, 1))
+    options = replace(options, causal_offset=None, window=None, alibi=alibi,
+                      need_alibi_grad=slopes is not None, sequences=layout)
+    return xp, shapes, options
+
+
+def _sequences_forward(q4, k4, v4, operands, slopes, spans, *, backend="auto", **options):
+    """One cupy call on the 4-D view of packed or padded sequences: ``(o4, residuals)``
+    (arguments of :func:`sequences_options`; rotary is never set here)."""
+    for name in ("rotary", "rotary_base", "rotary_dim", "rotary_q_offset"):
+        options.pop(name, None)
+    xp, shapes, options = sequences_options(q4, k4, v4, operands, slopes, spans, **options)
+    o4, lse = implementation("cupy").forward(q4, k4, v4, options)
+    bias = operands.get("bias")
+    res = SDPAResiduals("cupy", q4, k4, v4, o4, lse, options, shapes,
+                        None if bias is None else tuple(bias.shape),
+                        None if slopes is None else tuple(slopes.shape))
+    return o4, res
 
 
 def _rows(xp, options, q4, k4):
@@ -410,8 +472,9 @@ def backward(res: SDPAResiduals | _segments.SegmentedResiduals, do):
         dscores = xp.reshape(dscores, shapes.scores)
         grads = grads + (sum_to_shape(xp, dscores, res.bias_shape),)
     if res.alibi_shape is not None:
-        dslopes = xp.reshape(dslopes, (*batch, shapes.heads))                 # (*batch, H)
-        grads = grads + (sum_to_shape(xp, dslopes, res.alibi_shape),)
+        if res.options.sequences is None:
+            dslopes = xp.reshape(dslopes, (*batch, shapes.heads))             # (*batch, H)
+        grads = grads + (sum_to_shape(xp, dslopes, res.alibi_shape),)         # else (N, H)
     return grads
 
 
@@ -516,8 +579,9 @@ def sdpa(q: Array, k: Array, v: Array, *, mask: Array | None = None, bias: Array
         Also return the attention probabilities ``P (..., H, L, S)`` (before dropout),
         for inspection: ``O(L S)`` memory on every backend.
     backend : {"auto", "reference", "numba", "cupy"}
-        The cupy backend runs ``window``, ``softcap`` and ``alibi_slopes`` on the
-        reference backend (CuPy arrays, ``O(L S)`` memory) for now.
+        The cupy kernels take ``window``, ``softcap``, ``alibi_slopes`` and packed or
+        padded sequences (``docs/backends/cupy.md``); ``mask_mod``/``score_mod`` run on
+        the reference backend there.
     tiles : (int, int), optional
         numba backend: queries x keys per tile (default 256 x 256); for tests and tuning.
     float32_math : {"tf32x3", "simt"}, optional

@@ -9,6 +9,14 @@ float32 accumulation; float32 runs on the tensor cores as 3xTF32 (float32
 accuracy;  ``float32_math="simt"`` selects CUDA cores instead);
 float64 runs on CUDA cores.  See ``docs/backends/cupy.md``.
 
+Options run in the kernels too, compiled in only when a call uses them (template bits
+``OPTION_BITS``; the kernels without options are the ones validated on a GPU): the
+sliding window (with the causal rule) and packed or padded sequences as a keep rule
+with key (query) tiles outside it skipped by the loop bounds (``sdpa_rules.cuh``),
+the soft-cap, and ALiBi computed from the positions, with the slopes' gradient summed
+by atomics.  ``mask_mod`` / ``score_mod`` and ``return_probs`` stay on the reference
+backend (:mod:`refattn.cores.sdpa.api`).
+
 The log-sum-exp is kept in the accumulation type (float32 for float16 inputs):
 rounding it to float16 would cost the backward pass ~1e-2 relative accuracy.
 
@@ -24,7 +32,8 @@ import numpy as np
 
 from ...backends import cupy_support as cs
 
-__all__ = ["forward", "backward", "MAX_HEAD_DIM", "DEFAULT_FLOAT32_MATH", "SOURCE"]
+__all__ = ["forward", "backward", "MAX_HEAD_DIM", "DEFAULT_FLOAT32_MATH", "SOURCE", "OPTION_BITS",
+           "option_bits", "rule_arguments", "RULE_UNBOUNDED", "MAX_LENGTH"]
 
 #: Largest ``E`` / ``Ev`` the kernels take (register tiles are sized at compile time).
 MAX_HEAD_DIM = 256
@@ -32,6 +41,17 @@ MAX_HEAD_DIM = 256
 #: float32 matrix products unless the call's ``SDPAOptions.float32_math`` says otherwise:
 #: ``"tf32x3"`` (tensor cores, split operands) or ``"simt"`` (CUDA cores).
 DEFAULT_FLOAT32_MATH = "tf32x3"
+
+#: Template bits of the option kernels (``OPT_*`` in ``sdpa.cu``): which options a
+#: call compiles in.  ``"window"`` also carries the causal rule; ``"sequences"`` is a
+#: packed or padded call mapped onto its sequences (``SDPAOptions.sequences``).
+OPTION_BITS = {"window": 1, "softcap": 2, "alibi": 4, "sequences": 8}
+
+#: A window side that keeps everything (``RULE_UNBOUNDED`` of ``sdpa_rules.cuh``).
+RULE_UNBOUNDED = 1 << 30
+
+#: Longest query or key axis the option kernels take (the keep rule's arithmetic is int32).
+MAX_LENGTH = 1 << 29
 
 # Shared memory a block may use when no device is at hand (the CI compile test):
 # Hopper's 227 KiB.  At run time the device's own opt-in limit decides.
@@ -110,8 +130,42 @@ def _smem_limit(device_id: int) -> int:
         cp.cuda.runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin, device_id))
 
 
-def kernel_config(dtype, E: int, Ev: int, float32_math=None, smem_limit=_DEFAULT_SMEM_LIMIT):
+def option_bits(opts) -> int:
+    """The ``OPTION_BITS`` an :class:`~refattn.cores.sdpa.api.SDPAOptions` needs (0: none)."""
+    seq = opts.sequences
+    window = opts.window if seq is None else seq.window
+    return ((OPTION_BITS["window"] if window is not None else 0)
+            | (OPTION_BITS["softcap"] if opts.softcap is not None else 0)
+            | (OPTION_BITS["alibi"] if opts.alibi is not None else 0)
+            | (OPTION_BITS["sequences"] if seq is not None else 0))
+
+
+def rule_arguments(opts) -> tuple:
+    """``(lo_rel, hi_rel, causal, lower_right)`` of ``make_rule`` in ``sdpa_rules.cuh``.
+
+    One call (``opts.window = (lo, hi)`` already holds the causal alignment's offset):
+    the rule's offset is 0 and the causal rule ``j <= i + offset`` caps ``hi``.  Packed
+    or padded sequences (``opts.sequences``): FlashAttention's ``(left, right)`` relative
+    to each sequence's own offset (``S_n - L_n`` when lower-right).
+    """
+    seq = opts.sequences
+    if seq is not None:
+        left, right = seq.window if seq.window is not None else (-1, -1)
+        return (-left if left >= 0 else -RULE_UNBOUNDED, right if right >= 0 else RULE_UNBOUNDED,
+                int(seq.causal), int(seq.lower_right))
+    lo, hi = opts.window if opts.window is not None else (None, None)
+    lo = -RULE_UNBOUNDED if lo is None else max(int(lo), -RULE_UNBOUNDED + 1)
+    hi = RULE_UNBOUNDED if hi is None else min(int(hi), RULE_UNBOUNDED - 1)
+    if opts.causal_offset is not None:
+        hi = min(hi, int(opts.causal_offset))
+    return lo, hi, 0, 0
+
+
+def kernel_config(dtype, E: int, Ev: int, float32_math=None, smem_limit=_DEFAULT_SMEM_LIMIT,
+                  options: int = 0):
     """Kernel names and shared-memory sizes for one problem.
+
+    ``options`` is a set of ``OPTION_BITS`` (0: the kernels without options).
 
     Returns
     -------
@@ -136,9 +190,15 @@ def kernel_config(dtype, E: int, Ev: int, float32_math=None, smem_limit=_DEFAULT
     bwd_choices = [4, 2, 1] if (kind != "float64" and max(EP, EVP) <= 64) else [2, 1]
     NWB = _first_fitting(bwd_choices, lambda c: _bwd_smem(kind, EP, EVP, c), smem_limit,
                          f"the backward pass for E={E}, Ev={Ev} in {kind}")
+    if not 0 <= options < 2 * max(OPTION_BITS.values()):
+        raise ValueError(f"options must be a set of OPTION_BITS {OPTION_BITS}, got {options}")
+    fwd = (f"sdpa_fwd_opt<{dt},{EP},{EVP},{NW},{BN},{options}>" if options
+           else f"sdpa_fwd<{dt},{EP},{EVP},{NW},{BN}>")
+    bwd = (f"sdpa_bwd_opt<{dtb},{EP},{EVP},{NWB},{options}>" if options
+           else f"sdpa_bwd<{dtb},{EP},{EVP},{NWB}>")
     return {
-        "fwd": f"sdpa_fwd<{dt},{EP},{EVP},{NW},{BN}>",
-        "bwd": f"sdpa_bwd<{dtb},{EP},{EVP},{NWB}>",
+        "fwd": fwd,
+        "bwd": bwd,
         "fwd_smem": _fwd_smem(kind, EP, EVP, NW, BN),
         "bwd_smem": _bwd_smem(kind, EP, EVP, NWB),
         "fwd_rows": 16 * NW,
@@ -149,19 +209,39 @@ def kernel_config(dtype, E: int, Ev: int, float32_math=None, smem_limit=_DEFAULT
     }
 
 
+_KIND_ARGS = (("float16", None), ("float32", "tf32x3"), ("float32", "simt"), ("float64", None))
+
+
 def _instantiations():
     """Every code path: each element type and float32 math with narrow and odd-sized heads
     (E != Ev, unvectorised loads), wide heads (fewer warps per block) for the tensor-core
     and float64 kernels, the widest heads once: other sizes only change constants, and
-    each instantiation costs seconds of NVRTC time on CI."""
+    each instantiation costs seconds of NVRTC time on CI.  Then the option kernels
+    (:func:`option_instantiations`)."""
     names = []
-    for dtype, math in (("float16", None), ("float32", "tf32x3"), ("float32", "simt"),
-                        ("float64", None)):
+    for dtype, math in _KIND_ARGS:
         shapes = ((8, 8), (40, 72)) + (((128, 128),) if math != "simt" else ())
         shapes += ((256, 256),) if dtype == "float16" else ()
         for E, Ev in shapes:
             cfg = kernel_config(dtype, E, Ev, math)
             names += [cfg["fwd"], cfg["bwd"]]
+    return tuple(dict.fromkeys(names + list(option_instantiations())))
+
+
+def option_instantiations():
+    """The option kernels the compile test builds, at the narrow heads (the options' code
+    does not depend on the head size): all options together for each element type and
+    float32 math (every option's code with each type's conversions), and each option alone
+    in float64 (each bit's code without the others).  Each instantiation costs about 5 s of
+    NVRTC time on CI, so not every combination."""
+    every = sum(OPTION_BITS.values())
+    names = []
+    for dtype, math in _KIND_ARGS:
+        cfg = kernel_config(dtype, 8, 8, math, options=every)
+        names += [cfg["fwd"], cfg["bwd"]]
+    for bits in OPTION_BITS.values():
+        cfg = kernel_config("float64", 8, 8, options=bits)
+        names += [cfg["fwd"], cfg["bwd"]]
     return tuple(dict.fromkeys(names))
 
 
@@ -187,29 +267,86 @@ def _mods_args(opts, H, Hkv, L, S, E, Ev):
     return args
 
 
+def _spans(opts):
+    """``(spans (N, 5) int32 on the device, N, longest queries, longest keys)`` of a packed or
+    padded call (``opts.sequences``), or None."""
+    seq = opts.sequences
+    if seq is None:
+        return None
+    cp = cs.cupy()
+    spans = np.asarray(seq.spans, dtype=np.int64).reshape(-1, 5)
+    longest_q = int((spans[:, 2] - spans[:, 1]).max(initial=0))
+    longest_k = int((spans[:, 4] - spans[:, 3]).max(initial=0))
+    return cp.asarray(spans.astype(np.int32)), spans.shape[0], longest_q, longest_k
+
+
+def _opt_args(opts, spans, dtype, dslopes=None):
+    """The option arguments of both kernels (see ``OPT_PARAMS`` in ``sdpa.cu``)."""
+    cp = cs.cupy()
+    slopes, rows_stride = cs.NULL, 0
+    if opts.alibi is not None:
+        heads = opts.alibi.shape[1]
+        slopes = cp.ascontiguousarray(cp.reshape(opts.alibi, (-1, heads)).astype(dtype,
+                                                                                 copy=False))
+        rows_stride = heads if slopes.shape[0] > 1 else 0
+    return ([cs.pointer_or_null(None if spans is None else spans[0])]
+            + list(cs.scalar_args(*(int(a) for a in rule_arguments(opts)),
+                                  float(opts.softcap if opts.softcap is not None else 1.0)))
+            + [slopes, np.int64(rows_stride), cs.pointer_or_null(dslopes)])
+
+
+def _check_lengths(L, S, bits):
+    if bits and max(L, S) >= MAX_LENGTH:
+        raise ValueError(f"backend='cupy' takes query and key lengths below {MAX_LENGTH} with "
+                         f"window, softcap, alibi_slopes or sequences, got L={L}, S={S}")
+
+
 def forward(q, k, v, opts):
-    """``(o (B, H, L, Ev), lse (B, H, L))``; see :mod:`refattn.cores.sdpa.api`."""
+    """``(o (B, H, L, Ev), lse (B, H, L))``; see :mod:`refattn.cores.sdpa.api`.
+
+    With ``opts.sequences`` the rows outside every sequence give 0 (``lse = -inf``).
+    """
     cp = cs.cupy()
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
-    cfg = kernel_config(q.dtype, E, Ev, opts.float32_math, smem_limit=device_smem_limit())
+    bits = option_bits(opts)
+    _check_lengths(L, S, bits)
+    cfg = kernel_config(q.dtype, E, Ev, opts.float32_math, smem_limit=device_smem_limit(),
+                        options=bits)
     q, k, v = (cp.ascontiguousarray(x) for x in (q, k, v))
-    o = cp.empty((B, H, L, Ev), dtype=q.dtype)
-    lse = cp.empty((B, H, L), dtype=cfg["acc"])
+    spans = _spans(opts)
+    if spans is None:
+        o = cp.empty((B, H, L, Ev), dtype=q.dtype)
+        lse = cp.empty((B, H, L), dtype=cfg["acc"])
+    else:       # blocks write only the rows of a sequence
+        o = cp.zeros((B, H, L, Ev), dtype=q.dtype)
+        lse = cp.full((B, H, L), -np.inf, dtype=cfg["acc"])
     if o.size == 0:
         return o, lse
     rows = cfg["fwd_rows"]
-    _launch(cfg["fwd"], cfg["fwd_smem"], (B * H, -(-L // rows)), cfg["fwd_threads"],
-            [q, k, v, o, lse] + _mods_args(opts, H, Hkv, L, S, E, Ev))
+    blocks, query_rows = (B * H, L) if spans is None else (spans[1] * H, spans[2])
+    if blocks == 0 or query_rows == 0:
+        return o, lse
+    args = [q, k, v, o, lse] + _mods_args(opts, H, Hkv, L, S, E, Ev)
+    if bits:
+        args += _opt_args(opts, spans, q.dtype)
+    _launch(cfg["fwd"], cfg["fwd_smem"], (blocks, -(-query_rows // rows)), cfg["fwd_threads"],
+            args)
     return o, lse
 
 
 def backward(q, k, v, o, lse, do, opts):
-    """``(dq, dk, dv, dscores, None)``; see :mod:`refattn.cores.sdpa.api` (no ALiBi here yet)."""
+    """``(dq, dk, dv, dscores, dslopes)``; see :mod:`refattn.cores.sdpa.api`.
+
+    ``dslopes`` is ``(B, H)``, or ``(N, H)`` per sequence with ``opts.sequences``.
+    """
     cp = cs.cupy()
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
-    cfg = kernel_config(q.dtype, E, Ev, opts.float32_math, smem_limit=device_smem_limit())
+    bits = option_bits(opts)
+    _check_lengths(L, S, bits)
+    cfg = kernel_config(q.dtype, E, Ev, opts.float32_math, smem_limit=device_smem_limit(),
+                        options=bits)
     acc = cfg["acc"]
     q, k, v, do = (cp.ascontiguousarray(x) for x in (q, k, v, do))
     # D = rowsum(dO * O) (B, H, L), in the accumulation type.
@@ -219,10 +356,19 @@ def backward(q, k, v, o, lse, do, opts):
     dv = cp.zeros((B, Hkv, S, Ev), dtype=q.dtype)
     # Score gradient for a float bias; causal-skipped tiles stay 0.
     dscores = cp.zeros((B, H, L, S), dtype=q.dtype) if opts.need_bias_grad else None
-    if B * Hkv * S > 0 and L > 0:
+    spans = _spans(opts)
+    slope_rows = B if spans is None else spans[1]
+    # d loss / d slope per (batch row or sequence, head), accumulated by atomics.
+    dslopes = cp.zeros((slope_rows, H), dtype=acc) if opts.need_alibi_grad else None
+    blocks, key_rows = (B * Hkv, S) if spans is None else (spans[1] * Hkv, spans[3])
+    if blocks * key_rows > 0 and L > 0:
         rows = cfg["bwd_rows"]
         lse_acc = cp.ascontiguousarray(lse.astype(acc, copy=False))
-        _launch(cfg["bwd"], cfg["bwd_smem"], (B * Hkv, -(-S // rows)), cfg["bwd_threads"],
-                [q, k, v, do, lse_acc, rowdot, dq, dk, dv, cs.pointer_or_null(dscores)]
+        args = ([q, k, v, do, lse_acc, rowdot, dq, dk, dv, cs.pointer_or_null(dscores)]
                 + _mods_args(opts, H, Hkv, L, S, E, Ev))
-    return dq.astype(q.dtype, copy=False), dk, dv, dscores, None
+        if bits:
+            args += _opt_args(opts, spans, q.dtype, dslopes)
+        _launch(cfg["bwd"], cfg["bwd_smem"], (blocks, -(-key_rows // rows)), cfg["bwd_threads"],
+                args)
+    return (dq.astype(q.dtype, copy=False), dk, dv, dscores,
+            None if dslopes is None else dslopes.astype(q.dtype, copy=False))

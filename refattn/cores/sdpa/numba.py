@@ -13,19 +13,26 @@ Design (``docs/backends/numba.md`` has the full story):
   every row of a query tile has a finite shift, each key tile is exponentiated
   against it in one pass (:func:`_exp_row`: no max pass, no rescale of the
   accumulator, the row sum vectorised); the shift is renewed, two-pass, only when
-  a row sum exceeds ``exp(RESHIFT)``.  ``prange`` over batch x heads x query tiles
+  a row sum exceeds ``exp(RESHIFT)``.  Work items: batch x heads x query tiles
   (zig-zag order, so that causal tiles of unequal cost split evenly between
   threads).
 * Backward: scores kept TRANSPOSED, ``S^T = K_j Q_i^T`` of shape ``(keys,
   queries)``: three of its five products then take untransposed operands, and the
   row statistics (``lse``, ``D``) become element-wise updates of length-``block_q``
   vectors, which LLVM vectorises without fast-math.
-  It recomputes ``P = exp(S - lse)``; ``prange`` over batch x kv heads
+  It recomputes ``P = exp(S - lse)``; work items: batch x kv heads
   (x key-tile chunks when there are fewer of those than threads).  Each work
   item owns its key tiles' ``dK``/``dV`` (GQA: it loops over the query heads of
   its group, so the group sum needs no synchronisation); ``dQ`` is accumulated
   in one buffer per chunk (one chunk, hence no copy, when batch x kv heads
   already feeds every thread) and the chunks are summed at the end.  No races.
+* Threads: the kernels are serial ``nogil`` loops over a list of work items;
+  :func:`~refattn.backends.numba_support.run_split` cuts the items into one run of about
+  equal cost per thread (:func:`~refattn.backends.numba_support.num_threads`) and runs
+  them on a thread pool.  Serial kernels compile in about half the time of ``prange``
+  ones (docs/benchmarks.md, "Cold start"); one score helper (:func:`_scores`) serves both
+  passes, and absent masks, biases and keep-masks are stand-ins of the same array type as
+  real ones, so one dtype compiles one forward and one backward, whatever the options.
 * Causal: key tiles entirely above the diagonal are skipped; only diagonal
   tiles are masked element-wise.
 * FlexAttention-style ``mask_mod`` / ``score_mod`` / ``score_mod_grad`` are called pair by
@@ -49,15 +56,14 @@ import math
 import time
 
 import numpy as np
-from numba import prange
 
 from ...backends.numba_support import (
     fast_exp,
     fast_tanh,
     gemm,
     jit,
-    launch,
     num_threads,
+    run_split,
 )
 from ...backends.tuning import tuned_choice
 from . import numba_mods
@@ -104,118 +110,92 @@ def _SCORE_MOD_GRAD(score, b, h, i, j):
 
 #: The kernels that reach a placeholder (directly or through a callee), in call order;
 #: :mod:`.numba_mods` rebuilds exactly these for user functions.
-MOD_KERNELS = ("_scores_tile", "_scores_rows", "_forward_kernel", "_backward_kernel")
+MOD_KERNELS = ("_scores", "_forward_kernel", "_backward_kernel")
+
+
+@jit(inline="always")
+def _fill_where_positive(row, base, step, value):
+    """``row[r] = value`` wherever ``base + step * r > 0`` (``step`` is +1 or -1)."""
+    n = row.shape[0]
+    if step > 0:
+        start, stop = min(n, max(0, 1 - base)), n
+    else:
+        start, stop = 0, min(n, max(0, base))
+    for r in range(start, stop):
+        row[r] = value
 
 
 @jit
-def _scores_tile(st, i0, j0, b, h, mods, mask, bias, slopes, causal, has_lo, has_hi, tanh_tile,
-                 store_grads, mod_grad_tile):
-    """Scores tile ``st (nc, nr)`` (scaled already): soft-cap, bias, ALiBi, ``score_mod``,
+def _scores(s, queries_in_rows, i0, j0, b, h, mods, mask, bias, slopes, causal, has_lo, has_hi,
+            store_grads, tanh_tile, mod_grad_tile):
+    """Scores tile ``s`` (scaled already), in place: soft-cap, bias, ALiBi, ``score_mod``,
     then masking (mask, ``mask_mod``, causal rule, window).
+
+    One helper for both passes (one compile per dtype): with ``queries_in_rows`` the tile
+    is the forward's ``(queries, keys)``, element ``(p, r)`` the pair ``(i0 + p, j0 + r)``;
+    else the backward's transposed ``(keys, queries)``, the pair ``(i0 + r, j0 + p)``.  Every
+    inner loop runs along a contiguous row of ``s``; along it the pair moves by
+    ``(di, dj)``, ``(0, 1)`` or ``(1, 0)``, and the causal and window rules become a run of
+    ``r`` where an affine function of ``r`` is positive.  The flags must be runtime
+    booleans (``np.bool_(...)``): a literal ``True`` would compile a second copy.
 
     ``mods`` holds the flags and numbers of :func:`_modifiers`; ``causal``, ``has_lo`` and
     ``has_hi`` say whether this tile crosses the causal diagonal or a window edge (tiles
     inside the band skip those loops).  With ``store_grads`` the soft-cap's ``tanh`` goes to
-    ``tanh_tile (nc, nr)`` and ``score_mod_grad`` at the score before ``score_mod`` to
-    ``mod_grad_tile (nc, nr)``, for the backward pass.
+    ``tanh_tile`` and ``score_mod_grad`` at the score before ``score_mod`` to
+    ``mod_grad_tile`` (both shaped like ``s``), for the backward pass.
     """
     (has_mask, has_bias, has_softcap, has_alibi, offset, lo, hi, softcap, inv_softcap,
      dist_offset, neg_inf, _, _, has_mask_mod, has_score_mod) = mods
-    nc, nr = st.shape
+    n_rows, n = s.shape
+    di = 0 if queries_in_rows else 1           # query step along a row
+    dj = 1 - di                                # key step along a row
+    step = dj - di                             # step of j - i along a row
     slope = slopes[b if slopes.shape[0] > 1 else 0, h] if has_alibi else softcap - softcap
-    for c in range(nc):
-        row = st[c]
-        j = j0 + c
+    for p in range(n_rows):
+        row = s[p]
+        ib = i0 + p * dj                       # the pair (ib, jb) of the row's first element
+        jb = j0 + p * di
         if has_softcap:
-            trow = tanh_tile[c]
-            for r in range(nr):
+            trow = tanh_tile[p]
+            for r in range(n):
                 t = fast_tanh(row[r] * inv_softcap)
                 if store_grads:
                     trow[r] = t
                 row[r] = softcap * t
         if has_bias:
-            for r in range(nr):
-                row[r] += bias[b, h, i0 + r, j]
-        if has_alibi:
-            for r in range(nr):
-                row[r] -= slope * abs(i0 + r + dist_offset - j)
+            for r in range(n):
+                row[r] += bias[b, h, ib + r * di, jb + r * dj]
+        if has_alibi:                          # - slope |i - j + S - L|
+            for r in range(n):
+                row[r] -= slope * abs(ib - jb + dist_offset - r * step)
         if has_score_mod:   # a -inf bias masks the pair whatever score_mod makes of it
-            grow = mod_grad_tile[c]
-            for r in range(nr):
-                if has_bias and bias[b, h, i0 + r, j] == neg_inf:
+            grow = mod_grad_tile[p]
+            for r in range(n):
+                i, j = ib + r * di, jb + r * dj
+                if has_bias and bias[b, h, i, j] == neg_inf:
                     row[r] = neg_inf
                     if store_grads:
                         grow[r] = softcap - softcap
                 else:
                     if store_grads:
-                        grow[r] = _SCORE_MOD_GRAD(row[r], b, h, i0 + r, j)
-                    row[r] = _SCORE_MOD(row[r], b, h, i0 + r, j)
+                        grow[r] = _SCORE_MOD_GRAD(row[r], b, h, i, j)
+                    row[r] = _SCORE_MOD(row[r], b, h, i, j)
         if has_mask:
-            for r in range(nr):
-                if not mask[b, h, i0 + r, j]:
+            for r in range(n):
+                if not mask[b, h, ib + r * di, jb + r * dj]:
                     row[r] = neg_inf
         if has_mask_mod:
-            for r in range(nr):
-                if not _MASK_MOD(b, h, i0 + r, j):
+            for r in range(n):
+                if not _MASK_MOD(b, h, ib + r * di, jb + r * dj):
                     row[r] = neg_inf
-        if causal:
-            # key j is kept for query i iff j <= i + offset, i.e. r >= j - offset - i0
-            first_kept = min(nr, max(0, j - offset - i0))
-            for r in range(first_kept):
-                row[r] = neg_inf
-        if has_hi:          # window: kept iff j - i <= hi, i.e. r >= j - hi - i0
-            for r in range(min(nr, max(0, j - hi - i0))):
-                row[r] = neg_inf
-        if has_lo:          # window: kept iff j - i >= lo, i.e. r <= j - lo - i0
-            for r in range(max(0, min(nr, j - lo - i0 + 1)), nr):
-                row[r] = neg_inf
-
-
-@jit
-def _scores_rows(s, i0, j0, b, h, mods, mask, bias, slopes, causal, has_lo, has_hi):
-    """Scores tile ``s (nr, nc)`` (scaled already), queries by keys: soft-cap, bias, ALiBi,
-    ``score_mod``, then masking; the forward's layout (:func:`_scores_tile` is the
-    backward's, transposed).
-    """
-    (has_mask, has_bias, has_softcap, has_alibi, offset, lo, hi, softcap, inv_softcap,
-     dist_offset, neg_inf, _, _, has_mask_mod, has_score_mod) = mods
-    nr, nc = s.shape
-    slope = slopes[b if slopes.shape[0] > 1 else 0, h] if has_alibi else softcap - softcap
-    for r in range(nr):
-        row = s[r]
-        i = i0 + r
-        if has_softcap:
-            for c in range(nc):
-                row[c] = softcap * fast_tanh(row[c] * inv_softcap)
-        if has_bias:
-            for c in range(nc):
-                row[c] += bias[b, h, i, j0 + c]
-        if has_alibi:
-            for c in range(nc):
-                row[c] -= slope * abs(i + dist_offset - j0 - c)
-        if has_score_mod:   # a -inf bias masks the pair whatever score_mod makes of it
-            for c in range(nc):
-                if has_bias and bias[b, h, i, j0 + c] == neg_inf:
-                    row[c] = neg_inf
-                else:
-                    row[c] = _SCORE_MOD(row[c], b, h, i, j0 + c)
-        if has_mask:
-            for c in range(nc):
-                if not mask[b, h, i, j0 + c]:
-                    row[c] = neg_inf
-        if has_mask_mod:
-            for c in range(nc):
-                if not _MASK_MOD(b, h, i, j0 + c):
-                    row[c] = neg_inf
-        if causal:          # kept iff j <= i + offset, i.e. c <= i + offset - j0
-            for c in range(max(0, min(nc, i + offset - j0 + 1)), nc):
-                row[c] = neg_inf
+        gap = jb - ib                          # j - i at r = 0
+        if causal:          # kept iff j - i <= offset
+            _fill_where_positive(row, gap - offset, step, neg_inf)
         if has_hi:          # window: kept iff j - i <= hi
-            for c in range(max(0, min(nc, i + hi - j0 + 1)), nc):
-                row[c] = neg_inf
+            _fill_where_positive(row, gap - hi, step, neg_inf)
         if has_lo:          # window: kept iff j - i >= lo
-            for c in range(min(nc, max(0, i + lo - j0))):
-                row[c] = neg_inf
+            _fill_where_positive(row, lo - gap, -step, neg_inf)
 
 
 @jit(fastmath={"contract", "reassoc"})
@@ -234,9 +214,10 @@ def _exp_row(row, shift):
     return total
 
 
-@jit(parallel=True)
+@jit
 def _forward_kernel(q, k, v, mask, bias, slopes, drop, mods, has_drop, causal, scale, drop_scale,
-                    block_q, block_k, o, lse):
+                    block_q, block_k, o, lse, items):
+    """Forward over the work ``items``: ``t = (b H + h) n_qt + query tile`` (serial)."""
     B, H, L, E = q.shape
     offset, window_lo, window_hi, lo, hi = mods[4], mods[11], mods[12], mods[5], mods[6]
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
@@ -246,26 +227,31 @@ def _forward_kernel(q, k, v, mask, bias, slopes, drop, mods, has_drop, causal, s
     neg_inf = np.full(1, -np.inf, q.dtype)[0]
     # a lazily shifted row sum above exp(RESHIFT) renews the shift (two-pass tile)
     reshift_sum = np.full(1, math.exp(RESHIFT), q.dtype)[0]
-    for t in prange(B * H * n_qt):
+    rows_are_queries = np.bool_(True)             # runtime flags: see _scores
+    no_grads = np.bool_(False)
+    q_buf = np.empty((block_q, E), q.dtype)
+    s_buf = np.empty(block_q * block_k, q.dtype)
+    acc_buf = np.empty((block_q, Ev), q.dtype)
+    shift = np.empty(block_q, q.dtype)
+    row_sum = np.empty(block_q, q.dtype)
+    tile_sum = np.empty(block_q, q.dtype)
+    for t in items:
         bh = t // n_qt
-        rank = t % n_qt
-        # zig-zag: 0, n-1, 1, n-2, ... so that contiguous halves cost the same under causal
-        tile = rank // 2 if rank % 2 == 0 else n_qt - 1 - rank // 2
+        tile = t % n_qt
         b = bh // H
         h = bh % H
         hk = h // group
         i0 = tile * block_q
         i1 = min(L, i0 + block_q)
         nr = i1 - i0
-        q_tile = np.empty((nr, E), q.dtype)       # scale * Q_i: scores come out scaled
+        q_tile = q_buf[:nr]                       # scale * Q_i: scores come out scaled
         for r in range(nr):
             for e in range(E):
                 q_tile[r, e] = q[b, h, i0 + r, e] * scale
-        s_buf = np.empty(nr * block_k, q.dtype)
-        acc = np.zeros((nr, Ev), q.dtype)         # unnormalised output
-        shift = np.full(nr, -np.inf, q.dtype)     # exp() is taken of scores - shift
-        row_sum = np.zeros(nr, q.dtype)
-        tile_sum = np.empty(nr, q.dtype)
+        acc = acc_buf[:nr]                        # unnormalised output
+        acc[...] = zero
+        shift[:nr] = neg_inf                      # exp() is taken of scores - shift
+        row_sum[:nr] = zero
         seen_all_rows = False                     # every row has a finite shift
         key_start, key_end = 0, S
         if causal:
@@ -281,8 +267,8 @@ def _forward_kernel(q, k, v, mask, bias, slopes, drop, mods, has_drop, causal, s
             crosses = (causal and j1 - 1 > i0 + offset, window_lo and j0 < i1 - 1 + lo,
                        window_hi and j1 - 1 > i0 + hi)
             gemm(s, q_tile, False, k[b, hk, j0:j1], True, False)     # S = (scale Q_i) K_j^T
-            _scores_rows(s, i0, j0, b, h, mods, mask, bias, slopes, crosses[0], crosses[1],
-                         crosses[2])
+            _scores(s, rows_are_queries, i0, j0, b, h, mods, mask, bias, slopes, crosses[0],
+                    crosses[1], crosses[2], no_grads, s, s)
             # Lazy rescaling: once every row has a finite shift, exponentiate against it
             # directly (one pass, no max pass).  The shift only has to keep exp() finite:
             # a row sum above exp(RESHIFT) (some score climbed about RESHIFT above it)
@@ -298,8 +284,8 @@ def _forward_kernel(q, k, v, mask, bias, slopes, drop, mods, has_drop, causal, s
                         row_sum[r] += tile_sum[r]
                 else:                              # recompute the scores of this tile
                     gemm(s, q_tile, False, k[b, hk, j0:j1], True, False)
-                    _scores_rows(s, i0, j0, b, h, mods, mask, bias, slopes, crosses[0],
-                                 crosses[1], crosses[2])
+                    _scores(s, rows_are_queries, i0, j0, b, h, mods, mask, bias, slopes,
+                            crosses[0], crosses[1], crosses[2], no_grads, s, s)
             if not lazy:
                 seen_all_rows = True
                 for r in range(nr):
@@ -337,11 +323,14 @@ def _forward_kernel(q, k, v, mask, bias, slopes, drop, mods, has_drop, causal, s
                 lse[b, h, i0 + r] = neg_inf
 
 
-@jit(parallel=True)
+@jit
 def _backward_kernel(q, k, v, do, lse, row_dot, mask, bias, slopes, drop, mods, has_drop, causal,
                      scale, drop_scale, block_q, block_k, n_chunks, need_ds, dq_parts, dk, dv,
-                     dscores, dslope_parts):
-    # q is already scaled (scale * Q), so dK_j += dS^T q_i carries the scale.
+                     dscores, dslope_parts, items):
+    """Backward over the work ``items``: ``t = (b Hkv + kv head) n_chunks + chunk`` (serial).
+
+    ``q`` is already scaled (scale * Q), so ``dK_j += dS^T q_i`` carries the scale.
+    """
     B, H, L, E = q.shape
     has_softcap, has_alibi, has_score_mod = mods[2], mods[3], mods[14]
     offset, window_lo, window_hi, lo, hi, dist_offset = (mods[4], mods[11], mods[12], mods[5],
@@ -352,17 +341,19 @@ def _backward_kernel(q, k, v, do, lse, row_dot, mask, bias, slopes, drop, mods, 
     zero = scale - scale
     neg_inf = np.full(1, -np.inf, q.dtype)[0]
     pos_inf = -neg_inf
-    for t in prange(B * Hkv * n_chunks):
+    rows_are_queries = np.bool_(False)            # runtime flags: see _scores
+    store_grads = np.bool_(True)
+    st_buf = np.empty(block_k * block_q, q.dtype)
+    dpt_buf = np.empty(block_k * block_q, q.dtype)
+    pd_buf = np.empty(block_k * block_q if has_drop else 0, q.dtype)
+    tanh_buf = np.empty(block_k * block_q if has_softcap else 0, q.dtype)
+    mod_grad_buf = np.empty(block_k * block_q if has_score_mod else 0, q.dtype)
+    shift = np.empty(block_q, q.dtype)
+    for t in items:
         chunk = t % n_chunks
         b = (t // n_chunks) // Hkv
         hk = (t // n_chunks) % Hkv
         dq = dq_parts[chunk]                       # (B, H, L, E)
-        st_buf = np.empty(block_k * block_q, q.dtype)
-        dpt_buf = np.empty(block_k * block_q, q.dtype)
-        pd_buf = np.empty(block_k * block_q if has_drop else 0, q.dtype)
-        tanh_buf = np.empty(block_k * block_q if has_softcap else 0, q.dtype)
-        mod_grad_buf = np.empty(block_k * block_q if has_score_mod else 0, q.dtype)
-        shift = np.empty(block_q, q.dtype)
         for jt in range(chunk, n_kt, n_chunks):
             j0 = jt * block_k
             j1 = min(S, j0 + block_k)
@@ -392,10 +383,9 @@ def _backward_kernel(q, k, v, do, lse, row_dot, mask, bias, slopes, drop, mods, 
                     tt = tanh_buf[:nc * nr].reshape((nc, nr)) if has_softcap else st
                     gt = mod_grad_buf[:nc * nr].reshape((nc, nr)) if has_score_mod else st
                     gemm(st, k_tile, False, q_tile, True, False)
-                    _scores_tile(st, i0, j0, b, h, mods, mask, bias, slopes,
-                                 causal and j1 - 1 > i0 + offset,
-                                 window_lo and j0 < i1 - 1 + lo, window_hi and j1 - 1 > i0 + hi,
-                                 tt, True, gt)
+                    _scores(st, rows_are_queries, i0, j0, b, h, mods, mask, bias, slopes,
+                            causal and j1 - 1 > i0 + offset, window_lo and j0 < i1 - 1 + lo,
+                            window_hi and j1 - 1 > i0 + hi, store_grads, tt, gt)
                     for r in range(nr):            # a row with no key (lse -inf) gets P = 0
                         x = lse[b, h, i0 + r]
                         shift[r] = x if x > neg_inf else pos_inf
@@ -460,14 +450,23 @@ def _c(x, dtype):
 
 
 def _broadcast(x, shape, dtype):
-    """Zero-stride read-only view ``shape`` of ``x``; a stand-in when ``x`` is None.
+    """Read-only view ``shape`` of ``x`` that Numba types as layout ``'A'``; a zero-stride
+    stand-in when ``x`` is None.
 
-    The stand-in is a zero-stride view too, so that it has the array type (layout 'A') of
-    a broadcast mask or bias: a call with and one without them share one compiled kernel.
+    Every mask, bias and keep-mask (and the stand-in) reaches the kernels as the same array
+    type, so that options add no compiled signature.  A broadcast view is 'A' unless it is
+    C-contiguous (a full ``(B, H, L, S)`` array, or ``(L, S)`` with ``B = H = 1``); that one
+    is copied once into a buffer one column wider and viewed without the extra column.
     """
     if x is None:
         return np.broadcast_to(np.zeros((1, 1, 1, 1), dtype), (1, 1, 1, 2))
-    return np.broadcast_to(np.asarray(x, dtype=dtype), shape)
+    view = np.broadcast_to(np.asarray(x, dtype=dtype), shape)
+    if view.size > 1 and view.flags.c_contiguous:
+        padded = np.empty(shape[:-1] + (shape[-1] + 1,), dtype)
+        padded[..., :shape[-1]] = view
+        view = padded[..., :shape[-1]]
+        view.flags.writeable = False
+    return view
 
 
 def _modifiers(opts, L, S, dtype):
@@ -547,6 +546,30 @@ def _kernels(opts, dtype) -> dict:
                               score_mod=opts.score_mod, score_mod_grad=opts.score_mod_grad)
 
 
+def _forward_items(B, H, L, S, block_q, opts):
+    """``(items, costs)`` of the forward: every (batch x head, query tile), the tiles of a head
+    in zig-zag order (0, n-1, 1, n-2, ...: under the causal rule neighbours then cost about
+    the same, so :func:`~refattn.backends.numba_support.split_items` cuts evenly), and the
+    keys each tile visits (times its queries) as its cost."""
+    n_qt = -(-L // block_q)
+    rank = np.arange(n_qt)
+    tiles = np.where(rank % 2 == 0, rank // 2, n_qt - 1 - rank // 2)
+    i0 = tiles * block_q
+    i1 = np.minimum(L, i0 + block_q)
+    key_start, key_end = np.zeros_like(i0), np.full_like(i0, S)
+    if opts.causal_offset is not None:
+        key_end = np.minimum(S, np.maximum(0, i1 + int(opts.causal_offset)))
+    if opts.window is not None:
+        lo, hi = opts.window
+        if hi is not None:
+            key_end = np.minimum(key_end, np.maximum(0, i1 + int(hi)))
+        if lo is not None:
+            key_start = np.minimum(key_end, np.maximum(0, i0 + int(lo)))
+    cost = (i1 - i0) * (key_end - key_start + 1)
+    items = (np.arange(B * H)[:, None] * n_qt + tiles[None, :]).ravel()
+    return items, np.tile(cost, B * H)
+
+
 def forward(q, k, v, opts):
     """``(o (B, H, L, Ev), lse (B, H, L))``; see :mod:`refattn.cores.sdpa.api`."""
     dtype = q.dtype
@@ -557,10 +580,10 @@ def forward(q, k, v, opts):
     ops = _operands(q, k, v, opts)
     block_q, block_k = _tiles(opts, "forward", dtype, L, k.shape[2], q.shape[3], v.shape[3])
     kernel = _kernels(opts, dtype)["_forward_kernel"]
-    with launch():
-        kernel(q, k, v, ops["mask"], ops["bias"], ops["slopes"], ops["drop"], ops["mods"],
-               ops["has_drop"], ops["causal"], ops["scale"], ops["drop_scale"], block_q, block_k,
-               o, lse)
+    items, costs = _forward_items(B, H, L, k.shape[2], block_q, opts)
+    run_split(kernel, (q, k, v, ops["mask"], ops["bias"], ops["slopes"], ops["drop"], ops["mods"],
+                       ops["has_drop"], ops["causal"], ops["scale"], ops["drop_scale"], block_q,
+                       block_k, o, lse), items, costs)
     return o, lse
 
 
@@ -568,6 +591,26 @@ def _chunks(work_items: int, key_tiles: int) -> int:
     """Key-tile chunks per (batch, kv head) so that every thread gets equal work."""
     threads = num_threads()
     return max(1, min(key_tiles, threads // math.gcd(work_items, threads)))
+
+
+def _backward_items(B, Hkv, L, S, block_q, block_k, n_chunks, opts):
+    """``(items, costs)`` of the backward: every (batch x kv head, key-tile chunk); the cost
+    is the number of (query tile, key tile) pairs the chunk visits."""
+    n_kt = -(-S // block_k)
+    j0 = np.arange(n_kt) * block_k
+    j1 = np.minimum(S, j0 + block_k)
+    first_query, end_query = np.zeros_like(j0), np.full_like(j0, L)
+    if opts.causal_offset is not None:
+        first_query = np.maximum(0, j0 - int(opts.causal_offset))
+    if opts.window is not None:
+        lo, hi = opts.window
+        if hi is not None:
+            first_query = np.maximum(first_query, j0 - int(hi))
+        if lo is not None:
+            end_query = np.minimum(L, np.maximum(0, j1 - int(lo)))
+    pairs = np.maximum(0, -(-end_query // block_q) - first_query // block_q) + 1
+    chunk_cost = np.bincount(np.arange(n_kt) % n_chunks, weights=pairs, minlength=n_chunks)
+    return np.arange(B * Hkv * n_chunks), np.tile(chunk_cost, B * Hkv)
 
 
 def backward(q, k, v, o, lse, do, opts):
@@ -591,11 +634,11 @@ def backward(q, k, v, o, lse, do, opts):
     dscores = np.zeros((B, H, L, S) if need_ds else (1, 1, 1, 1), dtype)
     row_dot = np.einsum("bhle,bhle->bhl", do, o)     # D = rowsum(dO * O), (B, H, L)
     dslope_parts = np.zeros((n_chunks, B, H) if opts.need_alibi_grad else (1, 1, 1), dtype)
-    with launch():
-        kernel(q_scaled, k, v, do, lse, row_dot, ops["mask"], ops["bias"], ops["slopes"],
-               ops["drop"], ops["mods"], ops["has_drop"], ops["causal"], ops["scale"],
-               ops["drop_scale"], block_q, block_k, n_chunks, need_ds, dq_parts, dk, dv, dscores,
-               dslope_parts)
+    items, costs = _backward_items(B, Hkv, L, S, block_q, block_k, n_chunks, opts)
+    run_split(kernel, (q_scaled, k, v, do, lse, row_dot, ops["mask"], ops["bias"], ops["slopes"],
+                       ops["drop"], ops["mods"], ops["has_drop"], ops["causal"], ops["scale"],
+                       ops["drop_scale"], block_q, block_k, n_chunks, need_ds, dq_parts, dk, dv,
+                       dscores, dslope_parts), items, costs)
     dq = dq_parts[0] if n_chunks == 1 else dq_parts.sum(axis=0)    # (B, H, L, E)
     dq *= ops["scale"]
     dslopes = dslope_parts.sum(axis=0) if opts.need_alibi_grad else None       # (B, H)

@@ -1,9 +1,9 @@
 """FlexAttention-style ``mask_mod`` / ``score_mod`` compiled into the numba SDPA kernels.
 
 The numba kernels evaluate the user's functions pair by pair, inside each tile that the
-causal rule and the window leave (:func:`refattn.cores.sdpa.numba._scores_rows` for the
-forward's ``(queries, keys)`` tiles, ``_scores_tile`` for the backward's transposed ones),
-with scalar arguments::
+causal rule and the window leave (:func:`refattn.cores.sdpa.numba._scores`, on the
+forward's ``(queries, keys)`` tiles and the backward's transposed ones), with scalar
+arguments::
 
     mask_mod(b, h, i, j) -> bool                  b, h, i, j: int64
     score_mod(score, b, h, i, j) -> score         score: the input dtype (float32/float64)

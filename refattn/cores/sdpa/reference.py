@@ -32,7 +32,7 @@ def reduce_kv_heads(xp, g, kv_heads: int):
     return xp.sum(xp.reshape(g, (B, kv_heads, H // kv_heads, S, F)), axis=2)
 
 
-def _mask_mod_keep(xp, opts, shape, device):
+def mask_mod_keep(xp, opts, shape, device):
     """``mask_mod(b, h, i, j)`` on every pair ``(B, H, L, S)`` ANDed with ``mask`` (or None)."""
     if opts.mask_mod is None:
         return opts.mask
@@ -42,7 +42,7 @@ def _mask_mod_keep(xp, opts, shape, device):
     return keep if opts.mask is None else xp.logical_and(opts.mask, keep)
 
 
-def _apply_score_mod(xp, fn, name, s, device):
+def apply_score_mod(xp, fn, name, s, device):
     """``fn(s, b, h, i, j)`` checked to be a float array broadcastable to ``s (B, H, L, S)``."""
     out = fn(s, *score_indices(xp, *s.shape, device=device))
     check_float_array(out, f"{name}(score, b, h, i, j)")
@@ -77,8 +77,8 @@ def _scores(xp, q, kh, opts):
     before_mod = None
     if opts.score_mod is not None:
         before_mod = s
-        s = _apply_score_mod(xp, opts.score_mod, "score_mod", s, device)
-    keep = keep_mask(xp, _mask_mod_keep(xp, opts, tuple(raw.shape), device), opts.causal_offset,
+        s = apply_score_mod(xp, opts.score_mod, "score_mod", s, device)
+    keep = keep_mask(xp, mask_mod_keep(xp, opts, tuple(raw.shape), device), opts.causal_offset,
                      q.shape[-2], kh.shape[-2], device=device, bias=bias, window=opts.window)
     return s, keep, tanh, before_mod
 
@@ -141,7 +141,7 @@ def backward(q, k, v, o, lse, do, opts):
     dp = _dropout(xp, do @ matrix_transpose(xp, vh), opts)        # (B, H, L, S)
     ds = softmax_backward(xp, p, dp, row_dot=xp.sum(do * o, axis=-1), keep=keep)
     if before_mod is not None:                                    # through score_mod
-        ds = _kept(xp, ds * _apply_score_mod(xp, opts.score_mod_grad, "score_mod_grad",
+        ds = _kept(xp, ds * apply_score_mod(xp, opts.score_mod_grad, "score_mod_grad",
                                              before_mod, array_api_compat.device(q)), keep)
     dslopes = None
     if opts.need_alibi_grad:                                      # d s / d slope = -|i + c - j|

@@ -10,6 +10,11 @@
 // stride broadcasts).  Head dims are padded with zeros to EP / EVP (multiples of
 // 16) in shared memory only.
 //
+// Options (sliding window, soft-capping, ALiBi, per-sequence bounds) are compiled in by
+// the template parameter OPT of the *_opt kernels (bits OPT_*, below): each `if constexpr`
+// on a bit adds its code only there, and the kernels without options (sdpa_fwd, sdpa_bwd)
+// instantiate the shared bodies with OPT = 0.
+//
 // Template parameter DT selects the element type and the warp-level matrix
 // product: 0 = float16 on tensor cores (mma.m16n8k16, float32 accumulation),
 // 1 = float32 on tensor cores as 3xTF32 (split products, float32 accuracy),
@@ -17,6 +22,10 @@
 // the accumulator layout of mma.m16n8: lane (g = lane/4, t = lane%4) holds
 // rows g and g+8, columns 2t and 2t+1 of each 16x8 tile, so the softmax and
 // masking code is written once.
+
+// The option kernels' index math (a header of plain C++, also compiled on the host by the
+// CPU tests); KernelSource pastes it in here, so NVRTC needs no include path.
+#include "sdpa_rules.cuh"
 
 typedef unsigned short half_t;  // IEEE binary16 bits, CuPy's float16 storage
 
@@ -395,8 +404,19 @@ __device__ __forceinline__ void load_tile(typename P::Tc* dst, const T* __restri
     }
 }
 
-// Score modifiers: scale, causal, boolean keep-mask, additive bias, dropout.
-template <class T, class Acc>
+// Option bits of the template parameter OPT (0: no option, the code validated on a GPU).
+#define OPT_WINDOW 1   // sliding window (with the causal rule folded in): a KeepRule
+#define OPT_SOFTCAP 2  // cap(x) = c tanh(x / c) of the scaled scores
+#define OPT_ALIBI 4    // bias -slope |i + S - L - j|, computed from the positions
+#define OPT_SEQ 8      // packed or padded sequences: blocks mapped to spans, per-sequence rule
+#define OPT_RULE (OPT_WINDOW | OPT_SEQ)
+
+__device__ __forceinline__ float tanh_acc(float x) { return tanhf(x); }
+__device__ __forceinline__ double tanh_acc(double x) { return tanh(x); }
+
+// Score modifiers: scale, causal, boolean keep-mask, additive bias, dropout; with OPT, the
+// keep rule of docs/backends/cupy.md, the soft-cap and ALiBi.
+template <class T, class Acc, int OPT = 0>
 struct Mods {
     const unsigned char* mask; long long mb, mh, ml, ms;
     const T* bias; long long xb, xh, xl, xs;
@@ -404,16 +424,47 @@ struct Mods {
     int L, S, causal, offset;
     Acc scale2;  // scale * log2(e): scores are kept in base-2 units
     Acc dscale;  // 1 / (1 - dropout_p)
+    KeepRule rule;       // OPT_RULE: the kept pairs (replaces L, S, causal, offset)
+    Acc scale, cap2, inv_cap;  // OPT_SOFTCAP: logit2 = c log2(e) tanh(scale s / c)
+    Acc slope2;          // OPT_ALIBI: slope * log2(e) of the current (sequence, head)
 
     // Base-2 logit of query i, key j from the raw dot product s; -inf when masked.
     template <bool PLAIN>
     __device__ __forceinline__ Acc logit2(Acc s, int b, int h, int i, int j) const {
-        if constexpr (PLAIN) return s * scale2;  // tile fully inside, no mask or bias
-        bool keep = i < L && j < S && (!causal || j <= i + offset);
-        if (keep && mask) keep = mask[b * mb + h * mh + (long long)i * ml + (long long)j * ms] != 0;
-        if (!keep) return neg_inf<Acc>();
-        Acc x = s * scale2;
-        if (bias) x += cvt<Acc>(bias[b * xb + h * xh + (long long)i * xl + (long long)j * xs]) * Acc(LOG2E);
+        if constexpr (OPT == 0) {
+            if constexpr (PLAIN) return s * scale2;  // tile fully inside, no mask or bias
+            bool keep = i < L && j < S && (!causal || j <= i + offset);
+            if (keep && mask) keep = mask[b * mb + h * mh + (long long)i * ml + (long long)j * ms] != 0;
+            if (!keep) return neg_inf<Acc>();
+            Acc x = s * scale2;
+            if (bias) x += cvt<Acc>(bias[b * xb + h * xh + (long long)i * xl + (long long)j * xs]) * Acc(LOG2E);
+            return x;
+        } else {
+            Acc tc;
+            return logit2_t<PLAIN>(s, b, h, i, j, tc);
+        }
+    }
+    // The same with the options; tc receives tanh(scale s / c) under OPT_SOFTCAP (the
+    // backward pass's factor 1 - tc^2), else is left unset.
+    template <bool PLAIN>
+    __device__ __forceinline__ Acc logit2_t(Acc s, int b, int h, int i, int j, Acc& tc) const {
+        if constexpr (!PLAIN) {
+            bool keep;
+            if constexpr ((OPT & OPT_RULE) != 0) keep = rule_keeps(rule, i, j);
+            else keep = i < L && j < S && (!causal || j <= i + offset);
+            if (keep && mask) keep = mask[b * mb + h * mh + (long long)i * ml + (long long)j * ms] != 0;
+            if (!keep) return neg_inf<Acc>();
+        }
+        Acc x;
+        if constexpr ((OPT & OPT_SOFTCAP) != 0) {
+            tc = tanh_acc(s * scale * inv_cap);
+            x = cap2 * tc;
+        } else {
+            x = s * scale2;
+        }
+        if constexpr (!PLAIN)
+            if (bias) x += cvt<Acc>(bias[b * xb + h * xh + (long long)i * xl + (long long)j * xs]) * Acc(LOG2E);
+        if constexpr ((OPT & OPT_ALIBI) != 0) x -= slope2 * Acc(alibi_distance(i, j, L, S));
         return x;
     }
     // Factor applied to a probability by dropout (1 without dropout).
@@ -424,10 +475,19 @@ struct Mods {
         return drop[b * db + h * dh + (long long)i * dl + (long long)j * ds] ? dscale : Acc(0);
     }
     // Whether queries [i0, i0 + ni) x keys [j0, j0 + nj) are all in range, all kept
-    // by the causal mask and free of mask, bias and dropout (warp-uniform).
+    // by the causal mask (the keep rule) and free of mask, bias and dropout (warp-uniform).
     __device__ __forceinline__ bool plain(int i0, int ni, int j0, int nj) const {
+        if constexpr ((OPT & OPT_RULE) != 0)
+            return !mask && !bias && !drop && rule_tile_full(rule, i0, ni, j0, nj);
         return !mask && !bias && !drop && i0 + ni <= L && j0 + nj <= S &&
                (!causal || j0 + nj - 1 <= i0 + offset);
+    }
+    // OPT_SEQ: address the operands of one sequence, whose queries start at row q_row0 and
+    // keys at row k_row0 of the (B, H, L, S) view, with local positions from 0.
+    __device__ __forceinline__ void shift_operands(int q_row0, int k_row0) {
+        if (mask) mask += (long long)q_row0 * ml + (long long)k_row0 * ms;
+        if (bias) bias += (long long)q_row0 * xl + (long long)k_row0 * xs;
+        if (drop) drop += (long long)q_row0 * dl + (long long)k_row0 * ds;
     }
 };
 
@@ -438,6 +498,10 @@ struct Mods {
         int H, int Hkv, int L, int S, int E, int Ev, double scale, int causal, int offset,     \
         double dscale
 
+#define MODS_ARGS                                                                               \
+    mask, mb, mh, ml, ms, bias, xb, xh, xl, xs, drop, db, dh, dl, ds, H, Hkv, L, S, E, Ev,     \
+        scale, causal, offset, dscale
+
 #define MODS_INIT(mods)                                                                         \
     mods.mask = mask; mods.mb = mb; mods.mh = mh; mods.ml = ml; mods.ms = ms;                   \
     mods.bias = bias; mods.xb = xb; mods.xh = xh; mods.xl = xl; mods.xs = xs;                   \
@@ -445,16 +509,32 @@ struct Mods {
     mods.L = L; mods.S = S; mods.causal = causal; mods.offset = offset;                         \
     mods.scale2 = (Acc)(scale * LOG2E); mods.dscale = (Acc)dscale;
 
+// Arguments of the option kernels (sdpa_fwd_opt, sdpa_bwd_opt), read only under their bits.
+//   spans (N, 5) int32 (OPT_SEQ): per sequence n, (batch row b, q0, q1, k0, k1) of the view;
+//   lo_rel, hi_rel, rule_causal, lower_right: make_rule's (OPT_RULE);
+//   softcap (OPT_SOFTCAP);  alibi (rows, H) slopes with row stride alibi_rows (0: shared),
+//   row = b, or n with OPT_SEQ; dslopes (rows, H) in the accumulation type, added to by
+//   atomics in the backward pass (OPT_ALIBI).
+#define OPT_PARAMS(T, Acc)                                                                      \
+    const int *__restrict__ spans, int lo_rel, int hi_rel, int rule_causal, int lower_right,   \
+        double softcap, const T *__restrict__ alibi, long long alibi_rows, Acc *__restrict__ dslopes
+
+#define OPT_ARGS spans, lo_rel, hi_rel, rule_causal, lower_right, softcap, alibi, alibi_rows, dslopes
+#define NO_OPT_ARGS nullptr, 0, 0, 0, 0, 0.0, nullptr, 0, nullptr
+
 // ---------------------------------------------------------------------------
 // Forward: grid (B * H, ceil(L / BM)), NW warps, each warp owns 16 query rows.
 // Dynamic shared memory: Q (BM, EP), K (BN, EP), V (BN, EVP), and P (BM, BN) for
 // policies that cannot take P from registers.
 // ---------------------------------------------------------------------------
-template <int DT, int EP, int EVP, int NW, int BN>
-__global__ void __launch_bounds__(NW * 32)
-sdpa_fwd(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::T* __restrict__ k,
-         const typename Cfg<DT>::T* __restrict__ v, typename Cfg<DT>::T* __restrict__ o,
-         typename Cfg<DT>::P::Acc* __restrict__ lse, MODS_PARAMS(typename Cfg<DT>::T)) {
+// With OPT_SEQ the grid is (N * H, ceil(max q1 - q0 / BM)): block (n, h) takes the
+// queries of sequence n (spans) and only its keys; blocks past the sequence's end exit.
+template <int DT, int EP, int EVP, int NW, int BN, int OPT>
+__device__ __forceinline__ void
+sdpa_fwd_body(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::T* __restrict__ k,
+              const typename Cfg<DT>::T* __restrict__ v, typename Cfg<DT>::T* __restrict__ o,
+              typename Cfg<DT>::P::Acc* __restrict__ lse, MODS_PARAMS(typename Cfg<DT>::T),
+              OPT_PARAMS(typename Cfg<DT>::T, typename Cfg<DT>::P::Acc)) {
     typedef typename Cfg<DT>::T T;
     typedef typename Cfg<DT>::P P;
     typedef typename P::Acc Acc;
@@ -471,20 +551,51 @@ sdpa_fwd(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::T* _
     Ts* V1 = K1 + BN * LDQ;
     Ts* Ps = ASYNC ? V1 + BN * LDV : K1;
 
-    Mods<T, Acc> mods;
+    Mods<T, Acc, OPT> mods;
     MODS_INIT(mods)
     const int warp = threadIdx.x >> 5, g = lane_id() >> 2, t = lane_id() & 3;
     const int m0 = (gridDim.y - 1 - blockIdx.y) * BM;  // the longest causal blocks first
-    const int bh = blockIdx.x, b = bh / H, h = bh % H, hk = h / (H / Hkv);
-    const T* qb = q + (long long)bh * L * E;
-    const T* kb = k + (long long)(b * Hkv + hk) * S * E;
-    const T* vb = v + (long long)(b * Hkv + hk) * S * Ev;
+    // Queries Lq and keys Sk of this block's sequence, from rows q_row0, k_row0 of the view.
+    int bh = blockIdx.x, b = bh / H, h = bh % H, Lq = L, Sk = S, q_row0 = 0, k_row0 = 0, arow = b;
+    if constexpr ((OPT & OPT_SEQ) != 0) {
+        const int n = blockIdx.x / H;
+        const int* span = spans + 5 * n;
+        h = blockIdx.x % H;
+        b = span[0];
+        bh = b * H + h;
+        q_row0 = span[1];
+        Lq = span[2] - span[1];
+        k_row0 = span[3];
+        Sk = span[4] - span[3];
+        arow = n;
+        if (m0 >= Lq) return;  // the whole block: no barrier is pending
+        mods.L = Lq;
+        mods.S = Sk;
+        mods.shift_operands(q_row0, k_row0);
+    }
+    const int hk = h / (H / Hkv);
+    if constexpr ((OPT & OPT_RULE) != 0) mods.rule = make_rule(Lq, Sk, lo_rel, hi_rel, rule_causal, lower_right);
+    if constexpr ((OPT & OPT_SOFTCAP) != 0) {
+        mods.scale = (Acc)scale;
+        mods.cap2 = (Acc)(softcap * LOG2E);
+        mods.inv_cap = (Acc)(1.0 / softcap);
+    }
+    if constexpr ((OPT & OPT_ALIBI) != 0) mods.slope2 = cvt<Acc>(alibi[arow * alibi_rows + h]) * Acc(LOG2E);
+    const T* qb = q + ((long long)bh * L + q_row0) * E;
+    const T* kb = k + ((long long)(b * Hkv + hk) * S + k_row0) * E;
+    const T* vb = v + ((long long)(b * Hkv + hk) * S + k_row0) * Ev;
     Ts* Pw = Ps + warp * 16 * LDP;
 
-    int n_end = S;
-    if (causal) n_end = min(S, max(0, m0 + BM + offset));
+    // Key tiles [n_begin, n_end): the rest is masked for every query of the block.
+    int n_begin = 0, n_end = Sk;
+    if constexpr ((OPT & OPT_RULE) != 0) {
+        n_begin = rule_key_begin(mods.rule, m0);
+        n_end = rule_key_end(mods.rule, m0, BM);
+    } else {
+        if (causal) n_end = min(Sk, max(0, m0 + BM + offset));
+    }
 
-    load_tile<P, T, BM, EP, LDQ, NW * 32>(Qs, qb, m0, L, E);
+    load_tile<P, T, BM, EP, LDQ, NW * 32>(Qs, qb, m0, Lq, E);
 
     Acc m_run[2] = {neg_inf<Acc>(), neg_inf<Acc>()}, l_run[2] = {Acc(0), Acc(0)};
     Acc oacc[NO][4];
@@ -558,16 +669,16 @@ sdpa_fwd(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::T* _
         // Two stages: the copy of key tile n0 + BN overlaps the work on tile n0.
         pipelined = E == EP && Ev == EVP;
         if (pipelined) {
-            if (n_end > 0) {
-                load_tile_async<T, BN, EP, LDQ, NW * 32>(K0, kb, 0, S);
-                load_tile_async<T, BN, EVP, LDV, NW * 32>(V0, vb, 0, S);
+            if (n_begin < n_end) {
+                load_tile_async<T, BN, EP, LDQ, NW * 32>(K0, kb, n_begin, Sk);
+                load_tile_async<T, BN, EVP, LDV, NW * 32>(V0, vb, n_begin, Sk);
                 cp_async_commit();
             }
             int cur = 0;
-            for (int n0 = 0; n0 < n_end; n0 += BN, cur ^= 1) {
+            for (int n0 = n_begin; n0 < n_end; n0 += BN, cur ^= 1) {
                 if (n0 + BN < n_end) {
-                    load_tile_async<T, BN, EP, LDQ, NW * 32>(cur ? K0 : K1, kb, n0 + BN, S);
-                    load_tile_async<T, BN, EVP, LDV, NW * 32>(cur ? V0 : V1, vb, n0 + BN, S);
+                    load_tile_async<T, BN, EP, LDQ, NW * 32>(cur ? K0 : K1, kb, n0 + BN, Sk);
+                    load_tile_async<T, BN, EVP, LDV, NW * 32>(cur ? V0 : V1, vb, n0 + BN, Sk);
                     cp_async_commit();
                     cp_async_wait<1>();
                 } else {
@@ -580,23 +691,24 @@ sdpa_fwd(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::T* _
         }
     }
     if (!pipelined) {
-        for (int n0 = 0; n0 < n_end; n0 += BN) {
+        for (int n0 = n_begin; n0 < n_end; n0 += BN) {
             __syncthreads();  // previous tiles fully consumed (and Q loaded)
-            load_tile<P, T, BN, EP, LDQ, NW * 32>(K0, kb, n0, S, E);
-            load_tile<P, T, BN, EVP, LDV, NW * 32>(V0, vb, n0, S, Ev);
+            load_tile<P, T, BN, EP, LDQ, NW * 32>(K0, kb, n0, Sk, E);
+            load_tile<P, T, BN, EVP, LDV, NW * 32>(V0, vb, n0, Sk, Ev);
             __syncthreads();
             tile(K0, V0, n0);
         }
     }
 
-    T* ob = o + (long long)bh * L * Ev;
+    T* ob = o + ((long long)bh * L + q_row0) * Ev;
+    Acc* lseb = lse + (long long)bh * L + q_row0;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         Acc l = l_run[r];
         l += __shfl_xor_sync(0xffffffffu, l, 1);
         l += __shfl_xor_sync(0xffffffffu, l, 2);
         const int i = m0 + warp * 16 + g + 8 * r;
-        if (i >= L) continue;
+        if (i >= Lq) continue;
         const Acc inv = l > Acc(0) ? Acc(1) / l : Acc(0);
 #pragma unroll
         for (int jv = 0; jv < NO; ++jv)
@@ -605,8 +717,27 @@ sdpa_fwd(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::T* _
                 const int c = 8 * jv + 2 * t + e;
                 if (c < Ev) ob[(long long)i * Ev + c] = cvt<T>(oacc[jv][2 * r + e] * inv);
             }
-        if (t == 0) lse[(long long)bh * L + i] = l > Acc(0) ? (m_run[r] + lg2(l)) * Acc(LN2) : neg_inf<Acc>();
+        if (t == 0) lseb[i] = l > Acc(0) ? (m_run[r] + lg2(l)) * Acc(LN2) : neg_inf<Acc>();
     }
+}
+
+template <int DT, int EP, int EVP, int NW, int BN>
+__global__ void __launch_bounds__(NW * 32)
+sdpa_fwd(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::T* __restrict__ k,
+         const typename Cfg<DT>::T* __restrict__ v, typename Cfg<DT>::T* __restrict__ o,
+         typename Cfg<DT>::P::Acc* __restrict__ lse, MODS_PARAMS(typename Cfg<DT>::T)) {
+    sdpa_fwd_body<DT, EP, EVP, NW, BN, 0>(q, k, v, o, lse, MODS_ARGS, NO_OPT_ARGS);
+}
+
+// The forward pass with the options of OPT (bits OPT_*, at least one).
+template <int DT, int EP, int EVP, int NW, int BN, int OPT>
+__global__ void __launch_bounds__(NW * 32)
+sdpa_fwd_opt(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::T* __restrict__ k,
+             const typename Cfg<DT>::T* __restrict__ v, typename Cfg<DT>::T* __restrict__ o,
+             typename Cfg<DT>::P::Acc* __restrict__ lse, MODS_PARAMS(typename Cfg<DT>::T),
+             OPT_PARAMS(typename Cfg<DT>::T, typename Cfg<DT>::P::Acc)) {
+    static_assert(OPT > 0 && OPT < 16, "OPT: a non-empty set of the OPT_* bits");
+    sdpa_fwd_body<DT, EP, EVP, NW, BN, OPT>(q, k, v, o, lse, MODS_ARGS, OPT_ARGS);
 }
 
 // ---------------------------------------------------------------------------
@@ -616,14 +747,20 @@ sdpa_fwd(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::T* _
 // Dynamic shared memory: K (BN, EP), V (BN, EVP), Q (BM, EP), dO (BM, EVP),
 // dS^T (BN, BM), lse and D (BM each, accumulation type).
 // ---------------------------------------------------------------------------
-template <int DT, int EP, int EVP, int NW>
-__global__ void __launch_bounds__(NW * 32)
-sdpa_bwd(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::T* __restrict__ k,
-         const typename Cfg<DT>::T* __restrict__ v, const typename Cfg<DT>::T* __restrict__ dout,
-         const typename Cfg<DT>::P::Acc* __restrict__ lse, const typename Cfg<DT>::P::Acc* __restrict__ rowdot,
-         typename Cfg<DT>::P::Acc* __restrict__ dq, typename Cfg<DT>::T* __restrict__ dk,
-         typename Cfg<DT>::T* __restrict__ dv, typename Cfg<DT>::T* __restrict__ dscores,
-         MODS_PARAMS(typename Cfg<DT>::T)) {
+// With OPT_SEQ the grid is (N * Hkv, ceil(max k1 - k0 / BN)): block (n, hk) takes keys of
+// sequence n and only its queries.  With OPT_ALIBI, dslopes[row, h] -= sum dS |i + S - L - j|.
+#define BWD_PARAMS(DT)                                                                          \
+    const typename Cfg<DT>::T *__restrict__ q, const typename Cfg<DT>::T *__restrict__ k,      \
+        const typename Cfg<DT>::T *__restrict__ v, const typename Cfg<DT>::T *__restrict__ dout, \
+        const typename Cfg<DT>::P::Acc *__restrict__ lse,                                      \
+        const typename Cfg<DT>::P::Acc *__restrict__ rowdot,                                   \
+        typename Cfg<DT>::P::Acc *__restrict__ dq, typename Cfg<DT>::T *__restrict__ dk,       \
+        typename Cfg<DT>::T *__restrict__ dv, typename Cfg<DT>::T *__restrict__ dscores,       \
+        MODS_PARAMS(typename Cfg<DT>::T)
+
+template <int DT, int EP, int EVP, int NW, int OPT>
+__device__ __forceinline__ void
+sdpa_bwd_body(BWD_PARAMS(DT), OPT_PARAMS(typename Cfg<DT>::T, typename Cfg<DT>::P::Acc)) {
     typedef typename Cfg<DT>::T T;
     typedef typename Cfg<DT>::P P;
     typedef typename P::Acc Acc;
@@ -644,14 +781,38 @@ sdpa_bwd(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::T* _
     Acc* lse1 = D0 + BM;
     Acc* D1 = lse1 + BM;
 
-    Mods<T, Acc> mods;
+    Mods<T, Acc, OPT> mods;
     MODS_INIT(mods)
     const int warp = threadIdx.x >> 5, g = lane_id() >> 2, t = lane_id() & 3;
     const int n0 = blockIdx.y * BN;  // the longest causal blocks (first keys) first
-    const int b = blockIdx.x / Hkv, hk = blockIdx.x % Hkv, group = H / Hkv;
-    const long long kv_slab = (long long)blockIdx.x * S;
-    load_tile<P, T, BN, EP, LDK, NW * 32>(Ks, k + kv_slab * E, n0, S, E);
-    load_tile<P, T, BN, EVP, LDV, NW * 32>(Vs, v + kv_slab * Ev, n0, S, Ev);
+    int b = blockIdx.x / Hkv, hk = blockIdx.x % Hkv;
+    const int group = H / Hkv;
+    // Queries Lq and keys Sk of this block's sequence, from rows q_row0, k_row0 of the view.
+    int Lq = L, Sk = S, q_row0 = 0, k_row0 = 0, arow = b;
+    long long kv_slab = (long long)blockIdx.x * S;
+    if constexpr ((OPT & OPT_SEQ) != 0) {
+        const int n = blockIdx.x / Hkv;
+        const int* span = spans + 5 * n;
+        b = span[0];
+        q_row0 = span[1];
+        Lq = span[2] - span[1];
+        k_row0 = span[3];
+        Sk = span[4] - span[3];
+        arow = n;
+        if (n0 >= Sk) return;  // the whole block: no barrier is pending
+        kv_slab = (long long)(b * Hkv + hk) * S + k_row0;
+        mods.L = Lq;
+        mods.S = Sk;
+        mods.shift_operands(q_row0, k_row0);
+    }
+    if constexpr ((OPT & OPT_RULE) != 0) mods.rule = make_rule(Lq, Sk, lo_rel, hi_rel, rule_causal, lower_right);
+    if constexpr ((OPT & OPT_SOFTCAP) != 0) {
+        mods.scale = (Acc)scale;
+        mods.cap2 = (Acc)(softcap * LOG2E);
+        mods.inv_cap = (Acc)(1.0 / softcap);
+    }
+    load_tile<P, T, BN, EP, LDK, NW * 32>(Ks, k + kv_slab * E, n0, Sk, E);
+    load_tile<P, T, BN, EVP, LDV, NW * 32>(Vs, v + kv_slab * Ev, n0, Sk, Ev);
 
     Acc dkacc[NK][4], dvacc[NV][4];
     zero<Acc, NK>(dkacc);
@@ -659,13 +820,22 @@ sdpa_bwd(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::T* _
     Ts* dSw = dSt + warp * 16 * LDS;  // this warp's 16 keys
     const Acc sc = (Acc)scale;
 
-    int m_begin = 0;
-    if (causal) m_begin = max(0, n0 - offset) / BM * BM;
+    // Query tiles [m_begin, m_end): the rest is masked for every key of the block.
+    int m_begin = 0, m_end = Lq;
+    if constexpr ((OPT & OPT_RULE) != 0) {
+        m_begin = rule_query_begin(mods.rule, n0);
+        m_end = rule_query_end(mods.rule, n0, BN);
+    } else {
+        if (causal) m_begin = max(0, n0 - offset) / BM * BM;
+    }
 
     // One query tile (query head h, rows m0 ...) against this block's keys.  lse and
     // D of rows past L read 0: those rows are masked (logit -inf, probability 0).
     auto step = [&](int h, int m0, const Ts* Qs, const Ts* dOs, const Acc* lse_s, const Acc* D_s) {
             const long long bh = (long long)b * H + h;
+            if constexpr ((OPT & OPT_ALIBI) != 0)
+                mods.slope2 = cvt<Acc>(alibi[arow * alibi_rows + h]) * Acc(LOG2E);
+            Acc dslope = Acc(0);  // OPT_ALIBI: this lane's part of d loss / d slope
             // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x BM queries.
             Acc sacc[NQ][4], dpacc[NQ][4];
             zero<Acc, NQ>(sacc);
@@ -684,16 +854,35 @@ sdpa_bwd(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::T* _
                     for (int e = 0; e < 4; ++e) {
                         const int kr = g + 8 * (e >> 1), qc = 8 * j + 2 * t + (e & 1);
                         const int key = n0 + warp * 16 + kr, query = m0 + qc;
-                        const Acc x = mods.template logit2<PLAIN>(sacc[j][e], b, h, query, key);
-                        const Acc p = (!PLAIN && x == neg_inf<Acc>()) ? Acc(0)
-                                                                       : ex2(x - lse_s[qc] * Acc(LOG2E));
-                        const Acc f = mods.template dropf<PLAIN>(b, h, query, key);
-                        const Acc dsv = p * (dpacc[j][e] * f - D_s[qc]);
-                        sacc[j][e] = p * f;
-                        dpacc[j][e] = dsv;
-                        dSw[kr * LDS + qc] = P::to_smem(dsv);
-                        if (!PLAIN && dscores && key < S && query < L)
-                            dscores[(bh * L + query) * S + key] = cvt<T>(dsv);
+                        if constexpr (OPT == 0) {
+                            const Acc x = mods.template logit2<PLAIN>(sacc[j][e], b, h, query, key);
+                            const Acc p = (!PLAIN && x == neg_inf<Acc>()) ? Acc(0)
+                                                                           : ex2(x - lse_s[qc] * Acc(LOG2E));
+                            const Acc f = mods.template dropf<PLAIN>(b, h, query, key);
+                            const Acc dsv = p * (dpacc[j][e] * f - D_s[qc]);
+                            sacc[j][e] = p * f;
+                            dpacc[j][e] = dsv;
+                            dSw[kr * LDS + qc] = P::to_smem(dsv);
+                            if (!PLAIN && dscores && key < S && query < L)
+                                dscores[(bh * L + query) * S + key] = cvt<T>(dsv);
+                        } else {
+                            Acc tc = Acc(0);
+                            const Acc x = mods.template logit2_t<PLAIN>(sacc[j][e], b, h, query, key, tc);
+                            const Acc p = (!PLAIN && x == neg_inf<Acc>()) ? Acc(0)
+                                                                           : ex2(x - lse_s[qc] * Acc(LOG2E));
+                            const Acc f = mods.template dropf<PLAIN>(b, h, query, key);
+                            const Acc dsv = p * (dpacc[j][e] * f - D_s[qc]);  // d / d score
+                            if constexpr ((OPT & OPT_ALIBI) != 0)  // d score / d slope = -distance
+                                if (p != Acc(0)) dslope -= dsv * Acc(alibi_distance(query, key, Lq, Sk));
+                            // d / d (scale q k^T): through the soft-cap, times 1 - tanh^2
+                            Acc dsr = dsv;
+                            if constexpr ((OPT & OPT_SOFTCAP) != 0) dsr = dsv * (Acc(1) - tc * tc);
+                            sacc[j][e] = p * f;
+                            dpacc[j][e] = dsr;
+                            dSw[kr * LDS + qc] = P::to_smem(dsr);
+                            if (!PLAIN && dscores && key < Sk && query < Lq)
+                                dscores[(bh * L + q_row0 + query) * S + k_row0 + key] = cvt<T>(dsv);
+                        }
                     }
             };
             if (mods.plain(m0, BM, n0 + warp * 16, 16) && !dscores) grads(Bool<true>());
@@ -726,14 +915,14 @@ sdpa_bwd(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::T* _
             Acc dqacc[NK][4];
             zero<Acc, NK>(dqacc);
             warp_gemm<P, NK, BN, 1, LDS, LDK, 1>(dqacc, dSt + warp * 16, Ks);
-            Acc* dqb = dq + bh * L * E;
+            Acc* dqb = dq + (bh * L + q_row0) * E;
 #pragma unroll
             for (int j = 0; j < NK; ++j)
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
                     const int i = m0 + warp * 16 + g + 8 * r, c = 8 * j + 2 * t;
                     Acc* dst = dqb + (long long)i * E + c;
-                    if (i >= L || c >= E) continue;
+                    if (i >= Lq || c >= E) continue;
                     if (E % 2 == 0) {  // columns c, c+1 both exist and are 8-byte aligned
                         atomic_add2(dst, sc * dqacc[j][2 * r], sc * dqacc[j][2 * r + 1]);
                     } else {
@@ -741,9 +930,14 @@ sdpa_bwd(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::T* _
                         if (c + 1 < E) atomicAdd(dst + 1, sc * dqacc[j][2 * r + 1]);
                     }
                 }
+            if constexpr ((OPT & OPT_ALIBI) != 0) {  // one atomic per warp and query tile
+#pragma unroll
+                for (int w = 16; w > 0; w >>= 1) dslope += __shfl_xor_sync(0xffffffffu, dslope, w);
+                if (lane_id() == 0) atomicAdd(dslopes + (long long)arow * H + h, dslope);
+            }
     };
 
-    const int count = m_begin < L ? (L - m_begin + BM - 1) / BM : 0;  // query tiles per head
+    const int count = m_begin < m_end ? (m_end - m_begin + BM - 1) / BM : 0;  // query tiles per head
     const int total = group * count;
     bool pipelined = false;
     if constexpr (Cfg<DT>::ASYNC_BWD) {
@@ -752,11 +946,11 @@ sdpa_bwd(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::T* _
         auto issue = [&](int it, Ts* Qd, Ts* dOd, Acc* ld, Acc* Dd) {
             const int h = hk * group + it / count, m0 = m_begin + (it % count) * BM;
             const long long bh = (long long)b * H + h;
-            load_tile_async<T, BM, EP, LDK, NW * 32>(Qd, q + bh * L * E, m0, L);
-            load_tile_async<T, BM, EVP, LDV, NW * 32>(dOd, dout + bh * L * Ev, m0, L);
+            load_tile_async<T, BM, EP, LDK, NW * 32>(Qd, q + (bh * L + q_row0) * E, m0, Lq);
+            load_tile_async<T, BM, EVP, LDV, NW * 32>(dOd, dout + (bh * L + q_row0) * Ev, m0, Lq);
             for (int idx = threadIdx.x; idx < BM; idx += NW * 32) {
-                const bool valid = m0 + idx < L;
-                const long long row = bh * L + (valid ? m0 + idx : 0);
+                const bool valid = m0 + idx < Lq;
+                const long long row = bh * L + q_row0 + (valid ? m0 + idx : 0);
                 cp_async4(ld + idx, lse + row, valid);
                 cp_async4(Dd + idx, rowdot + row, valid);
             }
@@ -782,14 +976,14 @@ sdpa_bwd(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::T* _
     if (!pipelined) {
         for (int h = hk * group; h < (hk + 1) * group; ++h) {
             const long long bh = (long long)b * H + h;
-            for (int m0 = m_begin; m0 < L; m0 += BM) {
+            for (int m0 = m_begin; m0 < m_end; m0 += BM) {
                 __syncthreads();  // previous tiles fully consumed (and K, V loaded)
-                load_tile<P, T, BM, EP, LDK, NW * 32>(Q0, q + bh * L * E, m0, L, E);
-                load_tile<P, T, BM, EVP, LDV, NW * 32>(dO0, dout + bh * L * Ev, m0, L, Ev);
+                load_tile<P, T, BM, EP, LDK, NW * 32>(Q0, q + (bh * L + q_row0) * E, m0, Lq, E);
+                load_tile<P, T, BM, EVP, LDV, NW * 32>(dO0, dout + (bh * L + q_row0) * Ev, m0, Lq, Ev);
                 for (int idx = threadIdx.x; idx < BM; idx += NW * 32) {
-                    const bool valid = m0 + idx < L;
-                    lse0[idx] = valid ? lse[bh * L + m0 + idx] : Acc(0);
-                    D0[idx] = valid ? rowdot[bh * L + m0 + idx] : Acc(0);
+                    const bool valid = m0 + idx < Lq;
+                    lse0[idx] = valid ? lse[bh * L + q_row0 + m0 + idx] : Acc(0);
+                    D0[idx] = valid ? rowdot[bh * L + q_row0 + m0 + idx] : Acc(0);
                 }
                 __syncthreads();
                 step(h, m0, Q0, dO0, lse0, D0);
@@ -801,7 +995,7 @@ sdpa_bwd(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::T* _
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
         const int key = n0 + warp * 16 + g + 8 * (e >> 1);
-        if (key >= S) continue;
+        if (key >= Sk) continue;
 #pragma unroll
         for (int j = 0; j < NK; ++j) {
             const int c = 8 * j + 2 * t + (e & 1);
@@ -813,4 +1007,19 @@ sdpa_bwd(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::T* _
             if (c < Ev) dv[(kv_slab + key) * Ev + c] = cvt<T>(dvacc[j][e]);
         }
     }
+}
+
+template <int DT, int EP, int EVP, int NW>
+__global__ void __launch_bounds__(NW * 32) sdpa_bwd(BWD_PARAMS(DT)) {
+    sdpa_bwd_body<DT, EP, EVP, NW, 0>(q, k, v, dout, lse, rowdot, dq, dk, dv, dscores, MODS_ARGS,
+                                      NO_OPT_ARGS);
+}
+
+// The backward pass with the options of OPT (bits OPT_*, at least one).
+template <int DT, int EP, int EVP, int NW, int OPT>
+__global__ void __launch_bounds__(NW * 32)
+sdpa_bwd_opt(BWD_PARAMS(DT), OPT_PARAMS(typename Cfg<DT>::T, typename Cfg<DT>::P::Acc)) {
+    static_assert(OPT > 0 && OPT < 16, "OPT: a non-empty set of the OPT_* bits");
+    sdpa_bwd_body<DT, EP, EVP, NW, OPT>(q, k, v, dout, lse, rowdot, dq, dk, dv, dscores, MODS_ARGS,
+                                        OPT_ARGS);
 }

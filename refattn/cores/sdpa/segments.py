@@ -21,6 +21,10 @@ core (copies of their rows: ``O(L)``), so the fused backends keep ``O(L)`` memor
 visit a pair outside the block diagonal; the causal rule, the window, ALiBi and rotary
 positions count from the start of each sequence.  The cost is one core call per distinct
 length pair (``refattn.bench.sdpa_varlen`` measures it).
+
+A backend that maps its blocks onto the sequences itself (the cupy kernels) instead gets
+the whole 4-D view in one call, with a :class:`SequenceLayout` in
+``SDPAOptions.sequences`` (``fused_core`` of :func:`forward`).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from ..._array import (
     sum_to_shape,
     to_numpy,
 )
+from ...backends import needs_exact_path
 from ..._validate import (
     attention_shapes,
     check_array,
@@ -52,6 +57,7 @@ from ..._validate import (
 
 __all__ = [
     "SegmentedResiduals",
+    "SequenceLayout",
     "Span",
     "backward",
     "forward",
@@ -59,6 +65,7 @@ __all__ = [
     "is_segmented",
     "packed_spans",
     "padded_spans",
+    "span_array",
 ]
 
 @dataclass(frozen=True)
@@ -71,6 +78,33 @@ class Span:
     q1: int
     k0: int
     k1: int
+
+
+@dataclass(frozen=True)
+class SequenceLayout:
+    """Packed or padded sequences handed whole to a backend that maps its blocks onto them.
+
+    Attributes
+    ----------
+    spans : int64 array (N, 5)
+        Per sequence ``n``: ``(b, q0, q1, k0, k1)``, its batch row of the 4-D view and its
+        query and key rows (:func:`span_array`).
+    causal, lower_right : bool
+        The causal rule and its alignment, applied within each sequence (offset
+        ``k1 - k0 - (q1 - q0)`` when lower-right, else 0).
+    window : (int, int) or None
+        FlashAttention's ``(left, right)`` (``-1`` unbounded) relative to that offset.
+    """
+
+    spans: Any
+    causal: bool
+    lower_right: bool
+    window: tuple | None
+
+
+def span_array(spans) -> np.ndarray:
+    """The spans as an int64 ``(N, 5)`` array of ``(b, q0, q1, k0, k1)``."""
+    return np.array([(s.b, s.q0, s.q1, s.k0, s.k1) for s in spans], dtype=np.int64).reshape(-1, 5)
 
 
 def is_segmented(cu_seqlens_q=None, cu_seqlens_k=None, query_seq_lengths=None,
@@ -171,6 +205,11 @@ class SegmentedResiduals:
     operand_shapes: dict = field(default_factory=dict)   # public and 4-D shapes of a bias
     slopes_shape: tuple | None = None                     # public shape of alibi_slopes
     slopes_rows: int = 1                                  # 1 for (H,) slopes, else per sequence
+    # One call of a backend that maps its blocks onto the sequences (parts = [(spans,
+    # residuals of the 4-D view)]); rerun gives grouped residuals on the reference backend
+    # (for the probabilities).
+    fused: bool = False
+    rerun: Any = None               # () -> SegmentedResiduals, with fused
 
     def to_public(self, x4):
         """A 4-D ``(B, F, L, ...)`` view array in the public layout."""
@@ -186,6 +225,8 @@ class SegmentedResiduals:
 
     def probabilities(self, probs_of: Callable):
         """``P`` as ``(H, Tq, Tk)`` or ``(*batch, H, L, S)``; ``probs_of(q, k, lse, options)``."""
+        if self.fused:                 # O(L S) anyway: recompute on the reference, per group
+            return self.rerun().probabilities(probs_of)
         xp = self.xp
         B, H, _, L, S, _, _ = self.view
         p4 = xp.zeros((B, H, L, S), dtype=self.o.dtype, device=array_api_compat.device(self.o))
@@ -270,8 +311,19 @@ def _check_slopes(slopes, q, heads, rows_legend, rows):
 def forward(core_forward: Callable, q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None,
             query_seq_lengths=None, key_value_seq_lengths=None, mask=None, bias=None,
             dropout_mask=None, alibi_slopes=None, mask_mod=None, score_mod=None,
-            score_mod_grad=None, **options):
-    """``(o, SegmentedResiduals)``: ``core_forward(q, k, v, **options)`` once per sequence."""
+            score_mod_grad=None, fused_core: Callable | None = None, **options):
+    """``(o, SegmentedResiduals)``: ``core_forward(q, k, v, **options)`` once per group of
+    sequences.
+
+    With ``fused_core``, one call ``fused_core(q4, k4, v4, operands, slopes, spans,
+    **options) -> (o4, residuals)`` on the 4-D view instead: ``operands`` the 4-D mask,
+    bias and dropout mask, ``slopes`` ``(1 | N, H)`` or None (ignored with
+    ``mask_mod``/``score_mod``).
+    """
+    arguments = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                     query_seq_lengths=query_seq_lengths,
+                     key_value_seq_lengths=key_value_seq_lengths, mask=mask, bias=bias,
+                     dropout_mask=dropout_mask, alibi_slopes=alibi_slopes, **options)
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
     if packed and (query_seq_lengths is not None or key_value_seq_lengths is not None):
         raise ValueError("pass cu_seqlens_q/cu_seqlens_k (packed tokens) or query_seq_lengths/"
@@ -321,6 +373,15 @@ def forward(core_forward: Callable, q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=
         res.operand_shapes = {"bias": tuple(bias.shape), "bias4": tuple(four["bias"].shape)}
     if slopes2 is not None:
         res.slopes_shape, res.slopes_rows = tuple(alibi_slopes.shape), slopes2.shape[0]
+    if fused_core is not None and mask_mod is None and score_mod is None:
+        o4, part = fused_core(q4, k4, v4, four, slopes2, spans, **options)
+        res.fused = True
+        res.rerun = lambda: forward(core_forward, q, k, v, **{**arguments,
+                                                              "backend": "reference"})[1]
+        res.lse = xp.astype(part.lse, lse4.dtype)
+        res.parts.append((spans, part))
+        res.o = res.to_public(o4)
+        return res.o, res
     for group in groups(spans):
         extra = {name: _operand_blocks(xp, x4, group) for name, x4 in four.items()}
         ids = np.array([span.seq for span in group])
@@ -352,6 +413,9 @@ def backward(core_backward: Callable, res: SegmentedResiduals, do):
     xp = res.xp
     legend = "(total_q, H, Ev)" if res.packed else "(..., H, L, Ev)"
     check_cotangent(do, tuple(res.o.shape), legend, like=res.o)
+    if res.fused and needs_exact_path(xp, (do,)):
+        # the non-finite policy wants the reference backend, which runs per group
+        return backward(core_backward, res.rerun(), do)
     do = xp.astype(do, res.o.dtype)
     do4 = (xp.permute_dims(do, (1, 0, 2))[None, ...] if res.packed
            else flatten_batch(xp, do, res.batch))
@@ -365,6 +429,15 @@ def backward(core_backward: Callable, res: SegmentedResiduals, do):
               else None)
     dslopes = (xp.zeros((res.slopes_rows, H), dtype=dtype, device=device)
                if res.slopes_shape is not None else None)
+    if res.fused:                  # one call on the whole view: gradients in the view's layout
+        (_, part), = res.parts
+        grads = core_backward(part, do4)
+        dq4, dk4, dv4 = grads[:3]
+        if dbias4 is not None:
+            dbias4 = grads[3]
+        if dslopes is not None:
+            dslopes = grads[-1]                                   # (1 | N, H)
+        return _public_gradients(res, dq4, dk4, dv4, dbias4, dslopes)
     for group, part in res.parts:
         grads = core_backward(part, _stack(xp, do4, group))
         shared_bias = dbias4 is not None and tuple(grads[3].shape) == tuple(dbias4.shape) \
@@ -384,6 +457,12 @@ def backward(core_backward: Callable, res: SegmentedResiduals, do):
                                                   + xp.reshape(grads[-1][g], (1, H)))
         if dslopes is not None and res.slopes_rows == 1:
             dslopes = dslopes + xp.reshape(grads[-1], (1, H))
+    return _public_gradients(res, dq4, dk4, dv4, dbias4, dslopes)
+
+
+def _public_gradients(res, dq4, dk4, dv4, dbias4, dslopes):
+    """The view's gradients in the public layout: ``(dq, dk, dv[, dbias][, dslopes])``."""
+    xp = res.xp
     out: tuple[Any, ...] = (res.to_public(dq4), res.to_public(dk4), res.to_public(dv4))
     if dbias4 is not None:
         lead = res.batch if dbias4.shape[0] > 1 else (1,) * len(res.batch)
