@@ -88,7 +88,9 @@ class SDPAOptions:
         ALiBi slopes as ``(B|1, H, 1, 1)``: the bias ``-slope * |i + c - j|``.
     alibi_offset : int or None
         ``c`` of the ALiBi distance; None: ``S - L`` (the public call's).  A block of a
-        sharded call passes its own (:mod:`refattn.distributed.geometry`).
+        sharded call passes its own (:mod:`refattn.distributed.geometry`); the reference
+        and numba backends take it, the CUDA kernels do not (sharded calls run CuPy blocks
+        with ALiBi on the reference).
     need_alibi_grad : bool
         Whether the backward pass must return the gradient of the slopes.
     tiles : (int, int) or None
