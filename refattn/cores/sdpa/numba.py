@@ -33,8 +33,11 @@ Design (``docs/backends/numba.md`` has the full story):
   ones (docs/benchmarks.md, "Cold start"); one score helper (:func:`_scores`) serves both
   passes, and absent masks, biases and keep-masks are stand-ins of the same array type as
   real ones, so one dtype compiles one forward and one backward, whatever the options.
-* Causal: key tiles entirely above the diagonal are skipped; only diagonal
-  tiles are masked element-wise.
+* Causal and window: key tiles entirely outside the kept band are skipped.  A tile
+  that crosses the diagonal or a window edge runs in blocks of :data:`DIAGONAL_ROWS`
+  queries (forward) or keys (backward), each over the keys (queries) its rows keep,
+  so the products skip most of the masked triangle instead of computing it and
+  discarding it; only those blocks are masked element-wise.
 * FlexAttention-style ``mask_mod`` / ``score_mod`` / ``score_mod_grad`` are called pair by
   pair on the tiles that causal rule and window leave (no other tile is skipped), through
   module-level placeholders that :mod:`.numba_mods` rebinds in uncached copies of the
@@ -110,7 +113,8 @@ def _SCORE_MOD_GRAD(score, b, h, i, j):
 
 #: The kernels that reach a placeholder (directly or through a callee), in call order;
 #: :mod:`.numba_mods` rebuilds exactly these for user functions.
-MOD_KERNELS = ("_scores", "_forward_kernel", "_backward_kernel")
+MOD_KERNELS = ("_scores", "_forward_step", "_backward_step", "_forward_kernel",
+               "_backward_kernel")
 
 
 @jit(inline="always")
@@ -214,11 +218,79 @@ def _exp_row(row, shift):
     return total
 
 
+#: Queries (forward) or keys (backward) per block on a tile that crosses the causal
+#: diagonal or a window edge: each block runs over the pairs its rows keep.
+DIAGONAL_ROWS = 64
+
+
+@jit
+def _forward_step(q_rows, k_tile, v_tile, s_flat, acc, shift, row_sum, tile_sum, i0, j0, b, h,
+                  mods, mask, bias, slopes, drop, has_drop, drop_scale, causal, has_lo, has_hi,
+                  reshift_sum):
+    """One online-softmax step of queries ``i0 ..`` over keys ``j0 ..``: ``acc += P V``.
+
+    ``q_rows (n, E)`` scaled queries, ``k_tile (nc, E)``, ``v_tile (nc, Ev)``; the rows'
+    running state ``acc (n, Ev)``, ``shift``, ``row_sum`` (and scratch ``tile_sum``) ``(n,)``
+    is updated in place.  ``causal``, ``has_lo``, ``has_hi``: whether the block crosses the
+    diagonal or a window edge (see :func:`_scores`).
+    """
+    n, nc = q_rows.shape[0], k_tile.shape[0]
+    zero = reshift_sum - reshift_sum
+    neg_inf = mods[10]
+    rows_are_queries = np.bool_(True)             # runtime flags: see _scores
+    no_grads = np.bool_(False)
+    s = s_flat.reshape((n, nc))                   # scores (n, nc)
+    gemm(s, q_rows, False, k_tile, True, False)   # S = (scale Q_i) K_j^T
+    _scores(s, rows_are_queries, i0, j0, b, h, mods, mask, bias, slopes, causal, has_lo, has_hi,
+            no_grads, s, s)
+    # Lazy rescaling: once every row has a finite shift, exponentiate against it directly
+    # (one pass, no max pass).  The shift only has to keep exp() finite: a row sum above
+    # exp(RESHIFT) (some score climbed about RESHIFT above it) recomputes this step the
+    # two-pass way, which renews the shift (rare).
+    lazy = True
+    for r in range(n):
+        if not shift[r] > neg_inf:                # a row without a kept key so far
+            lazy = False
+    if lazy:
+        for r in range(n):
+            tile_sum[r] = _exp_row(s[r], shift[r])
+            if tile_sum[r] > reshift_sum:
+                lazy = False
+        if lazy:
+            for r in range(n):
+                row_sum[r] += tile_sum[r]
+        else:                                     # recompute the scores of this step
+            gemm(s, q_rows, False, k_tile, True, False)
+            _scores(s, rows_are_queries, i0, j0, b, h, mods, mask, bias, slopes, causal, has_lo,
+                    has_hi, no_grads, s, s)
+    if not lazy:
+        for r in range(n):
+            row = s[r]
+            new_shift = shift[r]                  # -inf while the row has no kept key
+            for c in range(nc):
+                new_shift = max(new_shift, row[c])
+            if new_shift > neg_inf:
+                alpha = fast_exp(shift[r] - new_shift)    # 0 for the first kept key
+                shift[r] = new_shift
+                row_sum[r] = row_sum[r] * alpha + _exp_row(row, new_shift)
+                for e in range(acc.shape[1]):
+                    acc[r, e] *= alpha
+            else:                                 # no kept key so far: P = 0
+                for c in range(nc):
+                    row[c] = zero
+    if has_drop:
+        for r in range(n):
+            row = s[r]
+            for c in range(nc):
+                row[c] = row[c] * drop_scale if drop[b, h, i0 + r, j0 + c] else zero
+    gemm(acc, s, False, v_tile, False, True)      # acc += P_ij V_j
+
+
 @jit
 def _forward_kernel(q, k, v, mask, bias, slopes, drop, mods, has_drop, causal, scale, drop_scale,
                     block_q, block_k, o, lse, items):
     """Forward over the work ``items``: ``t = (b H + h) n_qt + query tile`` (serial)."""
-    B, H, L, E = q.shape
+    _, H, L, E = q.shape
     offset, window_lo, window_hi, lo, hi = mods[4], mods[11], mods[12], mods[5], mods[6]
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     group = H // Hkv
@@ -227,8 +299,6 @@ def _forward_kernel(q, k, v, mask, bias, slopes, drop, mods, has_drop, causal, s
     neg_inf = np.full(1, -np.inf, q.dtype)[0]
     # a lazily shifted row sum above exp(RESHIFT) renews the shift (two-pass tile)
     reshift_sum = np.full(1, math.exp(RESHIFT), q.dtype)[0]
-    rows_are_queries = np.bool_(True)             # runtime flags: see _scores
-    no_grads = np.bool_(False)
     q_buf = np.empty((block_q, E), q.dtype)
     s_buf = np.empty(block_q * block_k, q.dtype)
     acc_buf = np.empty((block_q, Ev), q.dtype)
@@ -252,7 +322,6 @@ def _forward_kernel(q, k, v, mask, bias, slopes, drop, mods, has_drop, causal, s
         acc[...] = zero
         shift[:nr] = neg_inf                      # exp() is taken of scores - shift
         row_sum[:nr] = zero
-        seen_all_rows = False                     # every row has a finite shift
         key_start, key_end = 0, S
         if causal:
             key_end = min(S, max(0, i1 + offset))  # keys beyond i1-1+offset: fully masked
@@ -262,53 +331,34 @@ def _forward_kernel(q, k, v, mask, bias, slopes, drop, mods, has_drop, causal, s
             key_start = min(key_end, max(0, i0 + lo))   # keys before i0+lo: outside
         for j0 in range(key_start, key_end, block_k):
             j1 = min(key_end, j0 + block_k)
-            nc = j1 - j0
-            s = s_buf[:nr * nc].reshape((nr, nc))      # scores (nr, nc)
-            crosses = (causal and j1 - 1 > i0 + offset, window_lo and j0 < i1 - 1 + lo,
-                       window_hi and j1 - 1 > i0 + hi)
-            gemm(s, q_tile, False, k[b, hk, j0:j1], True, False)     # S = (scale Q_i) K_j^T
-            _scores(s, rows_are_queries, i0, j0, b, h, mods, mask, bias, slopes, crosses[0],
-                    crosses[1], crosses[2], no_grads, s, s)
-            # Lazy rescaling: once every row has a finite shift, exponentiate against it
-            # directly (one pass, no max pass).  The shift only has to keep exp() finite:
-            # a row sum above exp(RESHIFT) (some score climbed about RESHIFT above it)
-            # recomputes this tile the two-pass way, which renews the shift (rare).
-            lazy = seen_all_rows
-            if lazy:
-                for r in range(nr):
-                    tile_sum[r] = _exp_row(s[r], shift[r])
-                    if tile_sum[r] > reshift_sum:
-                        lazy = False
-                if lazy:
-                    for r in range(nr):
-                        row_sum[r] += tile_sum[r]
-                else:                              # recompute the scores of this tile
-                    gemm(s, q_tile, False, k[b, hk, j0:j1], True, False)
-                    _scores(s, rows_are_queries, i0, j0, b, h, mods, mask, bias, slopes,
-                            crosses[0], crosses[1], crosses[2], no_grads, s, s)
-            if not lazy:
-                seen_all_rows = True
-                for r in range(nr):
-                    row = s[r]
-                    new_shift = shift[r]          # -inf while the row has no kept key
-                    for c in range(nc):
-                        new_shift = max(new_shift, row[c])
-                    if new_shift > neg_inf:
-                        alpha = fast_exp(shift[r] - new_shift)    # 0 for the first kept key
-                        shift[r] = new_shift
-                        row_sum[r] = row_sum[r] * alpha + _exp_row(row, new_shift)
-                        for e in range(Ev):
-                            acc[r, e] *= alpha
-                    else:                          # no kept key so far: P = 0
-                        seen_all_rows = False
-                        for c in range(nc):
-                            row[c] = zero
-            if has_drop:
-                for r in range(nr):
-                    row = s[r]
-                    for c in range(nc):
-                        row[c] = row[c] * drop_scale if drop[b, h, i0 + r, j0 + c] else zero
-            gemm(acc, s, False, v[b, hk, j0:j1], False, True)     # acc += P_ij V_j
+            crosses_causal = causal and j1 - 1 > i0 + offset
+            crosses_hi = window_hi and j1 - 1 > i0 + hi
+            crosses_lo = window_lo and j0 < i1 - 1 + lo
+            # A tile that crosses the causal diagonal or a window edge runs in blocks of
+            # DIAGONAL_ROWS queries, each over the keys its rows keep: the products skip
+            # most of the masked triangles instead of computing and discarding them.
+            step = DIAGONAL_ROWS if crosses_causal or crosses_hi or crosses_lo else nr
+            for a0 in range(0, nr, step):
+                a1 = min(nr, a0 + step)
+                first, last = i0 + a0, i0 + a1 - 1      # the block's queries
+                b0, b1 = j0, j1                         # and the keys they keep
+                if crosses_causal:
+                    b1 = min(b1, max(j0, last + offset + 1))
+                if crosses_hi:
+                    b1 = min(b1, max(j0, last + hi + 1))
+                if crosses_lo:
+                    b0 = min(b1, max(j0, first + lo))
+                if b1 == b0:
+                    continue
+                # whether the block still crosses the diagonal or an edge
+                block_causal = crosses_causal and b1 - 1 > first + offset
+                block_lo = crosses_lo and b0 < last + lo
+                block_hi = crosses_hi and b1 - 1 > first + hi
+                _forward_step(q_tile[a0:a1], k[b, hk, b0:b1], v[b, hk, b0:b1],
+                              s_buf[:(a1 - a0) * (b1 - b0)], acc[a0:a1], shift[a0:a1],
+                              row_sum[a0:a1], tile_sum[a0:a1], first, b0, b, h, mods, mask,
+                              bias, slopes, drop, has_drop, drop_scale, block_causal, block_lo,
+                              block_hi, reshift_sum)
         for r in range(nr):
             # row_sum is 0 only for a row with no kept key; a NaN sum (a score that
             # overflowed to inf) must reach the output, not be taken for an empty row
@@ -324,6 +374,83 @@ def _forward_kernel(q, k, v, mask, bias, slopes, drop, mods, has_drop, causal, s
 
 
 @jit
+def _backward_step(k_tile, v_tile, dk_tile, dv_tile, q_tile, do_tile, dq_tile, lse_rows, dot_rows,
+                   st_buf, dpt_buf, pd_buf, tanh_buf, mod_grad_buf, shift, i0, j0, b, h, mods,
+                   mask, bias, slopes, drop, has_drop, drop_scale, need_ds, dscores, causal,
+                   has_lo, has_hi):
+    """Backward of queries ``i0 ..`` (``q_tile (nr, E)`` scaled, ``do_tile``, ``dq_tile``, their
+    ``lse`` and ``D`` rows) against keys ``j0 ..`` (``k_tile (nc, E)``, ``v_tile``, ``dk_tile``,
+    ``dv_tile``): accumulates ``dQ``, ``dK``, ``dV`` in place and returns the block's ALiBi
+    slope gradient.  Scores are kept transposed, ``S^T (nc, nr)``."""
+    has_softcap, has_alibi, has_score_mod = mods[2], mods[3], mods[14]
+    dist_offset, neg_inf = mods[9], mods[10]
+    pos_inf = -neg_inf
+    zero = drop_scale - drop_scale
+    rows_are_queries = np.bool_(False)            # runtime flags: see _scores
+    store_grads = np.bool_(True)
+    nc, nr = k_tile.shape[0], q_tile.shape[0]
+    st = st_buf[:nc * nr].reshape((nc, nr))
+    tt = tanh_buf[:nc * nr].reshape((nc, nr)) if has_softcap else st
+    gt = mod_grad_buf[:nc * nr].reshape((nc, nr)) if has_score_mod else st
+    gemm(st, k_tile, False, q_tile, True, False)
+    _scores(st, rows_are_queries, i0, j0, b, h, mods, mask, bias, slopes, causal, has_lo, has_hi,
+            store_grads, tt, gt)
+    for r in range(nr):                           # a row with no key (lse -inf) gets P = 0
+        x = lse_rows[r]
+        shift[r] = x if x > neg_inf else pos_inf
+    for c in range(nc):
+        row = st[c]
+        for r in range(nr):
+            row[r] = fast_exp(row[r] - shift[r])  # P^T (nc, nr)
+    dpt = dpt_buf[:nc * nr].reshape((nc, nr))
+    gemm(dpt, v_tile, False, do_tile, True, False)  # dP^T = V_j dO_i^T
+    if has_drop:
+        pd = pd_buf[:nc * nr].reshape((nc, nr))
+        for c in range(nc):
+            for r in range(nr):
+                if drop[b, h, i0 + r, j0 + c]:
+                    pd[c, r] = st[c, r] * drop_scale
+                    dpt[c, r] = dpt[c, r] * drop_scale
+                else:
+                    pd[c, r] = zero
+                    dpt[c, r] = zero
+        gemm(dv_tile, pd, False, do_tile, False, True)   # dV_j += (Z P)^T dO_i
+    else:
+        gemm(dv_tile, st, False, do_tile, False, True)   # dV_j += P^T dO_i
+    for c in range(nc):                           # dS^T = P^T * (dP^T - D), into st
+        row = st[c]
+        drow = dpt[c]
+        for r in range(nr):
+            row[r] = row[r] * (drow[r] - dot_rows[r])
+    if has_score_mod:                             # dU = dS * score_mod_grad(U), 0 if not kept
+        for c in range(nc):
+            row = st[c]
+            grow = gt[c]
+            for r in range(nr):                   # dS = 0 exactly where P = 0 (masked pairs,
+                if row[r] != zero:                # whose derivative may be NaN): stays 0
+                    row[r] = row[r] * grow[r]
+    if need_ds:
+        for c in range(nc):
+            for r in range(nr):
+                dscores[b, h, i0 + r, j0 + c] = st[c, r]
+    slope_grad = zero
+    if has_alibi:                                 # d s / d slope = -|i + S - L - j|
+        for c in range(nc):
+            row = st[c]
+            for r in range(nr):
+                slope_grad -= row[r] * abs(i0 + r + dist_offset - (j0 + c))
+    if has_softcap:                               # through s = c tanh(raw / c): 1 - tanh^2
+        for c in range(nc):
+            row = st[c]
+            trow = tt[c]
+            for r in range(nr):
+                row[r] = row[r] * (1 - trow[r] * trow[r])
+    gemm(dk_tile, st, False, q_tile, False, True)       # dK_j += dS^T (scale Q_i)
+    gemm(dq_tile, st, True, k_tile, False, True)        # dQ_i += dS K_j
+    return slope_grad
+
+
+@jit
 def _backward_kernel(q, k, v, do, lse, row_dot, mask, bias, slopes, drop, mods, has_drop, causal,
                      scale, drop_scale, block_q, block_k, n_chunks, need_ds, dq_parts, dk, dv,
                      dscores, dslope_parts, items):
@@ -331,18 +458,13 @@ def _backward_kernel(q, k, v, do, lse, row_dot, mask, bias, slopes, drop, mods, 
 
     ``q`` is already scaled (scale * Q), so ``dK_j += dS^T q_i`` carries the scale.
     """
-    B, H, L, E = q.shape
+    H, L = q.shape[1], q.shape[2]
     has_softcap, has_alibi, has_score_mod = mods[2], mods[3], mods[14]
-    offset, window_lo, window_hi, lo, hi, dist_offset = (mods[4], mods[11], mods[12], mods[5],
-                                                        mods[6], mods[9])
-    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    offset, window_lo, window_hi, lo, hi = mods[4], mods[11], mods[12], mods[5], mods[6]
+    Hkv, S = k.shape[1], k.shape[2]
     group = H // Hkv
     n_kt = (S + block_k - 1) // block_k
     zero = scale - scale
-    neg_inf = np.full(1, -np.inf, q.dtype)[0]
-    pos_inf = -neg_inf
-    rows_are_queries = np.bool_(False)            # runtime flags: see _scores
-    store_grads = np.bool_(True)
     st_buf = np.empty(block_k * block_q, q.dtype)
     dpt_buf = np.empty(block_k * block_q, q.dtype)
     pd_buf = np.empty(block_k * block_q if has_drop else 0, q.dtype)
@@ -376,67 +498,35 @@ def _backward_kernel(q, k, v, do, lse, row_dot, mask, bias, slopes, drop, mods, 
                 for it in range(first_query // block_q, (end_query + block_q - 1) // block_q):
                     i0 = it * block_q
                     i1 = min(L, i0 + block_q)
-                    nr = i1 - i0
-                    q_tile = q[b, h, i0:i1]         # (nr, E), scaled
-                    do_tile = do[b, h, i0:i1]       # (nr, Ev)
-                    st = st_buf[:nc * nr].reshape((nc, nr))
-                    tt = tanh_buf[:nc * nr].reshape((nc, nr)) if has_softcap else st
-                    gt = mod_grad_buf[:nc * nr].reshape((nc, nr)) if has_score_mod else st
-                    gemm(st, k_tile, False, q_tile, True, False)
-                    _scores(st, rows_are_queries, i0, j0, b, h, mods, mask, bias, slopes,
-                            causal and j1 - 1 > i0 + offset, window_lo and j0 < i1 - 1 + lo,
-                            window_hi and j1 - 1 > i0 + hi, store_grads, tt, gt)
-                    for r in range(nr):            # a row with no key (lse -inf) gets P = 0
-                        x = lse[b, h, i0 + r]
-                        shift[r] = x if x > neg_inf else pos_inf
-                    for c in range(nc):
-                        row = st[c]
-                        for r in range(nr):
-                            row[r] = fast_exp(row[r] - shift[r])   # P^T (nc, nr)
-                    dpt = dpt_buf[:nc * nr].reshape((nc, nr))
-                    gemm(dpt, v_tile, False, do_tile, True, False)  # dP^T = V_j dO_i^T
-                    if has_drop:
-                        pd = pd_buf[:nc * nr].reshape((nc, nr))
-                        for c in range(nc):
-                            for r in range(nr):
-                                if drop[b, h, i0 + r, j0 + c]:
-                                    pd[c, r] = st[c, r] * drop_scale
-                                    dpt[c, r] = dpt[c, r] * drop_scale
-                                else:
-                                    pd[c, r] = zero
-                                    dpt[c, r] = zero
-                        gemm(dv_tile, pd, False, do_tile, False, True)   # dV_j += (Z P)^T dO_i
-                    else:
-                        gemm(dv_tile, st, False, do_tile, False, True)   # dV_j += P^T dO_i
-                    for c in range(nc):             # dS^T = P^T * (dP^T - D), into st
-                        row = st[c]
-                        drow = dpt[c]
-                        for r in range(nr):
-                            row[r] = row[r] * (drow[r] - row_dot[b, h, i0 + r])
-                    if has_score_mod:               # dU = dS * score_mod_grad(U), 0 if not kept
-                        for c in range(nc):
-                            row = st[c]
-                            grow = gt[c]
-                            for r in range(nr):    # dS = 0 exactly where P = 0 (masked pairs,
-                                if row[r] != zero:  # whose derivative may be NaN): stays 0
-                                    row[r] = row[r] * grow[r]
-                    if need_ds:
-                        for c in range(nc):
-                            for r in range(nr):
-                                dscores[b, h, i0 + r, j0 + c] = st[c, r]
-                    if has_alibi:                   # d s / d slope = -|i + S - L - j|
-                        for c in range(nc):
-                            row = st[c]
-                            for r in range(nr):
-                                slope_grad -= row[r] * abs(i0 + r + dist_offset - (j0 + c))
-                    if has_softcap:                 # through s = c tanh(raw / c): 1 - tanh^2
-                        for c in range(nc):
-                            row = st[c]
-                            trow = tt[c]
-                            for r in range(nr):
-                                row[r] = row[r] * (1 - trow[r] * trow[r])
-                    gemm(dk_tile, st, False, q_tile, False, True)        # dK_j += dS^T (scale Q_i)
-                    gemm(dq[b, h, i0:i1], st, True, k_tile, False, True)  # dQ_i += dS K_j
+                    crosses_causal = causal and j1 - 1 > i0 + offset
+                    crosses_lo = window_lo and j0 < i1 - 1 + lo
+                    crosses_hi = window_hi and j1 - 1 > i0 + hi
+                    # a tile crossing the diagonal or a window edge runs in blocks of
+                    # DIAGONAL_ROWS keys, each over the queries that keep its keys
+                    step = DIAGONAL_ROWS if crosses_causal or crosses_lo or crosses_hi else nc
+                    for c0 in range(0, nc, step):
+                        c1 = min(nc, c0 + step)
+                        first_key, last_key = j0 + c0, j0 + c1 - 1
+                        a0, a1 = i0, i1
+                        if crosses_causal:             # j <= i + offset
+                            a0 = max(a0, min(a1, first_key - offset))
+                        if crosses_hi:                 # j - i <= hi
+                            a0 = max(a0, min(a1, first_key - hi))
+                        if crosses_lo:                 # j - i >= lo
+                            a1 = min(a1, max(a0, last_key - lo + 1))
+                        if a1 == a0:
+                            continue
+                        # whether the block still crosses the diagonal or an edge
+                        block_causal = crosses_causal and last_key > a0 + offset
+                        block_lo = crosses_lo and first_key < a1 - 1 + lo
+                        block_hi = crosses_hi and last_key > a0 + hi
+                        slope_grad += _backward_step(
+                            k_tile[c0:c1], v_tile[c0:c1], dk_tile[c0:c1], dv_tile[c0:c1],
+                            q[b, h, a0:a1], do[b, h, a0:a1], dq[b, h, a0:a1], lse[b, h, a0:a1],
+                            row_dot[b, h, a0:a1], st_buf, dpt_buf, pd_buf, tanh_buf,
+                            mod_grad_buf, shift, a0, first_key, b, h, mods, mask, bias, slopes,
+                            drop, has_drop, drop_scale, need_ds, dscores, block_causal,
+                            block_lo, block_hi)
                 if has_alibi:
                     dslope_parts[chunk, b, h] += slope_grad
 
