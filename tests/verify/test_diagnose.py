@@ -21,6 +21,7 @@ import refattn
 import refattn.verify as V
 from refattn.cores import get_core
 from refattn.verify import params as P
+from refattn.verify.adapters import Unsupported, accepts
 from refattn.verify.diagnose import HYPOTHESES, softmax_over_queries
 from refattn.verify.run import reference_problem
 
@@ -187,6 +188,9 @@ def test_empty_rows_keyword_is_checked():
 def preconditioned(q, k, v, *, eps=1e-6, stop_gradient=True, preconditioner="row_norm",
                    bug=None, empty="zero", **options):
     """``diag(c) A``, ``c_i = 1 / (||A_i|| + eps)``, ``A`` = :func:`attention`."""
+    not_taken = [name for name in options if not accepts(attention, name)]
+    if not_taken:       # forwarded options must be ones attention takes: else n/a
+        raise Unsupported(f"attention takes no {', '.join(not_taken)}")
     a = attention(q, k, v, bug=bug, empty=empty, **options)
     if preconditioner == "identity":
         return a

@@ -20,6 +20,7 @@ import math
 import pytest
 
 from refattn.verify import params as P
+from refattn.verify.adapters import Unsupported, accepts
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -146,6 +147,9 @@ def preconditioned(q, k, v, *, eps=1e-6, stop_gradient=True, preconditioner="row
     inner = {"sdpa": sdpa, "elementwise": elementwise_attention,
              "shared": functools.partial(quaternion_attention, mode="shared"),
              "hamilton": functools.partial(quaternion_attention, mode="hamilton")}[inner_core]
+    not_taken = [name for name in inner_options if not accepts(inner, name)]
+    if not_taken:       # forwarded options must be ones the inner core takes: else n/a
+        raise Unsupported(f"the inner {inner_core} takes no {', '.join(not_taken)}")
     a = inner(q, k, v, bug=bug, **inner_options)
     if preconditioner == "identity":
         return a
