@@ -160,13 +160,16 @@ def _scores(s, queries_in_rows, i0, j0, b, h, mods, mask, bias, slopes, causal, 
         row = s[p]
         ib = i0 + p * dj                       # the pair (ib, jb) of the row's first element
         jb = j0 + p * di
-        if has_softcap:
+        # two loops, not a branch inside one: the runtime flag kept the loop scalar
+        if has_softcap and store_grads:
             trow = tanh_tile[p]
             for r in range(n):
                 t = fast_tanh(row[r] * inv_softcap)
-                if store_grads:
-                    trow[r] = t
+                trow[r] = t
                 row[r] = softcap * t
+        elif has_softcap:
+            for r in range(n):
+                row[r] = softcap * fast_tanh(row[r] * inv_softcap)
         if has_bias:
             for r in range(n):
                 row[r] += bias[b, h, ib + r * di, jb + r * dj]
