@@ -347,7 +347,7 @@ def run_split(kernel, args: Sequence, items: np.ndarray, costs) -> None:
             kernel(*args, parts[0])
             return
         pool = _pool(threads - 1)
-        futures = [pool.submit(kernel, *args, part) for part in parts[1:]]
+        futures = [pool.submit(kernel, *(*args, part)) for part in parts[1:]]
         try:
             kernel(*args, parts[0])
         finally:
