@@ -24,6 +24,7 @@ The front end validates the arguments, flattens the batch dimensions into one
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable
@@ -109,10 +110,11 @@ class SDPAOptions:
         The numba backend calls them pair by pair on scalars
         (:mod:`refattn.cores.sdpa.numba_mods`); cupy routes them to the reference.
     sequences : :class:`~refattn.cores.sdpa.segments.SequenceLayout` or None
-        Packed or padded sequences handed whole to the cupy kernels (then
+        Packed or padded sequences handed whole to the numba or cupy kernels (then
         ``causal_offset`` and ``window`` are None: the layout holds the per-sequence
-        rule, and ``alibi`` is ``(1 | N, H, 1, 1)`` per sequence).  Other backends never
-        see it: they get one call per group of sequences (:mod:`~refattn.cores.sdpa.segments`).
+        rule, and ``alibi`` is ``(1 | N, H, 1, 1)`` per sequence).  The reference backend
+        never sees it: it gets one call per group of sequences
+        (:mod:`~refattn.cores.sdpa.segments`).
 
     Forward and backward read these from the residuals, so the two passes of one
     call always agree.
@@ -339,9 +341,10 @@ def forward(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_
     """
     if _segments.is_segmented(cu_seqlens_q, cu_seqlens_k, query_seq_lengths,
                               key_value_seq_lengths):
-        fused = (_sequences_forward if _maps_sequences(q, k, v, bias, alibi_slopes, backend,
-                                                       mask_mod, score_mod, rotary, empty_rows)
-                 else None)
+        kernels = _maps_sequences(q, k, v, bias, alibi_slopes, backend, mask_mod, score_mod,
+                                  rotary, empty_rows)
+        fused = (None if kernels is None
+                 else functools.partial(_sequences_forward, kernels=kernels))
         return _segments.forward(
             forward, q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
             query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
@@ -378,9 +381,10 @@ def forward(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_
 
 
 def _maps_sequences(q, k, v, bias, alibi_slopes, backend, mask_mod, score_mod, rotary,
-                    empty_rows) -> bool:
-    """Whether a packed or padded call runs as one call of the cupy kernels, which map their
-    blocks onto the sequences (else: one core call per group of sequences).
+                    empty_rows) -> str | None:
+    """The backend (``"numba"`` or ``"cupy"``) whose kernels run a packed or padded call in
+    one call, mapping their work onto the sequences; None: one core call per group of
+    sequences (:mod:`~refattn.cores.sdpa.segments`).
 
     Not with ``mask_mod``/``score_mod`` (the reference evaluates them), rotary (positions
     per sequence), an ``empty_rows`` policy other than ``"zero"``, or inputs that the
@@ -388,11 +392,13 @@ def _maps_sequences(q, k, v, bias, alibi_slopes, backend, mask_mod, score_mod, r
     """
     if (mask_mod is not None or score_mod is not None or rotary is not None
             or empty_rows != "zero" or not is_array(q)):
-        return False
-    if _backends.resolve(backend, IMPLEMENTED, q, core="sdpa") != "cupy":
-        return False
+        return None
+    kernels = _backends.resolve(backend, IMPLEMENTED, q, core="sdpa")
+    if kernels not in ("numba", "cupy"):
+        return None
     arrays = (q, k, v) + (() if alibi_slopes is None else (alibi_slopes,))
-    return _backends.route("cupy", namespace(q, k, v), arrays, bias) == "cupy"
+    return kernels if _backends.route(kernels, namespace(q, k, v), arrays, bias) == kernels \
+        else None
 
 
 def sequences_options(q4, k4, v4, operands, slopes, spans, *, causal=False,
@@ -417,15 +423,17 @@ def sequences_options(q4, k4, v4, operands, slopes, spans, *, causal=False,
     return xp, shapes, options
 
 
-def _sequences_forward(q4, k4, v4, operands, slopes, spans, *, backend="auto", **options):
-    """One cupy call on the 4-D view of packed or padded sequences: ``(o4, residuals)``
-    (arguments of :func:`sequences_options`; rotary is never set here)."""
+def _sequences_forward(q4, k4, v4, operands, slopes, spans, *, kernels, backend="auto",
+                       **options):
+    """One call of the ``kernels`` backend (numba or cupy) on the 4-D view of packed or
+    padded sequences: ``(o4, residuals)`` (arguments of :func:`sequences_options`; rotary is
+    never set here)."""
     for name in ("rotary", "rotary_base", "rotary_dim", "rotary_q_offset"):
         options.pop(name, None)
     xp, shapes, options = sequences_options(q4, k4, v4, operands, slopes, spans, **options)
-    o4, lse = implementation("cupy").forward(q4, k4, v4, options)
+    o4, lse = implementation(kernels).forward(q4, k4, v4, options)
     bias = operands.get("bias")
-    res = SDPAResiduals("cupy", q4, k4, v4, o4, lse, options, shapes,
+    res = SDPAResiduals(kernels, q4, k4, v4, o4, lse, options, shapes,
                         None if bias is None else tuple(bias.shape),
                         None if slopes is None else tuple(slopes.shape))
     return o4, res

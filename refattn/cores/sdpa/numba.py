@@ -225,6 +225,14 @@ def _exp_row(row, shift):
 #: diagonal or a window edge: each block runs over the pairs its rows keep.
 DIAGONAL_ROWS = 64
 
+#: Columns of the span table (:func:`span_table`): one row per sequence, or per batch row of
+#: a call without sequences.  Rows and columns are those of the 4-D arrays; the rules are
+#: moved to them (a sequence's own rule with ``i``, ``j`` counted from its start ``q0``,
+#: ``k0`` is the same rule with its offsets shifted by ``k0 - q0``).
+SPAN_COLUMNS = ("b", "q0", "q1", "k0", "k1", "row", "causal", "lo", "hi", "dist")
+(SPAN_B, SPAN_Q0, SPAN_Q1, SPAN_K0, SPAN_K1, SPAN_ROW, SPAN_CAUSAL, SPAN_LO, SPAN_HI,
+ SPAN_DIST) = range(len(SPAN_COLUMNS))
+
 
 @jit
 def _forward_step(q_rows, k_tile, v_tile, s_flat, acc, shift, row_sum, tile_sum, i0, j0, b, h,
@@ -289,15 +297,34 @@ def _forward_step(q_rows, k_tile, v_tile, s_flat, acc, shift, row_sum, tile_sum,
     gemm(acc, s, False, v_tile, False, True)      # acc += P_ij V_j
 
 
+@jit(inline="always")
+def _span_modifiers(mods, span):
+    """``mods`` with the causal offset, window bounds and ALiBi distance offset of ``span``
+    (one row of :func:`span_table`): every rule then reads global rows and columns."""
+    return (mods[0], mods[1], mods[2], mods[3], span[SPAN_CAUSAL], span[SPAN_LO], span[SPAN_HI],
+            mods[7], mods[8], span[SPAN_DIST], mods[10], mods[11], mods[12], mods[13], mods[14])
+
+
+@jit(inline="always")
+def _tiles_per_span(spans, column_start, block):
+    """Tiles of ``block`` rows of the longest span (column ``column_start`` and the next): the
+    stride of the tile index in the work items (at least 1)."""
+    longest = 0
+    for n in range(spans.shape[0]):
+        longest = max(longest, spans[n, column_start + 1] - spans[n, column_start])
+    return max(1, (longest + block - 1) // block)
+
+
 @jit
 def _forward_kernel(q, k, v, mask, bias, slopes, drop, mods, has_drop, causal, scale, drop_scale,
-                    block_q, block_k, o, lse, items):
-    """Forward over the work ``items``: ``t = (b H + h) n_qt + query tile`` (serial)."""
-    _, H, L, E = q.shape
-    offset, window_lo, window_hi, lo, hi = mods[4], mods[11], mods[12], mods[5], mods[6]
-    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+                    block_q, block_k, spans, o, lse, items):
+    """Forward over the work ``items``: ``t = (n H + h) n_qt + query tile`` (serial), ``n``
+    a row of ``spans`` (:func:`span_table`), ``n_qt`` the tiles of its longest query range."""
+    H, E = q.shape[1], q.shape[3]
+    window_lo, window_hi = mods[11], mods[12]
+    Hkv, Ev = k.shape[1], v.shape[3]
     group = H // Hkv
-    n_qt = (L + block_q - 1) // block_q
+    n_qt = _tiles_per_span(spans, SPAN_Q0, block_q)
     zero = scale - scale                          # typed zero of the working dtype
     neg_inf = np.full(1, -np.inf, q.dtype)[0]
     # a lazily shifted row sum above exp(RESHIFT) renews the shift (two-pass tile)
@@ -309,13 +336,18 @@ def _forward_kernel(q, k, v, mask, bias, slopes, drop, mods, has_drop, causal, s
     row_sum = np.empty(block_q, q.dtype)
     tile_sum = np.empty(block_q, q.dtype)
     for t in items:
-        bh = t // n_qt
+        nh = t // n_qt
         tile = t % n_qt
-        b = bh // H
-        h = bh % H
+        span = spans[nh // H]
+        h = nh % H
         hk = h // group
-        i0 = tile * block_q
-        i1 = min(L, i0 + block_q)
+        b, q0, q1, k0, k1 = span[SPAN_B], span[SPAN_Q0], span[SPAN_Q1], span[SPAN_K0], span[SPAN_K1]
+        span_mods = _span_modifiers(mods, span)
+        offset, lo, hi = span[SPAN_CAUSAL], span[SPAN_LO], span[SPAN_HI]
+        row = span[SPAN_ROW] if slopes.shape[0] > 1 else 0
+        span_slopes = slopes[row:row + 1]         # (1, H): the span's ALiBi slopes
+        i0 = q0 + tile * block_q
+        i1 = min(q1, i0 + block_q)
         nr = i1 - i0
         q_tile = q_buf[:nr]                       # scale * Q_i: scores come out scaled
         for r in range(nr):
@@ -325,13 +357,13 @@ def _forward_kernel(q, k, v, mask, bias, slopes, drop, mods, has_drop, causal, s
         acc[...] = zero
         shift[:nr] = neg_inf                      # exp() is taken of scores - shift
         row_sum[:nr] = zero
-        key_start, key_end = 0, S
+        key_start, key_end = k0, k1
         if causal:
-            key_end = min(S, max(0, i1 + offset))  # keys beyond i1-1+offset: fully masked
+            key_end = min(k1, max(k0, i1 + offset))     # keys beyond i1-1+offset: fully masked
         if window_hi:
-            key_end = min(key_end, max(0, i1 + hi))     # keys beyond i1-1+hi: outside
+            key_end = min(key_end, max(k0, i1 + hi))    # keys beyond i1-1+hi: outside
         if window_lo:
-            key_start = min(key_end, max(0, i0 + lo))   # keys before i0+lo: outside
+            key_start = min(key_end, max(k0, i0 + lo))  # keys before i0+lo: outside
         for j0 in range(key_start, key_end, block_k):
             j1 = min(key_end, j0 + block_k)
             crosses_causal = causal and j1 - 1 > i0 + offset
@@ -359,9 +391,9 @@ def _forward_kernel(q, k, v, mask, bias, slopes, drop, mods, has_drop, causal, s
                 block_hi = crosses_hi and b1 - 1 > first + hi
                 _forward_step(q_tile[a0:a1], k[b, hk, b0:b1], v[b, hk, b0:b1],
                               s_buf[:(a1 - a0) * (b1 - b0)], acc[a0:a1], shift[a0:a1],
-                              row_sum[a0:a1], tile_sum[a0:a1], first, b0, b, h, mods, mask,
-                              bias, slopes, drop, has_drop, drop_scale, block_causal, block_lo,
-                              block_hi, reshift_sum)
+                              row_sum[a0:a1], tile_sum[a0:a1], first, b0, b, h, span_mods,
+                              mask, bias, span_slopes, drop, has_drop, drop_scale, block_causal,
+                              block_lo, block_hi, reshift_sum)
         for r in range(nr):
             # row_sum is 0 only for a row with no kept key; a NaN sum (a score that
             # overflowed to inf) must reach the output, not be taken for an empty row
@@ -455,18 +487,19 @@ def _backward_step(k_tile, v_tile, dk_tile, dv_tile, q_tile, do_tile, dq_tile, l
 
 @jit
 def _backward_kernel(q, k, v, do, lse, row_dot, mask, bias, slopes, drop, mods, has_drop, causal,
-                     scale, drop_scale, block_q, block_k, n_chunks, need_ds, dq_parts, dk, dv,
-                     dscores, dslope_parts, items):
-    """Backward over the work ``items``: ``t = (b Hkv + kv head) n_chunks + chunk`` (serial).
+                     scale, drop_scale, block_q, block_k, n_chunks, need_ds, spans, dq_parts, dk,
+                     dv, dscores, dslope_parts, items):
+    """Backward over the work ``items``: ``t = (n Hkv + kv head) n_chunks + chunk`` (serial),
+    ``n`` a row of ``spans`` (:func:`span_table`); chunk ``c`` owns the span's key tiles
+    ``c, c + n_chunks, ...``.
 
     ``q`` is already scaled (scale * Q), so ``dK_j += dS^T q_i`` carries the scale.
     """
-    H, L = q.shape[1], q.shape[2]
+    H = q.shape[1]
     has_softcap, has_alibi, has_score_mod = mods[2], mods[3], mods[14]
-    offset, window_lo, window_hi, lo, hi = mods[4], mods[11], mods[12], mods[5], mods[6]
-    Hkv, S = k.shape[1], k.shape[2]
+    window_lo, window_hi = mods[11], mods[12]
+    Hkv = k.shape[1]
     group = H // Hkv
-    n_kt = (S + block_k - 1) // block_k
     zero = scale - scale
     st_buf = np.empty(block_k * block_q, q.dtype)
     dpt_buf = np.empty(block_k * block_q, q.dtype)
@@ -476,12 +509,19 @@ def _backward_kernel(q, k, v, do, lse, row_dot, mask, bias, slopes, drop, mods, 
     shift = np.empty(block_q, q.dtype)
     for t in items:
         chunk = t % n_chunks
-        b = (t // n_chunks) // Hkv
+        span = spans[(t // n_chunks) // Hkv]
         hk = (t // n_chunks) % Hkv
+        b, q0, q1, k0, k1 = span[SPAN_B], span[SPAN_Q0], span[SPAN_Q1], span[SPAN_K0], span[SPAN_K1]
+        span_mods = _span_modifiers(mods, span)
+        offset, lo, hi = span[SPAN_CAUSAL], span[SPAN_LO], span[SPAN_HI]
+        row = span[SPAN_ROW]
+        slope_row = row if slopes.shape[0] > 1 else 0
+        span_slopes = slopes[slope_row:slope_row + 1]     # (1, H): the span's ALiBi slopes
         dq = dq_parts[chunk]                       # (B, H, L, E)
+        n_kt = (k1 - k0 + block_k - 1) // block_k
         for jt in range(chunk, n_kt, n_chunks):
-            j0 = jt * block_k
-            j1 = min(S, j0 + block_k)
+            j0 = k0 + jt * block_k
+            j1 = min(k1, j0 + block_k)
             nc = j1 - j0
             k_tile = k[b, hk, j0:j1]               # (nc, E)
             v_tile = v[b, hk, j0:j1]               # (nc, Ev)
@@ -489,18 +529,20 @@ def _backward_kernel(q, k, v, do, lse, row_dot, mask, bias, slopes, drop, mods, 
             dv_tile = dv[b, hk, j0:j1]             # (nc, Ev)
             dk_tile[...] = 0
             dv_tile[...] = 0
-            first_query, end_query = 0, L
+            first_query, end_query = q0, q1
             if causal:
-                first_query = max(0, j0 - offset)  # queries before it see none of these keys
+                first_query = max(q0, j0 - offset)  # queries before it see none of these keys
             if window_hi:
                 first_query = max(first_query, j0 - hi)    # j - i <= hi
             if window_lo:
-                end_query = min(L, max(0, j1 - lo))        # j - i >= lo
+                end_query = min(q1, max(q0, j1 - lo))      # j - i >= lo
+            first_tile = (first_query - q0) // block_q
+            end_tile = (end_query - q0 + block_q - 1) // block_q
             for h in range(hk * group, (hk + 1) * group):
                 slope_grad = zero
-                for it in range(first_query // block_q, (end_query + block_q - 1) // block_q):
-                    i0 = it * block_q
-                    i1 = min(L, i0 + block_q)
+                for it in range(first_tile, end_tile):
+                    i0 = q0 + it * block_q
+                    i1 = min(q1, i0 + block_q)
                     crosses_causal = causal and j1 - 1 > i0 + offset
                     crosses_lo = window_lo and j0 < i1 - 1 + lo
                     crosses_hi = window_hi and j1 - 1 > i0 + hi
@@ -527,11 +569,11 @@ def _backward_kernel(q, k, v, do, lse, row_dot, mask, bias, slopes, drop, mods, 
                             k_tile[c0:c1], v_tile[c0:c1], dk_tile[c0:c1], dv_tile[c0:c1],
                             q[b, h, a0:a1], do[b, h, a0:a1], dq[b, h, a0:a1], lse[b, h, a0:a1],
                             row_dot[b, h, a0:a1], st_buf, dpt_buf, pd_buf, tanh_buf,
-                            mod_grad_buf, shift, a0, first_key, b, h, mods, mask, bias, slopes,
-                            drop, has_drop, drop_scale, need_ds, dscores, block_causal,
-                            block_lo, block_hi)
+                            mod_grad_buf, shift, a0, first_key, b, h, span_mods, mask, bias,
+                            span_slopes, drop, has_drop, drop_scale, need_ds, dscores,
+                            block_causal, block_lo, block_hi)
                 if has_alibi:
-                    dslope_parts[chunk, b, h] += slope_grad
+                    dslope_parts[chunk, row, h] += slope_grad
 
 
 _DEFAULT_KERNELS = {name: globals()[name] for name in MOD_KERNELS}
@@ -562,23 +604,77 @@ def _broadcast(x, shape, dtype):
     return view
 
 
-def _modifiers(opts, L, S, dtype):
+def _rules(opts) -> tuple[bool, bool, bool]:
+    """``(causal, window has lo, window has hi)``: which rules the call has, whether they are
+    the call's own (``opts.causal_offset``, ``opts.window``) or per sequence
+    (``opts.sequences``)."""
+    seq = opts.sequences
+    if seq is None:
+        lo, hi = opts.window if opts.window is not None else (None, None)
+        return opts.causal_offset is not None, lo is not None, hi is not None
+    left, right = seq.window if seq.window is not None else (-1, -1)
+    return bool(seq.causal), left >= 0, right >= 0
+
+
+def span_table(opts, B: int, L: int, S: int) -> np.ndarray:
+    """The work's spans, int64 ``(N, len(SPAN_COLUMNS))``: per sequence (``opts.sequences``), or
+    per batch row, its batch row ``b``, query rows ``q0 : q1``, key rows ``k0 : k1``, ALiBi
+    slope row, and its rules in the 4-D view's rows and columns: key ``j`` kept for query
+    ``i`` iff ``j <= i + causal`` (with the causal rule) and ``lo <= j - i <= hi`` (with the
+    window), ALiBi bias ``-slope |i - j + dist|``.
+
+    For a sequence of ``l = q1 - q0`` queries and ``s = k1 - k0`` keys with the alignment's
+    offset ``c`` (``s - l`` lower-right, else 0) and FlashAttention's window
+    ``(left, right)``: ``causal = c + k0 - q0``, ``lo = c - left + k0 - q0``,
+    ``hi = c + right + k0 - q0``, ``dist = s - l + k0 - q0``, which is the rule of
+    ``docs/cores/sdpa.md`` ("Packed and padded sequences") with positions counted from
+    each sequence's start.  Unused rules hold 0.
+
+    Examples
+    --------
+    >>> from refattn.cores.sdpa.api import SDPAOptions
+    >>> span_table(SDPAOptions(scale=1.0, causal_offset=2), B=2, L=3, S=5)[:, :7].tolist()
+    [[0, 0, 3, 0, 5, 0, 2], [1, 0, 3, 0, 5, 1, 2]]
+    """
+    seq = opts.sequences
+    if seq is None:
+        table = np.zeros((B, len(SPAN_COLUMNS)), np.int64)
+        table[:, SPAN_B] = table[:, SPAN_ROW] = np.arange(B)
+        table[:, SPAN_Q1], table[:, SPAN_K1] = L, S
+        lo, hi = opts.window if opts.window is not None else (None, None)
+        table[:, SPAN_CAUSAL] = 0 if opts.causal_offset is None else int(opts.causal_offset)
+        table[:, SPAN_LO] = 0 if lo is None else int(lo)
+        table[:, SPAN_HI] = 0 if hi is None else int(hi)
+        table[:, SPAN_DIST] = S - L if opts.alibi_offset is None else int(opts.alibi_offset)
+        return table
+    spans = np.asarray(seq.spans, dtype=np.int64).reshape(-1, 5)      # (b, q0, q1, k0, k1)
+    table = np.zeros((spans.shape[0], len(SPAN_COLUMNS)), np.int64)
+    table[:, :5] = spans
+    table[:, SPAN_ROW] = np.arange(spans.shape[0])
+    lq, lk = spans[:, 2] - spans[:, 1], spans[:, 4] - spans[:, 3]
+    shift = spans[:, 3] - spans[:, 1]                     # k0 - q0: local -> global offsets
+    offset = (lk - lq if seq.lower_right else 0) + shift
+    left, right = seq.window if seq.window is not None else (-1, -1)
+    table[:, SPAN_CAUSAL] = offset if seq.causal else 0
+    table[:, SPAN_LO] = offset - left if left >= 0 else 0
+    table[:, SPAN_HI] = offset + right if right >= 0 else 0
+    table[:, SPAN_DIST] = lk - lq + shift
+    return table
+
+
+def _modifiers(opts, dtype):
     """The score modifiers as one tuple of fixed types (one compiled signature per dtype).
 
     ``(has_mask, has_bias, has_softcap, has_alibi, causal offset, window lo, window hi,
-    softcap, 1/softcap, ALiBi distance offset c (``opts.alibi_offset``, else S - L), -inf,
-    window has lo, window has hi, has mask_mod, has score_mod)``.
+    softcap, 1/softcap, ALiBi distance offset, -inf, window has lo, window has hi,
+    has mask_mod, has score_mod)``.  The offsets and bounds are 0 here: the kernels take
+    each span's own (:func:`_span_modifiers`, from :func:`span_table`).
     """
-    lo, hi = opts.window if opts.window is not None else (None, None)
+    _, has_lo, has_hi = _rules(opts)
     cap = opts.softcap if opts.softcap is not None else 1.0
     return (opts.mask is not None, opts.bias is not None, opts.softcap is not None,
-            opts.alibi is not None,
-            int(opts.causal_offset) if opts.causal_offset is not None else 0,
-            int(lo) if lo is not None else 0, int(hi) if hi is not None else 0,
-            dtype.type(cap), dtype.type(1.0 / cap),
-            int(S - L) if opts.alibi_offset is None else int(opts.alibi_offset),
-            dtype.type(-np.inf),
-            lo is not None, hi is not None, opts.mask_mod is not None,
+            opts.alibi is not None, 0, 0, 0, dtype.type(cap), dtype.type(1.0 / cap), 0,
+            dtype.type(-np.inf), has_lo, has_hi, opts.mask_mod is not None,
             opts.score_mod is not None)
 
 
@@ -587,19 +683,26 @@ def _operands(q, k, v, opts):
     B, H, L, _ = q.shape
     S = k.shape[2]
     scores = (B, H, L, S)
-    slopes = (np.zeros((1, 1), dtype) if opts.alibi is None else
-              np.ascontiguousarray(np.asarray(opts.alibi, dtype=dtype)[:, :, 0, 0]))  # (B|1, H)
+    slopes = (np.zeros((1, 1), dtype) if opts.alibi is None else    # (B|1, H), or (N|1, H)
+              np.ascontiguousarray(np.asarray(opts.alibi, dtype=dtype)[:, :, 0, 0]))
     return dict(
         mask=_broadcast(opts.mask, scores, np.bool_),
         bias=_broadcast(opts.bias, scores, dtype),
         drop=_broadcast(opts.dropout_mask, scores, np.bool_),
         slopes=slopes,
-        mods=_modifiers(opts, L, S, dtype),
+        mods=_modifiers(opts, dtype),
         has_drop=opts.dropout_mask is not None,
-        causal=opts.causal_offset is not None,
+        causal=_rules(opts)[0],
         scale=dtype.type(opts.scale),
         drop_scale=dtype.type(opts.dropout_scale),
+        spans=span_table(opts, B, L, S),
     )
+
+
+def _longest(spans) -> tuple[int, int]:
+    """``(queries, keys)`` of the longest query and key range of the spans."""
+    return (int((spans[:, SPAN_Q1] - spans[:, SPAN_Q0]).max(initial=0)),
+            int((spans[:, SPAN_K1] - spans[:, SPAN_K0]).max(initial=0)))
 
 
 def _tiles(opts, pass_name, dtype, L, S, E, Ev):
@@ -639,75 +742,103 @@ def _kernels(opts, dtype) -> dict:
                               score_mod=opts.score_mod, score_mod_grad=opts.score_mod_grad)
 
 
-def _forward_items(B, H, L, S, block_q, opts):
-    """``(items, costs)`` of the forward: every (batch x head, query tile), the tiles of a head
-    in zig-zag order (0, n-1, 1, n-2, ...: under the causal rule neighbours then cost about
-    the same, so :func:`~refattn.backends.numba_support.split_items` cuts evenly), and the
-    keys each tile visits (times its queries) as its cost."""
-    n_qt = -(-L // block_q)
-    rank = np.arange(n_qt)
-    tiles = np.where(rank % 2 == 0, rank // 2, n_qt - 1 - rank // 2)
-    i0 = tiles * block_q
-    i1 = np.minimum(L, i0 + block_q)
-    key_start, key_end = np.zeros_like(i0), np.full_like(i0, S)
-    if opts.causal_offset is not None:
-        key_end = np.minimum(S, np.maximum(0, i1 + int(opts.causal_offset)))
-    if opts.window is not None:
-        lo, hi = opts.window
-        if hi is not None:
-            key_end = np.minimum(key_end, np.maximum(0, i1 + int(hi)))
-        if lo is not None:
-            key_start = np.minimum(key_end, np.maximum(0, i0 + int(lo)))
+def _forward_items(spans, H, block_q, rules):
+    """``(items, costs)`` of the forward: every (span, head, query tile) of a span with
+    queries, ``t = (n H + h) n_qt + tile`` (``n_qt`` the tiles of the longest query range),
+    the tiles of a head in zig-zag order (0, n-1, 1, n-2, ...: under the causal rule
+    neighbours then cost about the same, so
+    :func:`~refattn.backends.numba_support.split_items` cuts evenly), and the keys each tile
+    visits (times its queries) as its cost."""
+    causal, has_lo, has_hi = rules
+    q0, q1, k0, k1 = (spans[:, c][:, None] for c in (SPAN_Q0, SPAN_Q1, SPAN_K0, SPAN_K1))
+    tiles_of = -(-(q1 - q0) // block_q)                       # (N, 1)
+    n_qt = max(1, int(tiles_of.max(initial=0)))
+    rank = np.arange(n_qt)[None, :]
+    tiles = np.where(rank % 2 == 0, rank // 2, tiles_of - 1 - rank // 2)       # (N, n_qt)
+    i0 = q0 + tiles * block_q
+    i1 = np.minimum(q1, i0 + block_q)
+    key_start, key_end = np.broadcast_to(k0, i0.shape), np.broadcast_to(k1, i0.shape)
+    if causal:
+        key_end = np.minimum(k1, np.maximum(k0, i1 + spans[:, SPAN_CAUSAL][:, None]))
+    if has_hi:
+        key_end = np.minimum(key_end, np.maximum(k0, i1 + spans[:, SPAN_HI][:, None]))
+    if has_lo:
+        key_start = np.minimum(key_end, np.maximum(k0, i0 + spans[:, SPAN_LO][:, None]))
     cost = (i1 - i0) * (key_end - key_start + 1)
-    items = (np.arange(B * H)[:, None] * n_qt + tiles[None, :]).ravel()
-    return items, np.tile(cost, B * H)
+    valid = np.broadcast_to(rank < tiles_of, cost.shape)      # (N, n_qt)
+    heads = np.arange(H)[None, :, None]
+    items = (np.arange(spans.shape[0])[:, None, None] * H + heads) * n_qt + tiles[:, None, :]
+    keep = np.broadcast_to(valid[:, None, :], items.shape)
+    return items[keep], np.broadcast_to(cost[:, None, :], items.shape)[keep]
 
 
 def forward(q, k, v, opts):
-    """``(o (B, H, L, Ev), lse (B, H, L))``; see :mod:`refattn.cores.sdpa.api`."""
+    """``(o (B, H, L, Ev), lse (B, H, L))``; see :mod:`refattn.cores.sdpa.api`.
+
+    With ``opts.sequences`` all sequences run in one :func:`run_split`; rows outside every
+    sequence give ``o = 0``, ``lse = -inf``.
+    """
     dtype = q.dtype
     q, k, v = (_c(x, dtype) for x in (q, k, v))
     B, H, L, _ = q.shape
-    o = np.empty((B, H, L, v.shape[3]), dtype)
-    lse = np.empty((B, H, L), dtype)
     ops = _operands(q, k, v, opts)
-    block_q, block_k = _tiles(opts, "forward", dtype, L, k.shape[2], q.shape[3], v.shape[3])
+    spans = ops["spans"]
+    if opts.sequences is None:
+        o = np.empty((B, H, L, v.shape[3]), dtype)
+        lse = np.empty((B, H, L), dtype)
+    else:                                        # the kernel writes the sequences' rows only
+        o = np.zeros((B, H, L, v.shape[3]), dtype)
+        lse = np.full((B, H, L), -np.inf, dtype)
+    block_q, block_k = _tiles(opts, "forward", dtype, *_longest(spans), q.shape[3], v.shape[3])
     kernel = _kernels(opts, dtype)["_forward_kernel"]
-    items, costs = _forward_items(B, H, L, k.shape[2], block_q, opts)
+    items, costs = _forward_items(spans, H, block_q, _rules(opts))
     run_split(kernel, (q, k, v, ops["mask"], ops["bias"], ops["slopes"], ops["drop"], ops["mods"],
                        ops["has_drop"], ops["causal"], ops["scale"], ops["drop_scale"], block_q,
-                       block_k, o, lse), items, costs)
+                       block_k, spans, o, lse), items, costs)
     return o, lse
 
 
 def _chunks(work_items: int, key_tiles: int) -> int:
-    """Key-tile chunks per (batch, kv head) so that every thread gets equal work."""
+    """Key-tile chunks per (span, kv head) so that every thread gets equal work."""
     threads = num_threads()
-    return max(1, min(key_tiles, threads // math.gcd(work_items, threads)))
+    return max(1, min(key_tiles, threads // math.gcd(max(work_items, 1), threads)))
 
 
-def _backward_items(B, Hkv, L, S, block_q, block_k, n_chunks, opts):
-    """``(items, costs)`` of the backward: every (batch x kv head, key-tile chunk); the cost
-    is the number of (query tile, key tile) pairs the chunk visits."""
-    n_kt = -(-S // block_k)
-    j0 = np.arange(n_kt) * block_k
-    j1 = np.minimum(S, j0 + block_k)
-    first_query, end_query = np.zeros_like(j0), np.full_like(j0, L)
-    if opts.causal_offset is not None:
-        first_query = np.maximum(0, j0 - int(opts.causal_offset))
-    if opts.window is not None:
-        lo, hi = opts.window
-        if hi is not None:
-            first_query = np.maximum(first_query, j0 - int(hi))
-        if lo is not None:
-            end_query = np.minimum(L, np.maximum(0, j1 - int(lo)))
-    pairs = np.maximum(0, -(-end_query // block_q) - first_query // block_q) + 1
-    chunk_cost = np.bincount(np.arange(n_kt) % n_chunks, weights=pairs, minlength=n_chunks)
-    return np.arange(B * Hkv * n_chunks), np.tile(chunk_cost, B * Hkv)
+def _backward_items(spans, Hkv, block_q, block_k, n_chunks, rules):
+    """``(items, costs)`` of the backward: every (span, kv head, key-tile chunk) of a span
+    with queries and keys, ``t = (n Hkv + kv head) n_chunks + chunk``, chunk ``c`` owning
+    the span's key tiles ``c, c + n_chunks, ...``; the cost is the number of
+    (query tile, key tile) pairs the chunk visits."""
+    causal, has_lo, has_hi = rules
+    q0, q1, k0, k1 = (spans[:, c][:, None] for c in (SPAN_Q0, SPAN_Q1, SPAN_K0, SPAN_K1))
+    n_kt = -(-(k1 - k0) // block_k)                           # (N, 1)
+    width = -(-max(1, int(n_kt.max(initial=0))) // n_chunks) * n_chunks
+    jt = np.arange(width)[None, :]
+    j0 = k0 + jt * block_k
+    j1 = np.minimum(k1, j0 + block_k)
+    first_query, end_query = np.broadcast_to(q0, j0.shape), np.broadcast_to(q1, j0.shape)
+    if causal:
+        first_query = np.maximum(q0, j0 - spans[:, SPAN_CAUSAL][:, None])
+    if has_hi:
+        first_query = np.maximum(first_query, j0 - spans[:, SPAN_HI][:, None])
+    if has_lo:
+        end_query = np.minimum(q1, np.maximum(q0, j1 - spans[:, SPAN_LO][:, None]))
+    pairs = np.maximum(0, -(-(end_query - q0) // block_q) - (first_query - q0) // block_q) + 1
+    pairs = np.where(jt < n_kt, pairs, 0)                     # (N, width)
+    chunk_cost = pairs.reshape(spans.shape[0], -1, n_chunks).sum(axis=1)      # (N, n_chunks)
+    chunk = np.arange(n_chunks)[None, None, :]
+    items = (np.arange(spans.shape[0])[:, None, None] * Hkv
+             + np.arange(Hkv)[None, :, None]) * n_chunks + chunk
+    keep = np.broadcast_to((chunk < n_kt[:, :, None]) & (q1 > q0)[:, :, None], items.shape)
+    return items[keep], np.broadcast_to(chunk_cost[:, None, :], items.shape)[keep]
 
 
 def backward(q, k, v, o, lse, do, opts):
-    """``(dq, dk, dv, dscores, dslopes)``; see :mod:`refattn.cores.sdpa.api`."""
+    """``(dq, dk, dv, dscores, dslopes)``; see :mod:`refattn.cores.sdpa.api`.
+
+    ``dslopes`` is ``(B, H)``, or ``(N, H)`` per sequence with ``opts.sequences``, whose
+    sequences all run in one :func:`run_split` (rows outside every sequence get 0).
+    """
     if opts.score_mod is not None and opts.score_mod_grad is None:
         raise ValueError("the gradient through score_mod= needs its derivative: pass "
                          "score_mod_grad(score, b, h, i, j) = d score_mod / d score")
@@ -717,22 +848,30 @@ def backward(q, k, v, o, lse, do, opts):
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     ops = _operands(q, k, v, opts)
-    block_q, block_k = _tiles(opts, "backward", dtype, L, S, E, v.shape[3])
-    n_chunks = _chunks(B * Hkv, -(-S // block_k))
+    spans = ops["spans"]
+    longest_q, longest_k = _longest(spans)
+    block_q, block_k = _tiles(opts, "backward", dtype, longest_q, longest_k, E, Ev)
+    working = int(np.count_nonzero((spans[:, SPAN_Q1] > spans[:, SPAN_Q0])
+                                   & (spans[:, SPAN_K1] > spans[:, SPAN_K0])))
+    n_chunks = _chunks(working * Hkv, -(-longest_k // block_k))
     dq_parts = np.zeros((n_chunks, B, H, L, E), dtype)
-    dk = np.empty_like(k)
-    dv = np.empty_like(v)
+    # the kernel writes the key rows of the spans with queries (every row without sequences)
+    every_row = opts.sequences is None and L > 0
+    dk = np.empty_like(k) if every_row else np.zeros_like(k)
+    dv = np.empty_like(v) if every_row else np.zeros_like(v)
     q_scaled = q * ops["scale"]                   # (B, H, L, E): O(L) per head
     need_ds = bool(opts.need_bias_grad)
     dscores = np.zeros((B, H, L, S) if need_ds else (1, 1, 1, 1), dtype)
     row_dot = np.einsum("bhle,bhle->bhl", do, o)     # D = rowsum(dO * O), (B, H, L)
-    dslope_parts = np.zeros((n_chunks, B, H) if opts.need_alibi_grad else (1, 1, 1), dtype)
-    items, costs = _backward_items(B, Hkv, L, S, block_q, block_k, n_chunks, opts)
+    slope_rows = spans.shape[0]                      # B, or N sequences
+    dslope_parts = np.zeros((n_chunks, slope_rows, H) if opts.need_alibi_grad else (1, 1, 1),
+                            dtype)
+    items, costs = _backward_items(spans, Hkv, block_q, block_k, n_chunks, _rules(opts))
     run_split(kernel, (q_scaled, k, v, do, lse, row_dot, ops["mask"], ops["bias"], ops["slopes"],
                        ops["drop"], ops["mods"], ops["has_drop"], ops["causal"], ops["scale"],
-                       ops["drop_scale"], block_q, block_k, n_chunks, need_ds, dq_parts, dk, dv,
-                       dscores, dslope_parts), items, costs)
+                       ops["drop_scale"], block_q, block_k, n_chunks, need_ds, spans, dq_parts,
+                       dk, dv, dscores, dslope_parts), items, costs)
     dq = dq_parts[0] if n_chunks == 1 else dq_parts.sum(axis=0)    # (B, H, L, E)
     dq *= ops["scale"]
-    dslopes = dslope_parts.sum(axis=0) if opts.need_alibi_grad else None       # (B, H)
+    dslopes = dslope_parts.sum(axis=0) if opts.need_alibi_grad else None    # (B | N, H)
     return dq, dk, dv, (dscores if need_ds else None), dslopes
