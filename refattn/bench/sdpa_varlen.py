@@ -1,15 +1,16 @@
 """Study ``sdpa-varlen``: packed sequences (``cu_seqlens``) on the numba backend.
 
-Packed sequences run as one fused kernel call per sequence
-(:mod:`refattn.cores.sdpa.segments`).  For ``T`` tokens split into ``N`` equal sequences
+Packed sequences run as one kernel call per pass whatever their lengths: the numba kernels
+walk the sequences themselves (:func:`refattn.cores.sdpa.numba.span_table`,
+:mod:`refattn.cores.sdpa.segments`).  For ``T`` tokens split into ``N`` equal sequences
 the study times, forward + backward, float32, 8 heads of 64 features, causal:
 
 * one sequence of ``T`` tokens (packed, ``N = 1``);
 * ``N`` sequences packed (``cu_seqlens_q = cu_seqlens_k = [0, T/N, 2T/N, ..., T]``);
 * the same ``N`` sequences as one batch ``(N, 8, T/N, 64)``: one kernel call over the same
-  pairs, the floor the packed layout is measured against (equal lengths make one group,
-  hence one batched call plus the copies in and out);
-* ``N`` sequences of random lengths packed: about ``N`` distinct lengths, one call each.
+  pairs, the floor the packed layout is measured against;
+* ``N`` sequences of random lengths packed: about ``N`` distinct lengths (the same one call;
+  one call per distinct length before the kernels walked the sequences).
 
 Reported: the speed-up of the packed layouts over one long sequence against the ratio of kept
 pairs (1 = the cost follows the pairs), the packed layout against the batch and the
@@ -86,7 +87,7 @@ def run(size: str = "quick") -> StudyResult:
         notes.append(f"N = {n}: {base / t_packed:.1f}x faster than one sequence for "
                      f"{pair_ratio:.1f}x fewer pairs; {t_packed / t_batch:.2f}x the batch, "
                      f"{metrics[f'n{n}_call_overhead_us']:.0f} us per sequence; mixed lengths "
-                     f"({len(set(lengths.tolist()))} distinct, one call each): "
+                     f"({len(set(lengths.tolist()))} distinct): "
                      f"{base / t_mixed:.1f}x faster for {mixed_ratio:.1f}x fewer pairs")
     rows = [[name, f"{t * 1e3:.1f}", f"{t / base:.3f}"] for name, t in times.items()]
     return StudyResult(
@@ -96,7 +97,7 @@ def run(size: str = "quick") -> StudyResult:
         failures=[], notes=notes)
 
 
-STUDY = Study("sdpa-varlen", "numba SDPA packed sequences: one kernel call per sequence "
+STUDY = Study("sdpa-varlen", "numba SDPA packed sequences (one kernel call for all of them) "
               "against one long sequence and against a batch", run,
               metric_names=tuple(f"n{n}_{m}" for n in _COUNTS
                                  for m in ("speedup_over_pair_ratio", "packed_over_batch",

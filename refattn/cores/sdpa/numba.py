@@ -13,14 +13,14 @@ Design (``docs/backends/numba.md`` has the full story):
   every row of a query tile has a finite shift, each key tile is exponentiated
   against it in one pass (:func:`_exp_row`: no max pass, no rescale of the
   accumulator, the row sum vectorised); the shift is renewed, two-pass, only when
-  a row sum exceeds ``exp(RESHIFT)``.  Work items: batch x heads x query tiles
+  a row sum exceeds ``exp(RESHIFT)``.  Work items: spans x heads x query tiles
   (zig-zag order, so that causal tiles of unequal cost split evenly between
   threads).
 * Backward: scores kept TRANSPOSED, ``S^T = K_j Q_i^T`` of shape ``(keys,
   queries)``: three of its five products then take untransposed operands, and the
   row statistics (``lse``, ``D``) become element-wise updates of length-``block_q``
   vectors, which LLVM vectorises without fast-math.
-  It recomputes ``P = exp(S - lse)``; work items: batch x kv heads
+  It recomputes ``P = exp(S - lse)``; work items: spans x kv heads
   (x key-tile chunks when there are fewer of those than threads).  Each work
   item owns its key tiles' ``dK``/``dV`` (GQA: it loops over the query heads of
   its group, so the group sum needs no synchronisation); ``dQ`` is accumulated
@@ -33,6 +33,11 @@ Design (``docs/backends/numba.md`` has the full story):
   ones (docs/benchmarks.md, "Cold start"); one score helper (:func:`_scores`) serves both
   passes, and absent masks, biases and keep-masks are stand-ins of the same array type as
   real ones, so one dtype compiles one forward and one backward, whatever the options.
+* Spans (:func:`span_table`): a batch row, or one sequence of a packed or padded call
+  (``opts.sequences``), with its query and key rows and its rules (causal offset, window
+  bounds, ALiBi distance offset) moved to the 4-D view's rows and columns.  All sequences of
+  a call run in one :func:`~refattn.backends.numba_support.run_split` per pass, on the same
+  compiled kernels as a call without sequences (one span per batch row).
 * Causal and window: key tiles entirely outside the kept band are skipped.  A tile
   that crosses the diagonal or a window edge runs in blocks of :data:`DIAGONAL_ROWS`
   queries (forward) or keys (backward), each over the keys (queries) its rows keep,

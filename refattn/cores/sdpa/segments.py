@@ -1,4 +1,5 @@
-"""Packed (FlashAttention varlen) and padded (JAX) sequences: one core call per sequence.
+"""Packed (FlashAttention varlen) and padded (JAX) sequences: one kernel call for all of them
+on numba and cupy, one core call per group of equal-length sequences otherwise.
 
 Layouts (``docs/cores/sdpa.md``, "Packed and padded sequences")
 ---------------------------------------------------------------
@@ -16,15 +17,21 @@ padded
     batch element ``b`` has the queries ``0 : Lq[b]`` and the keys ``0 : Lk[b]``; the
     padded query rows give ``o = 0`` and receive no gradient.
 
-The sequences of equal ``(queries, keys)`` lengths are stacked into one batched call of the
-core (copies of their rows: ``O(L)``), so the fused backends keep ``O(L)`` memory and never
-visit a pair outside the block diagonal; the causal rule, the window, ALiBi and rotary
-positions count from the start of each sequence.  The cost is one core call per distinct
-length pair (``refattn.bench.sdpa_varlen`` measures it).
+The numba and cupy kernels map their work onto the sequences themselves: they get the whole
+4-D view in one call (``fused_core`` of :func:`forward`), with a :class:`SequenceLayout` in
+``SDPAOptions.sequences`` (spans of ``(b, q0, q1, k0, k1)`` per sequence), so that a call
+of ``N`` sequences of any lengths is one kernel launch per pass, with no copies of rows and
+no pair outside a sequence visited (numba: :func:`refattn.cores.sdpa.numba.span_table`;
+cupy: ``sdpa.cu``).
 
-A backend that maps its blocks onto the sequences itself (the cupy kernels) instead gets
-the whole 4-D view in one call, with a :class:`SequenceLayout` in
-``SDPAOptions.sequences`` (``fused_core`` of :func:`forward`).
+Otherwise (the reference backend; and on every backend: ``mask_mod`` / ``score_mod``, which
+see a sequence's own ``b, i, j`` and run on the reference, ``rotary``, an ``empty_rows``
+policy other than ``"zero"``, inputs that the non-finite policy sends to the reference), the
+sequences of equal ``(queries, keys)`` lengths are stacked into one batched call of the core
+(copies of their rows: ``O(L)``); the fused backends then keep ``O(L)`` memory and never
+visit a pair outside the block diagonal either, at the cost of one core call per distinct
+length pair.  Either way the causal rule, the window, ALiBi and rotary positions count from
+the start of each sequence.  ``refattn.bench.sdpa_varlen`` measures the numba path.
 """
 
 from __future__ import annotations
