@@ -12,8 +12,8 @@ then need sums over *every* key (``uniform`` averages all ``S`` values, masked
 or above the diagonal alike), which the tasks here give per key block, to be
 summed in a tree:
 
-* forward, ``uniform``: ``o_i = (1/S) sum_j v_j`` (:func:`value_sum` per key
-  block), with dropout ``o_i = sum_j w_ij v_j``, ``w_ij = D_ij / ((1 - p) S)``
+* forward, ``uniform``: ``o_i = (1/S) sum_j v_j`` (Dask's own sum of ``v`` over the
+  keys, then :func:`uniform_fill`), with dropout ``o_i = sum_j w_ij v_j``, ``w_ij = D_ij / ((1 - p) S)``
   (:func:`dropout_fill_part` per block ``(i, j)``); ``nan``: ``o_i = NaN``;
 * backward: the kernel blocks get the cotangent with the empty rows zeroed
   (:func:`kernel_cotangent`); ``uniform`` adds ``dv_j += sum_{h in group, i
@@ -36,7 +36,6 @@ __all__ = [
     "kernel_cotangent",
     "logical_or",
     "uniform_fill",
-    "value_sum",
 ]
 
 
@@ -65,12 +64,6 @@ def _sum_groups(xp, x, group):
 def _dropout_weights(xp, drop, shape, weight, dtype):
     """``w (*b, Hb, Li, Sj) = D_ij * weight`` from a keep-mask block broadcastable to ``shape``."""
     return xp.astype(xp.broadcast_to(drop, shape), dtype) * weight
-
-
-def value_sum(v):
-    """``sum_j v_j`` over the keys of a block: ``(*b, Hkv_b, Sj, Ev) -> (*b, Hkv_b, 1, Ev)``."""
-    xp = namespace(v)
-    return xp.sum(v, axis=-2, keepdims=True)
 
 
 def uniform_fill(total, kv_len, group):

@@ -28,7 +28,8 @@ import array_api_compat
 
 from ..._array import matrix_transpose, namespace, upcast_half
 from ..._masks import alibi_distance, keep_mask
-from ..._softmax import kept_matmul, masked_softmax, probs_from_lse, softmax_backward
+from ..._softmax import (kept_matmul, masked_softmax, probs_from_lse, softmax_backward,
+                         zero_unkept)
 from ..sdpa.reference import (
     apply_score_mod,
     expand_kv_heads,
@@ -212,12 +213,12 @@ def backward(saved, do, opts, mode):
     if before_mod is not None:                       # through score_mod, map by map
         grad = _per_map(xp, lambda z: apply_score_mod(xp, opts.score_mod_grad, "score_mod_grad",
                                                       z, device), before_mod)
-        ds = _kept(xp, ds * grad, keep)
+        ds = zero_unkept(xp, ds * grad, keep)
     dslopes = None
     if opts.need_alibi_grad:                         # d Z_m / d slope = -|i + S - L - j|
         distance = alibi_distance(xp, s.shape[-2], s.shape[-1], s.dtype, device=device)
         dslopes = -xp.sum(ds * distance, axis=(2, 3, 4))                # (B, H)
-    ds_raw = ds if tanh is None else _kept(xp, ds * (1 - tanh * tanh), keep)   # soft-cap
+    ds_raw = ds if tanh is None else zero_unkept(xp, ds * (1 - tanh * tanh), keep)   # soft-cap
     # logits_m = cap(scale Qflat Kmix_m^T) + ...  =>  dQflat = scale sum_m dR_m Kmix_m,
     # dKmix_m = scale dR_m^T Qflat, and dK is dKmix pulled back through the mixing.
     dsc = opts.scale * ds_raw
@@ -233,8 +234,3 @@ def backward(saved, do, opts, mode):
     # The bias is added to the logits of every map: its gradient sums the maps.
     dscores = xp.astype(xp.sum(ds, axis=2), dtype) if opts.need_bias_grad else None
     return grads + (dscores, None if dslopes is None else xp.astype(dslopes, dtype))
-
-
-def _kept(xp, ds, keep):
-    """``ds`` with exact zeros at the pairs that are not kept (a NaN factor there stays out)."""
-    return ds if keep is None else xp.where(keep, ds, xp.zeros_like(ds))

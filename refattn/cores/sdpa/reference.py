@@ -11,7 +11,8 @@ import array_api_compat
 
 from ..._array import matrix_transpose, namespace, upcast_half
 from ..._masks import alibi_distance, keep_mask, score_indices
-from ..._softmax import kept_matmul, masked_softmax, probs_from_lse, softmax_backward
+from ..._softmax import (kept_matmul, masked_softmax, probs_from_lse, softmax_backward,
+                         zero_unkept)
 from ..._validate import check_bool_array, check_broadcastable, check_float_array
 
 
@@ -106,11 +107,6 @@ def _value_keep(keep, opts, xp):
     return opts.dropout_mask if keep is None else xp.logical_and(keep, opts.dropout_mask)
 
 
-def _kept(xp, ds, keep):
-    """``ds`` with exact zeros at the pairs that are not kept (a NaN factor there stays out)."""
-    return ds if keep is None else xp.where(keep, ds, xp.zeros_like(ds))
-
-
 def _transposed(xp, keep):
     return None if keep is None else matrix_transpose(xp, keep)
 
@@ -141,7 +137,7 @@ def backward(q, k, v, o, lse, do, opts):
     dp = _dropout(xp, do @ matrix_transpose(xp, vh), opts)        # (B, H, L, S)
     ds = softmax_backward(xp, p, dp, row_dot=xp.sum(do * o, axis=-1), keep=keep)
     if before_mod is not None:                                    # through score_mod
-        ds = _kept(xp, ds * apply_score_mod(xp, opts.score_mod_grad, "score_mod_grad",
+        ds = zero_unkept(xp, ds * apply_score_mod(xp, opts.score_mod_grad, "score_mod_grad",
                                              before_mod, array_api_compat.device(q)), keep)
     dslopes = None
     if opts.need_alibi_grad:                                      # d s / d slope = -|i + c - j|
@@ -150,7 +146,7 @@ def backward(q, k, v, o, lse, do, opts):
         dslopes = -xp.sum(ds * distance, axis=(-2, -1))            # (B, H)
     ds_raw = ds
     if tanh is not None:                                          # through the soft-cap
-        ds_raw = _kept(xp, ds * (1 - tanh * tanh), keep)
+        ds_raw = zero_unkept(xp, ds * (1 - tanh * tanh), keep)
     dq = opts.scale * kept_matmul(xp, ds_raw, kh, keep)           # (B, H, L, E)
     dk = opts.scale * kept_matmul(xp, matrix_transpose(xp, ds_raw), q, _transposed(xp, keep))
     # dk (B, H, S, E)
