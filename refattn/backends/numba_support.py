@@ -320,8 +320,9 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     with _POOLS_LOCK:
         largest = max(_POOLS, default=0)
         if largest < workers:
-            if largest:
-                _POOLS.pop(largest).shutdown(wait=False)     # its running tasks still finish
+            # dropped, not shut down: a caller holding it still submits; its idle threads
+            # exit once it is garbage (ThreadPoolExecutor's weak reference)
+            _POOLS.pop(largest, None)
             largest = workers
             _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="refattn-kernel")
         return _POOLS[largest]
