@@ -59,29 +59,46 @@ def _scores(xp, q, kh, opts):
     soft-cap; the kept pairs combine mask, ``mask_mod``, causal rule, window and
     ``bias != -inf``.
     """
-    device = array_api_compat.device(q)
     raw = opts.scale * (q @ matrix_transpose(xp, kh))  # (B, H, L, S)
-    tanh = None
-    s = raw
+    return option_scores(xp, raw, opts, array_api_compat.device(q))
+
+
+def _same(x):
+    return x
+
+
+def option_scores(xp, raw, opts, device, *, lift=_same, per_map=None):
+    """The options on scaled scores ``raw (B, H, *maps, L, S)``: ``(s, keep, tanh,
+    before_mod)`` as :func:`_scores` returns them.
+
+    ``s = score_mod(cap(raw) + bias - slope |i + S - L - j|)``; the kept pairs (mask,
+    ``mask_mod``, causal rule, window, ``bias != -inf``) are those of ``(B, H, L, S)``.
+    Cores with several score maps per head (quaternion: ``(B, H, M, L, S)``) pass
+    ``lift``, which gives a ``(B, H, L, S)``-broadcastable operand their map axis, and
+    ``per_map(fn, s)``, which applies a ``(B, H, L, S)`` function to every map.
+    """
+    B, H, L, S = raw.shape[0], raw.shape[1], raw.shape[-2], raw.shape[-1]
+    s, tanh = raw, None
     if opts.softcap is not None:
         tanh = xp.tanh(raw / opts.softcap)
         # a non-finite raw score stays non-finite (it poisons its row; tanh would hide it)
         s = xp.where(xp.isfinite(raw), opts.softcap * tanh, raw)
-    bias = None
-    if opts.bias is not None:
-        bias = xp.astype(opts.bias, s.dtype)
-        s = s + bias
+    bias = None if opts.bias is None else xp.astype(opts.bias, s.dtype)
+    if bias is not None:
+        s = s + lift(bias)
     if opts.alibi is not None:
-        L, S = q.shape[-2], kh.shape[-2]
         distance = alibi_distance(xp, L, S, s.dtype, device=device, offset=opts.alibi_offset)
-        s = s - xp.astype(opts.alibi, s.dtype) * distance
+        s = s - lift(xp.astype(opts.alibi, s.dtype)) * distance
     before_mod = None
     if opts.score_mod is not None:
         before_mod = s
-        s = apply_score_mod(xp, opts.score_mod, "score_mod", s, device)
-    keep = keep_mask(xp, mask_mod_keep(xp, opts, tuple(raw.shape), device), opts.causal_offset,
-                     q.shape[-2], kh.shape[-2], device=device, bias=bias, window=opts.window)
-    return s, keep, tanh, before_mod
+
+        def mod(z):
+            return apply_score_mod(xp, opts.score_mod, "score_mod", z, device)
+        s = mod(s) if per_map is None else per_map(mod, s)
+    keep = keep_mask(xp, mask_mod_keep(xp, opts, (B, H, L, S), device), opts.causal_offset,
+                     L, S, device=device, bias=bias, window=opts.window)
+    return s, (None if keep is None else lift(keep)), tanh, before_mod
 
 
 def probabilities(q, k, lse, opts):
