@@ -9,28 +9,17 @@ from __future__ import annotations
 
 import array_api_compat
 
-from ..._array import matrix_transpose, namespace, upcast_half
+from ..._array import (expand_kv_heads, matrix_transpose, namespace, sum_head_groups,
+                      upcast_half)
 from ..._masks import alibi_distance, keep_mask, score_indices
 from ..._softmax import (kept_matmul, masked_softmax, probs_from_lse, softmax_backward,
                          zero_unkept)
 from ..._validate import check_bool_array, check_broadcastable, check_float_array
 
 
-def expand_kv_heads(xp, x, group: int):
-    """``(B, Hkv, S, F) -> (B, Hkv * group, S, F)``: kv head ``g`` serves query heads ``g*group ...``."""
-    if group == 1:
-        return x
-    B, Hkv, S, F = x.shape
-    x = xp.broadcast_to(xp.reshape(x, (B, Hkv, 1, S, F)), (B, Hkv, group, S, F))
-    return xp.reshape(x, (B, Hkv * group, S, F))
-
-
 def reduce_kv_heads(xp, g, kv_heads: int):
-    """Adjoint of :func:`expand_kv_heads`: sum each group of query heads."""
-    B, H, S, F = g.shape
-    if H == kv_heads:
-        return g
-    return xp.sum(xp.reshape(g, (B, kv_heads, H // kv_heads, S, F)), axis=2)
+    """Adjoint of :func:`expand_kv_heads`: ``(B, H, S, F) -> (B, kv_heads, S, F)``."""
+    return sum_head_groups(xp, g, g.shape[-3] // kv_heads)
 
 
 def mask_mod_keep(xp, opts, shape, device):
