@@ -361,3 +361,13 @@ def test_diagonal_blocks_match_reference(tiles, L, S, options):
     do = rng.standard_normal(o_ref.shape)
     for name, g, gr in zip(("dq", "dk", "dv"), api.backward(res, do), api.backward(res_ref, do)):
         assert_close(g, gr, "float64", name)
+
+
+def test_forward_products_are_the_unnormalised_tile_sums():
+    """The study's bound runs the forward's products on its tiles: (scale Q K^T) V, GQA."""
+    rng = np.random.default_rng(3)
+    q, k, v = _problem(rng, 2, 4, 2, 100, 70, 8, 5, "float64")
+    opts = api.prepare(q, k, v, scale=0.3, tiles=SMALL_TILES)[2]
+    got = sdpa_numba.forward_products(q, k, v, opts)
+    kk, vv = (np.repeat(x, 2, axis=1) for x in (k, v))                  # (B, H, S, E)
+    assert_close(got, (0.3 * q @ kk.transpose(0, 1, 3, 2)) @ vv, "float64", "products")
