@@ -849,7 +849,9 @@ def forward_products(q, k, v, opts):
     B, H, L, _ = q.shape
     o = np.empty((B, H, L, v.shape[3]), dtype)
     block_q, block_k = _tiles(opts, "forward", dtype, L, k.shape[2], q.shape[3], v.shape[3])
-    items, costs = _forward_items(B, H, L, k.shape[2], block_q, opts)
+    # one span per batch row: the items of _forward_kernel are t = (b H + h) n_qt + tile
+    items, costs = _forward_items(span_table(opts, B, L, k.shape[2]), H, block_q,
+                                  _rules(opts))
     run_split(_products_kernel, (q, k, v, dtype.type(opts.scale), block_q, block_k, o), items,
               costs)
     return o
