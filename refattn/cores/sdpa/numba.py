@@ -155,12 +155,12 @@ def _scores(s, queries_in_rows, i0, j0, b, h, mods, mask, bias, slopes, causal, 
     ``mod_grad_tile`` (both shaped like ``s``), for the backward pass.
     """
     (has_mask, has_bias, has_softcap, has_alibi, offset, lo, hi, softcap, inv_softcap,
-     dist_offset, neg_inf, _, _, has_mask_mod, has_score_mod) = mods
+     dist_offset, neg_inf, _, _, has_mask_mod, has_score_mod, slope_row) = mods
     n_rows, n = s.shape
     di = 0 if queries_in_rows else 1           # query step along a row
     dj = 1 - di                                # key step along a row
     step = dj - di                             # step of j - i along a row
-    slope = slopes[b if slopes.shape[0] > 1 else 0, h] if has_alibi else softcap - softcap
+    slope = slopes[slope_row, h] if has_alibi else softcap - softcap
     for p in range(n_rows):
         row = s[p]
         ib = i0 + p * dj                       # the pair (ib, jb) of the row's first element
@@ -303,11 +303,14 @@ def _forward_step(q_rows, k_tile, v_tile, s_flat, acc, shift, row_sum, tile_sum,
 
 
 @jit(inline="always")
-def _span_modifiers(mods, span):
-    """``mods`` with the causal offset, window bounds and ALiBi distance offset of ``span``
-    (one row of :func:`span_table`): every rule then reads global rows and columns."""
-    return (mods[0], mods[1], mods[2], mods[3], span[SPAN_CAUSAL], span[SPAN_LO], span[SPAN_HI],
-            mods[7], mods[8], span[SPAN_DIST], mods[10], mods[11], mods[12], mods[13], mods[14])
+def _span_modifiers(mods, spans, n, slopes):
+    """``mods`` with the causal offset, window bounds, ALiBi distance offset and slope row of
+    span ``n`` (row ``n`` of :func:`span_table`): every rule then reads the view's rows and
+    columns."""
+    slope_row = spans[n, SPAN_ROW] if slopes.shape[0] > 1 else 0      # (1, H) slopes: row 0
+    return (mods[0], mods[1], mods[2], mods[3], spans[n, SPAN_CAUSAL], spans[n, SPAN_LO],
+            spans[n, SPAN_HI], mods[7], mods[8], spans[n, SPAN_DIST], mods[10], mods[11],
+            mods[12], mods[13], mods[14], slope_row)
 
 
 @jit(inline="always")
@@ -343,14 +346,13 @@ def _forward_kernel(q, k, v, mask, bias, slopes, drop, mods, has_drop, causal, s
     for t in items:
         nh = t // n_qt
         tile = t % n_qt
-        span = spans[nh // H]
+        n = nh // H
         h = nh % H
         hk = h // group
-        b, q0, q1, k0, k1 = span[SPAN_B], span[SPAN_Q0], span[SPAN_Q1], span[SPAN_K0], span[SPAN_K1]
-        span_mods = _span_modifiers(mods, span)
-        offset, lo, hi = span[SPAN_CAUSAL], span[SPAN_LO], span[SPAN_HI]
-        row = span[SPAN_ROW] if slopes.shape[0] > 1 else 0
-        span_slopes = slopes[row:row + 1]         # (1, H): the span's ALiBi slopes
+        b, q0, q1 = spans[n, SPAN_B], spans[n, SPAN_Q0], spans[n, SPAN_Q1]
+        k0, k1 = spans[n, SPAN_K0], spans[n, SPAN_K1]
+        span_mods = _span_modifiers(mods, spans, n, slopes)
+        offset, lo, hi = span_mods[4], span_mods[5], span_mods[6]
         i0 = q0 + tile * block_q
         i1 = min(q1, i0 + block_q)
         nr = i1 - i0
@@ -397,7 +399,7 @@ def _forward_kernel(q, k, v, mask, bias, slopes, drop, mods, has_drop, causal, s
                 _forward_step(q_tile[a0:a1], k[b, hk, b0:b1], v[b, hk, b0:b1],
                               s_buf[:(a1 - a0) * (b1 - b0)], acc[a0:a1], shift[a0:a1],
                               row_sum[a0:a1], tile_sum[a0:a1], first, b0, b, h, span_mods,
-                              mask, bias, span_slopes, drop, has_drop, drop_scale, block_causal,
+                              mask, bias, slopes, drop, has_drop, drop_scale, block_causal,
                               block_lo, block_hi, reshift_sum)
         for r in range(nr):
             # row_sum is 0 only for a row with no kept key; a NaN sum (a score that
@@ -514,14 +516,12 @@ def _backward_kernel(q, k, v, do, lse, row_dot, mask, bias, slopes, drop, mods, 
     shift = np.empty(block_q, q.dtype)
     for t in items:
         chunk = t % n_chunks
-        span = spans[(t // n_chunks) // Hkv]
+        n = (t // n_chunks) // Hkv
         hk = (t // n_chunks) % Hkv
-        b, q0, q1, k0, k1 = span[SPAN_B], span[SPAN_Q0], span[SPAN_Q1], span[SPAN_K0], span[SPAN_K1]
-        span_mods = _span_modifiers(mods, span)
-        offset, lo, hi = span[SPAN_CAUSAL], span[SPAN_LO], span[SPAN_HI]
-        row = span[SPAN_ROW]
-        slope_row = row if slopes.shape[0] > 1 else 0
-        span_slopes = slopes[slope_row:slope_row + 1]     # (1, H): the span's ALiBi slopes
+        b, q0, q1 = spans[n, SPAN_B], spans[n, SPAN_Q0], spans[n, SPAN_Q1]
+        k0, k1 = spans[n, SPAN_K0], spans[n, SPAN_K1]
+        span_mods = _span_modifiers(mods, spans, n, slopes)
+        offset, lo, hi = span_mods[4], span_mods[5], span_mods[6]
         dq = dq_parts[chunk]                       # (B, H, L, E)
         n_kt = (k1 - k0 + block_k - 1) // block_k
         for jt in range(chunk, n_kt, n_chunks):
@@ -575,10 +575,10 @@ def _backward_kernel(q, k, v, do, lse, row_dot, mask, bias, slopes, drop, mods, 
                             q[b, h, a0:a1], do[b, h, a0:a1], dq[b, h, a0:a1], lse[b, h, a0:a1],
                             row_dot[b, h, a0:a1], st_buf, dpt_buf, pd_buf, tanh_buf,
                             mod_grad_buf, shift, a0, first_key, b, h, span_mods, mask, bias,
-                            span_slopes, drop, has_drop, drop_scale, need_ds, dscores,
+                            slopes, drop, has_drop, drop_scale, need_ds, dscores,
                             block_causal, block_lo, block_hi)
                 if has_alibi:
-                    dslope_parts[chunk, row, h] += slope_grad
+                    dslope_parts[chunk, spans[n, SPAN_ROW], h] += slope_grad
 
 
 _DEFAULT_KERNELS = {name: globals()[name] for name in MOD_KERNELS}
@@ -672,15 +672,15 @@ def _modifiers(opts, dtype):
 
     ``(has_mask, has_bias, has_softcap, has_alibi, causal offset, window lo, window hi,
     softcap, 1/softcap, ALiBi distance offset, -inf, window has lo, window has hi,
-    has mask_mod, has score_mod)``.  The offsets and bounds are 0 here: the kernels take
-    each span's own (:func:`_span_modifiers`, from :func:`span_table`).
+    has mask_mod, has score_mod, ALiBi slope row)``.  The offsets, bounds and slope row are 0
+    here: the kernels take each span's own (:func:`_span_modifiers`, from :func:`span_table`).
     """
     _, has_lo, has_hi = _rules(opts)
     cap = opts.softcap if opts.softcap is not None else 1.0
     return (opts.mask is not None, opts.bias is not None, opts.softcap is not None,
             opts.alibi is not None, 0, 0, 0, dtype.type(cap), dtype.type(1.0 / cap), 0,
             dtype.type(-np.inf), has_lo, has_hi, opts.mask_mod is not None,
-            opts.score_mod is not None)
+            opts.score_mod is not None, 0)
 
 
 def _operands(q, k, v, opts):
