@@ -18,8 +18,8 @@ The front end validates the arguments, flattens the batch dimensions into one
     backward(q, k, v, o, lse, do, opts) -> (dq, dk, dv, dscores, dslopes)
         dscores (B, H, L, S): gradient of the pre-softmax scores (= of a float
         bias); only when ``opts.need_bias_grad``, else None.
-        dslopes (B, H): gradient of the ALiBi slopes; only when
-        ``opts.need_alibi_grad``, else None.
+        dslopes (B, H): gradient of the ALiBi slopes ((N, H), one row per sequence,
+        with ``opts.sequences``); only when ``opts.need_alibi_grad``, else None.
 """
 
 from __future__ import annotations
