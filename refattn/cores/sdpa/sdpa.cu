@@ -341,7 +341,12 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
 }
 // dst[0] += a, dst[1] += b: one vector reduction for float (sm_90), two for double.
 __device__ __forceinline__ void atomic_add2(float* dst, float a, float b) {
+#ifdef CUDA_EMULATION  // the CPU emulation of the tests (tests/backends/cuda_cpu): no PTX
+    atomicAdd(dst, a);
+    atomicAdd(dst + 1, b);
+#else
     asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" :: "l"(dst), "f"(a), "f"(b) : "memory");
+#endif
 }
 __device__ __forceinline__ void atomic_add2(double* dst, double a, double b) {
     atomicAdd(dst, a);
