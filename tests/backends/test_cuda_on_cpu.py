@@ -21,6 +21,8 @@ the GPU's memory model beyond what the emulation's scheduling exposes
 from __future__ import annotations
 
 import ctypes
+import dataclasses
+import os
 import pathlib
 import re
 import shutil
@@ -39,7 +41,8 @@ from refattn.testing import assert_close, assert_within_reference_error
 
 HERE = pathlib.Path(__file__).parent / "cuda_cpu"
 SDPA_CU = pathlib.Path(sdpa_cupy.__file__).parent / "sdpa.cu"
-SMEM_LIMIT = sdpa_cupy._DEFAULT_SMEM_LIMIT     # the tiles the CI compile test builds
+SMEM_LIMIT = sdpa_cupy._DEFAULT_SMEM_LIMIT     # an H100's: the tiles the CI compile test builds
+SMALL_SMEM_LIMIT = 99 * 1024                   # a consumer GPU's: smaller tiles for wide heads
 
 # NumPy dtype of each pointer parameter code of cuda_emulation.h.
 _POINTEE = {"f64": (np.float64,), "f32": (np.float32,), "i32": (np.int32,),
@@ -74,9 +77,9 @@ class Emulator:
             if code.endswith("*"):
                 if isinstance(arg, np.ndarray):
                     assert arg.dtype.type in _POINTEE[code[:-1]], (name, n, arg.dtype, code)
-                    # q, k, v and o / dO are read as 16-byte vectors; the rest by element
-                    align = 16 if n < 4 else arg.dtype.itemsize
-                    assert arg.ctypes.data % align == 0, (name, n, arg.ctypes.data)
+                    # CuPy's allocations are 256-byte aligned; the tiles are read as 16-byte
+                    # vectors
+                    assert arg.ctypes.data % 16 == 0, (name, n, arg.ctypes.data)
                     values.append(ctypes.c_void_p(arg.ctypes.data))
                 else:
                     assert type(arg) is np.uint64 and arg == cs.NULL, (name, n, arg)
@@ -100,18 +103,19 @@ def _compiler():
     return compiler
 
 
-def _build(folder, names, jobs=2):
-    """Shared libraries holding the kernels ``names`` (split over ``jobs`` compiles)."""
+def _build(folder, names, source="sdpa_on_cpu.cpp", jobs=2):
+    """Shared libraries holding the kernels ``names`` of ``source`` (``cuda_cpu/``), split
+    over ``jobs`` compiles run side by side."""
     chunks = [names[i::jobs] for i in range(jobs) if names[i::jobs]]
     procs = []
     for n, chunk in enumerate(chunks):
-        inc = folder / f"k{n}"
+        inc = folder / f"{pathlib.Path(source).stem}{n}"
         inc.mkdir()
         (inc / "kernels.inc").write_text("".join(f"KERNEL({name})\n" for name in chunk))
-        out = folder / f"libsdpa_on_cpu{n}.so"
+        out = inc / "kernels.so"
         cmd = [_compiler(), "-std=c++20", "-O2", "-shared", "-fPIC", "-fno-strict-aliasing",
                "-fvisibility=hidden", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas",
-               "-Wno-unused-parameter", f"-I{inc}", "-o", str(out), str(HERE / "sdpa_on_cpu.cpp")]
+               "-Wno-unused-parameter", f"-I{inc}", "-o", str(out), str(HERE / source)]
         procs.append((out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                             text=True)))
     libraries = []
@@ -198,6 +202,11 @@ CASES = {
                                   dict(causal=True, causal_align="lower_right")),
     "L = 1": ((2, 2, 1, 1, 100, 8, 8), dict(causal=True, causal_align="lower_right")),
     "odd head dims E 5, Ev 20": ((1, 2, 2, 63, 45, 5, 20), dict(causal=True)),
+    "E = Ev = 16 (whole-row vector loads)": ((2, 2, 1, 70, 63, 16, 16), dict(causal=True)),
+    "E 32, Ev 48 + window": ((1, 2, 2, 50, 70, 32, 48), dict(window=(5, 5))),
+    "E 40, Ev 72 + softcap + alibi": ((1, 2, 1, 50, 70, 40, 72), dict(softcap=3.0, alibi="H")),
+    "E = Ev = 128 (one-warp backward in float64)": ((1, 2, 2, 40, 50, 128, 128),
+                                                    dict(causal=True)),
     "window (7, 3)": ((1, 2, 2, 100, 100, 8, 8), dict(window=(7, 3))),
     "window (0, 0)": ((1, 2, 2, 63, 63, 8, 8), dict(window=(0, 0))),
     "window left only (20, -1)": ((1, 2, 2, 100, 80, 8, 8), dict(window=(20, -1))),
@@ -221,6 +230,9 @@ CASES = {
     "packed": ((None, 2, 2, (30, 0, 1, 64, 9), (40, 7, 0, 64, 20), 8, 8), {}),
     "packed + alibi (H,) + window": ((None, 2, 2, (30, 63, 5), (45, 63, 12), 8, 8),
                                      dict(alibi="H", window=(10, 2))),
+    "packed + mask + bias + dropout + softcap": (
+        (None, 2, 2, (30, 63, 5), (45, 63, 12), 8, 8),
+        dict(mask=True, bias=True, dropout=True, softcap=1.0)),
     "packed + alibi per sequence + causal upper_left": (
         (None, 2, 1, (30, 63, 5), (45, 63, 12), 8, 8), dict(alibi="rows", causal=True)),
     "window + causal + GQA + softcap + packed": (
@@ -233,13 +245,64 @@ CASES = {
 }
 
 # float32 on CUDA cores: its own tiles (64 rows); the cases that cross them.
-SIMT_CASES = ["plain", "causal lower_right, L > S (empty rows)", "window (7, 3)",
+SIMT_CASES = ["plain", "causal lower_right, L > S (empty rows)", "L = 1",
+              "odd head dims E 5, Ev 20", "E = Ev = 16 (whole-row vector loads)",
+              "E 32, Ev 48 + window", "E 40, Ev 72 + softcap + alibi", "window (7, 3)",
               "softcap", "alibi (B, H) + causal lower_right",
               "window + softcap + alibi + mask (empty rows) + bias + dropout",
               "padded + causal + alibi (B, H)", "window + causal + GQA + softcap + packed"]
 
-PARAMS = ([pytest.param(name, "float64", id=f"float64-{name}") for name in CASES]
-          + [pytest.param(name, "float32", id=f"simt-{name}") for name in SIMT_CASES])
+
+
+def _sweep(n, seed=0):
+    """``n`` cases with options and lengths drawn at random: one call, padded or packed."""
+    rng = np.random.default_rng(seed)
+    cases = {}
+    for i in range(n):
+        H = int(rng.choice([1, 2, 4]))
+        Hkv = int(rng.choice([h for h in (1, 2, 4) if H % h == 0]))
+        layout = str(rng.choice(["one call", "padded", "packed"]))
+        kw = {}
+        if rng.random() < 0.6:
+            kw["window"] = tuple(int(x) for x in rng.integers(-1, 40, 2))
+        if rng.random() < 0.5:
+            kw.update(causal=True, causal_align=str(rng.choice(["upper_left", "lower_right"])))
+        if rng.random() < 0.4:
+            kw["softcap"] = float(rng.uniform(0.5, 5.0))
+        if rng.random() < 0.4:
+            kw["alibi"] = str(rng.choice(["H", "rows"]))
+        for operand in ("mask", "bias", "dropout"):
+            if rng.random() < 0.15:
+                kw[operand] = True
+        if layout == "packed":
+            n_seq = int(rng.integers(1, 5))
+            shape = (None, H, Hkv, tuple(int(x) for x in rng.integers(0, 70, n_seq)),
+                     tuple(int(x) for x in rng.integers(0, 70, n_seq)), 8, 8)
+        else:
+            B, L, S = int(rng.integers(1, 3)), int(rng.integers(1, 100)), int(rng.integers(1, 100))
+            shape = (B, H, Hkv, L, S, 8, 8)
+            if layout == "padded":
+                kw.update(query_seq_lengths=rng.integers(0, L + 1, B),
+                          key_value_seq_lengths=rng.integers(0, S + 1, B))
+        if kw.get("alibi") == "rows" and layout == "one call":
+            kw["alibi"] = "BH"
+        cases[f"sweep {i}: {layout}, {shape[1:5]}, {kw}"] = (shape, kw)
+    return cases
+
+
+# REFATTN_CUDA_CPU_SWEEP raises the number of random cases for a longer local hunt.
+SWEEP = _sweep(int(os.environ.get("REFATTN_CUDA_CPU_SWEEP", "40")))
+CASES.update(SWEEP)
+SIMT_CASES += list(SWEEP)[::4]
+
+# Cases whose tiles change with the shared memory a block may use (float64 forward: one warp).
+SMALL_SMEM_CASES = ["E = Ev = 128 (one-warp backward in float64)"]
+
+PARAMS = ([pytest.param(name, "float64", SMEM_LIMIT, id=f"float64-{name}") for name in CASES]
+          + [pytest.param(name, "float32", SMEM_LIMIT, id=f"simt-{name}") for name in SIMT_CASES]
+          + [pytest.param(name, dtype, SMALL_SMEM_LIMIT, id=f"{label}-99KiB-{name}")
+             for name in SMALL_SMEM_CASES for dtype, label in (("float64", "float64"),
+                                                               ("float32", "simt"))])
 
 
 def _problem(name):
@@ -258,11 +321,11 @@ def _problem(name):
         q, k, v = (rng.standard_normal(s) for s in ((B, H, L, E), (B, Hkv, S, E), (B, Hkv, S, Ev)))
         scores = (B, H, L, S)
     alibi = kw.pop("alibi", None)
-    if alibi is not None:
+    if alibi is not None:           # "BH" / "rows": one slope per batch row or sequence
         kw["alibi_slopes"] = 0.05 + 0.5 * rng.random((H,) if alibi == "H" else (rows, H))
     if kw.pop("mask", False):
         mask = rng.random((1,) + scores[1:]) > 0.2
-        mask[..., 5, :] = False                                         # an empty row
+        mask[..., L // 2, :] = False                                    # an empty row
         kw["mask"] = mask
     if kw.pop("bias", False):
         kw["bias"] = rng.standard_normal((H, 1, S))
@@ -293,7 +356,9 @@ class _Recorder:
 
     def __init__(self):
         self.names = []
-        self.device = sdpa_cupy.Device(np, lambda name, *_: self.names.append(name), SMEM_LIMIT)
+
+    def device(self, smem_limit):
+        return sdpa_cupy.Device(np, lambda name, *_: self.names.append(name), smem_limit)
 
 
 def _kernel_names():
@@ -302,15 +367,24 @@ def _kernel_names():
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)          # uninitialised outputs
         for param in PARAMS:
-            name, dtype = param.values
+            name, dtype, smem_limit = param.values
             low, _ = _inputs(name, dtype)
-            _kernels(recorder.device, *low)
+            _kernels(recorder.device(smem_limit), *low)
     return sorted(set(recorder.names))
 
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
     return Emulator(_build(tmp_path_factory.mktemp("cuda_on_cpu"), _kernel_names()))
+
+
+SELFTEST = ["shuffles", "block_sum", "missing_barrier", "divergent_barrier", "partial_mask"]
+
+
+@pytest.fixture(scope="module")
+def selftest(tmp_path_factory):
+    return Emulator(_build(tmp_path_factory.mktemp("selftest"), SELFTEST,
+                           "emulation_selftest.cpp", jobs=1))
 
 
 # --- Tests -------------------------------------------------------------------------------
@@ -334,18 +408,64 @@ def test_every_kind_of_kernel_is_covered(emulator):
             assert any(b & bit for b in bits), (dt, bit, bits)
 
 
-@pytest.mark.parametrize("name, dtype", PARAMS)
-def test_kernels_match_the_reference(emulator, name, dtype):
+def test_the_emulation_shuffles_like_a_warp(selftest):
+    out = np.zeros((64, 6), np.int32)
+    selftest.launch("shuffles", 0, (1,), 64, [out])
+    t = np.arange(64)
+    lane, base = t % 32, 100 * (t // 32)
+    down, up = lane + 3, lane - 3
+    expected = np.stack([base + (lane ^ 5), base + 7, base + np.where(down < 32, down, lane),
+                         base + np.where(up >= 0, up, lane), base + ((lane & ~7) | ((lane & 7) ^ 1)),
+                         2 * (base + (lane ^ 16)) + 1], axis=1)
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_the_emulation_synchronises_blocks_and_adds_atomically(selftest):
+    x = np.random.default_rng(0).standard_normal(3 * 128)
+    out, total = np.zeros(3), np.zeros(1)
+    selftest.launch("block_sum", 128 * 8, (3,), 128, [x, out, total])
+    np.testing.assert_allclose(out, x.reshape(3, 128).sum(axis=1), rtol=1e-13)
+    np.testing.assert_allclose(total, x.sum(), rtol=1e-13)
+
+
+def test_the_emulation_exposes_a_missing_barrier(selftest):
+    out = np.zeros(64)
+    selftest.launch("missing_barrier", 64 * 8, (1,), 64, [out])
+    assert np.isnan(out[:-1]).all() and out[-1] == 0
+
+
+@pytest.mark.parametrize("kernel, message", [("divergent_barrier", "deadlock"),
+                                             ("partial_mask", "only the full mask")])
+def test_the_emulation_reports_what_it_cannot_run(selftest, kernel, message):
+    with pytest.raises(AssertionError, match=message):
+        selftest.launch(kernel, 0, (1,), 64, [np.zeros(64, np.int32)])
+
+
+def test_the_emulation_checks_the_launch(selftest):
+    out = np.zeros(64)
+    with pytest.raises(AssertionError, match="227 KiB"):
+        selftest.launch("missing_barrier", 228 * 1024, (1,), 64, [out])
+    with pytest.raises(AssertionError, match="1 to 1024 threads"):
+        selftest.launch("missing_barrier", 0, (1,), 2048, [out])
+    with pytest.raises(AssertionError, match="f64"):                 # an int array for double*
+        selftest.launch("missing_barrier", 0, (1,), 64, [np.zeros(64, np.int32)])
+
+
+@pytest.mark.parametrize("name, dtype, smem_limit", PARAMS)
+def test_kernels_match_the_reference(emulator, name, dtype, smem_limit):
     low, exact = _inputs(name, dtype)
     start = len(emulator.launched)
+    device = dataclasses.replace(emulator.device, smem_limit=smem_limit)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)              # -inf lse of empty rows
-        o, lse, grads = _kernels(emulator.device, *low)
+        o, lse, grads = _kernels(device, *low)
         expected = _reference(*exact)
         reference = expected if dtype == "float64" else _reference(*low)
     launched = emulator.launched[start:]
-    assert len(launched) == 2 and all(f"<{2 if dtype == 'float64' else 3}," in n
-                                      for n in launched), launched
+    sequences = any(n in low[1] for n in ("cu_seqlens_q", "query_seq_lengths"))
+    # one forward and one backward launch (sequences: none for a side without tokens)
+    assert len(launched) <= 2 if sequences else len(launched) == 2, launched
+    assert all(f"<{2 if dtype == 'float64' else 3}," in n for n in launched), launched
     got = (o, lse) + tuple(grads)
     labels = ["output", "lse", "dq", "dk", "dv"]
     labels += [n for n in ("dbias", "dalibi_slopes") if low[1].get(n[1:]) is not None]
