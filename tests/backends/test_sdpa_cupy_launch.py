@@ -6,7 +6,8 @@ order or width of an argument would only show on a GPU, so here NumPy stands in 
 the launches are recorded instead of run, and each argument list is compared with the
 parameters NVRTC gives the kernel it names (PTX ``.param`` types), together with the grid
 each launch asks for.  The kernels' arithmetic is checked on a GPU
-(``tests/backends/test_cupy.py``) and their index math on the CPU
+(``tests/backends/test_cupy.py``), for float64 and CUDA-core float32 also on a CPU emulation
+(``tests/backends/test_cuda_on_cpu.py``), and their index math on the CPU
 (``tests/backends/test_sdpa_rules.py``).
 """
 

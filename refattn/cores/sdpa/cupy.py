@@ -279,6 +279,20 @@ class Device:
 
     The CPU tests run the same driver on an emulation of the kernels
     (``tests/backends/test_cuda_on_cpu.py``); :func:`cupy_device` is the GPU.
+
+    Examples
+    --------
+    A device that records the launches instead of running them (NumPy arrays):
+
+    >>> import numpy as np
+    >>> from refattn.cores.sdpa import api, cupy as sdpa_cupy
+    >>> q = np.zeros((1, 2, 40, 8))
+    >>> _, _, opts = api.prepare(q, q, q, window=(4, 0))
+    >>> launches = []
+    >>> device = sdpa_cupy.Device(np, lambda *launch: launches.append(launch[:4]), 227 * 1024)
+    >>> o, lse = sdpa_cupy.forward(q, q, q, opts, device=device)
+    >>> launches            # name, dynamic shared memory, grid (B H, query tiles), threads
+    [('sdpa_fwd_opt<2,16,16,2,32,1>', 22528, (2, 2), 64)]
     """
 
     xp: Any
