@@ -11,6 +11,7 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import refattn
@@ -33,3 +34,15 @@ def variant_cases(kind="test"):
 def kernel_backends():
     """Non-reference backends usable here."""
     return [b for b in available_backends() if b != "reference"]
+
+
+def window_band(L, S, left, right, offset):
+    """The (L, S) keep mask of ``window=(left, right)`` written from its definition
+    (``offset - left <= j - i <= offset + right``; -1 unbounded), independent of refattn."""
+    i, j = np.arange(L)[:, None], np.arange(S)[None, :]
+    keep = np.ones((L, S), bool)
+    if left >= 0:
+        keep &= j >= i + offset - left
+    if right >= 0:
+        keep &= j <= i + offset + right
+    return keep

@@ -23,6 +23,8 @@ from refattn.cores.quaternion.reduction import SDPAReduction
 from refattn.cores.sdpa import reference as sdpa_reference
 from refattn.testing import assert_close, check_grads
 
+from ..conftest import window_band
+
 MODES = ("shared", "hamilton")
 
 
@@ -32,16 +34,6 @@ def _problem(seed=0, B=2, H=4, Hkv=2, L=6, S=8, d=2, dv=3, dtype="float64"):
     k = rng.standard_normal((B, Hkv, S, 4, d)).astype(dtype)
     v = rng.standard_normal((B, Hkv, S, 4, dv)).astype(dtype)
     return q, k, v
-
-
-def _band(L, S, left, right, offset):
-    i, j = np.arange(L)[:, None], np.arange(S)[None, :]
-    keep = np.ones((L, S), bool)
-    if left >= 0:
-        keep &= j >= i + offset - left
-    if right >= 0:
-        keep &= j <= i + offset + right
-    return keep
 
 
 def _definition(q, k, v, mode, keep, softcap=None, slopes=None, scale=None):
@@ -76,7 +68,7 @@ def test_options_follow_their_definition_on_every_map(mode):
     q, k, v = _problem(1)
     L, S = q.shape[2], k.shape[2]
     slopes = np.random.default_rng(2).random((2, 4))
-    keep = _band(L, S, 2, 1, S - L) & _band(L, S, -1, 0, S - L)      # window + causal
+    keep = window_band(L, S, 2, 1, S - L) & window_band(L, S, -1, 0, S - L)      # window + causal
     expected = _definition(q, k, v, mode, keep, softcap=1.5, slopes=slopes)
     for backend in ("reference", "numba"):
         got = refattn.quaternion_attention(q, k, v, mode=mode, window=(2, 1), causal=True,
@@ -218,7 +210,7 @@ def test_probabilities_of_every_map(mode):
                                         return_probs=True, backend="numba")
     maps = 4 if mode == "hamilton" else 1
     assert p.shape == (2, 4, maps, 6, 8)
-    keep = _band(6, 8, 1, 1, 0)
+    keep = window_band(6, 8, 1, 1, 0)
     assert not p[..., ~keep].any()
     np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-13)
     # O_c = P_m(c) V_c with the probabilities returned
@@ -272,7 +264,7 @@ def test_layer_passes_the_options_through(core):
     layer = refattn.Attention(16, 4, projection="quaternion", core=core, **options)
     params = layer.init(seed=0)
     x = np.random.default_rng(14).standard_normal((2, 6, 16))
-    band = _band(6, 6, 2, 0, 0)
+    band = window_band(6, 6, 2, 0, 0)
     masked = refattn.Attention(16, 4, projection="quaternion", core=core, softcap=5.0,
                                alibi_slopes=options["alibi_slopes"], **full)
     assert_close(layer(params, x), masked(params, x, mask=band), "float64", "window = band mask")

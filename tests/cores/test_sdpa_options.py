@@ -13,6 +13,8 @@ import pytest
 import refattn
 from refattn.testing import assert_close, assert_within_reference_error, check_grads
 
+from ..conftest import window_band
+
 SMALL_TILES = (8, 16)
 
 
@@ -24,23 +26,13 @@ def _problem(seed=0, B=2, H=4, Hkv=2, L=21, S=29, E=6, Ev=5, dtype="float64"):
     return q, k, v
 
 
-def _band(L, S, left, right, offset):
-    i, j = np.arange(L)[:, None], np.arange(S)[None, :]
-    keep = np.ones((L, S), bool)
-    if left >= 0:
-        keep &= j >= i + offset - left
-    if right >= 0:
-        keep &= j <= i + offset + right
-    return keep
-
-
 @pytest.mark.parametrize("align", ["upper_left", "lower_right"])
 @pytest.mark.parametrize("window", [(3, 2), (0, 0), (5, -1), (-1, 4), (-1, -1)])
 def test_window_is_the_band_mask_of_its_definition(window, align):
     q, k, v = _problem()
     L, S = q.shape[-2], k.shape[-2]
     offset = 0 if align == "upper_left" else S - L
-    expected = refattn.sdpa(q, k, v, mask=_band(L, S, *window, offset), backend="reference")
+    expected = refattn.sdpa(q, k, v, mask=window_band(L, S, *window, offset), backend="reference")
     for backend in ("reference", "numba"):
         got = refattn.sdpa(q, k, v, window=window, causal_align=align, backend=backend,
                            tiles=SMALL_TILES)
@@ -50,7 +42,7 @@ def test_window_is_the_band_mask_of_its_definition(window, align):
 def test_window_combines_with_causal_and_jax_int_form():
     q, k, v = _problem()
     L, S = q.shape[-2], k.shape[-2]
-    both = _band(L, S, 4, 3, S - L) & _band(L, S, -1, 0, S - L)       # causal: right = 0
+    both = window_band(L, S, 4, 3, S - L) & window_band(L, S, -1, 0, S - L)       # causal: right = 0
     got = refattn.sdpa(q, k, v, window=(4, 3), causal=True, causal_align="lower_right")
     assert_close(got, refattn.sdpa(q, k, v, mask=both, backend="reference"), "float64")
     sym = refattn.sdpa(q, k, v, window=2, backend="reference")         # JAX: (2, 2)

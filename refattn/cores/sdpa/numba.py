@@ -71,7 +71,7 @@ from ...backends.numba_support import (
 from ...backends.tuning import tuned_choice
 from . import numba_mods
 
-__all__ = ["DEFAULT_TILES", "backward", "forward"]
+__all__ = ["DEFAULT_TILES", "backward", "forward", "forward_products"]
 
 #: ``(queries, keys)`` per tile for problems shorter than :data:`TUNE_MIN_LEN` (where one or
 #: two tiles cover a head, and the shape hardly matters).
@@ -678,6 +678,58 @@ def forward(q, k, v, opts):
                        ops["has_drop"], ops["causal"], ops["scale"], ops["drop_scale"], block_q,
                        block_k, o, lse), items, costs)
     return o, lse
+
+
+@jit
+def _products_kernel(q, k, v, scale, block_q, block_k, o, items):
+    """The forward's tile products alone, over the same work ``items`` as
+    :func:`_forward_kernel` (no causal rule, no masks, no softmax): ``O_i = sum_j (scale Q_i
+    K_j^T) V_j``, the bound of :func:`forward_products`."""
+    _, H, L, E = q.shape
+    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    group = H // Hkv
+    n_qt = (L + block_q - 1) // block_q
+    q_buf = np.empty((block_q, E), q.dtype)
+    acc_buf = np.empty((block_q, Ev), q.dtype)
+    s_buf = np.empty(block_q * block_k, q.dtype)
+    for t in items:
+        bh, qt = t // n_qt, t % n_qt
+        b, h = bh // H, bh % H
+        hk = h // group
+        i0 = qt * block_q
+        nr = min(L, i0 + block_q) - i0
+        q_tile = q_buf[:nr]
+        for r in range(nr):
+            for e in range(E):
+                q_tile[r, e] = q[b, h, i0 + r, e] * scale
+        acc = acc_buf[:nr]
+        acc[...] = 0
+        for j0 in range(0, S, block_k):
+            nc = min(S, j0 + block_k) - j0
+            s = s_buf[:nr * nc].reshape((nr, nc))                # scores (nr, nc)
+            gemm(s, q_tile, False, k[b, hk, j0:j0 + nc], True, False)
+            gemm(acc, s, False, v[b, hk, j0:j0 + nc], False, True)
+        o[b, h, i0:i0 + nr] = acc
+
+
+def forward_products(q, k, v, opts):
+    """The tile products of a non-causal :func:`forward` alone: its speed bound.
+
+    Runs the two products per tile pair that the forward runs (``S = (scale Q_i) K_j^T``,
+    ``acc += S V_j``) on the same tiles, work items and threads, without the soft-max; the
+    ``sdpa-vs-torch`` study times it beside the forward, so the share of the GEMM ceiling
+    that the products themselves reach is measured in the same run.  Returns the
+    unnormalised ``(B, H, L, Ev)`` sums (not attention).
+    """
+    dtype = q.dtype
+    q, k, v = (_c(x, dtype) for x in (q, k, v))
+    B, H, L, _ = q.shape
+    o = np.empty((B, H, L, v.shape[3]), dtype)
+    block_q, block_k = _tiles(opts, "forward", dtype, L, k.shape[2], q.shape[3], v.shape[3])
+    items, costs = _forward_items(B, H, L, k.shape[2], block_q, opts)
+    run_split(_products_kernel, (q, k, v, dtype.type(opts.scale), block_q, block_k, o), items,
+              costs)
+    return o
 
 
 def _chunks(work_items: int, key_tiles: int) -> int:
