@@ -2,8 +2,9 @@
 
 ``refattn/cores/sdpa/cupy.py`` assembles the argument lists of ``sdpa_fwd`` /
 ``sdpa_bwd`` and of the option kernels ``sdpa_fwd_opt`` / ``sdpa_bwd_opt``.  A wrong count,
-order or width of an argument would only show on a GPU, so here NumPy stands in for CuPy,
-the launches are recorded instead of run, and each argument list is compared with the
+order or width of an argument would only show on a GPU, so here the driver runs on a
+:class:`~refattn.cores.sdpa.cupy.Device` of NumPy arrays whose launches are recorded
+instead of run, and each argument list is compared with the
 parameters NVRTC gives the kernel it names (PTX ``.param`` types), together with the grid
 each launch asks for.  The kernels' arithmetic is checked on a GPU
 (``tests/backends/test_cupy.py``), for float64 and CUDA-core float32 also on a CPU emulation
@@ -31,15 +32,18 @@ def _ptx_type(arg):
     return ".u64" if isinstance(arg, np.ndarray) else _PTX_TYPE[type(arg)]
 
 
+class Recorder(list):
+    """A device of NumPy arrays that records ``(name, grid, threads, args)`` per launch."""
+
+    def __init__(self):
+        super().__init__()
+        self.device = sdpa_cupy.Device(np, lambda name, smem, grid, threads, args: self.append(
+            (name, grid, threads, list(args))), sdpa_cupy._DEFAULT_SMEM_LIMIT)
+
+
 @pytest.fixture
-def launches(monkeypatch):
-    """Run the driver with NumPy for CuPy; record ``(name, grid, threads, args)``."""
-    recorded = []
-    monkeypatch.setattr(cs, "cupy", lambda: np)
-    monkeypatch.setattr(sdpa_cupy, "device_smem_limit", lambda: sdpa_cupy._DEFAULT_SMEM_LIMIT)
-    monkeypatch.setattr(sdpa_cupy, "_launch", lambda name, smem, grid, threads, args:
-                        recorded.append((name, grid, threads, list(args))))
-    return recorded
+def launches():
+    return Recorder()
 
 
 def _signatures(names):
@@ -61,12 +65,13 @@ def _signatures(names):
     return out
 
 
-def _run(opts_of, L=37, S=53, B=2, H=4, Hkv=2, E=8, Ev=8):
+def _run(launches, opts_of, L=37, S=53, B=2, H=4, Hkv=2, E=8, Ev=8):
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal(s) for s in ((B, H, L, E), (B, Hkv, S, E), (B, Hkv, S, Ev)))
     opts = opts_of(q, k, v)
-    o, lse = sdpa_cupy.forward(q, k, v, opts)
-    sdpa_cupy.backward(q, k, v, o, lse, np.ones_like(o), opts)
+    o, lse = sdpa_cupy.forward(q, k, v, opts, device=launches.device)
+    with np.errstate(all="ignore"):                     # o was never written: garbage
+        sdpa_cupy.backward(q, k, v, o, lse, np.ones_like(o), opts, device=launches.device)
     return opts
 
 
@@ -94,7 +99,7 @@ def test_launches_match_the_kernel_signatures(launches):
     calls = {}
     for label, opts_of in CALLS.items():
         start = len(launches)
-        opts = _run(opts_of)
+        opts = _run(launches, opts_of)
         calls[label] = (opts, launches[start:])
     names = [name for _, recorded in calls.values() for name, *_ in recorded]
     signatures = _signatures(names)
@@ -108,7 +113,7 @@ def test_launches_match_the_kernel_signatures(launches):
 
 
 def test_sequence_grids_follow_the_spans(launches):
-    opts = _run(_sequences)
+    opts = _run(launches, _sequences)
     (fwd, fgrid, _, fargs), (bwd, bgrid, _, bargs) = launches
     cfg = sdpa_cupy.kernel_config("float64", 8, 8, options=sdpa_cupy.option_bits(opts))
     spans = opts.sequences.spans

@@ -7,7 +7,9 @@
 // memory that a missing barrier leaves unordered sees the value before the other threads'
 // writes, and a write races ahead of their reads.  Dynamic shared memory is filled with
 // 0xff bytes (NaN in float32 and float64) before each block, so reading what no thread
-// wrote shows in the results.  Blocks run in order of their linear index.
+// wrote shows in the results.  Blocks run in order of their linear index; those of odd
+// index resume their threads in reverse order (thread N-1 first), so that a missing
+// barrier shows whichever thread reads another's data.
 //
 // Covered: __global__ / __device__ / __host__ / __forceinline__ / __launch_bounds__ /
 // __align__ / __restrict__, threadIdx / blockIdx / blockDim / gridDim, extern __shared__
@@ -206,7 +208,8 @@ struct Stacks {
 };
 
 // Run the block g_block_idx to its end; "" on success, else what went wrong.
-inline std::string run_block(Block& b, long long threads, std::size_t dynamic_smem, Stacks& stacks) {
+inline std::string run_block(Block& b, long long threads, std::size_t dynamic_smem, Stacks& stacks,
+                             bool reverse) {
     const int nwarps = (int)b.warps.size();
     if (dynamic_smem > 0) std::memset(g_dynamic_shared, 0xff, dynamic_smem);
     b.block = Barrier{0, (int)threads, 0};
@@ -230,7 +233,8 @@ inline std::string run_block(Block& b, long long threads, std::size_t dynamic_sm
     long long remaining = threads;
     while (remaining > 0) {
         const unsigned long before = b.progress;
-        for (long long i = 0; i < threads; ++i) {
+        for (long long n = 0; n < threads; ++n) {
+            const long long i = reverse ? threads - 1 - n : n;
             Fiber& f = b.fibers[i];
             if (f.done) continue;
             b.current = (int)i;
@@ -267,7 +271,8 @@ inline std::string run_grid(dim3 grid, dim3 block, std::size_t dynamic_smem, con
         for (unsigned by = 0; by < grid.y && error.empty(); ++by)
             for (unsigned bx = 0; bx < grid.x && error.empty(); ++bx) {
                 g_block_idx = uint3{bx, by, bz};
-                error = run_block(b, threads, dynamic_smem, stacks);
+                const unsigned long long linear = bx + (unsigned long long)grid.x * (by + (unsigned long long)grid.y * bz);
+                error = run_block(b, threads, dynamic_smem, stacks, linear % 2 == 1);
             }
     g_block = nullptr;
     return error;

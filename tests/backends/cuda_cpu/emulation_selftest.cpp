@@ -35,13 +35,15 @@ __global__ void block_sum(const double* x, double* out, double* total) {
 }
 
 // Each thread reads its neighbour's slot without a barrier: the emulation runs thread t
-// to its end before thread t + 1 starts, so every read but the last sees the fill (NaN).
+// to its end before thread t + 1 starts (block 0; block 1 in reverse order), so every read
+// but the last (block 1: but the first) sees the fill (NaN).
 __global__ void missing_barrier(double* out) {
     extern __shared__ __align__(16) unsigned char dyn[];
     double* buf = reinterpret_cast<double*>(dyn);
     const int t = threadIdx.x;
     buf[t] = t;
-    out[t] = buf[(t + 1) % blockDim.x];
+    const int next = blockIdx.x % 2 == 0 ? (t + 1) % blockDim.x : (t + blockDim.x - 1) % blockDim.x;
+    out[blockIdx.x * blockDim.x + t] = buf[next];
 }
 
 // Thread 0 waits at __syncwarp, the others at __syncthreads: a deadlock.
