@@ -763,6 +763,26 @@ sdpa_fwd_opt(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::
         typename Cfg<DT>::T *__restrict__ dv, typename Cfg<DT>::T *__restrict__ dscores,       \
         MODS_PARAMS(typename Cfg<DT>::T)
 
+// The ALiBi distance of the kept key of query i nearest the ALiBi diagonal j = i + S - L.
+// dS sums to 0 over each row's kept keys, so the slope's gradient -sum dS_ij d_ij equals
+// -sum dS_ij (d_ij - c_i) for any per-row c_i; with this c_i the terms stay as small as the
+// row's spread of distances, not the distances themselves.  That matters when the kept keys
+// lie far from the diagonal (upper-left alignment with L > S, a window away from it): a
+// rounding of D_i against the row's sum of P dP shifts every dS of the row alike, and the
+// distance would multiply that shift (float32: 40x the reference's own error, found on the
+// CPU emulation, tests/backends/test_cuda_on_cpu.py).
+template <int OPT, class M>
+__device__ __forceinline__ int alibi_center(const M& mods, int i, int L, int S) {
+    int first = 0, last = S - 1;  // the keys query i may keep (the rule's band, the causal rule)
+    if constexpr ((OPT & OPT_RULE) != 0) {
+        first = rule_max(0, i + mods.rule.lo);
+        last = rule_min(S - 1, i + mods.rule.hi);
+    } else {
+        if (mods.causal) last = rule_min(S - 1, i + mods.offset);
+    }
+    return alibi_distance(i, rule_max(first, rule_min(last, i + S - L)), L, S);
+}
+
 template <int DT, int EP, int EVP, int NW, int OPT>
 __device__ __forceinline__ void
 sdpa_bwd_body(BWD_PARAMS(DT), OPT_PARAMS(typename Cfg<DT>::T, typename Cfg<DT>::P::Acc)) {
@@ -878,7 +898,9 @@ sdpa_bwd_body(BWD_PARAMS(DT), OPT_PARAMS(typename Cfg<DT>::T, typename Cfg<DT>::
                             const Acc f = mods.template dropf<PLAIN>(b, h, query, key);
                             const Acc dsv = p * (dpacc[j][e] * f - D_s[qc]);  // d / d score
                             if constexpr ((OPT & OPT_ALIBI) != 0)  // d score / d slope = -distance
-                                if (p != Acc(0)) dslope -= dsv * Acc(alibi_distance(query, key, Lq, Sk));
+                                if (p != Acc(0))
+                                    dslope -= dsv * Acc(alibi_distance(query, key, Lq, Sk) -
+                                                        alibi_center<OPT>(mods, query, Lq, Sk));
                             // d / d (scale q k^T): through the soft-cap, times 1 - tanh^2
                             Acc dsr = dsv;
                             if constexpr ((OPT & OPT_SOFTCAP) != 0) dsr = dsv * (Acc(1) - tc * tc);
