@@ -146,7 +146,7 @@ class Studies:
     def setup_cache(self):
         import importlib.util
 
-        metrics, broken = {}, set()
+        metrics, broken, measured = {}, set(), set()
         for name, study in studies().items():
             if any(importlib.util.find_spec(m) is None for m in study.requires):
                 continue                 # its optional dependencies are not in this env: n/a
@@ -156,14 +156,19 @@ class Studies:
                 broken.add(name)
                 continue
             metrics.update({f"{name}:{k}": float(v) for k, v in result.metrics.items()})
-        return metrics, broken
+            if result.metrics:
+                measured.add(name)
+        return metrics, broken, measured
 
     def track_metric(self, cache, study_metric):
-        metrics, broken = cache
+        metrics, broken, measured = cache
         if study_metric in metrics:
             return metrics[study_metric]
-        if study_metric.split(":", 1)[0] in broken:
+        study = study_metric.split(":", 1)[0]
+        if study in broken:
             raise RuntimeError(f"study of {study_metric} raised (run `refattn bench` to see)")
+        if study in measured:       # a metric renamed or dropped: not a silent n/a
+            raise RuntimeError(f"study {study} ran but reported no {study_metric!r}")
         # Not measurable in this environment (e.g. torch, dask or a GPU absent from asv's
         # virtualenv): NaN, which asv shows as n/a rather than as a failure.
         return float("nan")

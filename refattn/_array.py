@@ -28,6 +28,8 @@ __all__ = [
     "all_finite",
     "native_byte_order",
     "as_batched_4d",
+    "expand_kv_heads",
+    "sum_head_groups",
 ]
 
 
@@ -131,3 +133,22 @@ def as_batched_4d(xp, m, batch):
         return xp.reshape(m, (1,) + tail)
     m = xp.broadcast_to(m, tuple(batch) + tail)
     return xp.reshape(m, (product(batch),) + tail)
+
+
+def expand_kv_heads(xp: Namespace, x: Array, group: int) -> Array:
+    """``(*lead, Hkv, n, F) -> (*lead, Hkv * group, n, F)``: kv head ``g`` serves the query
+    heads ``g * group ... (g + 1) * group - 1`` (grouped-query attention)."""
+    if group == 1:
+        return x
+    lead, (hkv, n, f) = tuple(x.shape[:-3]), tuple(x.shape[-3:])
+    x = xp.broadcast_to(xp.reshape(x, lead + (hkv, 1, n, f)), lead + (hkv, group, n, f))
+    return xp.reshape(x, lead + (hkv * group, n, f))
+
+
+def sum_head_groups(xp: Namespace, x: Array, group: int) -> Array:
+    """Adjoint of :func:`expand_kv_heads`: ``(*lead, H, n, F) -> (*lead, H / group, n, F)``,
+    the sum over each group's query heads."""
+    if group == 1:
+        return x
+    lead, (h, n, f) = tuple(x.shape[:-3]), tuple(x.shape[-3:])
+    return xp.sum(xp.reshape(x, lead + (h // group, group, n, f)), axis=-3)

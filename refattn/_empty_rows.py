@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._array import namespace
+from ._array import expand_kv_heads, namespace, sum_head_groups
 
 __all__ = ["EMPTY_ROWS", "check_empty_rows", "empty_rows", "fill_output", "kernel_cotangent",
            "value_gradient"]
@@ -106,16 +106,6 @@ def empty_rows(xp, opts, q_len: int, kv_len: int, device=None):
     return rows
 
 
-def _expand(xp, x, heads: int):
-    """``(B, Hkv, S, F) -> (B, H, S, F)``: kv head ``g`` serves query heads ``g*group ...``."""
-    B, Hkv, S, F = x.shape
-    group = heads // Hkv
-    if group == 1:
-        return x
-    x = xp.broadcast_to(xp.reshape(x, (B, Hkv, 1, S, F)), (B, Hkv, group, S, F))
-    return xp.reshape(x, (B, heads, S, F))
-
-
 def _uniform_weights(xp, opts, shape, dtype):
     """``w (B, H, L, S)`` of a uniform row with dropout: ``D_ij / ((1 - p) S)``."""
     S = shape[-1]
@@ -136,7 +126,7 @@ def fill_output(policy, o, v, rows, opts):
     where = xp.broadcast_to(rows, (B, H, L))[..., None]                # (B, H, L, 1)
     if policy == "nan":
         return xp.where(where, xp.asarray(xp.nan, dtype=o.dtype), o)
-    vh = _expand(xp, xp.astype(v, o.dtype), H)                         # (B, H, S, F)
+    vh = expand_kv_heads(xp, xp.astype(v, o.dtype), H // v.shape[1])   # (B, H, S, F)
     if opts.dropout_mask is None:
         fill = xp.mean(vh, axis=-2, keepdims=True)                     # (B, H, 1, F)
     else:
@@ -184,5 +174,5 @@ def value_gradient(policy, dv, do, rows, opts):
     else:
         w = _uniform_weights(xp, opts, (B, H, L, S), dv.dtype)
         extra = xp.permute_dims(w, (0, 1, 3, 2)) @ de                   # (B, H, S, F)
-    extra = xp.sum(xp.reshape(extra, (B, Hkv, group, S, F)), axis=2)   # (B, Hkv, S, F)
+    extra = sum_head_groups(xp, extra, group)                          # (B, Hkv, S, F)
     return dv + extra

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from .typing import Array, Namespace
 
-__all__ = ["masked_softmax", "probs_from_lse", "softmax_backward", "kept_matmul"]
+__all__ = ["masked_softmax", "probs_from_lse", "softmax_backward", "kept_matmul", "zero_unkept"]
 
 
 def _masked_scores(xp: Namespace, scores: Array, keep: Array | None) -> Array:
@@ -132,3 +132,8 @@ def kept_matmul(xp: Namespace, a: Array, b: Array, keep: Array | None) -> Array:
     inf = xp.asarray(xp.inf, dtype=out.dtype)
     out = xp.where(plus, inf, xp.where(minus, -inf, out))
     return xp.where(nan, xp.asarray(xp.nan, dtype=out.dtype), out)
+
+
+def zero_unkept(xp: Namespace, ds: Array, keep: Array | None) -> Array:
+    """``ds`` with exact zeros at the pairs that are not kept (a NaN factor there stays out)."""
+    return ds if keep is None else xp.where(keep, ds, xp.zeros_like(ds))

@@ -43,14 +43,20 @@ def vjp(fn: Callable[..., Any], *arrays: Any, **options: Any) -> tuple[Any, Pull
 
 
 def attach_vjp(fn: F, forward: Callable[..., tuple[Any, Any]],
-               backward: Callable[[Any, Any], Any]) -> F:
+               backward: Callable[[Any, Any], Any], *, output_only: tuple[str, ...] = ()) -> F:
     """Give ``fn`` its backward pass for :func:`vjp`; returns ``fn``.
 
     ``forward(*arrays, **options) -> (out, residuals)`` and
     ``backward(residuals, cotangent) -> gradients`` are the core's pair; the rule runs
-    the forward pass once and binds the pullback to its residuals.
+    the forward pass once and binds the pullback to its residuals.  ``output_only`` names
+    the flags of ``fn`` that return more than its output (``return_lse``, ...): ``vjp``
+    differentiates the output alone, so a call that sets one is an error naming it.
     """
     def rule(*arrays: Any, **options: Any) -> tuple[Any, Pullback]:
+        extras = [flag for flag in output_only if options.pop(flag, False)]
+        if extras:
+            raise ValueError(f"vjp({fn.__name__}, ...) differentiates the output o only; drop "
+                             f"{' and '.join(extras)}")
         out, residuals = forward(*arrays, **options)
         return out, lambda cotangent: backward(residuals, cotangent)
 

@@ -162,7 +162,8 @@ def test_no_file_refers_outside_the_repository():
         parts = set(path.relative_to(ROOT).parts)
         if (path.is_file() and not parts & generated
                 and not any(p.endswith(".egg-info") for p in parts) and path.suffix in
-                (".py", ".md", ".toml", ".json", ".txt", ".cfg", ".cu", ".cuh", ".yml", "")
+                (".py", ".md", ".toml", ".json", ".txt", ".cfg", ".cu", ".cuh", ".cpp", ".h",
+                 ".rst", ".css", ".html", ".js", ".yml", ".yaml", ".sh", "")
                 and path != Path(__file__)):
             try:
                 text = path.read_text()

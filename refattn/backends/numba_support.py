@@ -227,6 +227,14 @@ class _SingleThreadedBlas:
             if self._depth == 0 and self._set is not None and self._saved not in (None, 1):
                 self._set(self._saved)
 
+    def forget_launches(self):
+        """In a forked child: no launch of the parent's runs here, so the BLAS gets its
+        thread count back and the lock (perhaps held by a parent thread) is new."""
+        self._lock = threading.Lock()
+        if self._depth and self._set is not None and self._saved not in (None, 1):
+            self._set(self._saved)
+        self._depth = 0
+
 
 _BLAS = _SingleThreadedBlas()
 
@@ -307,21 +315,27 @@ _POOLS_LOCK = threading.Lock()
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
-    """The process's pool of ``workers`` kernel threads (created at first use)."""
+    """A pool of at least ``workers`` kernel threads: the process's largest, replaced by a
+    larger one when a call needs more (so a sweep of thread counts leaves one pool)."""
     with _POOLS_LOCK:
-        pool = _POOLS.get(workers)
-        if pool is None:
-            pool = _POOLS[workers] = ThreadPoolExecutor(workers,
-                                                        thread_name_prefix="refattn-kernel")
-        return pool
+        largest = max(_POOLS, default=0)
+        if largest < workers:
+            # dropped, not shut down: a caller holding it still submits; its idle threads
+            # exit once it is garbage (ThreadPoolExecutor's weak reference)
+            _POOLS.pop(largest, None)
+            largest = workers
+            _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="refattn-kernel")
+        return _POOLS[largest]
 
 
 def _forget_pools_in_child():
     """A forked child inherits the pools but not their threads (a task submitted to one
-    would never run): it starts with none and creates its own at first use."""
+    would never run): it starts with none and creates its own at first use; the BLAS
+    setting of a launch running in the parent at the fork is undone."""
     global _POOLS_LOCK
     _POOLS.clear()
     _POOLS_LOCK = threading.Lock()
+    _BLAS.forget_launches()
 
 
 if hasattr(os, "register_at_fork"):          # POSIX
@@ -340,6 +354,9 @@ def run_split(kernel, args: Sequence, items: np.ndarray, costs) -> None:
     kernel threads own the cores.  An exception of any part is raised after all parts end.
     """
     items = np.ascontiguousarray(items, dtype=np.int64)
+    costs = np.asarray(costs, dtype=np.float64)
+    if costs.shape != items.shape:
+        raise ValueError(f"costs must have the shape of items {items.shape}, got {costs.shape}")
     threads = num_threads()
     parts = [items[p] for p in split_items(costs, threads)] if items.size else [items]
     with _BLAS:

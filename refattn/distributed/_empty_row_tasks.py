@@ -12,8 +12,8 @@ then need sums over *every* key (``uniform`` averages all ``S`` values, masked
 or above the diagonal alike), which the tasks here give per key block, to be
 summed in a tree:
 
-* forward, ``uniform``: ``o_i = (1/S) sum_j v_j`` (:func:`value_sum` per key
-  block), with dropout ``o_i = sum_j w_ij v_j``, ``w_ij = D_ij / ((1 - p) S)``
+* forward, ``uniform``: ``o_i = (1/S) sum_j v_j`` (Dask's own sum of ``v`` over the
+  keys, then :func:`uniform_fill`), with dropout ``o_i = sum_j w_ij v_j``, ``w_ij = D_ij / ((1 - p) S)``
   (:func:`dropout_fill_part` per block ``(i, j)``); ``nan``: ``o_i = NaN``;
 * backward: the kernel blocks get the cotangent with the empty rows zeroed
   (:func:`kernel_cotangent`); ``uniform`` adds ``dv_j += sum_{h in group, i
@@ -24,7 +24,7 @@ summed in a tree:
 
 from __future__ import annotations
 
-from .._array import namespace
+from .._array import expand_kv_heads, namespace, sum_head_groups
 
 __all__ = [
     "adjust_value_gradient",
@@ -36,7 +36,6 @@ __all__ = [
     "kernel_cotangent",
     "logical_or",
     "uniform_fill",
-    "value_sum",
 ]
 
 
@@ -45,38 +44,15 @@ def _empty(xp, lse):
     return lse == -xp.inf
 
 
-def _expand_heads(xp, x, group):
-    """``(*b, Hkv_b, n, F) -> (*b, Hkv_b G, n, F)``: kv head ``g`` serves heads ``g G ...``."""
-    if group == 1:
-        return x
-    lead, (hkv, n, f) = tuple(x.shape[:-3]), tuple(x.shape[-3:])
-    x = xp.broadcast_to(xp.reshape(x, lead + (hkv, 1, n, f)), lead + (hkv, group, n, f))
-    return xp.reshape(x, lead + (hkv * group, n, f))
-
-
-def _sum_groups(xp, x, group):
-    """``(*b, Hb, n, F) -> (*b, Hb / G, n, F)``: the sum over each group's query heads."""
-    if group == 1:
-        return x
-    lead, (h, n, f) = tuple(x.shape[:-3]), tuple(x.shape[-3:])
-    return xp.sum(xp.reshape(x, lead + (h // group, group, n, f)), axis=-3)
-
-
 def _dropout_weights(xp, drop, shape, weight, dtype):
     """``w (*b, Hb, Li, Sj) = D_ij * weight`` from a keep-mask block broadcastable to ``shape``."""
     return xp.astype(xp.broadcast_to(drop, shape), dtype) * weight
 
 
-def value_sum(v):
-    """``sum_j v_j`` over the keys of a block: ``(*b, Hkv_b, Sj, Ev) -> (*b, Hkv_b, 1, Ev)``."""
-    xp = namespace(v)
-    return xp.sum(v, axis=-2, keepdims=True)
-
-
 def uniform_fill(total, kv_len, group):
     """The ``uniform`` row ``(1/S) sum_j v_j`` per query head, ``(*b, Hb, 1, Ev)``."""
     xp = namespace(total)
-    return _expand_heads(xp, total, group) / kv_len
+    return expand_kv_heads(xp, total, group) / kv_len
 
 
 def dropout_fill_part(drop, v, q_len, weight, group):
@@ -86,7 +62,7 @@ def dropout_fill_part(drop, v, q_len, weight, group):
     = 1 / ((1 - p) S)``.
     """
     xp = namespace(v)
-    vh = _expand_heads(xp, v, group)                                     # (*b, Hb, Sj, Ev)
+    vh = expand_kv_heads(xp, v, group)                                     # (*b, Hb, Sj, Ev)
     shape = tuple(vh.shape[:-2]) + (q_len, vh.shape[-2])
     return _dropout_weights(xp, drop, shape, weight, v.dtype) @ vh
 
@@ -114,7 +90,7 @@ def empty_row_sum(do, lse, group):
     """``sum_{h in group, i empty} do_hi`` ``(*b, Hkv_b, 1, Ev)`` of a query block."""
     xp = namespace(do, lse)
     de = xp.where(_empty(xp, lse)[..., None], do, xp.zeros_like(do))
-    return _sum_groups(xp, xp.sum(de, axis=-2, keepdims=True), group)
+    return sum_head_groups(xp, xp.sum(de, axis=-2, keepdims=True), group)
 
 
 def dropout_value_part(drop, do, lse, kv_len, weight, group):
@@ -123,7 +99,7 @@ def dropout_value_part(drop, do, lse, kv_len, weight, group):
     de = xp.where(_empty(xp, lse)[..., None], do, xp.zeros_like(do))   # (*b, Hb, Li, Ev)
     shape = tuple(do.shape[:-1]) + (kv_len,)
     w = _dropout_weights(xp, drop, shape, weight, do.dtype)            # (*b, Hb, Li, Sj)
-    return _sum_groups(xp, xp.matrix_transpose(w) @ de, group)
+    return sum_head_groups(xp, xp.matrix_transpose(w) @ de, group)
 
 
 def has_empty_row(lse, group):

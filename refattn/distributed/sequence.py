@@ -204,6 +204,8 @@ def _make_blocks(q, k, v, options, call):
     backend = plan.static.get("backend", "auto")
     (qp, kp, vp), arrays = probe_arrays(plan, IMPLEMENTED, backend)
     s = plan.shapes
+    if s.kv_len == 0:
+        policy = "zero"     # no keys at all: every policy gives o = 0 (refattn._empty_rows)
     slopes_ndim = 0
     if slopes is not None:
         slopes, slopes_ndim = _slopes_array(slopes, plan), len(slopes.shape)
@@ -315,9 +317,10 @@ def sdpa_sharded(q, k, v, *, return_lse=False, return_probs=False, split_every=4
 
 def sdpa_vjp_sharded(q, k, v, *, split_every=4, **options):
     """``(o, pullback)`` of sharded SDPA; ``pullback(do) -> (dq, dk, dv[, dbias][, dslopes])``."""
-    if options.pop("return_lse", False) or options.pop("return_probs", False):
-        raise ValueError("vjp(sdpa, ...) differentiates the output o only; drop return_lse "
-                         "and return_probs")
+    extras = [flag for flag in ("return_lse", "return_probs") if options.pop(flag, False)]
+    if extras:
+        raise ValueError(f"vjp(sdpa, ...) differentiates the output o only; drop "
+                         f"{' and '.join(extras)}")
     blocks = _make_blocks(q, k, v, options, "refattn.distributed.vjp")
     o, lse = _forward_graph(blocks, split_every)            # o: the kernels' convention
     out = o if blocks.empty_rows == "zero" else filled_output(blocks, o, lse, split_every)

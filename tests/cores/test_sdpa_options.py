@@ -133,8 +133,10 @@ def test_probabilities_are_returned_on_every_backend():
         np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-12)
         np.testing.assert_allclose(p @ np.repeat(v, 2, axis=1), o, rtol=1e-10, atol=1e-12)
         assert not p[..., 10, :6].any()                   # outside query 10's window (3, 1)
-    with pytest.raises(ValueError, match="drop return_lse and return_probs"):
+    with pytest.raises(ValueError, match=r"vjp\(sdpa, ...\) .* drop return_probs$"):
         refattn.vjp(refattn.sdpa, q, k, v, return_probs=True)
+    with pytest.raises(ValueError, match="drop return_lse and return_probs"):
+        refattn.vjp(refattn.sdpa, q, k, v, return_lse=True, return_probs=True)
 
 
 def test_layer_passes_the_options_through():

@@ -234,14 +234,7 @@ def preconditioned_sdpa(q: Array, k: Array, v: Array, *, eps: float = DEFAULT_EP
     return o
 
 
-def _forward_of_output(q, k, v, *, return_diagonal=False, **options):
-    if return_diagonal:
-        raise ValueError("vjp(preconditioned_sdpa, ...) differentiates the output o only; "
-                         "drop return_diagonal")
-    return forward(q, k, v, **options)
-
-
-attach_vjp(preconditioned_sdpa, _forward_of_output, backward)
+attach_vjp(preconditioned_sdpa, forward, backward, output_only=("return_diagonal",))
 
 
 def _inner(inner_core) -> Core:

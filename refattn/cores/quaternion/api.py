@@ -382,10 +382,22 @@ def quaternion_attention(q: Array, k: Array, v: Array, *,
     backend : {"auto", "reference", "numba", "cupy"}
         ``"reference"`` evaluates the explicit formulas; the others run SDPA's kernels
         through an exact reduction (available wherever :func:`refattn.sdpa` has them), and
-        take the options where SDPA's kernels do (cupy: window, soft-cap, ALiBi and the
-        functions run on the reference formulas, as for :func:`refattn.sdpa`).
+        take the options where SDPA's kernels do (cupy: window, soft-cap and ALiBi in the
+        kernels; ``mask_mod`` / ``score_mod`` on the reference formulas, as for
+        :func:`refattn.sdpa`).
     empty_rows : {"zero", "uniform", "nan"}
-        What a query row with no kept key gives, as for :func:`refattn.sdpa`:    Examples
+        What a query row with no kept key gives, as for :func:`refattn.sdpa`:
+        ``"uniform"`` (the official shared-score code's ``finfo.min`` fill) makes every
+        component of the row the mean of that component of ``v`` over all keys.
+
+    Returns
+    -------
+    o : array (..., H, L, 4, dv)
+        (``(total_q, H, 4, dv)`` for packed sequences.)
+    p : array (..., H, M, L, S), only with ``return_probs=True``
+        Every map's probabilities (see ``return_probs``).
+
+    Examples
     --------
     >>> import numpy as np, refattn
     >>> rng = np.random.default_rng(0)
@@ -412,14 +424,7 @@ def quaternion_attention(q: Array, k: Array, v: Array, *,
     return (o, _probabilities(res)) if return_probs else o
 
 
-def _forward_of_output(q, k, v, *, return_probs=False, **options):
-    if return_probs:
-        raise ValueError("vjp(quaternion_attention, ...) differentiates the output o only; "
-                         "drop return_probs")
-    return forward(q, k, v, **options)
-
-
-attach_vjp(quaternion_attention, _forward_of_output, backward)
+attach_vjp(quaternion_attention, forward, backward, output_only=("return_probs",))
 
 
 def score_maps(q, k, *, mode="hamilton"):

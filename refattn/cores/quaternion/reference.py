@@ -27,12 +27,13 @@ from __future__ import annotations
 import array_api_compat
 
 from ..._array import matrix_transpose, namespace, upcast_half
-from ..._masks import alibi_distance, keep_mask
-from ..._softmax import kept_matmul, masked_softmax, probs_from_lse, softmax_backward
+from ..._masks import alibi_distance
+from ..._softmax import (kept_matmul, masked_softmax, probs_from_lse, softmax_backward,
+                         zero_unkept)
 from ..sdpa.reference import (
     apply_score_mod,
     expand_kv_heads,
-    mask_mod_keep,
+    option_scores,
     reduce_kv_heads,
 )
 from .algebra import n_maps, score_terms
@@ -128,28 +129,10 @@ def _scores(xp, q, kh, opts, mode):
     options of :func:`refattn.sdpa` applied to each map's own score; the kept pairs (mask,
     ``mask_mod``, causal rule, window, ``bias != -inf``) are the same for every map.
     """
-    device = array_api_compat.device(q)
     raw = opts.scale * score_maps(xp, q, kh, mode)                       # (B, H, M, L, S)
-    s, tanh = raw, None
-    if opts.softcap is not None:
-        tanh = xp.tanh(raw / opts.softcap)
-        # a non-finite raw score stays non-finite (it poisons its row; tanh would hide it)
-        s = xp.where(xp.isfinite(raw), opts.softcap * tanh, raw)
-    bias = None if opts.bias is None else xp.astype(opts.bias, s.dtype)
-    if bias is not None:
-        s = s + _with_map_axis(xp, bias)
-    if opts.alibi is not None:
-        distance = alibi_distance(xp, q.shape[2], kh.shape[2], s.dtype, device=device)
-        s = s - _with_map_axis(xp, xp.astype(opts.alibi, s.dtype)) * distance
-    before_mod = None
-    if opts.score_mod is not None:
-        before_mod = s
-        s = _per_map(xp, lambda z: apply_score_mod(xp, opts.score_mod, "score_mod", z, device),
-                     s)
-    B, H, _, L, S = raw.shape
-    keep = keep_mask(xp, mask_mod_keep(xp, opts, (B, H, L, S), device), opts.causal_offset,
-                     L, S, device=device, bias=bias, window=opts.window)
-    return s, _with_map_axis(xp, keep), tanh, before_mod
+    return option_scores(xp, raw, opts, array_api_compat.device(q),
+                         lift=lambda x: _with_map_axis(xp, x),
+                         per_map=lambda fn, s: _per_map(xp, fn, s))
 
 
 def _per_map(xp, fn, x):
@@ -212,12 +195,13 @@ def backward(saved, do, opts, mode):
     if before_mod is not None:                       # through score_mod, map by map
         grad = _per_map(xp, lambda z: apply_score_mod(xp, opts.score_mod_grad, "score_mod_grad",
                                                       z, device), before_mod)
-        ds = _kept(xp, ds * grad, keep)
+        ds = zero_unkept(xp, ds * grad, keep)
     dslopes = None
     if opts.need_alibi_grad:                         # d Z_m / d slope = -|i + S - L - j|
-        distance = alibi_distance(xp, s.shape[-2], s.shape[-1], s.dtype, device=device)
+        distance = alibi_distance(xp, s.shape[-2], s.shape[-1], s.dtype, device=device,
+                                  offset=opts.alibi_offset)
         dslopes = -xp.sum(ds * distance, axis=(2, 3, 4))                # (B, H)
-    ds_raw = ds if tanh is None else _kept(xp, ds * (1 - tanh * tanh), keep)   # soft-cap
+    ds_raw = ds if tanh is None else zero_unkept(xp, ds * (1 - tanh * tanh), keep)   # soft-cap
     # logits_m = cap(scale Qflat Kmix_m^T) + ...  =>  dQflat = scale sum_m dR_m Kmix_m,
     # dKmix_m = scale dR_m^T Qflat, and dK is dKmix pulled back through the mixing.
     dsc = opts.scale * ds_raw
@@ -233,8 +217,3 @@ def backward(saved, do, opts, mode):
     # The bias is added to the logits of every map: its gradient sums the maps.
     dscores = xp.astype(xp.sum(ds, axis=2), dtype) if opts.need_bias_grad else None
     return grads + (dscores, None if dslopes is None else xp.astype(dslopes, dtype))
-
-
-def _kept(xp, ds, keep):
-    """``ds`` with exact zeros at the pairs that are not kept (a NaN factor there stays out)."""
-    return ds if keep is None else xp.where(keep, ds, xp.zeros_like(ds))

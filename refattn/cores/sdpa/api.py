@@ -642,14 +642,7 @@ def sdpa(q: Array, k: Array, v: Array, *, mask: Array | None = None, bias: Array
     return (o, *extra) if extra else o
 
 
-def _forward_of_output(q, k, v, *, return_lse=False, return_probs=False, **options):
-    if return_lse or return_probs:
-        raise ValueError("vjp(sdpa, ...) differentiates the output o only; drop return_lse "
-                         "and return_probs")
-    return forward(q, k, v, **options)
-
-
-attach_vjp(sdpa, _forward_of_output, backward)
+attach_vjp(sdpa, forward, backward, output_only=("return_lse", "return_probs"))
 
 
 def flops(batch, heads, q_len, kv_len, head_dim, value_dim, causal=False, **_):

@@ -9,27 +9,17 @@ from __future__ import annotations
 
 import array_api_compat
 
-from ..._array import matrix_transpose, namespace, upcast_half
+from ..._array import (expand_kv_heads, matrix_transpose, namespace, sum_head_groups,
+                      upcast_half)
 from ..._masks import alibi_distance, keep_mask, score_indices
-from ..._softmax import kept_matmul, masked_softmax, probs_from_lse, softmax_backward
+from ..._softmax import (kept_matmul, masked_softmax, probs_from_lse, softmax_backward,
+                         zero_unkept)
 from ..._validate import check_bool_array, check_broadcastable, check_float_array
 
 
-def expand_kv_heads(xp, x, group: int):
-    """``(B, Hkv, S, F) -> (B, Hkv * group, S, F)``: kv head ``g`` serves query heads ``g*group ...``."""
-    if group == 1:
-        return x
-    B, Hkv, S, F = x.shape
-    x = xp.broadcast_to(xp.reshape(x, (B, Hkv, 1, S, F)), (B, Hkv, group, S, F))
-    return xp.reshape(x, (B, Hkv * group, S, F))
-
-
 def reduce_kv_heads(xp, g, kv_heads: int):
-    """Adjoint of :func:`expand_kv_heads`: sum each group of query heads."""
-    B, H, S, F = g.shape
-    if H == kv_heads:
-        return g
-    return xp.sum(xp.reshape(g, (B, kv_heads, H // kv_heads, S, F)), axis=2)
+    """Adjoint of :func:`expand_kv_heads`: ``(B, H, S, F) -> (B, kv_heads, S, F)``."""
+    return sum_head_groups(xp, g, g.shape[-3] // kv_heads)
 
 
 def mask_mod_keep(xp, opts, shape, device):
@@ -58,29 +48,46 @@ def _scores(xp, q, kh, opts):
     soft-cap; the kept pairs combine mask, ``mask_mod``, causal rule, window and
     ``bias != -inf``.
     """
-    device = array_api_compat.device(q)
     raw = opts.scale * (q @ matrix_transpose(xp, kh))  # (B, H, L, S)
-    tanh = None
-    s = raw
+    return option_scores(xp, raw, opts, array_api_compat.device(q))
+
+
+def _same(x):
+    return x
+
+
+def option_scores(xp, raw, opts, device, *, lift=_same, per_map=None):
+    """The options on scaled scores ``raw (B, H, *maps, L, S)``: ``(s, keep, tanh,
+    before_mod)`` as :func:`_scores` returns them.
+
+    ``s = score_mod(cap(raw) + bias - slope |i + S - L - j|)``; the kept pairs (mask,
+    ``mask_mod``, causal rule, window, ``bias != -inf``) are those of ``(B, H, L, S)``.
+    Cores with several score maps per head (quaternion: ``(B, H, M, L, S)``) pass
+    ``lift``, which gives a ``(B, H, L, S)``-broadcastable operand their map axis, and
+    ``per_map(fn, s)``, which applies a ``(B, H, L, S)`` function to every map.
+    """
+    B, H, L, S = raw.shape[0], raw.shape[1], raw.shape[-2], raw.shape[-1]
+    s, tanh = raw, None
     if opts.softcap is not None:
         tanh = xp.tanh(raw / opts.softcap)
         # a non-finite raw score stays non-finite (it poisons its row; tanh would hide it)
         s = xp.where(xp.isfinite(raw), opts.softcap * tanh, raw)
-    bias = None
-    if opts.bias is not None:
-        bias = xp.astype(opts.bias, s.dtype)
-        s = s + bias
+    bias = None if opts.bias is None else xp.astype(opts.bias, s.dtype)
+    if bias is not None:
+        s = s + lift(bias)
     if opts.alibi is not None:
-        L, S = q.shape[-2], kh.shape[-2]
         distance = alibi_distance(xp, L, S, s.dtype, device=device, offset=opts.alibi_offset)
-        s = s - xp.astype(opts.alibi, s.dtype) * distance
+        s = s - lift(xp.astype(opts.alibi, s.dtype)) * distance
     before_mod = None
     if opts.score_mod is not None:
         before_mod = s
-        s = apply_score_mod(xp, opts.score_mod, "score_mod", s, device)
-    keep = keep_mask(xp, mask_mod_keep(xp, opts, tuple(raw.shape), device), opts.causal_offset,
-                     q.shape[-2], kh.shape[-2], device=device, bias=bias, window=opts.window)
-    return s, keep, tanh, before_mod
+
+        def mod(z):
+            return apply_score_mod(xp, opts.score_mod, "score_mod", z, device)
+        s = mod(s) if per_map is None else per_map(mod, s)
+    keep = keep_mask(xp, mask_mod_keep(xp, opts, (B, H, L, S), device), opts.causal_offset,
+                     L, S, device=device, bias=bias, window=opts.window)
+    return s, (None if keep is None else lift(keep)), tanh, before_mod
 
 
 def probabilities(q, k, lse, opts):
@@ -104,11 +111,6 @@ def _value_keep(keep, opts, xp):
     if opts.dropout_mask is None:
         return keep
     return opts.dropout_mask if keep is None else xp.logical_and(keep, opts.dropout_mask)
-
-
-def _kept(xp, ds, keep):
-    """``ds`` with exact zeros at the pairs that are not kept (a NaN factor there stays out)."""
-    return ds if keep is None else xp.where(keep, ds, xp.zeros_like(ds))
 
 
 def _transposed(xp, keep):
@@ -141,7 +143,7 @@ def backward(q, k, v, o, lse, do, opts):
     dp = _dropout(xp, do @ matrix_transpose(xp, vh), opts)        # (B, H, L, S)
     ds = softmax_backward(xp, p, dp, row_dot=xp.sum(do * o, axis=-1), keep=keep)
     if before_mod is not None:                                    # through score_mod
-        ds = _kept(xp, ds * apply_score_mod(xp, opts.score_mod_grad, "score_mod_grad",
+        ds = zero_unkept(xp, ds * apply_score_mod(xp, opts.score_mod_grad, "score_mod_grad",
                                              before_mod, array_api_compat.device(q)), keep)
     dslopes = None
     if opts.need_alibi_grad:                                      # d s / d slope = -|i + c - j|
@@ -150,7 +152,7 @@ def backward(q, k, v, o, lse, do, opts):
         dslopes = -xp.sum(ds * distance, axis=(-2, -1))            # (B, H)
     ds_raw = ds
     if tanh is not None:                                          # through the soft-cap
-        ds_raw = _kept(xp, ds * (1 - tanh * tanh), keep)
+        ds_raw = zero_unkept(xp, ds * (1 - tanh * tanh), keep)
     dq = opts.scale * kept_matmul(xp, ds_raw, kh, keep)           # (B, H, L, E)
     dk = opts.scale * kept_matmul(xp, matrix_transpose(xp, ds_raw), q, _transposed(xp, keep))
     # dk (B, H, S, E)
