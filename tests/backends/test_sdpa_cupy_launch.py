@@ -14,6 +14,7 @@ each launch asks for.  The kernels' arithmetic is checked on a GPU
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -128,3 +129,19 @@ def test_sequence_grids_follow_the_spans(launches):
     assert (lo, hi, causal, lower_right) == (-4, 2, 1, 1)
     dslopes = bargs[-1]
     assert dslopes.shape == (len(spans), H) and not dslopes.any()   # added to by the kernel
+
+
+def test_an_alibi_offset_the_kernels_do_not_measure_is_an_error(launches):
+    """The kernels measure ALiBi from the diagonal j = i + S - L; a sharded block's other
+    offset must not be dropped silently."""
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 2, n, 8)) for n in (6, 9, 9))
+    opts = api.prepare(q, k, v, alibi_slopes=np.ones(2))[2]
+    sdpa_cupy.forward(q, k, v, dataclasses.replace(opts, alibi_offset=3), device=launches.device)
+    assert len(launches) == 1                          # S - L = 3: the kernels' own offset
+    for call in (lambda o: sdpa_cupy.forward(q, k, v, o, device=launches.device),
+                 lambda o: sdpa_cupy.backward(q, k, v, q, np.zeros((1, 2, 6)), q, o,
+                                              device=launches.device)):
+        with pytest.raises(ValueError, match="no alibi_offset other than S - L = 3, got 5"):
+            call(dataclasses.replace(opts, alibi_offset=5))
+    assert len(launches) == 1

@@ -329,12 +329,14 @@ def _spans(cp, opts):
     return cp.asarray(spans.astype(np.int32)), spans.shape[0], longest_q, longest_k
 
 
-def _opt_args(cp, opts, spans, dtype, dslopes=None):
-    """The option arguments of both kernels (see ``OPT_PARAMS`` in ``sdpa.cu``)."""
+def _opt_args(cp, opts, spans, acc, dslopes=None):
+    """The option arguments of both kernels (see ``OPT_PARAMS`` in ``sdpa.cu``); the slopes
+    in the accumulation type ``acc`` (float16 inputs keep float32 slopes, as the reference
+    and FlashAttention do)."""
     slopes, rows_stride = cs.NULL, 0
     if opts.alibi is not None:
         heads = opts.alibi.shape[1]
-        slopes = cp.ascontiguousarray(cp.reshape(opts.alibi, (-1, heads)).astype(dtype,
+        slopes = cp.ascontiguousarray(cp.reshape(opts.alibi, (-1, heads)).astype(acc,
                                                                                  copy=False))
         rows_stride = heads if slopes.shape[0] > 1 else 0
     return ([cs.pointer_or_null(None if spans is None else spans[0])]
@@ -349,6 +351,16 @@ def _check_lengths(L, S, bits):
                          f"window, softcap, alibi_slopes or sequences, got L={L}, S={S}")
 
 
+def _check_alibi_offset(opts, L, S):
+    """The kernels measure ALiBi distances from the diagonal ``j = i + S - L`` (each
+    sequence's own with ``opts.sequences``); a block of a sharded call with another offset
+    runs on the reference (:mod:`refattn.distributed`)."""
+    if opts.alibi is not None and opts.alibi_offset is not None and \
+            (opts.sequences is not None or opts.alibi_offset != S - L):
+        raise ValueError(f"backend='cupy' takes no alibi_offset other than S - L = {S - L}, got "
+                         f"{opts.alibi_offset} (use backend='reference')")
+
+
 def forward(q, k, v, opts, device=None):
     """``(o (B, H, L, Ev), lse (B, H, L))``; see :mod:`refattn.cores.sdpa.api`.
 
@@ -361,6 +373,7 @@ def forward(q, k, v, opts, device=None):
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     bits = option_bits(opts)
     _check_lengths(L, S, bits)
+    _check_alibi_offset(opts, L, S)
     cfg = kernel_config(q.dtype, E, Ev, opts.float32_math, smem_limit=device.smem_limit,
                         options=bits)
     q, k, v = (cp.ascontiguousarray(x) for x in (q, k, v))
@@ -379,7 +392,7 @@ def forward(q, k, v, opts, device=None):
         return o, lse
     args = [q, k, v, o, lse] + _mods_args(opts, H, Hkv, L, S, E, Ev)
     if bits:
-        args += _opt_args(cp, opts, spans, q.dtype)
+        args += _opt_args(cp, opts, spans, cfg["acc"])
     device.launch(cfg["fwd"], cfg["fwd_smem"], (blocks, -(-query_rows // rows)),
                   cfg["fwd_threads"], args)
     return o, lse
@@ -397,6 +410,7 @@ def backward(q, k, v, o, lse, do, opts, device=None):
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     bits = option_bits(opts)
     _check_lengths(L, S, bits)
+    _check_alibi_offset(opts, L, S)
     cfg = kernel_config(q.dtype, E, Ev, opts.float32_math, smem_limit=device.smem_limit,
                         options=bits)
     acc = cfg["acc"]
@@ -419,7 +433,7 @@ def backward(q, k, v, o, lse, do, opts, device=None):
         args = ([q, k, v, do, lse_acc, rowdot, dq, dk, dv, cs.pointer_or_null(dscores)]
                 + _mods_args(opts, H, Hkv, L, S, E, Ev))
         if bits:
-            args += _opt_args(cp, opts, spans, q.dtype, dslopes)
+            args += _opt_args(cp, opts, spans, acc, dslopes)
         device.launch(cfg["bwd"], cfg["bwd_smem"], (blocks, -(-key_rows // rows)),
                       cfg["bwd_threads"], args)
     return (dq.astype(q.dtype, copy=False), dk, dv, dscores,

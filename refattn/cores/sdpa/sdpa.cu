@@ -487,12 +487,24 @@ struct Mods {
         return !mask && !bias && !drop && i0 + ni <= L && j0 + nj <= S &&
                (!causal || j0 + nj - 1 <= i0 + offset);
     }
-    // OPT_SEQ: address the operands of one sequence, whose queries start at row q_row0 and
-    // keys at row k_row0 of the (B, H, L, S) view, with local positions from 0.
-    __device__ __forceinline__ void shift_operands(int q_row0, int k_row0) {
+    // OPT_SEQ: the lengths of one sequence, whose queries start at row q_row0 and keys at
+    // row k_row0 of the (B, H, L, S) view, and its operands addressed from local positions 0.
+    __device__ __forceinline__ void enter_sequence(int Lq, int Sk, int q_row0, int k_row0) {
+        L = Lq;
+        S = Sk;
         if (mask) mask += (long long)q_row0 * ml + (long long)k_row0 * ms;
         if (bias) bias += (long long)q_row0 * xl + (long long)k_row0 * xs;
         if (drop) drop += (long long)q_row0 * dl + (long long)k_row0 * ds;
+    }
+};
+
+// OPT_SEQ: sequence n of a packed or padded call, from its 5 ints in `spans` (batch row,
+// query rows [q0, q1), key rows [k0, k1) of the view).
+struct Span {
+    int b, q_row0, Lq, k_row0, Sk;
+    static __device__ __forceinline__ Span of(const int* spans, int n) {
+        const int* s = spans + 5 * n;
+        return Span{s[0], s[1], s[2] - s[1], s[3], s[4] - s[3]};
     }
 };
 
@@ -517,12 +529,12 @@ struct Mods {
 // Arguments of the option kernels (sdpa_fwd_opt, sdpa_bwd_opt), read only under their bits.
 //   spans (N, 5) int32 (OPT_SEQ): per sequence n, (batch row b, q0, q1, k0, k1) of the view;
 //   lo_rel, hi_rel, rule_causal, lower_right: make_rule's (OPT_RULE);
-//   softcap (OPT_SOFTCAP);  alibi (rows, H) slopes with row stride alibi_rows (0: shared),
-//   row = b, or n with OPT_SEQ; dslopes (rows, H) in the accumulation type, added to by
+//   softcap (OPT_SOFTCAP);  alibi (rows, H) slopes in the accumulation type, row stride
+//   alibi_rows (0: shared), row = b, or n with OPT_SEQ; dslopes (rows, H) in the accumulation type, added to by
 //   atomics in the backward pass (OPT_ALIBI).
 #define OPT_PARAMS(T, Acc)                                                                      \
     const int *__restrict__ spans, int lo_rel, int hi_rel, int rule_causal, int lower_right,   \
-        double softcap, const T *__restrict__ alibi, long long alibi_rows, Acc *__restrict__ dslopes
+        double softcap, const Acc *__restrict__ alibi, long long alibi_rows, Acc *__restrict__ dslopes
 
 #define OPT_ARGS spans, lo_rel, hi_rel, rule_causal, lower_right, softcap, alibi, alibi_rows, dslopes
 #define NO_OPT_ARGS nullptr, 0, 0, 0, 0, 0.0, nullptr, 0, nullptr
@@ -564,19 +576,14 @@ sdpa_fwd_body(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>:
     int bh = blockIdx.x, b = bh / H, h = bh % H, Lq = L, Sk = S, q_row0 = 0, k_row0 = 0, arow = b;
     if constexpr ((OPT & OPT_SEQ) != 0) {
         const int n = blockIdx.x / H;
-        const int* span = spans + 5 * n;
+        const Span seq = Span::of(spans, n);
         h = blockIdx.x % H;
-        b = span[0];
+        b = seq.b;
         bh = b * H + h;
-        q_row0 = span[1];
-        Lq = span[2] - span[1];
-        k_row0 = span[3];
-        Sk = span[4] - span[3];
+        q_row0 = seq.q_row0, Lq = seq.Lq, k_row0 = seq.k_row0, Sk = seq.Sk;
         arow = n;
         if (m0 >= Lq) return;  // the whole block: no barrier is pending
-        mods.L = Lq;
-        mods.S = Sk;
-        mods.shift_operands(q_row0, k_row0);
+        mods.enter_sequence(Lq, Sk, q_row0, k_row0);
     }
     const int hk = h / (H / Hkv);
     if constexpr ((OPT & OPT_RULE) != 0) mods.rule = make_rule(Lq, Sk, lo_rel, hi_rel, rule_causal, lower_right);
@@ -817,18 +824,13 @@ sdpa_bwd_body(BWD_PARAMS(DT), OPT_PARAMS(typename Cfg<DT>::T, typename Cfg<DT>::
     long long kv_slab = (long long)blockIdx.x * S;
     if constexpr ((OPT & OPT_SEQ) != 0) {
         const int n = blockIdx.x / Hkv;
-        const int* span = spans + 5 * n;
-        b = span[0];
-        q_row0 = span[1];
-        Lq = span[2] - span[1];
-        k_row0 = span[3];
-        Sk = span[4] - span[3];
+        const Span seq = Span::of(spans, n);
+        b = seq.b;
+        q_row0 = seq.q_row0, Lq = seq.Lq, k_row0 = seq.k_row0, Sk = seq.Sk;
         arow = n;
         if (n0 >= Sk) return;  // the whole block: no barrier is pending
         kv_slab = (long long)(b * Hkv + hk) * S + k_row0;
-        mods.L = Lq;
-        mods.S = Sk;
-        mods.shift_operands(q_row0, k_row0);
+        mods.enter_sequence(Lq, Sk, q_row0, k_row0);
     }
     if constexpr ((OPT & OPT_RULE) != 0) mods.rule = make_rule(Lq, Sk, lo_rel, hi_rel, rule_causal, lower_right);
     if constexpr ((OPT & OPT_SOFTCAP) != 0) {
