@@ -2,16 +2,19 @@
 
 ``refattn/cores/sdpa/cupy.py`` assembles the argument lists of ``sdpa_fwd`` /
 ``sdpa_bwd`` and of the option kernels ``sdpa_fwd_opt`` / ``sdpa_bwd_opt``.  A wrong count,
-order or width of an argument would only show on a GPU, so here NumPy stands in for CuPy,
-the launches are recorded instead of run, and each argument list is compared with the
+order or width of an argument would only show on a GPU, so here the driver runs on a
+:class:`~refattn.cores.sdpa.cupy.Device` of NumPy arrays whose launches are recorded
+instead of run, and each argument list is compared with the
 parameters NVRTC gives the kernel it names (PTX ``.param`` types), together with the grid
 each launch asks for.  The kernels' arithmetic is checked on a GPU
-(``tests/backends/test_cupy.py``) and their index math on the CPU
+(``tests/backends/test_cupy.py``), for float64 and CUDA-core float32 also on a CPU emulation
+(``tests/backends/test_cuda_on_cpu.py``), and their index math on the CPU
 (``tests/backends/test_sdpa_rules.py``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -30,15 +33,18 @@ def _ptx_type(arg):
     return ".u64" if isinstance(arg, np.ndarray) else _PTX_TYPE[type(arg)]
 
 
+class Recorder(list):
+    """A device of NumPy arrays that records ``(name, grid, threads, args)`` per launch."""
+
+    def __init__(self):
+        super().__init__()
+        self.device = sdpa_cupy.Device(np, lambda name, smem, grid, threads, args: self.append(
+            (name, grid, threads, list(args))), sdpa_cupy._DEFAULT_SMEM_LIMIT)
+
+
 @pytest.fixture
-def launches(monkeypatch):
-    """Run the driver with NumPy for CuPy; record ``(name, grid, threads, args)``."""
-    recorded = []
-    monkeypatch.setattr(cs, "cupy", lambda: np)
-    monkeypatch.setattr(sdpa_cupy, "device_smem_limit", lambda: sdpa_cupy._DEFAULT_SMEM_LIMIT)
-    monkeypatch.setattr(sdpa_cupy, "_launch", lambda name, smem, grid, threads, args:
-                        recorded.append((name, grid, threads, list(args))))
-    return recorded
+def launches():
+    return Recorder()
 
 
 def _signatures(names):
@@ -60,12 +66,13 @@ def _signatures(names):
     return out
 
 
-def _run(opts_of, L=37, S=53, B=2, H=4, Hkv=2, E=8, Ev=8):
+def _run(launches, opts_of, L=37, S=53, B=2, H=4, Hkv=2, E=8, Ev=8):
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal(s) for s in ((B, H, L, E), (B, Hkv, S, E), (B, Hkv, S, Ev)))
     opts = opts_of(q, k, v)
-    o, lse = sdpa_cupy.forward(q, k, v, opts)
-    sdpa_cupy.backward(q, k, v, o, lse, np.ones_like(o), opts)
+    o, lse = sdpa_cupy.forward(q, k, v, opts, device=launches.device)
+    with np.errstate(all="ignore"):                     # o was never written: garbage
+        sdpa_cupy.backward(q, k, v, o, lse, np.ones_like(o), opts, device=launches.device)
     return opts
 
 
@@ -93,7 +100,7 @@ def test_launches_match_the_kernel_signatures(launches):
     calls = {}
     for label, opts_of in CALLS.items():
         start = len(launches)
-        opts = _run(opts_of)
+        opts = _run(launches, opts_of)
         calls[label] = (opts, launches[start:])
     names = [name for _, recorded in calls.values() for name, *_ in recorded]
     signatures = _signatures(names)
@@ -107,7 +114,7 @@ def test_launches_match_the_kernel_signatures(launches):
 
 
 def test_sequence_grids_follow_the_spans(launches):
-    opts = _run(_sequences)
+    opts = _run(launches, _sequences)
     (fwd, fgrid, _, fargs), (bwd, bgrid, _, bargs) = launches
     cfg = sdpa_cupy.kernel_config("float64", 8, 8, options=sdpa_cupy.option_bits(opts))
     spans = opts.sequences.spans
@@ -122,3 +129,19 @@ def test_sequence_grids_follow_the_spans(launches):
     assert (lo, hi, causal, lower_right) == (-4, 2, 1, 1)
     dslopes = bargs[-1]
     assert dslopes.shape == (len(spans), H) and not dslopes.any()   # added to by the kernel
+
+
+def test_an_alibi_offset_the_kernels_do_not_measure_is_an_error(launches):
+    """The kernels measure ALiBi from the diagonal j = i + S - L; a sharded block's other
+    offset must not be dropped silently."""
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 2, n, 8)) for n in (6, 9, 9))
+    opts = api.prepare(q, k, v, alibi_slopes=np.ones(2))[2]
+    sdpa_cupy.forward(q, k, v, dataclasses.replace(opts, alibi_offset=3), device=launches.device)
+    assert len(launches) == 1                          # S - L = 3: the kernels' own offset
+    for call in (lambda o: sdpa_cupy.forward(q, k, v, o, device=launches.device),
+                 lambda o: sdpa_cupy.backward(q, k, v, q, np.zeros((1, 2, 6)), q, o,
+                                              device=launches.device)):
+        with pytest.raises(ValueError, match="no alibi_offset other than S - L = 3, got 5"):
+            call(dataclasses.replace(opts, alibi_offset=5))
+    assert len(launches) == 1

@@ -27,13 +27,17 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from ...backends import cupy_support as cs
 
 __all__ = ["forward", "backward", "MAX_HEAD_DIM", "DEFAULT_FLOAT32_MATH", "SOURCE", "OPTION_BITS",
-           "option_bits", "rule_arguments", "RULE_UNBOUNDED", "MAX_LENGTH"]
+           "option_bits", "rule_arguments", "RULE_UNBOUNDED", "MAX_LENGTH", "Device",
+           "cupy_device"]
 
 #: Largest ``E`` / ``Ev`` the kernels take (register tiles are sized at compile time).
 MAX_HEAD_DIM = 256
@@ -255,6 +259,52 @@ def _launch(name, smem, grid, threads, args):
     fn(grid, (threads,), args, shared_mem=smem)
 
 
+@dataclass(frozen=True)
+class Device:
+    """Where :func:`forward` and :func:`backward` run their kernels.
+
+    Attributes
+    ----------
+    xp : module
+        The array namespace of the operands (``cupy``), with ``empty``, ``zeros``,
+        ``full``, ``sum``, ``reshape``, ``asarray`` and ``ascontiguousarray``.
+    launch : callable
+        ``launch(name, smem, grid, threads, args)`` runs the kernel ``name`` (a template
+        name expression of :func:`kernel_config`) on a ``grid`` of ``(x, y)`` blocks of
+        ``threads`` threads with ``smem`` bytes of dynamic shared memory; ``args`` are the
+        kernel's arguments (arrays, the null pointer :data:`cupy_support.NULL` and NumPy
+        scalars of the parameters' C types).
+    smem_limit : int
+        Dynamic shared memory a block may opt in to (bytes): picks the tiles.
+
+    The CPU tests run the same driver on an emulation of the kernels
+    (``tests/backends/test_cuda_on_cpu.py``); :func:`cupy_device` is the GPU.
+
+    Examples
+    --------
+    A device that records the launches instead of running them (NumPy arrays):
+
+    >>> import numpy as np
+    >>> from refattn.cores.sdpa import api, cupy as sdpa_cupy
+    >>> q = np.zeros((1, 2, 40, 8))
+    >>> _, _, opts = api.prepare(q, q, q, window=(4, 0))
+    >>> launches = []
+    >>> device = sdpa_cupy.Device(np, lambda *launch: launches.append(launch[:4]), 227 * 1024)
+    >>> o, lse = sdpa_cupy.forward(q, q, q, opts, device=device)
+    >>> launches            # name, dynamic shared memory, grid (B H, query tiles), threads
+    [('sdpa_fwd_opt<2,16,16,2,32,1>', 22528, (2, 2), 64)]
+    """
+
+    xp: Any
+    launch: Callable
+    smem_limit: int
+
+
+def cupy_device() -> Device:
+    """The current CUDA device through CuPy."""
+    return Device(cs.cupy(), _launch, device_smem_limit())
+
+
 def _mods_args(opts, H, Hkv, L, S, E, Ev):
     """The score-modifier arguments shared by both kernels (see ``MODS_PARAMS``)."""
     args = []
@@ -267,26 +317,26 @@ def _mods_args(opts, H, Hkv, L, S, E, Ev):
     return args
 
 
-def _spans(opts):
+def _spans(cp, opts):
     """``(spans (N, 5) int32 on the device, N, longest queries, longest keys)`` of a packed or
-    padded call (``opts.sequences``), or None."""
+    padded call (``opts.sequences``), or None (``cp``: the array namespace)."""
     seq = opts.sequences
     if seq is None:
         return None
-    cp = cs.cupy()
     spans = np.asarray(seq.spans, dtype=np.int64).reshape(-1, 5)
     longest_q = int((spans[:, 2] - spans[:, 1]).max(initial=0))
     longest_k = int((spans[:, 4] - spans[:, 3]).max(initial=0))
     return cp.asarray(spans.astype(np.int32)), spans.shape[0], longest_q, longest_k
 
 
-def _opt_args(opts, spans, dtype, dslopes=None):
-    """The option arguments of both kernels (see ``OPT_PARAMS`` in ``sdpa.cu``)."""
-    cp = cs.cupy()
+def _opt_args(cp, opts, spans, acc, dslopes=None):
+    """The option arguments of both kernels (see ``OPT_PARAMS`` in ``sdpa.cu``); the slopes
+    in the accumulation type ``acc`` (float16 inputs keep float32 slopes, as the reference
+    and FlashAttention do)."""
     slopes, rows_stride = cs.NULL, 0
     if opts.alibi is not None:
         heads = opts.alibi.shape[1]
-        slopes = cp.ascontiguousarray(cp.reshape(opts.alibi, (-1, heads)).astype(dtype,
+        slopes = cp.ascontiguousarray(cp.reshape(opts.alibi, (-1, heads)).astype(acc,
                                                                                  copy=False))
         rows_stride = heads if slopes.shape[0] > 1 else 0
     return ([cs.pointer_or_null(None if spans is None else spans[0])]
@@ -301,20 +351,33 @@ def _check_lengths(L, S, bits):
                          f"window, softcap, alibi_slopes or sequences, got L={L}, S={S}")
 
 
-def forward(q, k, v, opts):
+def _check_alibi_offset(opts, L, S):
+    """The kernels measure ALiBi distances from the diagonal ``j = i + S - L`` (each
+    sequence's own with ``opts.sequences``); a block of a sharded call with another offset
+    runs on the reference (:mod:`refattn.distributed`)."""
+    if opts.alibi is not None and opts.alibi_offset is not None and \
+            (opts.sequences is not None or opts.alibi_offset != S - L):
+        raise ValueError(f"backend='cupy' takes no alibi_offset other than S - L = {S - L}, got "
+                         f"{opts.alibi_offset} (use backend='reference')")
+
+
+def forward(q, k, v, opts, device=None):
     """``(o (B, H, L, Ev), lse (B, H, L))``; see :mod:`refattn.cores.sdpa.api`.
 
     With ``opts.sequences`` the rows outside every sequence give 0 (``lse = -inf``).
+    ``device``: a :class:`Device`, :func:`cupy_device` when None.
     """
-    cp = cs.cupy()
+    device = cupy_device() if device is None else device
+    cp = device.xp
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     bits = option_bits(opts)
     _check_lengths(L, S, bits)
-    cfg = kernel_config(q.dtype, E, Ev, opts.float32_math, smem_limit=device_smem_limit(),
+    _check_alibi_offset(opts, L, S)
+    cfg = kernel_config(q.dtype, E, Ev, opts.float32_math, smem_limit=device.smem_limit,
                         options=bits)
     q, k, v = (cp.ascontiguousarray(x) for x in (q, k, v))
-    spans = _spans(opts)
+    spans = _spans(cp, opts)
     if spans is None:
         o = cp.empty((B, H, L, Ev), dtype=q.dtype)
         lse = cp.empty((B, H, L), dtype=cfg["acc"])
@@ -329,23 +392,26 @@ def forward(q, k, v, opts):
         return o, lse
     args = [q, k, v, o, lse] + _mods_args(opts, H, Hkv, L, S, E, Ev)
     if bits:
-        args += _opt_args(opts, spans, q.dtype)
-    _launch(cfg["fwd"], cfg["fwd_smem"], (blocks, -(-query_rows // rows)), cfg["fwd_threads"],
-            args)
+        args += _opt_args(cp, opts, spans, cfg["acc"])
+    device.launch(cfg["fwd"], cfg["fwd_smem"], (blocks, -(-query_rows // rows)),
+                  cfg["fwd_threads"], args)
     return o, lse
 
 
-def backward(q, k, v, o, lse, do, opts):
+def backward(q, k, v, o, lse, do, opts, device=None):
     """``(dq, dk, dv, dscores, dslopes)``; see :mod:`refattn.cores.sdpa.api`.
 
     ``dslopes`` is ``(B, H)``, or ``(N, H)`` per sequence with ``opts.sequences``.
+    ``device``: a :class:`Device`, :func:`cupy_device` when None.
     """
-    cp = cs.cupy()
+    device = cupy_device() if device is None else device
+    cp = device.xp
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     bits = option_bits(opts)
     _check_lengths(L, S, bits)
-    cfg = kernel_config(q.dtype, E, Ev, opts.float32_math, smem_limit=device_smem_limit(),
+    _check_alibi_offset(opts, L, S)
+    cfg = kernel_config(q.dtype, E, Ev, opts.float32_math, smem_limit=device.smem_limit,
                         options=bits)
     acc = cfg["acc"]
     q, k, v, do = (cp.ascontiguousarray(x) for x in (q, k, v, do))
@@ -356,7 +422,7 @@ def backward(q, k, v, o, lse, do, opts):
     dv = cp.zeros((B, Hkv, S, Ev), dtype=q.dtype)
     # Score gradient for a float bias; causal-skipped tiles stay 0.
     dscores = cp.zeros((B, H, L, S), dtype=q.dtype) if opts.need_bias_grad else None
-    spans = _spans(opts)
+    spans = _spans(cp, opts)
     slope_rows = B if spans is None else spans[1]
     # d loss / d slope per (batch row or sequence, head), accumulated by atomics.
     dslopes = cp.zeros((slope_rows, H), dtype=acc) if opts.need_alibi_grad else None
@@ -367,8 +433,8 @@ def backward(q, k, v, o, lse, do, opts):
         args = ([q, k, v, do, lse_acc, rowdot, dq, dk, dv, cs.pointer_or_null(dscores)]
                 + _mods_args(opts, H, Hkv, L, S, E, Ev))
         if bits:
-            args += _opt_args(opts, spans, q.dtype, dslopes)
-        _launch(cfg["bwd"], cfg["bwd_smem"], (blocks, -(-key_rows // rows)), cfg["bwd_threads"],
-                args)
+            args += _opt_args(cp, opts, spans, acc, dslopes)
+        device.launch(cfg["bwd"], cfg["bwd_smem"], (blocks, -(-key_rows // rows)),
+                      cfg["bwd_threads"], args)
     return (dq.astype(q.dtype, copy=False), dk, dv, dscores,
             None if dslopes is None else dslopes.astype(q.dtype, copy=False))

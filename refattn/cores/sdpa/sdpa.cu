@@ -341,7 +341,12 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
 }
 // dst[0] += a, dst[1] += b: one vector reduction for float (sm_90), two for double.
 __device__ __forceinline__ void atomic_add2(float* dst, float a, float b) {
+#ifdef CUDA_EMULATION  // the CPU emulation of the tests (tests/backends/cuda_cpu): no PTX
+    atomicAdd(dst, a);
+    atomicAdd(dst + 1, b);
+#else
     asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" :: "l"(dst), "f"(a), "f"(b) : "memory");
+#endif
 }
 __device__ __forceinline__ void atomic_add2(double* dst, double a, double b) {
     atomicAdd(dst, a);
@@ -482,12 +487,24 @@ struct Mods {
         return !mask && !bias && !drop && i0 + ni <= L && j0 + nj <= S &&
                (!causal || j0 + nj - 1 <= i0 + offset);
     }
-    // OPT_SEQ: address the operands of one sequence, whose queries start at row q_row0 and
-    // keys at row k_row0 of the (B, H, L, S) view, with local positions from 0.
-    __device__ __forceinline__ void shift_operands(int q_row0, int k_row0) {
+    // OPT_SEQ: the lengths of one sequence, whose queries start at row q_row0 and keys at
+    // row k_row0 of the (B, H, L, S) view, and its operands addressed from local positions 0.
+    __device__ __forceinline__ void enter_sequence(int Lq, int Sk, int q_row0, int k_row0) {
+        L = Lq;
+        S = Sk;
         if (mask) mask += (long long)q_row0 * ml + (long long)k_row0 * ms;
         if (bias) bias += (long long)q_row0 * xl + (long long)k_row0 * xs;
         if (drop) drop += (long long)q_row0 * dl + (long long)k_row0 * ds;
+    }
+};
+
+// OPT_SEQ: sequence n of a packed or padded call, from its 5 ints in `spans` (batch row,
+// query rows [q0, q1), key rows [k0, k1) of the view).
+struct Span {
+    int b, q_row0, Lq, k_row0, Sk;
+    static __device__ __forceinline__ Span of(const int* spans, int n) {
+        const int* s = spans + 5 * n;
+        return Span{s[0], s[1], s[2] - s[1], s[3], s[4] - s[3]};
     }
 };
 
@@ -512,12 +529,12 @@ struct Mods {
 // Arguments of the option kernels (sdpa_fwd_opt, sdpa_bwd_opt), read only under their bits.
 //   spans (N, 5) int32 (OPT_SEQ): per sequence n, (batch row b, q0, q1, k0, k1) of the view;
 //   lo_rel, hi_rel, rule_causal, lower_right: make_rule's (OPT_RULE);
-//   softcap (OPT_SOFTCAP);  alibi (rows, H) slopes with row stride alibi_rows (0: shared),
-//   row = b, or n with OPT_SEQ; dslopes (rows, H) in the accumulation type, added to by
+//   softcap (OPT_SOFTCAP);  alibi (rows, H) slopes in the accumulation type, row stride
+//   alibi_rows (0: shared), row = b, or n with OPT_SEQ; dslopes (rows, H) in the accumulation type, added to by
 //   atomics in the backward pass (OPT_ALIBI).
 #define OPT_PARAMS(T, Acc)                                                                      \
     const int *__restrict__ spans, int lo_rel, int hi_rel, int rule_causal, int lower_right,   \
-        double softcap, const T *__restrict__ alibi, long long alibi_rows, Acc *__restrict__ dslopes
+        double softcap, const Acc *__restrict__ alibi, long long alibi_rows, Acc *__restrict__ dslopes
 
 #define OPT_ARGS spans, lo_rel, hi_rel, rule_causal, lower_right, softcap, alibi, alibi_rows, dslopes
 #define NO_OPT_ARGS nullptr, 0, 0, 0, 0, 0.0, nullptr, 0, nullptr
@@ -559,19 +576,14 @@ sdpa_fwd_body(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>:
     int bh = blockIdx.x, b = bh / H, h = bh % H, Lq = L, Sk = S, q_row0 = 0, k_row0 = 0, arow = b;
     if constexpr ((OPT & OPT_SEQ) != 0) {
         const int n = blockIdx.x / H;
-        const int* span = spans + 5 * n;
+        const Span seq = Span::of(spans, n);
         h = blockIdx.x % H;
-        b = span[0];
+        b = seq.b;
         bh = b * H + h;
-        q_row0 = span[1];
-        Lq = span[2] - span[1];
-        k_row0 = span[3];
-        Sk = span[4] - span[3];
+        q_row0 = seq.q_row0, Lq = seq.Lq, k_row0 = seq.k_row0, Sk = seq.Sk;
         arow = n;
         if (m0 >= Lq) return;  // the whole block: no barrier is pending
-        mods.L = Lq;
-        mods.S = Sk;
-        mods.shift_operands(q_row0, k_row0);
+        mods.enter_sequence(Lq, Sk, q_row0, k_row0);
     }
     const int hk = h / (H / Hkv);
     if constexpr ((OPT & OPT_RULE) != 0) mods.rule = make_rule(Lq, Sk, lo_rel, hi_rel, rule_causal, lower_right);
@@ -758,6 +770,26 @@ sdpa_fwd_opt(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::
         typename Cfg<DT>::T *__restrict__ dv, typename Cfg<DT>::T *__restrict__ dscores,       \
         MODS_PARAMS(typename Cfg<DT>::T)
 
+// The ALiBi distance of the kept key of query i nearest the ALiBi diagonal j = i + S - L.
+// dS sums to 0 over each row's kept keys, so the slope's gradient -sum dS_ij d_ij equals
+// -sum dS_ij (d_ij - c_i) for any per-row c_i; with this c_i the terms stay as small as the
+// row's spread of distances, not the distances themselves.  That matters when the kept keys
+// lie far from the diagonal (upper-left alignment with L > S, a window away from it): a
+// rounding of D_i against the row's sum of P dP shifts every dS of the row alike, and the
+// distance would multiply that shift (float32: 40x the reference's own error, found on the
+// CPU emulation, tests/backends/test_cuda_on_cpu.py).
+template <int OPT, class M>
+__device__ __forceinline__ int alibi_center(const M& mods, int i, int L, int S) {
+    int first = 0, last = S - 1;  // the keys query i may keep (the rule's band, the causal rule)
+    if constexpr ((OPT & OPT_RULE) != 0) {
+        first = rule_max(0, i + mods.rule.lo);
+        last = rule_min(S - 1, i + mods.rule.hi);
+    } else {
+        if (mods.causal) last = rule_min(S - 1, i + mods.offset);
+    }
+    return alibi_distance(i, rule_max(first, rule_min(last, i + S - L)), L, S);
+}
+
 template <int DT, int EP, int EVP, int NW, int OPT>
 __device__ __forceinline__ void
 sdpa_bwd_body(BWD_PARAMS(DT), OPT_PARAMS(typename Cfg<DT>::T, typename Cfg<DT>::P::Acc)) {
@@ -792,18 +824,13 @@ sdpa_bwd_body(BWD_PARAMS(DT), OPT_PARAMS(typename Cfg<DT>::T, typename Cfg<DT>::
     long long kv_slab = (long long)blockIdx.x * S;
     if constexpr ((OPT & OPT_SEQ) != 0) {
         const int n = blockIdx.x / Hkv;
-        const int* span = spans + 5 * n;
-        b = span[0];
-        q_row0 = span[1];
-        Lq = span[2] - span[1];
-        k_row0 = span[3];
-        Sk = span[4] - span[3];
+        const Span seq = Span::of(spans, n);
+        b = seq.b;
+        q_row0 = seq.q_row0, Lq = seq.Lq, k_row0 = seq.k_row0, Sk = seq.Sk;
         arow = n;
         if (n0 >= Sk) return;  // the whole block: no barrier is pending
         kv_slab = (long long)(b * Hkv + hk) * S + k_row0;
-        mods.L = Lq;
-        mods.S = Sk;
-        mods.shift_operands(q_row0, k_row0);
+        mods.enter_sequence(Lq, Sk, q_row0, k_row0);
     }
     if constexpr ((OPT & OPT_RULE) != 0) mods.rule = make_rule(Lq, Sk, lo_rel, hi_rel, rule_causal, lower_right);
     if constexpr ((OPT & OPT_SOFTCAP) != 0) {
@@ -873,7 +900,9 @@ sdpa_bwd_body(BWD_PARAMS(DT), OPT_PARAMS(typename Cfg<DT>::T, typename Cfg<DT>::
                             const Acc f = mods.template dropf<PLAIN>(b, h, query, key);
                             const Acc dsv = p * (dpacc[j][e] * f - D_s[qc]);  // d / d score
                             if constexpr ((OPT & OPT_ALIBI) != 0)  // d score / d slope = -distance
-                                if (p != Acc(0)) dslope -= dsv * Acc(alibi_distance(query, key, Lq, Sk));
+                                if (p != Acc(0))
+                                    dslope -= dsv * Acc(alibi_distance(query, key, Lq, Sk) -
+                                                        alibi_center<OPT>(mods, query, Lq, Sk));
                             // d / d (scale q k^T): through the soft-cap, times 1 - tanh^2
                             Acc dsr = dsv;
                             if constexpr ((OPT & OPT_SOFTCAP) != 0) dsr = dsv * (Acc(1) - tc * tc);
