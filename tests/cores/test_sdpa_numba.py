@@ -195,23 +195,38 @@ def test_concurrent_python_threads_get_correct_results():
         assert np.array_equal(got, want)
 
 
-@pytest.mark.parametrize("B, H", [(1, 1), (2, 3)])
-def test_options_add_no_compiled_signature(B, H):
-    """Masks of every shape (a C-contiguous one included), bias, soft-cap, window, dropout:
-    one forward and one backward signature per dtype (absent options are stand-ins of the
-    same array type, the score helper's flags are runtime values)."""
-    rng = np.random.default_rng(7)
-    L = 24
-    q, k, v = (rng.standard_normal((B, H, L, 8)) for _ in range(3))
-    for opts in ({}, {"causal": True}, {"mask": rng.random((L, L)) > 0.3},
-                 {"mask": rng.random((B, H, L, L)) > 0.3}, {"bias": rng.standard_normal((L, L))},
-                 {"bias": rng.standard_normal((B, H, L, L))}, {"softcap": 5.0},
-                 {"window": (4, 2)}, {"dropout_p": 0.2, "dropout_mask": rng.random((L, L)) > 0.2}):
-        o, res = api.forward(q, k, v, backend="numba", tiles=SMALL_TILES, **opts)
-        api.backward(res, np.ones_like(o))
-    for kernel in (sdpa_numba._forward_kernel, sdpa_numba._backward_kernel):
-        float64 = [sig for sig in kernel.signatures if sig[0].dtype.name == "float64"]
-        assert len(float64) == 1, (kernel, float64)
+def test_options_add_no_compiled_signature():
+    """Masks of every shape (C-contiguous and Fortran ones, one row at L = 1), bias,
+    soft-cap, window, dropout: one forward and one backward signature per dtype (absent
+    options are stand-ins of the same array type, the score helper's flags are runtime
+    values).  In a fresh process, so that no other test's call is counted."""
+    proc = _run("""
+        import numpy as np
+        from refattn.cores.sdpa import api
+        from refattn.cores.sdpa import numba as sdpa_numba
+        rng = np.random.default_rng(7)
+        for B, H, L in ((1, 1, 24), (2, 3, 24), (1, 1, 1), (2, 1, 1)):
+            S = 24
+            q = rng.standard_normal((B, H, L, 8))
+            k, v = (rng.standard_normal((B, H, S, 8)) for _ in range(2))
+            full = (B, H, L, S)
+            for opts in ({}, {"causal": True}, {"mask": rng.random((L, S)) > 0.3},
+                         {"mask": rng.random(full) > 0.3},
+                         {"mask": np.asfortranarray(rng.random(full) > 0.3)},
+                         {"mask": rng.random((B, 1, 1, S)) > 0.3},
+                         {"bias": rng.standard_normal((L, S))},
+                         {"bias": rng.standard_normal(full)},
+                         {"bias": np.asfortranarray(rng.standard_normal(full))},
+                         {"bias": rng.standard_normal((1, 1, 1, S))}, {"softcap": 5.0},
+                         {"window": (4, 2)},
+                         {"dropout_p": 0.2, "dropout_mask": rng.random((L, S)) > 0.2}):
+                o, res = api.forward(q, k, v, backend="numba", tiles=SMALL_TILES, **opts)
+                api.backward(res, np.ones_like(o))
+        for kernel in (sdpa_numba._forward_kernel, sdpa_numba._backward_kernel):
+            print(len(kernel.signatures))
+    """.replace("SMALL_TILES", repr(SMALL_TILES)))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1", "1"], proc.stdout
 
 
 def _run(script: str, **env):

@@ -595,16 +595,23 @@ def _broadcast(x, shape, dtype):
 
     Every mask, bias and keep-mask (and the stand-in) reaches the kernels as the same array
     type, so that options add no compiled signature.  A broadcast view is 'A' unless it is
-    C-contiguous (a full ``(B, H, L, S)`` array, or ``(L, S)`` with ``B = H = 1``); that one
-    is copied once into a buffer one column wider and viewed without the extra column.
+    contiguous (a full ``(B, H, L, S)`` array, C or Fortran order, ``(L, S)`` with
+    ``B = H = 1``, a ``(1, 1, 1, S)`` one at ``L = 1``); that one is copied once into a
+    buffer one column wider (two rows or more) or with every other element (one row) and
+    viewed without the extra elements.  A single element stays 'C' (one more signature for
+    ``L = S = 1``, whose kernels are small).
     """
     if x is None:
         return np.broadcast_to(np.zeros((1, 1, 1, 1), dtype), (1, 1, 1, 2))
     view = np.broadcast_to(np.asarray(x, dtype=dtype), shape)
-    if view.size > 1 and view.flags.c_contiguous:
-        padded = np.empty(shape[:-1] + (shape[-1] + 1,), dtype)
-        padded[..., :shape[-1]] = view
-        view = padded[..., :shape[-1]]
+    if view.size > 1 and (view.flags.c_contiguous or view.flags.f_contiguous):
+        n = shape[-1]
+        if math.prod(shape[:-1]) > 1:     # rows one element apart: not contiguous
+            strided = np.empty(shape[:-1] + (n + 1,), dtype)[..., :n]
+        else:                             # one row: a stride of two elements
+            strided = np.empty(shape[:-1] + (2 * n,), dtype)[..., ::2]
+        strided[...] = view
+        view = strided
         view.flags.writeable = False
     return view
 
