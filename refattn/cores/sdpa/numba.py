@@ -419,11 +419,14 @@ def _forward_kernel(q, k, v, mask, bias, slopes, drop, mods, has_drop, causal, s
 def _backward_step(k_tile, v_tile, dk_tile, dv_tile, q_tile, do_tile, dq_tile, lse_rows, dot_rows,
                    st_buf, dpt_buf, pd_buf, tanh_buf, mod_grad_buf, shift, i0, j0, b, h, mods,
                    mask, bias, slopes, drop, has_drop, drop_scale, need_ds, dscores, causal,
-                   has_lo, has_hi):
+                   has_lo, has_hi, rule_causal, k0, k1):
     """Backward of queries ``i0 ..`` (``q_tile (nr, E)`` scaled, ``do_tile``, ``dq_tile``, their
     ``lse`` and ``D`` rows) against keys ``j0 ..`` (``k_tile (nc, E)``, ``v_tile``, ``dk_tile``,
     ``dv_tile``): accumulates ``dQ``, ``dK``, ``dV`` in place and returns the block's ALiBi
-    slope gradient.  Scores are kept transposed, ``S^T (nc, nr)``."""
+    slope gradient.  Scores are kept transposed, ``S^T (nc, nr)``.
+
+    ``rule_causal`` (the call has the causal rule) and the span's keys ``k0 .. k1 - 1`` give
+    each query's band of keys, for the ALiBi centring below."""
     has_softcap, has_alibi, has_score_mod = mods[2], mods[3], mods[14]
     dist_offset, neg_inf = mods[9], mods[10]
     pos_inf = -neg_inf
@@ -477,10 +480,27 @@ def _backward_step(k_tile, v_tile, dk_tile, dv_tile, q_tile, do_tile, dq_tile, l
                 dscores[b, h, i0 + r, j0 + c] = st[c, r]
     slope_grad = zero
     if has_alibi:                                 # d s / d slope = -|i + S - L - j|
+        # Each row of dS sums to 0, so a distance c_i per query may be taken off every
+        # term: the key of the query's band nearest the ALiBi diagonal gives the smallest
+        # terms, and a rounding of D_i (a shift of the whole row of dS) is not multiplied by
+        # the distance (docs/cores/sdpa.md, as the CUDA kernels' alibi_center).
+        lo, hi, offset = mods[5], mods[6], mods[4]
+        centre = shift[:nr]                       # (the exp() shifts are spent by now)
+        for r in range(nr):
+            i = i0 + r
+            first, last = k0, k1 - 1
+            if mods[11]:
+                first = max(first, i + lo)
+            if rule_causal:
+                last = min(last, i + offset)
+            if mods[12]:
+                last = min(last, i + hi)
+            diagonal = i + dist_offset
+            centre[r] = abs(diagonal - max(first, min(last, diagonal)))
         for c in range(nc):
             row = st[c]
             for r in range(nr):
-                slope_grad -= row[r] * abs(i0 + r + dist_offset - (j0 + c))
+                slope_grad -= row[r] * (abs(i0 + r + dist_offset - (j0 + c)) - centre[r])
     if has_softcap:                               # through s = c tanh(raw / c): 1 - tanh^2
         for c in range(nc):
             row = st[c]
@@ -576,7 +596,7 @@ def _backward_kernel(q, k, v, do, lse, row_dot, mask, bias, slopes, drop, mods, 
                             row_dot[b, h, a0:a1], st_buf, dpt_buf, pd_buf, tanh_buf,
                             mod_grad_buf, shift, a0, first_key, b, h, span_mods, mask, bias,
                             slopes, drop, has_drop, drop_scale, need_ds, dscores,
-                            block_causal, block_lo, block_hi)
+                            block_causal, block_lo, block_hi, causal, k0, k1)
                 if has_alibi:
                     dslope_parts[chunk, spans[n, SPAN_ROW], h] += slope_grad
 
