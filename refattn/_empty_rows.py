@@ -126,7 +126,7 @@ def fill_output(policy, o, v, rows, opts):
     where = xp.broadcast_to(rows, (B, H, L))[..., None]                # (B, H, L, 1)
     if policy == "nan":
         return xp.where(where, xp.asarray(xp.nan, dtype=o.dtype), o)
-    vh = expand_kv_heads(xp, xp.astype(v, o.dtype), H // v.shape[1])   # (B, H, S, F)
+    vh = expand_kv_heads(xp, xp.astype(v, o.dtype), H // max(v.shape[1], 1))  # (B, H, S, F)
     if opts.dropout_mask is None:
         fill = xp.mean(vh, axis=-2, keepdims=True)                     # (B, H, 1, F)
     else:

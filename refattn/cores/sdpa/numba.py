@@ -419,14 +419,15 @@ def _forward_kernel(q, k, v, mask, bias, slopes, drop, mods, has_drop, causal, s
 def _backward_step(k_tile, v_tile, dk_tile, dv_tile, q_tile, do_tile, dq_tile, lse_rows, dot_rows,
                    st_buf, dpt_buf, pd_buf, tanh_buf, mod_grad_buf, shift, i0, j0, b, h, mods,
                    mask, bias, slopes, drop, has_drop, drop_scale, need_ds, dscores, causal,
-                   has_lo, has_hi, rule_causal, k0, k1):
+                   has_lo, has_hi, rule_causal, k0, k1, centre_slopes):
     """Backward of queries ``i0 ..`` (``q_tile (nr, E)`` scaled, ``do_tile``, ``dq_tile``, their
     ``lse`` and ``D`` rows) against keys ``j0 ..`` (``k_tile (nc, E)``, ``v_tile``, ``dk_tile``,
     ``dv_tile``): accumulates ``dQ``, ``dK``, ``dV`` in place and returns the block's ALiBi
     slope gradient.  Scores are kept transposed, ``S^T (nc, nr)``.
 
     ``rule_causal`` (the call has the causal rule) and the span's keys ``k0 .. k1 - 1`` give
-    each query's band of keys, for the ALiBi centring below."""
+    each query's band of keys, for the ALiBi centring below (``centre_slopes``: only when
+    the call holds every key of its rows; a key block of a sharded call does not)."""
     has_softcap, has_alibi, has_score_mod = mods[2], mods[3], mods[14]
     dist_offset, neg_inf = mods[9], mods[10]
     pos_inf = -neg_inf
@@ -487,6 +488,9 @@ def _backward_step(k_tile, v_tile, dk_tile, dv_tile, q_tile, do_tile, dq_tile, l
         lo, hi, offset = mods[5], mods[6], mods[4]
         centre = shift[:nr]                       # (the exp() shifts are spent by now)
         for r in range(nr):
+            if not centre_slopes:
+                centre[r] = zero
+                continue
             i = i0 + r
             first, last = k0, k1 - 1
             if mods[11]:
@@ -514,8 +518,8 @@ def _backward_step(k_tile, v_tile, dk_tile, dv_tile, q_tile, do_tile, dq_tile, l
 
 @jit
 def _backward_kernel(q, k, v, do, lse, row_dot, mask, bias, slopes, drop, mods, has_drop, causal,
-                     scale, drop_scale, block_q, block_k, n_chunks, need_ds, spans, dq_parts, dk,
-                     dv, dscores, dslope_parts, items):
+                     scale, drop_scale, block_q, block_k, n_chunks, need_ds, centre_slopes, spans,
+                     dq_parts, dk, dv, dscores, dslope_parts, items):
     """Backward over the work ``items``: ``t = (n Hkv + kv head) n_chunks + chunk`` (serial),
     ``n`` a row of ``spans`` (:func:`span_table`); chunk ``c`` owns the span's key tiles
     ``c, c + n_chunks, ...``.
@@ -596,7 +600,7 @@ def _backward_kernel(q, k, v, do, lse, row_dot, mask, bias, slopes, drop, mods, 
                             row_dot[b, h, a0:a1], st_buf, dpt_buf, pd_buf, tanh_buf,
                             mod_grad_buf, shift, a0, first_key, b, h, span_mods, mask, bias,
                             slopes, drop, has_drop, drop_scale, need_ds, dscores,
-                            block_causal, block_lo, block_hi, causal, k0, k1)
+                            block_causal, block_lo, block_hi, causal, k0, k1, centre_slopes)
                 if has_alibi:
                     dslope_parts[chunk, spans[n, SPAN_ROW], h] += slope_grad
 
@@ -955,8 +959,9 @@ def backward(q, k, v, o, lse, do, opts):
     items, costs = _backward_items(spans, Hkv, block_q, block_k, n_chunks, _rules(opts))
     run_split(kernel, (q_scaled, k, v, do, lse, row_dot, ops["mask"], ops["bias"], ops["slopes"],
                        ops["drop"], ops["mods"], ops["has_drop"], ops["causal"], ops["scale"],
-                       ops["drop_scale"], block_q, block_k, n_chunks, need_ds, spans, dq_parts,
-                       dk, dv, dscores, dslope_parts), items, costs)
+                       ops["drop_scale"], block_q, block_k, n_chunks, need_ds,
+                       np.bool_(opts.alibi_offset is None), spans, dq_parts, dk, dv, dscores,
+                       dslope_parts), items, costs)
     dq = dq_parts[0] if n_chunks == 1 else dq_parts.sum(axis=0)    # (B, H, L, E)
     dq *= ops["scale"]
     dslopes = dslope_parts.sum(axis=0) if opts.need_alibi_grad else None    # (B | N, H)

@@ -19,6 +19,8 @@ from ..._validate import check_bool_array, check_broadcastable, check_float_arra
 
 def reduce_kv_heads(xp, g, kv_heads: int):
     """Adjoint of :func:`expand_kv_heads`: ``(B, H, S, F) -> (B, kv_heads, S, F)``."""
+    if g.shape[-3] == kv_heads:                  # no groups (also H = kv_heads = 0)
+        return g
     return sum_head_groups(xp, g, g.shape[-3] // kv_heads)
 
 
