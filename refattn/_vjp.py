@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 from .typing import Pullback, VjpRule
 
-__all__ = ["vjp", "attach_vjp"]
+__all__ = ["vjp", "attach_vjp", "drop_output_only"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -42,6 +42,15 @@ def vjp(fn: Callable[..., Any], *arrays: Any, **options: Any) -> tuple[Any, Pull
     return rule(*arrays, **options)
 
 
+def drop_output_only(name: str, options: dict, flags: tuple[str, ...]) -> None:
+    """Remove ``flags`` (``return_lse``, ...) from ``options``; an error naming those that are
+    set, since ``vjp`` of ``name`` differentiates its output alone."""
+    extras = [flag for flag in flags if options.pop(flag, False)]
+    if extras:
+        raise ValueError(f"vjp({name}, ...) differentiates the output o only; drop "
+                         f"{' and '.join(extras)}")
+
+
 def attach_vjp(fn: F, forward: Callable[..., tuple[Any, Any]],
                backward: Callable[[Any, Any], Any], *, output_only: tuple[str, ...] = ()) -> F:
     """Give ``fn`` its backward pass for :func:`vjp`; returns ``fn``.
@@ -53,10 +62,7 @@ def attach_vjp(fn: F, forward: Callable[..., tuple[Any, Any]],
     differentiates the output alone, so a call that sets one is an error naming it.
     """
     def rule(*arrays: Any, **options: Any) -> tuple[Any, Pullback]:
-        extras = [flag for flag in output_only if options.pop(flag, False)]
-        if extras:
-            raise ValueError(f"vjp({fn.__name__}, ...) differentiates the output o only; drop "
-                             f"{' and '.join(extras)}")
+        drop_output_only(fn.__name__, options, output_only)
         out, residuals = forward(*arrays, **options)
         return out, lambda cotangent: backward(residuals, cotangent)
 

@@ -41,6 +41,7 @@ from dask.base import tokenize
 from .._empty_rows import check_empty_rows
 from .._masks import causal_offset, window_bounds
 from .._validate import FRAMEWORK_ALIASES, check_float_array, check_same_dtype
+from .._vjp import drop_output_only
 from ..cores.sdpa import sdpa as _single_sdpa
 from ..cores.sdpa.api import IMPLEMENTED
 from ..rotary import apply_rotary, apply_rotary_backward
@@ -317,10 +318,7 @@ def sdpa_sharded(q, k, v, *, return_lse=False, return_probs=False, split_every=4
 
 def sdpa_vjp_sharded(q, k, v, *, split_every=4, **options):
     """``(o, pullback)`` of sharded SDPA; ``pullback(do) -> (dq, dk, dv[, dbias][, dslopes])``."""
-    extras = [flag for flag in ("return_lse", "return_probs") if options.pop(flag, False)]
-    if extras:
-        raise ValueError(f"vjp(sdpa, ...) differentiates the output o only; drop "
-                         f"{' and '.join(extras)}")
+    drop_output_only("sdpa", options, ("return_lse", "return_probs"))
     blocks = _make_blocks(q, k, v, options, "refattn.distributed.vjp")
     o, lse = _forward_graph(blocks, split_every)            # o: the kernels' convention
     out = o if blocks.empty_rows == "zero" else filled_output(blocks, o, lse, split_every)
