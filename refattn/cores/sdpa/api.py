@@ -386,15 +386,17 @@ def _maps_sequences(q, k, v, bias, alibi_slopes, backend, mask_mod, score_mod, r
     one call, mapping their work onto the sequences; None: one core call per group of
     sequences (:mod:`~refattn.cores.sdpa.segments`).
 
-    Not with ``mask_mod``/``score_mod`` (the reference evaluates them), rotary (positions
-    per sequence), an ``empty_rows`` policy other than ``"zero"``, or inputs that the
-    non-finite policy sends to the reference backend.
+    Not with rotary (positions per sequence), an ``empty_rows`` policy other than
+    ``"zero"``, inputs that the non-finite policy sends to the reference backend, or
+    ``mask_mod``/``score_mod`` on a backend whose kernels do not evaluate them
+    (:func:`option_route`).
     """
-    if (mask_mod is not None or score_mod is not None or rotary is not None
-            or empty_rows != "zero" or not is_array(q)):
+    if rotary is not None or empty_rows != "zero" or not is_array(q):
         return None
     kernels = _backends.resolve(backend, IMPLEMENTED, q, core="sdpa")
     if kernels not in ("numba", "cupy"):
+        return None
+    if (mask_mod is not None or score_mod is not None) and kernels != "numba":
         return None
     arrays = (q, k, v) + (() if alibi_slopes is None else (alibi_slopes,))
     return kernels if _backends.route(kernels, namespace(q, k, v), arrays, bias) == kernels \
@@ -403,7 +405,8 @@ def _maps_sequences(q, k, v, bias, alibi_slopes, backend, mask_mod, score_mod, r
 
 def sequences_options(q4, k4, v4, operands, slopes, spans, *, causal=False,
                       causal_align="upper_left", scale=None, dropout_p=0.0, window=None,
-                      softcap=None, tiles=None, float32_math=None, empty_rows="zero"):
+                      softcap=None, tiles=None, float32_math=None, empty_rows="zero",
+                      mask_mod=None, score_mod=None, score_mod_grad=None):
     """``(xp, shapes, options)`` of one call on the 4-D view of packed or padded sequences.
 
     ``operands`` holds the 4-D mask, bias and dropout mask, ``slopes`` the ALiBi slopes
@@ -413,7 +416,8 @@ def sequences_options(q4, k4, v4, operands, slopes, spans, *, causal=False,
     """
     xp, shapes, options = prepare(q4, k4, v4, operands.get("mask"), operands.get("bias"), causal,
                                   causal_align, scale, operands.get("dropout_mask"), dropout_p,
-                                  tiles, float32_math, window, softcap, None, empty_rows)
+                                  tiles, float32_math, window, softcap, None, empty_rows,
+                                  mask_mod, score_mod, score_mod_grad)
     layout = _segments.SequenceLayout(_segments.span_array(spans), options.causal_offset
                                       is not None, causal_align == "lower_right",
                                       _check_window(window))

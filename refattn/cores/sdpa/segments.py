@@ -323,14 +323,17 @@ def forward(core_forward: Callable, q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=
     sequences.
 
     With ``fused_core``, one call ``fused_core(q4, k4, v4, operands, slopes, spans,
-    **options) -> (o4, residuals)`` on the 4-D view instead: ``operands`` the 4-D mask,
-    bias and dropout mask, ``slopes`` ``(1 | N, H)`` or None (ignored with
-    ``mask_mod``/``score_mod``).
+    **options, mask_mod=, score_mod=, score_mod_grad=) -> (o4, residuals)`` on the 4-D view
+    instead: ``operands`` the 4-D mask, bias and dropout mask, ``slopes`` ``(1 | N, H)`` or
+    None.  Either way the functions see sequence ``n`` as ``b`` and positions counted from
+    its start.
     """
     arguments = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                      query_seq_lengths=query_seq_lengths,
                      key_value_seq_lengths=key_value_seq_lengths, mask=mask, bias=bias,
-                     dropout_mask=dropout_mask, alibi_slopes=alibi_slopes, **options)
+                     dropout_mask=dropout_mask, alibi_slopes=alibi_slopes, mask_mod=mask_mod,
+                     score_mod=score_mod, score_mod_grad=score_mod_grad, **options)
+    mods = dict(mask_mod=mask_mod, score_mod=score_mod, score_mod_grad=score_mod_grad)
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
     if packed and (query_seq_lengths is not None or key_value_seq_lengths is not None):
         raise ValueError("pass cu_seqlens_q/cu_seqlens_k (packed tokens) or query_seq_lengths/"
@@ -340,9 +343,10 @@ def forward(core_forward: Callable, q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k go together (FlashAttention varlen); "
                          f"{missing} is missing")
     xp = namespace(q, k, v)
-    if mask_mod is not None or score_mod is not None:
-        # the functions see relabelled sequences through Python closures, which the numba
-        # kernels cannot compile: evaluate them as array functions
+    if fused_core is None and (mask_mod is not None or score_mod is not None):
+        # per group of sequences the functions see them relabelled through Python closures,
+        # which the numba kernels cannot compile: evaluate them as array functions (the
+        # fused numba core passes each sequence's number and start to the functions itself)
         options["backend"] = "reference"
     if packed:
         q4, k4, v4 = _packed_view(xp, q, k, v)
@@ -380,8 +384,8 @@ def forward(core_forward: Callable, q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=
         res.operand_shapes = {"bias": tuple(bias.shape), "bias4": tuple(four["bias"].shape)}
     if slopes2 is not None:
         res.slopes_shape, res.slopes_rows = tuple(alibi_slopes.shape), slopes2.shape[0]
-    if fused_core is not None and mask_mod is None and score_mod is None:
-        o4, part = fused_core(q4, k4, v4, four, slopes2, spans, **options)
+    if fused_core is not None:
+        o4, part = fused_core(q4, k4, v4, four, slopes2, spans, **options, **mods)
         res.fused = True
         res.rerun = lambda: forward(core_forward, q, k, v, **{**arguments,
                                                               "backend": "reference"})[1]
