@@ -46,7 +46,7 @@ SMALL_SMEM_LIMIT = 99 * 1024                   # a consumer GPU's: smaller tiles
 
 # NumPy dtype of each pointer parameter code of cuda_emulation.h.
 _POINTEE = {"f64": (np.float64,), "f32": (np.float32,), "i32": (np.int32,),
-            "u8": (np.uint8, np.bool_), "u16": (np.float16, np.uint16)}
+            "u32": (np.uint32,), "u8": (np.uint8, np.bool_), "u16": (np.float16, np.uint16)}
 _SCALAR = {"i32": (np.int32, ctypes.c_int32), "i64": (np.int64, ctypes.c_int64),
            "f64": (np.float64, ctypes.c_double)}
 

@@ -29,16 +29,86 @@
 
 typedef unsigned short half_t;  // IEEE binary16 bits, CuPy's float16 storage
 
-__device__ __forceinline__ float h2f(half_t h) {
+// ---------------------------------------------------------------------------
+// The inline PTX, one instruction per function (PTX ISA names).  Under CUDA_EMULATION (the
+// CPU emulation of the tests, tests/backends/cuda_cpu/ptx_emulation.h) the emulation
+// provides these functions with the instructions' semantics instead, so every instruction
+// the kernels use goes through this list.
+// ---------------------------------------------------------------------------
+#ifndef CUDA_EMULATION
+__device__ __forceinline__ float ptx_cvt_f32_f16(half_t h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
 }
-__device__ __forceinline__ half_t f2h(float f) {
+__device__ __forceinline__ half_t ptx_cvt_rn_f16_f32(float f) {
     half_t h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
+// hi to the upper 16 bits, lo to the lower.
+__device__ __forceinline__ unsigned ptx_cvt_rn_f16x2_f32(float hi, float lo) {
+    unsigned d;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+    return d;
+}
+__device__ __forceinline__ unsigned ptx_cvt_rna_tf32_f32(float x) {
+    unsigned d;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(d) : "f"(x));
+    return d;
+}
+// Warp-wide: lane l gives the shared-memory address of row l % 8 of 8x8 matrix l / 8.
+__device__ __forceinline__ void ptx_ldmatrix_x4(unsigned* r, const void* smem) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"((unsigned)__cvta_generic_to_shared(smem)) : "memory");
+}
+__device__ __forceinline__ void ptx_ldmatrix_x4_trans(unsigned* r, const void* smem) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"((unsigned)__cvta_generic_to_shared(smem)) : "memory");
+}
+// Warp-wide: c (4 floats) += A (4 f16x2 registers) B (2 f16x2 registers), in place.
+__device__ __forceinline__ void ptx_mma_m16n8k16_f16(float* c, const unsigned* a, const unsigned* b) {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+// Warp-wide: c (4 floats) += A (4 tf32 registers) B (2 tf32 registers), in place.
+__device__ __forceinline__ void ptx_mma_m16n8k8_tf32(float* c, const unsigned* a, const unsigned* b) {
+    asm(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+// Asynchronous copies global -> shared of 16 (4) bytes: src-size = cp-size when `full`, else
+// 0 (dst zero-filled, src not read); they complete at a cp.async.wait_group that retires
+// their group.
+__device__ __forceinline__ void ptx_cp_async_cg_16(void* dst, const void* src, bool full) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :: "r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src), "r"(full ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void ptx_cp_async_ca_4(void* dst, const void* src, bool full) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n"
+                 :: "r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src), "r"(full ? 4 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void ptx_cp_async_commit_group() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Wait until at most N of this thread's committed groups are pending.
+template <int N>
+__device__ __forceinline__ void ptx_cp_async_wait_group() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory"); }
+// dst[0] += a, dst[1] += b in global memory (sm_90), atomically, no result.
+__device__ __forceinline__ void ptx_red_global_add_v2_f32(float* dst, float a, float b) {
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" :: "l"(dst), "f"(a), "f"(b) : "memory");
+}
+#endif
+
+__device__ __forceinline__ float h2f(half_t h) { return ptx_cvt_f32_f16(h); }
+__device__ __forceinline__ half_t f2h(float f) { return ptx_cvt_rn_f16_f32(f); }
 
 // Conversions between storage and accumulation types (half_t is an integer
 // type to C++, so every conversion goes through these).
@@ -87,16 +157,8 @@ struct MmaF16 {
     // ldmatrix: lane l supplies the address of row l % 8 of 8x8 matrix l / 8 (16-byte
     // rows); register i receives (row g, columns 2t, 2t+1) of matrix i (.trans: of
     // its transpose).  One instruction replaces eight 16/32-bit shared loads.
-    static __device__ __forceinline__ void ldsm4(unsigned* r, const half_t* p) {
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                     : "r"((unsigned)__cvta_generic_to_shared(p)) : "memory");
-    }
-    static __device__ __forceinline__ void ldsm4t(unsigned* r, const half_t* p) {
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                     : "r"((unsigned)__cvta_generic_to_shared(p)) : "memory");
-    }
+    static __device__ __forceinline__ void ldsm4(unsigned* r, const half_t* p) { ptx_ldmatrix_x4(r, p); }
+    static __device__ __forceinline__ void ldsm4t(unsigned* r, const half_t* p) { ptx_ldmatrix_x4_trans(r, p); }
     template <int SAM, int SAK>
     static __device__ __forceinline__ void load_a(AF& f, const half_t* a, int k0) {
         const int l = lane_id(), mi = l >> 3, rr = l & 7;
@@ -138,11 +200,7 @@ struct MmaF16 {
     static __device__ __forceinline__ half_t to_smem(half_t x) { return x; }
     // A operand from accumulator tiles (C layout) 2 kk and 2 kk + 1: the layouts agree.
     static constexpr bool REG_A = true;
-    static __device__ __forceinline__ unsigned pack(float lo, float hi) {
-        unsigned d;
-        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
-        return d;
-    }
+    static __device__ __forceinline__ unsigned pack(float lo, float hi) { return ptx_cvt_rn_f16x2_f32(hi, lo); }
     static __device__ __forceinline__ void a_from_acc(AF& f, const float (*c)[4], int kk) {
         f.r[0] = pack(c[2 * kk][0], c[2 * kk][1]);
         f.r[1] = pack(c[2 * kk][2], c[2 * kk][3]);
@@ -154,11 +212,7 @@ struct MmaF16 {
         load_b2<SBK, SBN>(f0, f1, b, k0);
     }
     static __device__ __forceinline__ void mma(float* c, const AF& a, const BF& b) {
-        asm(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]));
+        ptx_mma_m16n8k16_f16(c, a.r, b.r);
     }
 };
 
@@ -175,9 +229,9 @@ struct MmaTF32x3 {
     struct BF { unsigned big[2], small[2]; };
 
     static __device__ __forceinline__ void split(float x, unsigned& big, unsigned& small) {
-        asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(big) : "f"(x));
+        big = ptx_cvt_rna_tf32_f32(x);
         const float rest = x - __uint_as_float(big);
-        asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(small) : "f"(rest));
+        small = ptx_cvt_rna_tf32_f32(rest);
     }
     static __device__ __forceinline__ float to_smem(float x) { return x; }
     static __device__ __forceinline__ void get(float v, unsigned& big, unsigned& small) {
@@ -224,11 +278,7 @@ struct MmaTF32x3 {
         load_b<SBK, SBN>(f1, b + 8 * SBN, k0);
     }
     static __device__ __forceinline__ void mma1(float* c, const unsigned* a, const unsigned* b) {
-        asm(
-            "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
-            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+        ptx_mma_m16n8k8_tf32(c, a, b);
     }
     static __device__ __forceinline__ void mma(float* c, const AF& a, const BF& b) {
         mma1(c, a.small, b.big);  // small terms first: they are the ones rounding would lose
@@ -335,31 +385,22 @@ template <class A> struct is_same<A, A> { static constexpr bool value = true; };
 
 // Asynchronous global -> shared copies of 16 bytes (zero-filled past the last row).
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-                 :: "r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src), "r"(valid ? 16 : 0)
-                 : "memory");
+    ptx_cp_async_cg_16(dst, src, valid);
 }
 // dst[0] += a, dst[1] += b: one vector reduction for float (sm_90), two for double.
 __device__ __forceinline__ void atomic_add2(float* dst, float a, float b) {
-#ifdef CUDA_EMULATION  // the CPU emulation of the tests (tests/backends/cuda_cpu): no PTX
-    atomicAdd(dst, a);
-    atomicAdd(dst + 1, b);
-#else
-    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" :: "l"(dst), "f"(a), "f"(b) : "memory");
-#endif
+    ptx_red_global_add_v2_f32(dst, a, b);
 }
 __device__ __forceinline__ void atomic_add2(double* dst, double a, double b) {
     atomicAdd(dst, a);
     atomicAdd(dst + 1, b);
 }
 __device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n"
-                 :: "r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src), "r"(valid ? 4 : 0)
-                 : "memory");
+    ptx_cp_async_ca_4(dst, src, valid);
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() { ptx_cp_async_commit_group(); }
 template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory"); }
+__device__ __forceinline__ void cp_async_wait() { ptx_cp_async_wait_group<N>(); }
 
 // Start copying rows [row0, row0 + ROWS) of a (nrows, COLS) slab into a shared tile.
 template <class T, int ROWS, int COLS, int LD, int NTHREADS>

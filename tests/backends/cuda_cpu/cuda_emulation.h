@@ -16,10 +16,16 @@
 // (CUDA_EMU_EXTERN_SHARED), __syncthreads, __syncwarp, __shfl_sync / __shfl_xor_sync /
 // __shfl_down_sync / __shfl_up_sync (full warps, full mask), atomicAdd, the bit casts
 // (__int_as_float, ...), min / max, uint4 / make_uint4; the math functions are <cmath>'s.
-// Not covered: inline PTX (asm: tensor-core mma, ldmatrix, cp.async, cvt), static
-// __shared__ variables (a function-scope `__shared__` here is a per-thread local: the test
-// checks the emulated source declares none), textures, cooperative groups, streams.
-// Timing means nothing here.
+// The PTX instructions of the tensor-core kernels (mma.sync m16n8k16 .f16 and m16n8k8 .tf32,
+// ldmatrix .x4 [.trans], cp.async with commit / wait_group, cvt to and from f16 and tf32,
+// red.global.add.v2.f32): ptx_emulation.h, included at the end, defines the `ptx_*`
+// functions that sdpa.cu writes with inline asm outside CUDA_EMULATION.
+// Not covered: inline PTX itself (asm statements: a source must route each instruction
+// through a function the emulation defines), static __shared__ variables (a function-scope
+// `__shared__` here is a per-thread local: the test checks the emulated source declares
+// none), textures, cooperative groups, streams, warps in lockstep (lanes run one after
+// another between barriers), concurrent blocks, the hardware's rounding inside mma and its
+// <cmath> functions (exp2f, tanhf: the host's here), and speed: timing means nothing here.
 //
 // Launch: cuda_emu::launch(kernel, grid, block, dynamic_smem, params), with params as for
 // cuLaunchKernel (an array of pointers to each argument's value).
@@ -37,6 +43,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -50,7 +57,7 @@
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 #define __shared__
-#define CUDA_EMULATION 1  // sources may test it to route around inline PTX
+#define CUDA_EMULATION 1  // sources test it: the emulation provides the ptx_* functions
 
 struct uint3 { unsigned x, y, z; };
 struct dim3 {
@@ -84,6 +91,8 @@ struct Barrier {
     int arrived = 0;
     int live = 0;
     unsigned long generation = 0;
+    int collective = 0;  // arrivals of warp-collective PTX instructions (ptx_emulation.h)
+    bool mixed = false;  // the last release had other arrivals beside them
 };
 
 struct Fiber {
@@ -109,6 +118,8 @@ inline Block* g_block = nullptr;
 inline uint3 g_thread_idx{0, 0, 0}, g_block_idx{0, 0, 0};
 inline dim3 g_block_dim, g_grid_dim;
 inline unsigned char* g_dynamic_shared = nullptr;  // set by CUDA_EMU_EXTERN_SHARED
+inline std::size_t g_dynamic_shared_size = 0;      // bytes of it the launch asked for
+inline unsigned long g_block_serial = 0;            // counts the blocks run: per-block state
 
 inline int linear_thread() {
     return (int)(g_thread_idx.x + g_block_dim.x * (g_thread_idx.y + g_block_dim.y * g_thread_idx.z));
@@ -125,6 +136,8 @@ inline void yield() { swapcontext(&g_block->fibers[g_block->current].context, &g
 
 inline void release_if_complete(Barrier& b) {
     if (b.arrived > 0 && b.arrived >= b.live) {
+        b.mixed = b.collective != 0 && b.collective != b.arrived;
+        b.collective = 0;
         b.arrived = 0;
         ++b.generation;
         ++g_block->progress;
@@ -211,9 +224,10 @@ struct Stacks {
 inline std::string run_block(Block& b, long long threads, std::size_t dynamic_smem, Stacks& stacks,
                              bool reverse) {
     const int nwarps = (int)b.warps.size();
+    ++g_block_serial;
     if (dynamic_smem > 0) std::memset(g_dynamic_shared, 0xff, dynamic_smem);
-    b.block = Barrier{0, (int)threads, 0};
-    for (int w = 0; w < nwarps; ++w) b.warps[w] = Barrier{0, (int)std::min<long long>(32, threads - 32LL * w), 0};
+    b.block = Barrier{0, (int)threads, 0, 0, false};
+    for (int w = 0; w < nwarps; ++w) b.warps[w] = Barrier{0, (int)std::min<long long>(32, threads - 32LL * w), 0, 0, false};
     const dim3 block = g_block_dim;
     for (long long i = 0; i < threads; ++i) {
         Fiber& f = b.fibers[i];
@@ -266,6 +280,7 @@ inline std::string run_grid(dim3 grid, dim3 block, std::size_t dynamic_smem, con
     g_block = &b;
     g_block_dim = block;
     g_grid_dim = grid;
+    g_dynamic_shared_size = dynamic_smem;
     std::string error;
     for (unsigned bz = 0; bz < grid.z && error.empty(); ++bz)
         for (unsigned by = 0; by < grid.y && error.empty(); ++by)
@@ -367,5 +382,7 @@ T atomicAdd(T* address, T value) {
 #define CUDA_EMU_EXTERN_SHARED(name)                                                   \
     __attribute__((aligned(16))) unsigned char name[::cuda_emu::kDynamicSharedBytes]; \
     static const bool name##_registered_ = (::cuda_emu::g_dynamic_shared = name, true);
+
+#include "ptx_emulation.h"  // the ptx_* functions of the tensor-core kernels
 
 #endif  // CUDA_EMULATION_H
