@@ -12,10 +12,11 @@ kernels as the fused core, as the public call does on a GPU.
 
 Covered: float64 (``Cfg<2>``, ``MmaSimt<double>``) and float32 on CUDA cores
 (``float32_math="simt"``, ``Cfg<3>``), the kernels without options and the option kernels.
-Not covered: the tensor-core kernels (float16 ``Cfg<0>`` and 3xTF32 ``Cfg<1>``, inline PTX:
-``mma.sync``, ``ldmatrix``, ``cvt.rna.tf32``, ``cp.async``), timing, and anything about
-the GPU's memory model beyond what the emulation's scheduling exposes
-(docs/backends/cupy.md, "The kernels on the CPU").
+The tensor-core kernels (float16 ``Cfg<0>`` and 3xTF32 ``Cfg<1>``: ``mma.sync``,
+``ldmatrix``, ``cvt.rna.tf32``, ``cp.async``, emulated by ``cuda_cpu/ptx_emulation.h``) run
+in ``test_cuda_on_cpu_tensor_cores.py``.  Not covered: timing, and anything about the GPU's
+memory model beyond what the emulation's scheduling exposes (docs/backends/cupy.md, "The
+kernels on the CPU").
 """
 
 from __future__ import annotations
