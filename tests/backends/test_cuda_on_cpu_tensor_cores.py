@@ -344,6 +344,7 @@ def _sweep(n, seed=1):
     return cases
 
 
+FIXED_CASES = frozenset(CASES)
 CASES.update(_sweep(int(os.environ.get("REFATTN_CUDA_CPU_TC_SWEEP", "0"))))
 
 DTYPES = {"float16": 0, "float32": 1}        # float32: the default float32_math, 3xTF32
@@ -445,5 +446,9 @@ def test_tensor_core_kernels_match_the_reference(emulator, name, dtype):
         assert g.dtype == dtype or (what == "lse" and g.dtype == np.float32), (what, g.dtype)
         assert_within_reference_error(g, e, lo, dtype, f"{dtype} {name}: {what}", gradient=i > 1,
                                       problem_scale=problem_scale)
-        if dtype == "float16":   # and the float16 tolerances of the GPU tests (test_cupy.py)
+        if dtype == "float16" and name in FIXED_CASES:
+            # and the fixed float16 tolerances of the GPU tests (test_cupy.py).  Their absolute
+            # atol 2e-3 does not follow the problem: on random calls with gradients of scale
+            # 7 to 10 (scale up to 1.5, ALiBi) it fails a few entries where the kernels' error
+            # is a third to a tenth of the float16 reference's own, so not on the sweep.
             assert_close(g, e, dtype, f"{dtype} {name}: {what}")
