@@ -24,8 +24,11 @@ of ``N`` sequences of any lengths is one kernel launch per pass, with no copies 
 no pair outside a sequence visited (numba: :func:`refattn.cores.sdpa.numba.span_table`;
 cupy: ``sdpa.cu``).
 
-Otherwise (the reference backend; and on every backend: ``mask_mod`` / ``score_mod``, which
-see a sequence's own ``b, i, j`` and run on the reference, ``rotary``, an ``empty_rows``
+The cupy kernels also take ``mask_mod`` / ``score_mod`` given CUDA expressions
+(:func:`refattn.cuda_expression`), which see the sequence's index as ``b`` and positions
+within it as ``i``, ``j``.  Otherwise (the reference backend; and on numba, or cupy without
+CUDA expressions: ``mask_mod`` / ``score_mod``, which see a sequence's own ``b, i, j`` and
+run on the reference, ``rotary``, an ``empty_rows``
 policy other than ``"zero"``, inputs that the non-finite policy sends to the reference), the
 sequences of equal ``(queries, keys)`` lengths are stacked into one batched call of the core
 (copies of their rows: ``O(L)``); the fused backends then keep ``O(L)`` memory and never
@@ -324,13 +327,17 @@ def forward(core_forward: Callable, q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=
 
     With ``fused_core``, one call ``fused_core(q4, k4, v4, operands, slopes, spans,
     **options) -> (o4, residuals)`` on the 4-D view instead: ``operands`` the 4-D mask,
-    bias and dropout mask, ``slopes`` ``(1 | N, H)`` or None (ignored with
-    ``mask_mod``/``score_mod``).
+    bias and dropout mask, ``slopes`` ``(1 | N, H)`` or None; a ``fused_core`` also takes
+    ``mask_mod`` / ``score_mod`` / ``score_mod_grad`` keywords when they are given (the
+    cupy kernels with CUDA expressions: they see the sequence ``n`` as ``b``).
     """
     arguments = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                      query_seq_lengths=query_seq_lengths,
                      key_value_seq_lengths=key_value_seq_lengths, mask=mask, bias=bias,
-                     dropout_mask=dropout_mask, alibi_slopes=alibi_slopes, **options)
+                     dropout_mask=dropout_mask, alibi_slopes=alibi_slopes, mask_mod=mask_mod,
+                     score_mod=score_mod, score_mod_grad=score_mod_grad, **options)
+    mods = {name: fn for name, fn in (("mask_mod", mask_mod), ("score_mod", score_mod),
+                                      ("score_mod_grad", score_mod_grad)) if fn is not None}
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
     if packed and (query_seq_lengths is not None or key_value_seq_lengths is not None):
         raise ValueError("pass cu_seqlens_q/cu_seqlens_k (packed tokens) or query_seq_lengths/"
@@ -340,7 +347,7 @@ def forward(core_forward: Callable, q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k go together (FlashAttention varlen); "
                          f"{missing} is missing")
     xp = namespace(q, k, v)
-    if mask_mod is not None or score_mod is not None:
+    if (mask_mod is not None or score_mod is not None) and fused_core is None:
         # the functions see relabelled sequences through Python closures, which the numba
         # kernels cannot compile: evaluate them as array functions
         options["backend"] = "reference"
@@ -380,8 +387,8 @@ def forward(core_forward: Callable, q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=
         res.operand_shapes = {"bias": tuple(bias.shape), "bias4": tuple(four["bias"].shape)}
     if slopes2 is not None:
         res.slopes_shape, res.slopes_rows = tuple(alibi_slopes.shape), slopes2.shape[0]
-    if fused_core is not None and mask_mod is None and score_mod is None:
-        o4, part = fused_core(q4, k4, v4, four, slopes2, spans, **options)
+    if fused_core is not None:
+        o4, part = fused_core(q4, k4, v4, four, slopes2, spans, **options, **mods)
         res.fused = True
         res.rerun = lambda: forward(core_forward, q, k, v, **{**arguments,
                                                               "backend": "reference"})[1]
