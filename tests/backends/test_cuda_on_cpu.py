@@ -244,6 +244,11 @@ MOD_CASES = {
     "score_mod: soft-cap as a function": ((2, 2, 2, 63, 70, 8, 8), dict(score_mod="softcap")),
     "score_mod: relative bias + causal + GQA": ((1, 4, 2, 70, 70, 8, 8),
                                                 dict(score_mod="relative", causal=True)),
+    # dS scaled by a derivative that varies along each row: its rows no longer sum to 0, so
+    # the slope gradient must not take off the row's centre (sdpa.cu's alibi_center), here
+    # far from 0 (the ALiBi diagonal j = i + S - L beyond the causal rule's last key j = i)
+    "score_mod: soft-cap as a function + alibi + causal upper_left, L < S": (
+        (1, 2, 2, 30, 70, 8, 8), dict(score_mod="softcap", alibi="H", causal=True)),
     "score_mod + mask_mod + softcap + alibi + bias + window + dropout": (
         (2, 2, 1, 63, 70, 8, 8), dict(score_mod="affine", mask_mod="checkered", softcap=2.0,
                                       alibi="BH", bias=True, window=(12, 4), dropout=True)),
