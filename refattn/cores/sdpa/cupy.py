@@ -394,7 +394,8 @@ def _opt_args(cp, opts, spans, acc, dslopes=None):
 def _check_lengths(L, S, bits):
     if bits and max(L, S) >= MAX_LENGTH:
         raise ValueError(f"backend='cupy' takes query and key lengths below {MAX_LENGTH} with "
-                         f"window, softcap, alibi_slopes or sequences, got L={L}, S={S}")
+                         f"window, softcap, alibi_slopes, sequences, mask_mod or score_mod, got "
+                         f"L={L}, S={S}")
 
 
 def _check_alibi_offset(opts, L, S):
