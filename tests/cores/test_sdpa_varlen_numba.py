@@ -181,3 +181,51 @@ def test_span_table_moves_each_sequence_rule_to_the_view():
     kept = (j <= i + col["causal"][1]) & (j - i >= col["lo"][1])
     i_local, j_local = i - 3, j - 5
     assert np.array_equal(kept, (j_local <= i_local - 3) & (j_local >= i_local - 3 - 1))
+
+
+# FlexAttention-style functions: each sequence is seen as batch row b = its number, with
+# positions counted from its start (the reference relabels its grouped calls the same way)
+def _mask_mod(b, h, i, j):
+    return (i + 2 * j + b + h) % 5 != 0
+
+
+def _score_mod(score, b, h, i, j):
+    return score * (1.0 + 0.25 * h) + 0.125 * (i - j) - 0.0625 * b
+
+
+def _score_mod_grad(score, b, h, i, j):
+    return 1.0 + 0.25 * h + 0.0 * score
+
+
+MODS = {"mask_mod": _mask_mod, "score_mod": _score_mod, "score_mod_grad": _score_mod_grad}
+
+
+@pytest.mark.parametrize("name", ("plain", "window + causal lower_right + softcap",
+                                  "alibi per sequence + causal"))
+def test_packed_mods_on_numba_equal_the_reference_in_one_launch(name, monkeypatch):
+    calls = []
+    real = sdpa_numba.run_split
+
+    def counting(kernel, args, items, costs):
+        calls.append(kernel.py_func.__name__)
+        return real(kernel, args, items, costs)
+
+    monkeypatch.setattr(sdpa_numba, "run_split", counting)
+    arrays = _packed_arrays(10)
+    scores = (H, sum(Q_LENS), sum(K_LENS))
+    options = _case(name, np.random.default_rng(11), scores, (len(Q_LENS),))
+    expected, got = _both_backends(arrays, 12, cu_seqlens_q=_cu(Q_LENS),
+                                   cu_seqlens_k=_cu(K_LENS), **options, **MODS)
+    _assert_same(expected, got, f"packed + mask_mod + score_mod, {name}")
+    assert calls == ["_forward_kernel", "_backward_kernel"]   # no call per group
+
+
+def test_padded_mods_on_numba_equal_the_reference():
+    rng = np.random.default_rng(13)
+    q = rng.standard_normal((2, 3, H, L, E))
+    k = rng.standard_normal((2, 3, HKV, S, E))
+    v = rng.standard_normal((2, 3, HKV, S, EV))
+    expected, got = _both_backends((q, k, v), 14, query_seq_lengths=PADDED_Q.reshape(2, 3),
+                                   key_value_seq_lengths=PADDED_K.reshape(2, 3), causal=True,
+                                   **MODS)
+    _assert_same(expected, got, "padded + mask_mod + score_mod")

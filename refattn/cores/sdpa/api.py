@@ -396,19 +396,19 @@ def _maps_sequences(q, k, v, bias, alibi_slopes, backend, mask_mod, score_mod, s
     sequences (:mod:`~refattn.cores.sdpa.segments`).
 
     Not with rotary (positions per sequence), an ``empty_rows`` policy other than
-    ``"zero"``, or inputs that the non-finite policy sends to the reference backend; with
-    ``mask_mod``/``score_mod`` only on cupy when they all carry CUDA expressions (their
-    ``b`` is then the sequence, ``i``, ``j`` positions within it, as on the reference).
+    ``"zero"``, inputs that the non-finite policy sends to the reference backend, or
+    ``mask_mod``/``score_mod`` on a backend whose kernels do not evaluate them (numba always
+    does; cupy when they all carry CUDA expressions, :func:`option_route`).  Their ``b`` is
+    then the sequence, ``i``, ``j`` positions within it, as on the reference.
     """
     if rotary is not None or empty_rows != "zero" or not is_array(q):
         return None
     kernels = _backends.resolve(backend, IMPLEMENTED, q, core="sdpa")
     if kernels not in ("numba", "cupy"):
         return None
-    if mask_mod is not None or score_mod is not None:
-        if kernels != "cupy" or _cuda_mods.of_functions(mask_mod, score_mod,
-                                                        score_mod_grad) is None:
-            return None
+    if (mask_mod is not None or score_mod is not None) and kernels == "cupy" \
+            and _cuda_mods.of_functions(mask_mod, score_mod, score_mod_grad) is None:
+        return None
     arrays = (q, k, v) + (() if alibi_slopes is None else (alibi_slopes,))
     return kernels if _backends.route(kernels, namespace(q, k, v), arrays, bias) == kernels \
         else None
@@ -588,8 +588,8 @@ def sdpa(q: Array, k: Array, v: Array, *, mask: Array | None = None, bias: Array
         functions compiles for 10-30 s).  On cupy they run in the fused kernels when
         each carries a CUDA expression (:func:`refattn.cuda_expression`; ``O(L)``
         memory, also with packed or padded sequences; a first call with new expressions
-        compiles through NVRTC); otherwise cupy, and packed or padded sequences on
-        numba, route them to the reference backend (``O(L S)`` memory).
+        compiles through NVRTC); otherwise cupy routes them to the reference backend
+        (``O(L S)`` memory).
     rotary : {None, "half", "interleaved"}
         Rotary position embeddings applied to ``q`` and ``k`` first
         (:func:`refattn.apply_rotary`): ``"half"`` pairs ``(x_m, x_{m+r/2})``

@@ -155,7 +155,8 @@ def _scores(s, queries_in_rows, i0, j0, b, h, mods, mask, bias, slopes, causal, 
     ``mod_grad_tile`` (both shaped like ``s``), for the backward pass.
     """
     (has_mask, has_bias, has_softcap, has_alibi, offset, lo, hi, softcap, inv_softcap,
-     dist_offset, neg_inf, _, _, has_mask_mod, has_score_mod, slope_row) = mods
+     dist_offset, neg_inf, _, _, has_mask_mod, has_score_mod, slope_row, mod_b, q_origin,
+     k_origin) = mods
     n_rows, n = s.shape
     di = 0 if queries_in_rows else 1           # query step along a row
     dj = 1 - di                                # key step along a row
@@ -191,15 +192,15 @@ def _scores(s, queries_in_rows, i0, j0, b, h, mods, mask, bias, slopes, causal, 
                         grow[r] = softcap - softcap
                 else:
                     if store_grads:
-                        grow[r] = _SCORE_MOD_GRAD(row[r], b, h, i, j)
-                    row[r] = _SCORE_MOD(row[r], b, h, i, j)
+                        grow[r] = _SCORE_MOD_GRAD(row[r], mod_b, h, i - q_origin, j - k_origin)
+                    row[r] = _SCORE_MOD(row[r], mod_b, h, i - q_origin, j - k_origin)
         if has_mask:
             for r in range(n):
                 if not mask[b, h, ib + r * di, jb + r * dj]:
                     row[r] = neg_inf
         if has_mask_mod:
             for r in range(n):
-                if not _MASK_MOD(b, h, ib + r * di, jb + r * dj):
+                if not _MASK_MOD(mod_b, h, ib + r * di - q_origin, jb + r * dj - k_origin):
                     row[r] = neg_inf
         gap = jb - ib                          # j - i at r = 0
         if causal:          # kept iff j - i <= offset
@@ -310,7 +311,8 @@ def _span_modifiers(mods, spans, n, slopes):
     slope_row = spans[n, SPAN_ROW] if slopes.shape[0] > 1 else 0      # (1, H) slopes: row 0
     return (mods[0], mods[1], mods[2], mods[3], spans[n, SPAN_CAUSAL], spans[n, SPAN_LO],
             spans[n, SPAN_HI], mods[7], mods[8], spans[n, SPAN_DIST], mods[10], mods[11],
-            mods[12], mods[13], mods[14], slope_row)
+            mods[12], mods[13], mods[14], slope_row, spans[n, SPAN_ROW], spans[n, SPAN_Q0],
+            spans[n, SPAN_K0])
 
 
 @jit(inline="always")
@@ -704,15 +706,18 @@ def _modifiers(opts, dtype):
 
     ``(has_mask, has_bias, has_softcap, has_alibi, causal offset, window lo, window hi,
     softcap, 1/softcap, ALiBi distance offset, -inf, window has lo, window has hi,
-    has mask_mod, has score_mod, ALiBi slope row)``.  The offsets, bounds and slope row are 0
-    here: the kernels take each span's own (:func:`_span_modifiers`, from :func:`span_table`).
+    has mask_mod, has score_mod, ALiBi slope row, the functions' b, first query row, first
+    key row)``.  The offsets, bounds, rows and origins are 0 here: the kernels take each
+    span's own (:func:`_span_modifiers`, from :func:`span_table`): ``mask_mod`` and
+    ``score_mod`` see the span's row (the batch row, or the sequence) as ``b`` and positions
+    counted from the span's first query and key, as on the reference backend.
     """
     _, has_lo, has_hi = _rules(opts)
     cap = opts.softcap if opts.softcap is not None else 1.0
     return (opts.mask is not None, opts.bias is not None, opts.softcap is not None,
             opts.alibi is not None, 0, 0, 0, dtype.type(cap), dtype.type(1.0 / cap), 0,
             dtype.type(-np.inf), has_lo, has_hi, opts.mask_mod is not None,
-            opts.score_mod is not None, 0)
+            opts.score_mod is not None, 0, 0, 0, 0)
 
 
 def _operands(q, k, v, opts):

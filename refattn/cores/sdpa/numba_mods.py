@@ -9,8 +9,9 @@ arguments::
     score_mod(score, b, h, i, j) -> score         score: the input dtype (float32/float64)
     score_mod_grad(score, b, h, i, j) -> d score_mod / d score
 
-``b`` is the flattened batch index and ``h`` the query head, as in the reference backend's
-array functions: a function written with operators alone (``j <= i``, ``(b + h) % 2 == 0``,
+``b`` is the flattened batch index (with packed or padded sequences the sequence's number,
+``i`` and ``j`` then counted from its start) and ``h`` the query head, as in the reference
+backend's array functions: a function written with operators alone (``j <= i``, ``(b + h) % 2 == 0``,
 ``30 * np.tanh(score / 30)``) serves both backends.
 
 Why copies of the kernels.  Numba's cache keys a kernel that takes a function argument by

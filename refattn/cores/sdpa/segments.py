@@ -24,12 +24,11 @@ of ``N`` sequences of any lengths is one kernel launch per pass, with no copies 
 no pair outside a sequence visited (numba: :func:`refattn.cores.sdpa.numba.span_table`;
 cupy: ``sdpa.cu``).
 
-The cupy kernels also take ``mask_mod`` / ``score_mod`` given CUDA expressions
-(:func:`refattn.cuda_expression`), which see the sequence's index as ``b`` and positions
-within it as ``i``, ``j``.  Otherwise (the reference backend; and on numba, or cupy without
-CUDA expressions: ``mask_mod`` / ``score_mod``, which see a sequence's own ``b, i, j`` and
-run on the reference, ``rotary``, an ``empty_rows``
-policy other than ``"zero"``, inputs that the non-finite policy sends to the reference), the
+The kernels also take ``mask_mod`` / ``score_mod`` (numba always, cupy given CUDA
+expressions, :func:`refattn.cuda_expression`), which see the sequence's index as ``b`` and
+positions within it as ``i``, ``j``.  Otherwise (the reference backend; cupy with functions
+without CUDA expressions, which see a sequence's own ``b, i, j`` and run on the reference;
+``rotary``, an ``empty_rows`` policy other than ``"zero"``, inputs that the non-finite policy sends to the reference), the
 sequences of equal ``(queries, keys)`` lengths are stacked into one batched call of the core
 (copies of their rows: ``O(L)``); the fused backends then keep ``O(L)`` memory and never
 visit a pair outside the block diagonal either, at the cost of one core call per distinct
@@ -326,18 +325,17 @@ def forward(core_forward: Callable, q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=
     sequences.
 
     With ``fused_core``, one call ``fused_core(q4, k4, v4, operands, slopes, spans,
-    **options) -> (o4, residuals)`` on the 4-D view instead: ``operands`` the 4-D mask,
-    bias and dropout mask, ``slopes`` ``(1 | N, H)`` or None; a ``fused_core`` also takes
-    ``mask_mod`` / ``score_mod`` / ``score_mod_grad`` keywords when they are given (the
-    cupy kernels with CUDA expressions: they see the sequence ``n`` as ``b``).
+    **options, mask_mod=, score_mod=, score_mod_grad=) -> (o4, residuals)`` on the 4-D view
+    instead: ``operands`` the 4-D mask, bias and dropout mask, ``slopes`` ``(1 | N, H)`` or
+    None (numba, and cupy with CUDA expressions of the functions).  Either way the functions
+    see sequence ``n`` as ``b`` and positions counted from its start.
     """
     arguments = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                      query_seq_lengths=query_seq_lengths,
                      key_value_seq_lengths=key_value_seq_lengths, mask=mask, bias=bias,
                      dropout_mask=dropout_mask, alibi_slopes=alibi_slopes, mask_mod=mask_mod,
                      score_mod=score_mod, score_mod_grad=score_mod_grad, **options)
-    mods = {name: fn for name, fn in (("mask_mod", mask_mod), ("score_mod", score_mod),
-                                      ("score_mod_grad", score_mod_grad)) if fn is not None}
+    mods = dict(mask_mod=mask_mod, score_mod=score_mod, score_mod_grad=score_mod_grad)
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
     if packed and (query_seq_lengths is not None or key_value_seq_lengths is not None):
         raise ValueError("pass cu_seqlens_q/cu_seqlens_k (packed tokens) or query_seq_lengths/"
@@ -347,9 +345,11 @@ def forward(core_forward: Callable, q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k go together (FlashAttention varlen); "
                          f"{missing} is missing")
     xp = namespace(q, k, v)
-    if (mask_mod is not None or score_mod is not None) and fused_core is None:
-        # the functions see relabelled sequences through Python closures, which the numba
-        # kernels cannot compile: evaluate them as array functions
+    if fused_core is None and (mask_mod is not None or score_mod is not None):
+        # per group of sequences the functions see them relabelled through Python closures,
+        # which the numba kernels cannot compile: evaluate them as array functions (the
+        # fused numba and cupy cores pass each sequence's number and start to the functions
+        # themselves)
         options["backend"] = "reference"
     if packed:
         q4, k4, v4 = _packed_view(xp, q, k, v)
