@@ -118,8 +118,10 @@ def _build(folder, names, source="sdpa_on_cpu.cpp", jobs=2):
     for entry in names:
         name, mods = entry if isinstance(entry, tuple) else (entry, "")
         by_mods.setdefault(mods, []).append(name)
-    chunks = [(group[i::jobs], mods) for mods, group in by_mods.items() for i in range(jobs)
-              if group[i::jobs]]
+    # a set of functions has few kernels: one compile each (the fixed cost of a compile is
+    # the emulation and sdpa.cu's parsing)
+    chunks = [(group[i::n], mods) for mods, group in by_mods.items()
+              for n in [1 if mods else jobs] for i in range(n) if group[i::n]]
     procs = []
     for n, (chunk, mods) in enumerate(chunks):
         inc = folder / f"{pathlib.Path(source).stem}{n}"
