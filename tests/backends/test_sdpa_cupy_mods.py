@@ -154,3 +154,20 @@ def test_the_kernel_source_of_the_functions():
         assert f"\n{expression}\n" in source
     # an absent function keeps sdpa.cu's default (keep every pair / the identity / 1)
     assert "\ntrue\n" in cuda_mods.CudaMods(score_mod="score").source()
+
+
+def test_packed_or_padded_cupy_calls_with_cuda_expressions_stay_in_one_kernel_call(monkeypatch):
+    # No GPU here: resolving backend="cupy" is the one step replaced (it needs a device); the
+    # decision which backend maps a call of sequences onto its kernels is the real one.
+    monkeypatch.setattr(api._backends, "resolve", lambda backend, *a, **kw: backend)
+    q = np.ones((1, 2, 40, 8))
+
+    def maps(backend, mask_mod=None, score_mod=None, score_mod_grad=None):
+        return api._maps_sequences(q, q, q, None, None, backend, mask_mod, score_mod,
+                                   score_mod_grad, None, "zero")
+
+    assert maps("cupy", WINDOW, SOFTCAP, SOFTCAP_GRAD) == "cupy"
+    assert maps("cupy", WINDOW) == "cupy"
+    assert maps("cupy", _window) is None                     # per group, on the reference
+    assert maps("cupy", WINDOW, SOFTCAP, _softcap_grad) is None
+    assert maps("numba", _window) == "numba"                 # numba compiles the function

@@ -439,7 +439,7 @@ __device__ __forceinline__ float tanh_acc(float x) { return tanhf(x); }
 __device__ __forceinline__ double tanh_acc(double x) { return tanh(x); }
 
 // Score modifiers: scale, causal, boolean keep-mask, additive bias, dropout; with OPT, the
-// keep rule of docs/backends/cupy.md, the soft-cap and ALiBi.
+// keep rule of docs/backends/cupy.md, the soft-cap, ALiBi and the user's mask_mod / score_mod.
 template <class T, class Acc, int OPT = 0>
 struct Mods {
     const unsigned char* mask; long long mb, mh, ml, ms;
