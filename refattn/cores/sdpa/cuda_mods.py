@@ -21,7 +21,11 @@ padded sequences), the query head, and the query and key positions (within the s
 ``score`` has the accumulation type (``float`` for float16 and float32 inputs, ``double``
 for float64) and is the score in natural units after scaling, soft-cap, bias and ALiBi, as
 the reference backend's array functions see it.  CUDA's math functions (``tanh``, ``exp``,
-``fabs``, ``fmin``, ...) and C++ operators are available; no headers are.
+``fabs``, ``fmin``, ...) and C++ operators are available; no headers are.  Unlike a
+FlexAttention ``score_mod``, an expression cannot read a captured tensor (a per-head table,
+a document-id array): only its arguments and constants.  Tensors go in through ``bias=``,
+``mask=``, ``alibi_slopes=`` or packed sequences (``cu_seqlens_*``), or the function stays
+without a CUDA form and the call runs on the reference.
 """
 
 from __future__ import annotations
