@@ -12,6 +12,7 @@ from . import testing  # noqa: F401
 from ._vjp import vjp
 from .backends import available_backends
 from .cores.sdpa import sdpa
+from .cores.sdpa.cuda_mods import cuda_expression
 from .cores.elementwise import (elementwise_attention, elementwise_state, elementwise_step,
                                 elementwise_taylor_error)
 from .cores.quaternion import quaternion_attention
@@ -29,6 +30,7 @@ from . import verify  # noqa: F401  (imports PyTorch or JAX only for their candi
 
 __all__ = [
     "sdpa",
+    "cuda_expression",
     "elementwise_attention",
     "elementwise_state",
     "elementwise_step",

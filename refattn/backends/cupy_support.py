@@ -92,22 +92,25 @@ class KernelSource:
     def instantiations(self) -> tuple:
         return tuple(self._instantiations())
 
-    def function(self, name_expression: str):
+    def function(self, name_expression: str, prelude: str = ""):
         """The compiled kernel ``name_expression`` (one ``RawModule`` per instantiation).
 
         Compiling one instantiation per module keeps a first call short: only
-        the configuration in use is built.
+        the configuration in use is built.  ``prelude`` is code pasted in front of the
+        source (the SDPA kernels' user functions, :mod:`refattn.cores.sdpa.cuda_mods`):
+        one module per ``(name_expression, prelude)``.
         """
-        fn = self._modules.get(name_expression)
+        key = (name_expression, prelude)
+        fn = self._modules.get(key)
         if fn is None:
             cp = cupy()
             with _LOCK:
-                fn = self._modules.get(name_expression)
+                fn = self._modules.get(key)
                 if fn is None:
-                    module = cp.RawModule(code=self.code, options=NVRTC_OPTIONS,
+                    module = cp.RawModule(code=prelude + self.code, options=NVRTC_OPTIONS,
                                           name_expressions=(name_expression,))
                     fn = module.get_function(name_expression)
-                    self._modules[name_expression] = fn
+                    self._modules[key] = fn
         return fn
 
 
@@ -145,7 +148,7 @@ def kernel_sources() -> dict:
 
 
 def nvrtc_compile(code: str, name: str = "kernel.cu", name_expressions=(), arch: str = CI_ARCH,
-                  options=NVRTC_OPTIONS):
+                  options=NVRTC_OPTIONS, warnings_are_errors: bool = True):
     """Compile CUDA C++ with NVRTC; no GPU needed.
 
     A virtual architecture (``compute_90``) gives PTX; a real one (``sm_90``)
@@ -162,6 +165,9 @@ def nvrtc_compile(code: str, name: str = "kernel.cu", name_expressions=(), arch:
         Template instantiations to force (and check).
     arch : str
         Virtual architecture, ``"compute_90"`` by default.
+    warnings_are_errors : bool
+        Whether a compiler warning fails the compile (refattn's own kernels: yes; a
+        user's expression, :mod:`refattn.cores.sdpa.cuda_mods`: no).
 
     Returns
     -------
@@ -171,7 +177,8 @@ def nvrtc_compile(code: str, name: str = "kernel.cu", name_expressions=(), arch:
     Raises
     ------
     CudaCompileError
-        With the compiler log when NVRTC rejects the source or a warning is printed.
+        With the compiler log when NVRTC rejects the source or (``warnings_are_errors``)
+        a warning is printed.
     """
     from cupy_backends.cuda.libs import nvrtc
 
@@ -184,7 +191,7 @@ def nvrtc_compile(code: str, name: str = "kernel.cu", name_expressions=(), arch:
         except Exception as exc:
             raise CudaCompileError(f"{name}: {exc}\n{nvrtc.getProgramLog(prog)}") from None
         log = nvrtc.getProgramLog(prog).strip()
-        if log:  # warnings are errors: they usually are bugs in kernel code
+        if log and warnings_are_errors:  # they usually are bugs in kernel code
             raise CudaCompileError(f"{name}: compiler warnings\n{log}")
         for expr in name_expressions:
             nvrtc.getLoweredName(prog, expr)

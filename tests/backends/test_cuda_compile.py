@@ -133,3 +133,58 @@ def test_sdpa_kernel_config_checks_head_dims():
         sdpa_cupy.kernel_config("int32", 64, 64)
     cfg = sdpa_cupy.kernel_config("float16", 64, 64)
     assert cfg["fwd"] == "sdpa_fwd<0,64,64,4,64>" and cfg["acc"] == "float32"
+
+
+# --- FlexAttention-style functions as CUDA expressions (refattn.cuda_expression) -----------
+
+# One expression per function, using each argument name, both index spellings and a math
+# function, as a user's would.
+USER_MODS = dict(mask_mod="(b + h) % 2 == 0 ? kv_idx <= q_idx : i - j < 7",
+                 score_mod="30 * tanh(score / 30) + 0.5 * (i - j) * b",
+                 score_mod_grad="1 - tanh(score / 30) * tanh(score / 30)")
+
+
+def test_sdpa_option_kernels_compile_with_user_functions():
+    # Every option with both functions, for each element type and float32 math: the
+    # driver's source (the expressions pasted in front of sdpa.cu), with no warning.
+    from refattn.cores.sdpa import cuda_mods
+    from refattn.cores.sdpa import cupy as sdpa_cupy
+
+    every = sum(sdpa_cupy.OPTION_BITS.values())
+    names = []
+    for dtype, math in (("float16", None), ("float32", "tf32x3"), ("float32", "simt"),
+                        ("float64", None)):
+        cfg = sdpa_cupy.kernel_config(dtype, 8, 8, math, options=every)
+        names += [cfg["fwd"], cfg["bwd"]]
+    code = cuda_mods.CudaMods(**USER_MODS).source() + sdpa_cupy.SOURCE.code
+    ptx = cs.nvrtc_compile(code, "sdpa.cu", names, arch="compute_90")
+    assert ptx.count(".entry") == len(names)
+
+
+@pytest.mark.parametrize("name", ["mask_mod", "score_mod", "score_mod_grad"])
+def test_a_user_expression_nvrtc_rejects_names_its_argument(name):
+    # The GPU launch compiles each expression alone first (nothing reaches the device).
+    from refattn.cores.sdpa import cuda_mods
+    from refattn.cores.sdpa import cupy as sdpa_cupy
+
+    given = {**USER_MODS, name: "score_typo + 1" if name != "mask_mod" else "j <= i_typo"}
+    if name == "mask_mod":
+        given = {"mask_mod": given["mask_mod"]}
+    with pytest.raises(ValueError, match=rf"(?s){name}= has the CUDA expression.*_typo.*"
+                                         r"is undefined"):
+        sdpa_cupy._launch("sdpa_fwd_opt<2,16,16,2,32,48>", 0, (1, 1), 64, [],
+                          cuda_mods.CudaMods(**given))
+
+
+def test_the_user_functions_leave_the_kernels_without_them_unchanged():
+    # sdpa.cu's defaults of the three functions are templates, instantiated only by the
+    # mods bits: the option-free kernels compile to the same PTX with the driver's source.
+    from refattn.cores.sdpa import cuda_mods
+    from refattn.cores.sdpa import cupy as sdpa_cupy
+
+    names = [sdpa_cupy.kernel_config("float64", 8, 8)["fwd"],
+             sdpa_cupy.kernel_config("float64", 8, 8, options=1)["fwd"]]
+    with_mods = cuda_mods.CudaMods(**USER_MODS).source() + sdpa_cupy.SOURCE.code
+    for name in names:
+        assert (cs.nvrtc_compile(with_mods, "sdpa.cu", [name])
+                == cs.nvrtc_compile(sdpa_cupy.SOURCE.code, "sdpa.cu", [name]))

@@ -53,12 +53,16 @@ _SCALAR = {"i32": (np.int32, ctypes.c_int32), "i64": (np.int64, ctypes.c_int64),
 
 
 class Emulator:
-    """The emulated kernels of some shared libraries, launched as the cupy driver asks."""
+    """The emulated kernels of some shared libraries, launched as the cupy driver asks.
+
+    ``libraries``: ``(library, mods)`` pairs, ``mods`` the CUDA source of the user functions
+    its kernels were built with (``cuda_mods.CudaMods.source``, "" without); a launch runs
+    the kernel of its name built with the launch's functions."""
 
     def __init__(self, libraries):
         self.kernels = {}
         self.launched = []
-        for lib in libraries:
+        for lib, mods in libraries:
             lib.cuda_emu_kernel_name.restype = ctypes.c_char_p
             lib.cuda_emu_kernel_signature.restype = ctypes.c_char_p
             lib.cuda_emu_launch.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_uint),
@@ -67,11 +71,12 @@ class Emulator:
                                             ctypes.c_ulonglong]
             for i in range(lib.cuda_emu_kernel_count()):
                 name = lib.cuda_emu_kernel_name(i).decode()
-                self.kernels[name] = (lib, i, lib.cuda_emu_kernel_signature(i).decode().split(","))
+                self.kernels[name, mods] = (lib, i,
+                                            lib.cuda_emu_kernel_signature(i).decode().split(","))
         self.device = sdpa_cupy.Device(np, self.launch, SMEM_LIMIT)
 
-    def launch(self, name, smem, grid, threads, args):
-        lib, index, signature = self.kernels[name]
+    def launch(self, name, smem, grid, threads, args, mods=None):
+        lib, index, signature = self.kernels[name, "" if mods is None else mods.source()]
         assert len(args) == len(signature), (name, len(args), signature)
         values = []
         for n, (arg, code) in enumerate(zip(args, signature)):
@@ -105,25 +110,36 @@ def _compiler():
 
 
 def _build(folder, names, source="sdpa_on_cpu.cpp", jobs=2):
-    """Shared libraries holding the kernels ``names`` of ``source`` (``cuda_cpu/``), split
-    over ``jobs`` compiles run side by side."""
-    chunks = [names[i::jobs] for i in range(jobs) if names[i::jobs]]
+    """``(shared library, mods)`` pairs holding the kernels ``names`` of ``source``
+    (``cuda_cpu/``), split over ``jobs`` compiles per set of functions, all run side by side.
+
+    ``names``: kernel names, or ``(name, mods)`` pairs with ``mods`` the functions' CUDA
+    source ("" without), written to ``mods.inc``."""
+    by_mods: dict = {}
+    for entry in names:
+        name, mods = entry if isinstance(entry, tuple) else (entry, "")
+        by_mods.setdefault(mods, []).append(name)
+    # a set of functions has few kernels: one compile each (the fixed cost of a compile is
+    # the emulation and sdpa.cu's parsing)
+    chunks = [(group[i::n], mods) for mods, group in by_mods.items()
+              for n in [1 if mods else jobs] for i in range(n) if group[i::n]]
     procs = []
-    for n, chunk in enumerate(chunks):
+    for n, (chunk, mods) in enumerate(chunks):
         inc = folder / f"{pathlib.Path(source).stem}{n}"
         inc.mkdir()
         (inc / "kernels.inc").write_text("".join(f"KERNEL({name})\n" for name in chunk))
+        (inc / "mods.inc").write_text(mods)
         out = inc / "kernels.so"
         cmd = [_compiler(), "-std=c++20", "-O1", "-shared", "-fPIC", "-fno-strict-aliasing",
                "-fvisibility=hidden", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas",
                "-Wno-unused-parameter", f"-I{inc}", "-o", str(out), str(HERE / source)]
-        procs.append((out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                            text=True)))
+        procs.append((out, mods, subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                                  stderr=subprocess.STDOUT, text=True)))
     libraries = []
-    for out, proc in procs:
+    for out, mods, proc in procs:
         log, _ = proc.communicate()
         assert proc.returncode == 0, log
-        libraries.append(ctypes.CDLL(str(out)))
+        libraries.append((ctypes.CDLL(str(out)), mods))
     return libraries
 
 
@@ -193,6 +209,62 @@ def _cu(lengths):
     return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
 
 
+# FlexAttention-style functions, one object per backend: the array function the reference
+# calls and the CUDA expression the kernels compile (refattn.cuda_expression).
+def _mod(expression, fn):
+    return refattn.cuda_expression(expression)(fn)
+
+
+MASK_MODS = {
+    "window": _mod("j <= i && i - j <= 9", lambda b, h, i, j: (j <= i) & (i - j <= 9)),
+    "checkered": _mod("(b + h) % 2 == 0 ? j <= i + 3 : (i + j) % 3 != 0",
+                      lambda b, h, i, j: np.where((b + h) % 2 == 0, j <= i + 3, (i + j) % 3 != 0)),
+    # rows i = 3 (mod 7) keep no key
+    "empty rows": _mod("q_idx % 7 != 3 && (kv_idx + 2 * h) % 5 != 1",
+                       lambda b, h, i, j: (i % 7 != 3) & ((j + 2 * h) % 5 != 1)),
+}
+# name -> (score_mod, score_mod_grad)
+SCORE_MODS = {
+    "softcap": (_mod("2 * tanh(score / 2)", lambda s, b, h, i, j: 2 * np.tanh(s / 2)),
+                _mod("1 - tanh(score / 2) * tanh(score / 2)",
+                     lambda s, b, h, i, j: 1 - np.tanh(s / 2) ** 2)),
+    # FlexAttention's relative position bias, scaled down
+    "relative": (_mod("score + 0.1 * (i - j)", lambda s, b, h, i, j: s + 0.1 * (i - j)),
+                 _mod("1", lambda s, b, h, i, j: np.ones_like(s))),
+    "affine": (_mod("score * (1 + 0.25 * h) - 0.1 * b + 0.01 * (i - j)",
+                    lambda s, b, h, i, j: s * (1 + 0.25 * h) - 0.1 * b + 0.01 * (i - j)),
+               _mod("1 + 0.25 * h", lambda s, b, h, i, j: (1 + 0.25 * h) + 0 * s)),
+}
+
+MOD_CASES = {
+    "mask_mod: window as a function": ((1, 2, 2, 70, 70, 8, 8), dict(mask_mod="window")),
+    "mask_mod: (b + h) % 2 + GQA + causal lower_right": (
+        (2, 4, 2, 63, 80, 8, 8), dict(mask_mod="checkered", causal=True,
+                                      causal_align="lower_right")),
+    "mask_mod: empty rows + window + alibi": ((1, 2, 1, 70, 50, 8, 8),
+                                             dict(mask_mod="empty rows", window=(20, 5),
+                                                  alibi="H")),
+    "score_mod: soft-cap as a function": ((2, 2, 2, 63, 70, 8, 8), dict(score_mod="softcap")),
+    "score_mod: relative bias + causal + GQA": ((1, 4, 2, 70, 70, 8, 8),
+                                                dict(score_mod="relative", causal=True)),
+    # dS scaled by a derivative that varies along each row: its rows no longer sum to 0, so
+    # the slope gradient must not take off the row's centre (sdpa.cu's alibi_center), here
+    # far from 0 (the ALiBi diagonal j = i + S - L beyond the causal rule's last key j = i)
+    "score_mod: soft-cap as a function + alibi + causal upper_left, L < S": (
+        (1, 2, 2, 30, 70, 8, 8), dict(score_mod="softcap", alibi="H", causal=True)),
+    "score_mod + mask_mod + softcap + alibi + bias + window + dropout": (
+        (2, 2, 1, 63, 70, 8, 8), dict(score_mod="affine", mask_mod="checkered", softcap=2.0,
+                                      alibi="BH", bias=True, window=(12, 4), dropout=True)),
+    "packed + mask_mod + score_mod + causal + alibi per sequence": (
+        (None, 2, 1, (30, 0, 63, 5), (45, 7, 63, 12), 8, 8),
+        dict(mask_mod="checkered", score_mod="relative", causal=True, alibi="rows")),
+    "padded + mask_mod (empty rows) + score_mod + window": (
+        (3, 2, 2, 40, 50, 8, 8), dict(query_seq_lengths=np.array([40, 0, 17]),
+                                      key_value_seq_lengths=np.array([50, 20, 33]),
+                                      mask_mod="empty rows", score_mod="softcap",
+                                      window=(9, 9))),
+}
+
 # (B, H, Hkv, L, S, E, Ev) and the call's options; "alibi": "H" / "BH" / "rows" slopes.
 CASES = {
     "plain": ((2, 2, 2, 40, 70, 8, 8), {}),
@@ -253,6 +325,8 @@ CASES = {
                                       window=(16, -1), causal=True, softcap=1.5)),
 }
 
+CASES.update(MOD_CASES)
+
 # float32 on CUDA cores: its own tiles (64 rows); the cases that cross them.
 SIMT_CASES = ["plain", "causal lower_right, L > S (empty rows)", "L = 1",
               "odd head dims E 5, Ev 20", "E = Ev = 16 (whole-row vector loads)",
@@ -261,6 +335,7 @@ SIMT_CASES = ["plain", "causal lower_right, L > S (empty rows)", "L = 1",
               "alibi far from the kept keys: packed, window + causal upper_left",
               "window + softcap + alibi + mask (empty rows) + bias + dropout",
               "padded + causal + alibi (B, H)", "window + causal + GQA + softcap + packed"]
+SIMT_CASES += list(MOD_CASES)
 
 
 
@@ -344,6 +419,10 @@ def _problem(name):
         kw["bias"] = rng.standard_normal((H, 1, S))
     if kw.pop("dropout", False):
         kw["dropout_mask"], kw["dropout_p"] = rng.random(scores) > 0.1, 0.1
+    if "mask_mod" in kw:
+        kw["mask_mod"] = MASK_MODS[kw["mask_mod"]]
+    if "score_mod" in kw:
+        kw["score_mod"], kw["score_mod_grad"] = SCORE_MODS[kw["score_mod"]]
     out_shape = (L, H, Ev) if packed else (B, H, L, Ev)
     return (q, k, v), kw, rng.standard_normal(out_shape)
 
@@ -371,7 +450,9 @@ class _Recorder:
         self.names = []
 
     def device(self, smem_limit):
-        return sdpa_cupy.Device(np, lambda name, *_: self.names.append(name), smem_limit)
+        def launch(name, smem, grid, threads, args, mods):
+            self.names.append((name, "" if mods is None else mods.source()))
+        return sdpa_cupy.Device(np, launch, smem_limit)
 
 
 def _kernel_names():
@@ -411,7 +492,7 @@ def test_the_emulated_source_declares_only_dynamic_shared_memory():
 
 
 def test_every_kind_of_kernel_is_covered(emulator):
-    names = set(emulator.kernels)
+    names = {name for name, _ in emulator.kernels}
     for dt in (2, 3):                       # float64, float32 on CUDA cores
         assert any(n.startswith(f"sdpa_fwd<{dt},") for n in names)
         assert any(n.startswith(f"sdpa_bwd<{dt},") for n in names)

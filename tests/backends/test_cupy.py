@@ -292,3 +292,69 @@ def test_sequences_run_as_one_kernel_call():
     _, p_ref = refattn.sdpa(*(a.astype(np.float64) for a in arrays), return_probs=True,
                             backend="reference", **opts)
     assert_close(p, p_ref, "float32", "probabilities")
+
+
+# --- FlexAttention-style functions as CUDA expressions (refattn.cuda_expression) ----------
+# The same objects serve the float64 reference (array functions) and the kernels (their
+# CUDA expressions, compiled in by the option bits mask_mod / score_mod).
+
+@refattn.cuda_expression("(j <= i + 3 && i - j <= 40 && (b + h) % 3 != 1) || j == 0")
+def _band_mod(b, h, i, j):
+    """A band, open for some (b, h) patterns, with key 0 always kept."""
+    return ((j <= i + 3) & (i - j <= 40) & ((b + h) % 3 != 1)) | (j == 0)
+
+
+@refattn.cuda_expression("3 * tanh(score / 3) + 0.01 * (i - j) * (h + 1)")
+def _capped_relative(score, b, h, i, j):
+    """Soft-cap written as a function plus a relative position bias per head."""
+    return 3 * np.tanh(score / 3) + 0.01 * (i - j) * (h + 1)
+
+
+@refattn.cuda_expression("1 - tanh(score / 3) * tanh(score / 3)")
+def _capped_relative_grad(score, b, h, i, j):
+    return 1 - np.tanh(score / 3) ** 2
+
+
+_SCORE_MODS = dict(score_mod=_capped_relative, score_mod_grad=_capped_relative_grad)
+
+MOD_CASES = {
+    "mask_mod": dict(mask_mod=_band_mod),
+    "score_mod": dict(_SCORE_MODS),
+    "both + window + causal + softcap + alibi": dict(mask_mod=_band_mod, **_SCORE_MODS,
+                                                     window=(40, 0), causal=True, softcap=2.5,
+                                                     alibi="H"),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", list(MOD_CASES))
+def test_mod_kernels_match_reference(name, dtype):
+    arrays, opts = _option_problem(np.random.default_rng(16), MOD_CASES[name], dtype)
+    _compare(arrays, opts, dtype)
+
+
+def test_mod_kernels_in_float16_and_simt():
+    case = MOD_CASES["both + window + causal + softcap + alibi"]
+    arrays, opts = _option_problem(np.random.default_rng(17), case, "float16")
+    _compare(arrays, opts, "float16")
+    arrays, opts = _option_problem(np.random.default_rng(17), case, "float32")
+    _compare(arrays, {**opts, "float32_math": "simt"}, "float32")
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_mod_kernels_with_sequences_match_reference(layout):
+    case = {**SEQUENCE_CASES["window + causal + softcap + GQA"], "mask_mod": _band_mod,
+            **_SCORE_MODS}
+    arrays, opts = _sequence_problem(np.random.default_rng(18), layout, case, "float32")
+    _compare(arrays, opts, "float32")
+
+
+def test_functions_with_cuda_expressions_run_on_the_kernels():
+    cp = _cp()
+    rng = np.random.default_rng(19)
+    q, k, v = (cp.asarray(rng.standard_normal((1, 2, 100, 32))) for _ in range(3))
+    _, res = refattn.get_core("sdpa").forward(q, k, v, mask_mod=_band_mod, **_SCORE_MODS)
+    assert res.backend == "cupy"
+    # a function without one: the reference formulas on the CuPy arrays
+    _, res = refattn.get_core("sdpa").forward(q, k, v, mask_mod=lambda b, h, i, j: j <= i)
+    assert res.backend == "reference"

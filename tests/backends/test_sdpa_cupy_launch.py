@@ -38,8 +38,9 @@ class Recorder(list):
 
     def __init__(self):
         super().__init__()
-        self.device = sdpa_cupy.Device(np, lambda name, smem, grid, threads, args: self.append(
-            (name, grid, threads, list(args))), sdpa_cupy._DEFAULT_SMEM_LIMIT)
+        self.device = sdpa_cupy.Device(
+            np, lambda name, smem, grid, threads, args, mods: self.append(
+                (name, grid, threads, list(args))), sdpa_cupy._DEFAULT_SMEM_LIMIT)
 
 
 @pytest.fixture

@@ -218,6 +218,20 @@ def test_gradients_match_finite_differences(compiled):
                                                "alibi_slopes"}
 
 
+def test_the_slope_gradient_through_score_mod_far_from_the_alibi_diagonal(compiled):
+    # score_mod_grad scales dS pair by pair: its rows no longer sum to 0, so the slope
+    # gradient may not take each row's centre off its terms.  Causal upper-left with L < S
+    # puts every kept key S - L or more from the ALiBi diagonal j = i + S - L (the centres
+    # are far from 0: the slopes' gradient was off by O(1) when they were taken off).
+    q, k, v, do = _problem(8, L=11, S=29)
+    slopes = 0.05 + 0.5 * np.random.default_rng(9).random((2, 4, 1, 1))
+    opts = dataclasses.replace(_options(q, k, v, causal=True, mask_mod=mask_mod,
+                                        score_mod=score_mod, score_mod_grad=score_mod_grad),
+                               alibi=slopes, need_alibi_grad=True)
+    _compare(_both_passes(sdpa_numba, q, k, v, do, opts),
+             _both_passes(sdpa_reference, q, k, v, do, opts), "alibi + score_mod, L < S")
+
+
 def test_the_backward_pass_needs_score_mod_grad(compiled):
     q, k, v, do = _problem()
     opts = _options(q, k, v, score_mod=score_mod)

@@ -1,7 +1,9 @@
 """Standard scaled dot-product attention (Vaswani et al. 2017; ``docs/cores/sdpa.md``).
 
 ``api.py`` (front end and backend contract), ``reference.py`` (array API),
-``numba.py`` (CPU kernels) and ``cupy.py`` (CUDA kernels in ``sdpa.cu``) side by side.
+``numba.py`` (CPU kernels) and ``cupy.py`` (CUDA kernels in ``sdpa.cu``) side by side;
+``numba_mods.py`` and ``cuda_mods.py`` bring FlexAttention-style functions into the numba and
+CUDA kernels.
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ import numpy as np
 
 from ... import _empty_rows
 from ... import backends as _backends
+from . import cuda_mods as _cuda_mods
 from . import numba as _numba_kernels
 from . import reference as _reference
 from . import segments as _segments
@@ -108,7 +109,9 @@ class SDPAOptions:
         ``score_mod(score, b, h, i, j) -> score`` applied last to the scores, and its
         derivative with respect to ``score`` (same signature) for the backward pass.
         The numba backend calls them pair by pair on scalars
-        (:mod:`refattn.cores.sdpa.numba_mods`); cupy routes them to the reference.
+        (:mod:`refattn.cores.sdpa.numba_mods`); the cupy kernels evaluate their CUDA
+        expressions (:func:`refattn.cuda_expression`, :mod:`refattn.cores.sdpa.cuda_mods`),
+        and cupy routes functions without one to the reference.
     sequences : :class:`~refattn.cores.sdpa.segments.SequenceLayout` or None
         Packed or padded sequences handed whole to the numba or cupy kernels (then
         ``causal_offset`` and ``window`` are None: the layout holds the per-sequence
@@ -304,16 +307,22 @@ def prepare(q, k, v, mask=None, bias=None, causal=False, causal_align="upper_lef
     return xp, shapes, options
 
 
-def option_route(backend: str, options: SDPAOptions) -> str:
+def option_route(backend: str, options: SDPAOptions, *, cuda_mods: bool = False) -> str:
     """``backend``, or ``"reference"`` for the options that backend's kernels do not take.
 
-    The functions ``mask_mod`` / ``score_mod`` run tile-wise on numba only (the CUDA
-    kernels take ``window``, ``softcap`` and ALiBi slopes, compiled in per call:
-    ``docs/backends/cupy.md``).  Shared with the cores that reduce to SDPA's kernels
-    (quaternion), so both route a call alike.
+    The functions ``mask_mod`` / ``score_mod`` (and ``score_mod_grad``) run tile-wise on
+    numba, and on cupy (with ``cuda_mods``: SDPA's own kernels) when every one of them
+    carries a CUDA expression (:func:`refattn.cuda_expression`); a cupy call with a function
+    that has none runs on the reference formulas, on the CuPy arrays (``O(L S)`` memory).
+    The CUDA kernels take ``window``, ``softcap`` and ALiBi slopes, compiled in per call
+    (``docs/backends/cupy.md``).  Shared with the cores that reduce to SDPA's kernels
+    (quaternion, without ``cuda_mods``: its functions run on the reference), so both route
+    a call alike.
     """
     if (options.mask_mod is not None or options.score_mod is not None) and backend != "numba":
-        return "reference"          # cupy: no tile-wise evaluation of the functions yet
+        if backend == "cupy" and cuda_mods and _cuda_mods.of_options(options) is not None:
+            return backend
+        return "reference"
     return backend
 
 
@@ -342,7 +351,7 @@ def forward(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_
     if _segments.is_segmented(cu_seqlens_q, cu_seqlens_k, query_seq_lengths,
                               key_value_seq_lengths):
         kernels = _maps_sequences(q, k, v, bias, alibi_slopes, backend, mask_mod, score_mod,
-                                  rotary, empty_rows)
+                                  score_mod_grad, rotary, empty_rows)
         fused = (None if kernels is None
                  else functools.partial(_sequences_forward, kernels=kernels))
         return _segments.forward(
@@ -367,7 +376,7 @@ def forward(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_
                                   alibi_slopes, empty_rows, mask_mod, score_mod, score_mod_grad)
     backend = _backends.resolve(backend, IMPLEMENTED, q, core="sdpa")
     backend = option_route(_backends.route(backend, xp, (q, k, v, options.alibi), options.bias),
-                           options)
+                           options, cuda_mods=True)
     impl = implementation(backend)
     q4, k4, v4 = (flatten_batch(xp, x, shapes.batch) for x in (q, k, v))
     o4, lse = impl.forward(q4, k4, v4, options)
@@ -380,23 +389,25 @@ def forward(q, k, v, *, mask=None, bias=None, causal=False, causal_align="upper_
     return xp.reshape(out4, shapes.output), res
 
 
-def _maps_sequences(q, k, v, bias, alibi_slopes, backend, mask_mod, score_mod, rotary,
-                    empty_rows) -> str | None:
+def _maps_sequences(q, k, v, bias, alibi_slopes, backend, mask_mod, score_mod, score_mod_grad,
+                    rotary, empty_rows) -> str | None:
     """The backend (``"numba"`` or ``"cupy"``) whose kernels run a packed or padded call in
     one call, mapping their work onto the sequences; None: one core call per group of
     sequences (:mod:`~refattn.cores.sdpa.segments`).
 
     Not with rotary (positions per sequence), an ``empty_rows`` policy other than
     ``"zero"``, inputs that the non-finite policy sends to the reference backend, or
-    ``mask_mod``/``score_mod`` on a backend whose kernels do not evaluate them
-    (:func:`option_route`).
+    ``mask_mod``/``score_mod`` on a backend whose kernels do not evaluate them (numba always
+    does; cupy when they all carry CUDA expressions, :func:`option_route`).  Their ``b`` is
+    then the sequence, ``i``, ``j`` positions within it, as on the reference.
     """
     if rotary is not None or empty_rows != "zero" or not is_array(q):
         return None
     kernels = _backends.resolve(backend, IMPLEMENTED, q, core="sdpa")
     if kernels not in ("numba", "cupy"):
         return None
-    if (mask_mod is not None or score_mod is not None) and kernels != "numba":
+    if (mask_mod is not None or score_mod is not None) and kernels == "cupy" \
+            and _cuda_mods.of_functions(mask_mod, score_mod, score_mod_grad) is None:
         return None
     arrays = (q, k, v) + (() if alibi_slopes is None else (alibi_slopes,))
     return kernels if _backends.route(kernels, namespace(q, k, v), arrays, bias) == kernels \
@@ -410,7 +421,8 @@ def sequences_options(q4, k4, v4, operands, slopes, spans, *, causal=False,
     """``(xp, shapes, options)`` of one call on the 4-D view of packed or padded sequences.
 
     ``operands`` holds the 4-D mask, bias and dropout mask, ``slopes`` the ALiBi slopes
-    ``(1 | N, H)`` or None, ``spans`` the sequences (:mod:`~refattn.cores.sdpa.segments`).
+    ``(1 | N, H)`` or None, ``spans`` the sequences (:mod:`~refattn.cores.sdpa.segments`);
+    ``mask_mod`` / ``score_mod`` see the sequence ``n`` as ``b`` (cupy kernels only).
     The options are validated as for one call, then the causal rule, the window and the
     slopes move into ``SDPAOptions.sequences`` (per sequence).
     """
@@ -573,8 +585,11 @@ def sdpa(q: Array, k: Array, v: Array, *, mask: Array | None = None, bias: Array
         ``d score_mod / d score`` with the same signature; required for gradients.
         On numba they run pair by pair as scalar numba-compiled functions on the tiles
         the causal rule and the window leave (``O(L)`` memory; a first call with new
-        functions compiles for 10-30 s); cupy, and packed or padded sequences, route
-        them to the reference backend (``O(L S)`` memory).
+        functions compiles for 10-30 s).  On cupy they run in the fused kernels when
+        each carries a CUDA expression (:func:`refattn.cuda_expression`; ``O(L)``
+        memory, also with packed or padded sequences; a first call with new expressions
+        compiles through NVRTC); otherwise cupy routes them to the reference backend
+        (``O(L S)`` memory).
     rotary : {None, "half", "interleaved"}
         Rotary position embeddings applied to ``q`` and ``k`` first
         (:func:`refattn.apply_rotary`): ``"half"`` pairs ``(x_m, x_{m+r/2})``
@@ -594,8 +609,9 @@ def sdpa(q: Array, k: Array, v: Array, *, mask: Array | None = None, bias: Array
         for inspection: ``O(L S)`` memory on every backend.
     backend : {"auto", "reference", "numba", "cupy"}
         The cupy kernels take ``window``, ``softcap``, ``alibi_slopes`` and packed or
-        padded sequences (``docs/backends/cupy.md``); ``mask_mod``/``score_mod`` run on
-        the reference backend there.
+        padded sequences (``docs/backends/cupy.md``), and ``mask_mod``/``score_mod``
+        given CUDA expressions (:func:`refattn.cuda_expression`); functions without one
+        run on the reference backend there.
     tiles : (int, int), optional
         numba backend: queries x keys per tile (default 256 x 256); for tests and tuning.
     float32_math : {"tf32x3", "simt"}, optional

@@ -14,7 +14,10 @@ Options run in the kernels too, compiled in only when a call uses them (template
 sliding window (with the causal rule) and packed or padded sequences as a keep rule
 with key (query) tiles outside it skipped by the loop bounds (``sdpa_rules.cuh``),
 the soft-cap, and ALiBi computed from the positions, with the slopes' gradient summed
-by atomics.  ``mask_mod`` / ``score_mod`` and ``return_probs`` stay on the reference
+by atomics, and FlexAttention-style ``mask_mod`` / ``score_mod`` / ``score_mod_grad`` whose
+functions carry a CUDA expression (:func:`refattn.cuda_expression`): the driver pastes them
+in front of the kernel source (:mod:`.cuda_mods`) and NVRTC compiles the kernels once per
+set of expressions.  Functions without one, and ``return_probs``, stay on the reference
 backend (:mod:`refattn.cores.sdpa.api`).
 
 The log-sum-exp is kept in the accumulation type (float32 for float16 inputs):
@@ -34,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from ...backends import cupy_support as cs
+from . import cuda_mods
 
 __all__ = ["forward", "backward", "MAX_HEAD_DIM", "DEFAULT_FLOAT32_MATH", "SOURCE", "OPTION_BITS",
            "option_bits", "rule_arguments", "RULE_UNBOUNDED", "MAX_LENGTH", "Device",
@@ -48,8 +52,11 @@ DEFAULT_FLOAT32_MATH = "tf32x3"
 
 #: Template bits of the option kernels (``OPT_*`` in ``sdpa.cu``): which options a
 #: call compiles in.  ``"window"`` also carries the causal rule; ``"sequences"`` is a
-#: packed or padded call mapped onto its sequences (``SDPAOptions.sequences``).
-OPTION_BITS = {"window": 1, "softcap": 2, "alibi": 4, "sequences": 8}
+#: packed or padded call mapped onto its sequences (``SDPAOptions.sequences``);
+#: ``"mask_mod"`` / ``"score_mod"`` the user's functions as CUDA expressions
+#: (:mod:`.cuda_mods`; ``score_mod`` also carries ``score_mod_grad``).
+OPTION_BITS = {"window": 1, "softcap": 2, "alibi": 4, "sequences": 8, "mask_mod": 16,
+               "score_mod": 32}
 
 #: A window side that keeps everything (``RULE_UNBOUNDED`` of ``sdpa_rules.cuh``).
 RULE_UNBOUNDED = 1 << 30
@@ -141,7 +148,29 @@ def option_bits(opts) -> int:
     return ((OPTION_BITS["window"] if window is not None else 0)
             | (OPTION_BITS["softcap"] if opts.softcap is not None else 0)
             | (OPTION_BITS["alibi"] if opts.alibi is not None else 0)
-            | (OPTION_BITS["sequences"] if seq is not None else 0))
+            | (OPTION_BITS["sequences"] if seq is not None else 0)
+            | (OPTION_BITS["mask_mod"] if opts.mask_mod is not None else 0)
+            | (OPTION_BITS["score_mod"] if opts.score_mod is not None else 0))
+
+
+def call_mods(opts) -> cuda_mods.CudaMods | None:
+    """The CUDA expressions of the call's ``mask_mod`` / ``score_mod`` / ``score_mod_grad``
+    (None without functions).
+
+    Raises ValueError when a function has none (:func:`refattn.cuda_expression`): the
+    public call routes those to the reference backend (:func:`~.api.option_route`).
+    """
+    if opts.mask_mod is None and opts.score_mod is None:
+        return None
+    mods = cuda_mods.of_options(opts)
+    if mods is None:
+        missing = [name for name in cuda_mods.FUNCTION_NAMES
+                   if getattr(opts, name) is not None
+                   and cuda_mods.expression_of(getattr(opts, name)) is None]
+        raise ValueError(f"backend='cupy' evaluates {', '.join(n + '=' for n in missing)} in "
+                         f"its kernels only as CUDA expressions: decorate the function with "
+                         f"refattn.cuda_expression(...) or use backend='reference'")
+    return mods
 
 
 def rule_arguments(opts) -> tuple:
@@ -252,8 +281,14 @@ def option_instantiations():
 SOURCE = cs.KernelSource(os.path.join(os.path.dirname(__file__), "sdpa.cu"), _instantiations)
 
 
-def _launch(name, smem, grid, threads, args):
-    fn = SOURCE.function(name)
+def _nvrtc(code, name):
+    return cs.nvrtc_compile(code, name, warnings_are_errors=False)
+
+
+def _launch(name, smem, grid, threads, args, mods=None):
+    if mods is not None:    # each expression alone first: an error names its argument
+        cuda_mods.check_compiles(mods, _nvrtc)
+    fn = SOURCE.function(name, prelude="" if mods is None else mods.source())
     if smem > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem  # opt in beyond the default 48 KiB
     fn(grid, (threads,), args, shared_mem=smem)
@@ -269,11 +304,13 @@ class Device:
         The array namespace of the operands (``cupy``), with ``empty``, ``zeros``,
         ``full``, ``sum``, ``reshape``, ``asarray`` and ``ascontiguousarray``.
     launch : callable
-        ``launch(name, smem, grid, threads, args)`` runs the kernel ``name`` (a template
-        name expression of :func:`kernel_config`) on a ``grid`` of ``(x, y)`` blocks of
-        ``threads`` threads with ``smem`` bytes of dynamic shared memory; ``args`` are the
-        kernel's arguments (arrays, the null pointer :data:`cupy_support.NULL` and NumPy
-        scalars of the parameters' C types).
+        ``launch(name, smem, grid, threads, args, mods)`` runs the kernel ``name`` (a
+        template name expression of :func:`kernel_config`) on a ``grid`` of ``(x, y)``
+        blocks of ``threads`` threads with ``smem`` bytes of dynamic shared memory; ``args``
+        are the kernel's arguments (arrays, the null pointer :data:`cupy_support.NULL` and
+        NumPy scalars of the parameters' C types); ``mods`` is the call's
+        :class:`~.cuda_mods.CudaMods` (its ``source()`` goes in front of the kernel source)
+        or None.
     smem_limit : int
         Dynamic shared memory a block may opt in to (bytes): picks the tiles.
 
@@ -293,6 +330,15 @@ class Device:
     >>> o, lse = sdpa_cupy.forward(q, q, q, opts, device=device)
     >>> launches            # name, dynamic shared memory, grid (B H, query tiles), threads
     [('sdpa_fwd_opt<2,16,16,2,32,1>', 22528, (2, 2), 64)]
+
+    A causal mask written as a function, compiled into the kernels (option bit 16):
+
+    >>> import refattn
+    >>> causal = refattn.cuda_expression("j <= i")(lambda b, h, i, j: j <= i)
+    >>> _, _, opts = api.prepare(q, q, q, mask_mod=causal)
+    >>> o, lse = sdpa_cupy.forward(q, q, q, opts, device=device)
+    >>> launches[-1][0], sdpa_cupy.call_mods(opts)
+    ('sdpa_fwd_opt<2,16,16,2,32,16>', CudaMods(mask_mod='j <= i', score_mod=None, score_mod_grad=None))
     """
 
     xp: Any
@@ -348,7 +394,8 @@ def _opt_args(cp, opts, spans, acc, dslopes=None):
 def _check_lengths(L, S, bits):
     if bits and max(L, S) >= MAX_LENGTH:
         raise ValueError(f"backend='cupy' takes query and key lengths below {MAX_LENGTH} with "
-                         f"window, softcap, alibi_slopes or sequences, got L={L}, S={S}")
+                         f"window, softcap, alibi_slopes, sequences, mask_mod or score_mod, got "
+                         f"L={L}, S={S}")
 
 
 def _check_alibi_offset(opts, L, S):
@@ -372,6 +419,7 @@ def forward(q, k, v, opts, device=None):
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     bits = option_bits(opts)
+    mods = call_mods(opts)
     _check_lengths(L, S, bits)
     _check_alibi_offset(opts, L, S)
     cfg = kernel_config(q.dtype, E, Ev, opts.float32_math, smem_limit=device.smem_limit,
@@ -394,7 +442,7 @@ def forward(q, k, v, opts, device=None):
     if bits:
         args += _opt_args(cp, opts, spans, cfg["acc"])
     device.launch(cfg["fwd"], cfg["fwd_smem"], (blocks, -(-query_rows // rows)),
-                  cfg["fwd_threads"], args)
+                  cfg["fwd_threads"], args, mods)
     return o, lse
 
 
@@ -408,7 +456,11 @@ def backward(q, k, v, o, lse, do, opts, device=None):
     cp = device.xp
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    if opts.score_mod is not None and opts.score_mod_grad is None:
+        raise ValueError("the gradient through score_mod= needs its derivative: pass "
+                         "score_mod_grad(score, b, h, i, j) = d score_mod / d score")
     bits = option_bits(opts)
+    mods = call_mods(opts)
     _check_lengths(L, S, bits)
     _check_alibi_offset(opts, L, S)
     cfg = kernel_config(q.dtype, E, Ev, opts.float32_math, smem_limit=device.smem_limit,
@@ -435,6 +487,6 @@ def backward(q, k, v, o, lse, do, opts, device=None):
         if bits:
             args += _opt_args(cp, opts, spans, acc, dslopes)
         device.launch(cfg["bwd"], cfg["bwd_smem"], (blocks, -(-key_rows // rows)),
-                      cfg["bwd_threads"], args)
+                      cfg["bwd_threads"], args, mods)
     return (dq.astype(q.dtype, copy=False), dk, dv, dscores,
             None if dslopes is None else dslopes.astype(q.dtype, copy=False))

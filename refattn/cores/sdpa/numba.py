@@ -429,7 +429,8 @@ def _backward_step(k_tile, v_tile, dk_tile, dv_tile, q_tile, do_tile, dq_tile, l
 
     ``rule_causal`` (the call has the causal rule) and the span's keys ``k0 .. k1 - 1`` give
     each query's band of keys, for the ALiBi centring below (``centre_slopes``: only when
-    the call holds every key of its rows; a key block of a sharded call does not)."""
+    the call holds every key of its rows, a key block of a sharded call does not, and
+    without ``score_mod``, whose derivative scales dS pair by pair: :func:`_centres_slopes`)."""
     has_softcap, has_alibi, has_score_mod = mods[2], mods[3], mods[14]
     dist_offset, neg_inf = mods[9], mods[10]
     pos_inf = -neg_inf
@@ -928,6 +929,14 @@ def _backward_items(spans, Hkv, block_q, block_k, n_chunks, rules):
     return items[keep], np.broadcast_to(chunk_cost[:, None, :], items.shape)[keep]
 
 
+def _centres_slopes(opts) -> bool:
+    """Whether the ALiBi slope gradient may take each row's centre off its terms
+    (:func:`_backward_step`): only where the rows of dS sum to 0, i.e. the call holds every
+    key of its rows (no ``alibi_offset`` of a sharded block) and dS is not multiplied by
+    ``score_mod_grad``."""
+    return opts.alibi_offset is None and opts.score_mod is None
+
+
 def backward(q, k, v, o, lse, do, opts):
     """``(dq, dk, dv, dscores, dslopes)``; see :mod:`refattn.cores.sdpa.api`.
 
@@ -965,7 +974,7 @@ def backward(q, k, v, o, lse, do, opts):
     run_split(kernel, (q_scaled, k, v, do, lse, row_dot, ops["mask"], ops["bias"], ops["slopes"],
                        ops["drop"], ops["mods"], ops["has_drop"], ops["causal"], ops["scale"],
                        ops["drop_scale"], block_q, block_k, n_chunks, need_ds,
-                       np.bool_(opts.alibi_offset is None), spans, dq_parts, dk, dv, dscores,
+                       np.bool_(_centres_slopes(opts)), spans, dq_parts, dk, dv, dscores,
                        dslope_parts), items, costs)
     dq = dq_parts[0] if n_chunks == 1 else dq_parts.sum(axis=0)    # (B, H, L, E)
     dq *= ops["scale"]

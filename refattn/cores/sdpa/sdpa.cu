@@ -10,7 +10,8 @@
 // stride broadcasts).  Head dims are padded with zeros to EP / EVP (multiples of
 // 16) in shared memory only.
 //
-// Options (sliding window, soft-capping, ALiBi, per-sequence bounds) are compiled in by
+// Options (sliding window, soft-capping, ALiBi, per-sequence bounds, the user's mask_mod /
+// score_mod as CUDA expressions pasted in by the driver) are compiled in by
 // the template parameter OPT of the *_opt kernels (bits OPT_*, below): each `if constexpr`
 // on a bit adds its code only there, and the kernels without options (sdpa_fwd, sdpa_bwd)
 // instantiate the shared bodies with OPT = 0.
@@ -455,13 +456,31 @@ __device__ __forceinline__ void load_tile(typename P::Tc* dst, const T* __restri
 #define OPT_SOFTCAP 2  // cap(x) = c tanh(x / c) of the scaled scores
 #define OPT_ALIBI 4    // bias -slope |i + S - L - j|, computed from the positions
 #define OPT_SEQ 8      // packed or padded sequences: blocks mapped to spans, per-sequence rule
+#define OPT_MASK_MOD 16   // refattn_mask_mod(b, h, i, j): the user's keep function, every pair
+#define OPT_SCORE_MOD 32  // refattn_score_mod(score, b, h, i, j), refattn_score_mod_grad
 #define OPT_RULE (OPT_WINDOW | OPT_SEQ)
+#define OPT_MODS (OPT_MASK_MOD | OPT_SCORE_MOD)
+
+// FlexAttention-style functions (OPT_MASK_MOD, OPT_SCORE_MOD).  The cupy driver pastes the
+// user's CUDA expressions in front of this file as these three templates, after
+// `#define REFATTN_USER_MODS` (refattn/cores/sdpa/cuda_mods.py); without them, these
+// defaults (never instantiated by the kernels without those bits).  b is the flattened
+// batch row (the sequence with OPT_SEQ), h the query head, i, j the query and key
+// positions (within the sequence); score is in natural units, in the accumulation type.
+#ifndef REFATTN_USER_MODS
+template <class I>
+__device__ __forceinline__ bool refattn_mask_mod(I b, I h, I i, I j) { return true; }
+template <class A, class I>
+__device__ __forceinline__ A refattn_score_mod(A score, I b, I h, I i, I j) { return score; }
+template <class A, class I>
+__device__ __forceinline__ A refattn_score_mod_grad(A score, I b, I h, I i, I j) { return A(1); }
+#endif
 
 __device__ __forceinline__ float tanh_acc(float x) { return tanhf(x); }
 __device__ __forceinline__ double tanh_acc(double x) { return tanh(x); }
 
 // Score modifiers: scale, causal, boolean keep-mask, additive bias, dropout; with OPT, the
-// keep rule of docs/backends/cupy.md, the soft-cap and ALiBi.
+// keep rule of docs/backends/cupy.md, the soft-cap, ALiBi and the user's mask_mod / score_mod.
 template <class T, class Acc, int OPT = 0>
 struct Mods {
     const unsigned char* mask; long long mb, mh, ml, ms;
@@ -473,6 +492,7 @@ struct Mods {
     KeepRule rule;       // OPT_RULE: the kept pairs (replaces L, S, causal, offset)
     Acc scale, cap2, inv_cap;  // OPT_SOFTCAP: logit2 = c log2(e) tanh(scale s / c)
     Acc slope2;          // OPT_ALIBI: slope * log2(e) of the current (sequence, head)
+    int mrow;            // OPT_MODS: the functions' b (the batch row, or the sequence)
 
     // Base-2 logit of query i, key j from the raw dot product s; -inf when masked.
     template <bool PLAIN>
@@ -486,19 +506,24 @@ struct Mods {
             if (bias) x += cvt<Acc>(bias[b * xb + h * xh + (long long)i * xl + (long long)j * xs]) * Acc(LOG2E);
             return x;
         } else {
-            Acc tc;
-            return logit2_t<PLAIN>(s, b, h, i, j, tc);
+            Acc tc, gm;
+            return logit2_t<PLAIN, false>(s, b, h, i, j, tc, gm);
         }
     }
     // The same with the options; tc receives tanh(scale s / c) under OPT_SOFTCAP (the
-    // backward pass's factor 1 - tc^2), else is left unset.
-    template <bool PLAIN>
-    __device__ __forceinline__ Acc logit2_t(Acc s, int b, int h, int i, int j, Acc& tc) const {
+    // backward pass's factor 1 - tc^2), else is left unset; with GRAD, gm receives
+    // score_mod_grad at the score before score_mod under OPT_SCORE_MOD (0 for a pair a -inf
+    // bias masks), else is left unset.
+    template <bool PLAIN, bool GRAD>
+    __device__ __forceinline__ Acc logit2_t(Acc s, int b, int h, int i, int j, Acc& tc,
+                                            Acc& gm) const {
         if constexpr (!PLAIN) {
             bool keep;
             if constexpr ((OPT & OPT_RULE) != 0) keep = rule_keeps(rule, i, j);
             else keep = i < L && j < S && (!causal || j <= i + offset);
             if (keep && mask) keep = mask[b * mb + h * mh + (long long)i * ml + (long long)j * ms] != 0;
+            if constexpr ((OPT & OPT_MASK_MOD) != 0)
+                if (keep) keep = refattn_mask_mod((long long)mrow, (long long)h, (long long)i, (long long)j);
             if (!keep) return neg_inf<Acc>();
         }
         Acc x;
@@ -511,6 +536,16 @@ struct Mods {
         if constexpr (!PLAIN)
             if (bias) x += cvt<Acc>(bias[b * xb + h * xh + (long long)i * xl + (long long)j * xs]) * Acc(LOG2E);
         if constexpr ((OPT & OPT_ALIBI) != 0) x -= slope2 * Acc(alibi_distance(i, j, L, S));
+        if constexpr ((OPT & OPT_SCORE_MOD) != 0) {
+            if (x == neg_inf<Acc>()) {  // a -inf bias masks the pair whatever score_mod makes of it
+                if constexpr (GRAD) gm = Acc(0);
+            } else {                    // the functions take and give natural units
+                const Acc u = x * Acc(LN2);
+                const long long mb_ = mrow, mh_ = h, mi_ = i, mj_ = j;
+                if constexpr (GRAD) gm = refattn_score_mod_grad<Acc>(u, mb_, mh_, mi_, mj_);
+                x = refattn_score_mod<Acc>(u, mb_, mh_, mi_, mj_) * Acc(LOG2E);
+            }
+        }
         return x;
     }
     // Factor applied to a probability by dropout (1 without dropout).
@@ -523,6 +558,7 @@ struct Mods {
     // Whether queries [i0, i0 + ni) x keys [j0, j0 + nj) are all in range, all kept
     // by the causal mask (the keep rule) and free of mask, bias and dropout (warp-uniform).
     __device__ __forceinline__ bool plain(int i0, int ni, int j0, int nj) const {
+        if constexpr ((OPT & OPT_MASK_MOD) != 0) return false;  // every pair is tested
         if constexpr ((OPT & OPT_RULE) != 0)
             return !mask && !bias && !drop && rule_tile_full(rule, i0, ni, j0, nj);
         return !mask && !bias && !drop && i0 + ni <= L && j0 + nj <= S &&
@@ -634,6 +670,7 @@ sdpa_fwd_body(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>:
         mods.inv_cap = (Acc)(1.0 / softcap);
     }
     if constexpr ((OPT & OPT_ALIBI) != 0) mods.slope2 = cvt<Acc>(alibi[arow * alibi_rows + h]) * Acc(LOG2E);
+    if constexpr ((OPT & OPT_MODS) != 0) mods.mrow = arow;
     const T* qb = q + ((long long)bh * L + q_row0) * E;
     const T* kb = k + ((long long)(b * Hkv + hk) * S + k_row0) * E;
     const T* vb = v + ((long long)(b * Hkv + hk) * S + k_row0) * Ev;
@@ -789,7 +826,7 @@ sdpa_fwd_opt(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::
              const typename Cfg<DT>::T* __restrict__ v, typename Cfg<DT>::T* __restrict__ o,
              typename Cfg<DT>::P::Acc* __restrict__ lse, MODS_PARAMS(typename Cfg<DT>::T),
              OPT_PARAMS(typename Cfg<DT>::T, typename Cfg<DT>::P::Acc)) {
-    static_assert(OPT > 0 && OPT < 16, "OPT: a non-empty set of the OPT_* bits");
+    static_assert(OPT > 0 && OPT < 64, "OPT: a non-empty set of the OPT_* bits");
     sdpa_fwd_body<DT, EP, EVP, NW, BN, OPT>(q, k, v, o, lse, MODS_ARGS, OPT_ARGS);
 }
 
@@ -819,8 +856,12 @@ sdpa_fwd_opt(const typename Cfg<DT>::T* __restrict__ q, const typename Cfg<DT>::
 // rounding of D_i against the row's sum of P dP shifts every dS of the row alike, and the
 // distance would multiply that shift (float32: 40x the reference's own error, found on the
 // CPU emulation, tests/backends/test_cuda_on_cpu.py).
+//
+// Not with OPT_SCORE_MOD: dS is multiplied by score_mod_grad there, and its rows no longer
+// sum to 0 (the centre is 0).
 template <int OPT, class M>
 __device__ __forceinline__ int alibi_center(const M& mods, int i, int L, int S) {
+    if constexpr ((OPT & OPT_SCORE_MOD) != 0) return 0;
     int first = 0, last = S - 1;  // the keys query i may keep (the rule's band, the causal rule)
     if constexpr ((OPT & OPT_RULE) != 0) {
         first = rule_max(0, i + mods.rule.lo);
@@ -879,6 +920,7 @@ sdpa_bwd_body(BWD_PARAMS(DT), OPT_PARAMS(typename Cfg<DT>::T, typename Cfg<DT>::
         mods.cap2 = (Acc)(softcap * LOG2E);
         mods.inv_cap = (Acc)(1.0 / softcap);
     }
+    if constexpr ((OPT & OPT_MODS) != 0) mods.mrow = arow;
     load_tile<P, T, BN, EP, LDK, NW * 32>(Ks, k + kv_slab * E, n0, Sk, E);
     load_tile<P, T, BN, EVP, LDV, NW * 32>(Vs, v + kv_slab * Ev, n0, Sk, Ev);
 
@@ -934,12 +976,19 @@ sdpa_bwd_body(BWD_PARAMS(DT), OPT_PARAMS(typename Cfg<DT>::T, typename Cfg<DT>::
                             if (!PLAIN && dscores && key < S && query < L)
                                 dscores[(bh * L + query) * S + key] = cvt<T>(dsv);
                         } else {
-                            Acc tc = Acc(0);
-                            const Acc x = mods.template logit2_t<PLAIN>(sacc[j][e], b, h, query, key, tc);
-                            const Acc p = (!PLAIN && x == neg_inf<Acc>()) ? Acc(0)
-                                                                           : ex2(x - lse_s[qc] * Acc(LOG2E));
+                            Acc tc = Acc(0), gm = Acc(1);
+                            const Acc x = mods.template logit2_t<PLAIN, true>(sacc[j][e], b, h, query,
+                                                                              key, tc, gm);
+                            // score_mod may give -inf in a plain tile (and a row lse -inf)
+                            constexpr bool TEST = !PLAIN || (OPT & OPT_SCORE_MOD) != 0;
+                            const Acc p = (TEST && x == neg_inf<Acc>()) ? Acc(0)
+                                                                         : ex2(x - lse_s[qc] * Acc(LOG2E));
                             const Acc f = mods.template dropf<PLAIN>(b, h, query, key);
-                            const Acc dsv = p * (dpacc[j][e] * f - D_s[qc]);  // d / d score
+                            Acc dsv = p * (dpacc[j][e] * f - D_s[qc]);  // d / d score
+                            // d / d (score before score_mod); 0 where P = 0 (the derivative
+                            // of a masked pair may be anything)
+                            if constexpr ((OPT & OPT_SCORE_MOD) != 0)
+                                if (p != Acc(0)) dsv *= gm;
                             if constexpr ((OPT & OPT_ALIBI) != 0)  // d score / d slope = -distance
                                 if (p != Acc(0))
                                     dslope -= dsv * Acc(alibi_distance(query, key, Lq, Sk) -
@@ -1089,7 +1138,7 @@ __global__ void __launch_bounds__(NW * 32) sdpa_bwd(BWD_PARAMS(DT)) {
 template <int DT, int EP, int EVP, int NW, int OPT>
 __global__ void __launch_bounds__(NW * 32)
 sdpa_bwd_opt(BWD_PARAMS(DT), OPT_PARAMS(typename Cfg<DT>::T, typename Cfg<DT>::P::Acc)) {
-    static_assert(OPT > 0 && OPT < 16, "OPT: a non-empty set of the OPT_* bits");
+    static_assert(OPT > 0 && OPT < 64, "OPT: a non-empty set of the OPT_* bits");
     sdpa_bwd_body<DT, EP, EVP, NW, OPT>(q, k, v, dout, lse, rowdot, dq, dk, dv, dscores, MODS_ARGS,
                                         OPT_ARGS);
 }

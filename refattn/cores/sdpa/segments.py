@@ -24,9 +24,11 @@ of ``N`` sequences of any lengths is one kernel launch per pass, with no copies 
 no pair outside a sequence visited (numba: :func:`refattn.cores.sdpa.numba.span_table`;
 cupy: ``sdpa.cu``).
 
-Otherwise (the reference backend; and on every backend: ``mask_mod`` / ``score_mod``, which
-see a sequence's own ``b, i, j`` and run on the reference, ``rotary``, an ``empty_rows``
-policy other than ``"zero"``, inputs that the non-finite policy sends to the reference), the
+The kernels also take ``mask_mod`` / ``score_mod`` (numba always, cupy given CUDA
+expressions, :func:`refattn.cuda_expression`), which see the sequence's index as ``b`` and
+positions within it as ``i``, ``j``.  Otherwise (the reference backend; cupy with functions
+without CUDA expressions, which see a sequence's own ``b, i, j`` and run on the reference;
+``rotary``, an ``empty_rows`` policy other than ``"zero"``, inputs that the non-finite policy sends to the reference), the
 sequences of equal ``(queries, keys)`` lengths are stacked into one batched call of the core
 (copies of their rows: ``O(L)``); the fused backends then keep ``O(L)`` memory and never
 visit a pair outside the block diagonal either, at the cost of one core call per distinct
@@ -325,8 +327,8 @@ def forward(core_forward: Callable, q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=
     With ``fused_core``, one call ``fused_core(q4, k4, v4, operands, slopes, spans,
     **options, mask_mod=, score_mod=, score_mod_grad=) -> (o4, residuals)`` on the 4-D view
     instead: ``operands`` the 4-D mask, bias and dropout mask, ``slopes`` ``(1 | N, H)`` or
-    None.  Either way the functions see sequence ``n`` as ``b`` and positions counted from
-    its start.
+    None (numba, and cupy with CUDA expressions of the functions).  Either way the functions
+    see sequence ``n`` as ``b`` and positions counted from its start.
     """
     arguments = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                      query_seq_lengths=query_seq_lengths,
@@ -346,7 +348,8 @@ def forward(core_forward: Callable, q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=
     if fused_core is None and (mask_mod is not None or score_mod is not None):
         # per group of sequences the functions see them relabelled through Python closures,
         # which the numba kernels cannot compile: evaluate them as array functions (the
-        # fused numba core passes each sequence's number and start to the functions itself)
+        # fused numba and cupy cores pass each sequence's number and start to the functions
+        # themselves)
         options["backend"] = "reference"
     if packed:
         q4, k4, v4 = _packed_view(xp, q, k, v)
