@@ -352,35 +352,9 @@ PARAMS = [pytest.param(name, dtype, id=f"{dtype}-{name}") for dtype in DTYPES fo
 
 
 def _problem(name):
-    """``(arrays (float64), call keywords, cotangent)`` of a case (fixed seed per case), built
-    as test_cuda_on_cpu builds its cases."""
-    (B, H, Hkv, L, S, E, Ev), case = CASES[name]
-    kw = dict(case)
-    rng = np.random.default_rng(sum(map(ord, name)))
-    packed = B is None
-    if packed:
-        kw.update(cu_seqlens_q=base._cu(L), cu_seqlens_k=base._cu(S))
-        rows, L, S = len(L), sum(L), sum(S)
-        q, k, v = (rng.standard_normal(s) for s in ((L, H, E), (S, Hkv, E), (S, Hkv, Ev)))
-        scores = (H, L, S)
-    else:
-        rows = B
-        q, k, v = (rng.standard_normal(s) for s in ((B, H, L, E), (B, Hkv, S, E), (B, Hkv, S, Ev)))
-        scores = (B, H, L, S)
-    alibi = kw.pop("alibi", None)
-    if alibi is not None:           # "BH" / "rows": one slope per batch row or sequence
-        kw["alibi_slopes"] = 0.05 + 0.5 * rng.random((H,) if alibi == "H" else (rows, H))
-    if kw.pop("mask", False):
-        mask = rng.random((1,) + scores[1:]) > 0.2
-        if L:
-            mask[..., L // 2, :] = False                                # an empty row
-        kw["mask"] = mask
-    if kw.pop("bias", False):
-        kw["bias"] = rng.standard_normal((H, 1, S))
-    if kw.pop("dropout", False):
-        kw["dropout_mask"], kw["dropout_p"] = rng.random(scores) > 0.1, 0.1
-    out_shape = (L, H, Ev) if packed else (B, H, L, Ev)
-    return (q, k, v), kw, rng.standard_normal(out_shape)
+    """``(arrays (float64), call keywords, cotangent)`` of a case, built as test_cuda_on_cpu
+    builds its own."""
+    return base._problem(name, CASES)
 
 
 def _inputs(name, dtype):

@@ -123,9 +123,9 @@ def test_padded_numba_equals_the_reference(name):
     assert not o[1, 0].any() and not dq[1, 0].any()        # Lk = 0: o = 0, dq = 0
 
 
-def test_packed_call_is_one_kernel_launch_per_pass(monkeypatch):
-    """Many distinct length pairs: one run_split forward and one backward (the real one,
-    counted), where the grouped path of segments.py makes one core call per pair."""
+@pytest.fixture
+def launches(monkeypatch):
+    """The names of the kernels ``run_split`` launches (the real one runs), in order."""
     calls = []
     real = sdpa_numba.run_split
 
@@ -134,6 +134,13 @@ def test_packed_call_is_one_kernel_launch_per_pass(monkeypatch):
         return real(kernel, args, items, costs)
 
     monkeypatch.setattr(sdpa_numba, "run_split", counting)
+    return calls
+
+
+def test_packed_call_is_one_kernel_launch_per_pass(launches):
+    """Many distinct length pairs: one run_split forward and one backward (the real one,
+    counted), where the grouped path of segments.py makes one core call per pair."""
+    calls = launches
     arrays = _packed_arrays(7)
     kwargs = {"cu_seqlens_q": _cu(Q_LENS), "cu_seqlens_k": _cu(K_LENS), "causal": True,
               "window": (5, 0), "alibi_slopes": np.random.default_rng(8).random(H)}
@@ -202,22 +209,14 @@ MODS = {"mask_mod": _mask_mod, "score_mod": _score_mod, "score_mod_grad": _score
 
 @pytest.mark.parametrize("name", ("plain", "window + causal lower_right + softcap",
                                   "alibi per sequence + causal"))
-def test_packed_mods_on_numba_equal_the_reference_in_one_launch(name, monkeypatch):
-    calls = []
-    real = sdpa_numba.run_split
-
-    def counting(kernel, args, items, costs):
-        calls.append(kernel.py_func.__name__)
-        return real(kernel, args, items, costs)
-
-    monkeypatch.setattr(sdpa_numba, "run_split", counting)
+def test_packed_mods_on_numba_equal_the_reference_in_one_launch(name, launches):
     arrays = _packed_arrays(10)
     scores = (H, sum(Q_LENS), sum(K_LENS))
     options = _case(name, np.random.default_rng(11), scores, (len(Q_LENS),))
     expected, got = _both_backends(arrays, 12, cu_seqlens_q=_cu(Q_LENS),
                                    cu_seqlens_k=_cu(K_LENS), **options, **MODS)
     _assert_same(expected, got, f"packed + mask_mod + score_mod, {name}")
-    assert calls == ["_forward_kernel", "_backward_kernel"]   # no call per group
+    assert launches == ["_forward_kernel", "_backward_kernel"]   # no call per group
 
 
 def test_padded_mods_on_numba_equal_the_reference():
