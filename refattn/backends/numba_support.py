@@ -26,6 +26,13 @@
   accept launches from several Python threads at once; ``workqueue`` does not (it aborts
   the process), so :func:`launch` holds a lock around parallel launches whenever
   ``workqueue`` is (or may become) the layer in use.
+* Several processes, one cache: a kernel missing from the cache is compiled under a lock
+  file beside its cache index (``<index>.lock``, ``flock``), taken inside Numba's compiler
+  lock: a second process that needs the same kernel meanwhile waits, then loads it from the
+  cache instead of compiling it again, and two processes never write one index at once
+  (Numba's index update is not safe for that: two writers may give two signatures the same
+  data file).  :mod:`.compile_ahead` relies on it.  Without ``fcntl`` (Windows) there is no
+  lock and no compile-ahead worker.
 * :func:`cached_signatures` reads a kernel's cache index without compiling or loading
   anything: which signatures are cached for this CPU (``refattn info`` reports it).
   ``refattn.bench.cold_start.first_call_times`` measures what the first call of each core
@@ -41,6 +48,7 @@ import math
 import os
 import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -50,8 +58,14 @@ import numba
 import numpy as np
 import scipy.linalg.cython_blas as cython_blas
 from llvmlite import ir
-from numba.core import cgutils
+from numba.core import cgutils, sigutils
+from numba.core.compiler_lock import global_compiler_lock
 from numba.np.linalg import ensure_blas
+
+try:
+    import fcntl
+except ImportError:                          # Windows: no lock, no compile-ahead
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "NumbaCacheWarning",
@@ -68,6 +82,7 @@ __all__ = [
     "launch",
     "num_threads",
     "run_split",
+    "shares_compiles",
     "split_items",
     "threading_layer",
 ]
@@ -131,8 +146,77 @@ def jit(fn=None, *, parallel: bool = False, **options):
     except RuntimeError as exc:  # Numba found no writable cache location at all
         _warn_once(f"refattn: Numba cannot cache {fn.__qualname__} ({exc})")
         dispatcher = numba.njit(cache=False, **settings)(fn)
+    _share_compiles(dispatcher)
     _KERNELS.append(dispatcher)
     return dispatcher
+
+
+#: Seconds a compile waits for another process's lock on the same kernel before compiling
+#: without it (a stopped process may hold it forever; a crashed one releases it).
+COMPILE_LOCK_WAIT_S = 600.0
+
+
+def shares_compiles() -> bool:
+    """Whether compiles of cached kernels take the cross-process lock (needs ``fcntl``)."""
+    return fcntl is not None
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+    """Exclusive ``flock`` on ``path`` (created if absent), given up after
+    :data:`COMPILE_LOCK_WAIT_S`; yields whether it is held."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:                          # a read-only cache: nothing to write anyway
+        yield False
+        return
+    try:
+        deadline = time.monotonic() + COMPILE_LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = True
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    held = False
+                    break
+                time.sleep(0.02)
+            except OSError:                  # no locks on this file system (ENOLCK)
+                held = False
+                break
+        yield held
+    finally:
+        os.close(fd)                         # releases the lock
+
+
+def _share_compiles(dispatcher) -> None:
+    """Compile ``dispatcher``'s missing signatures under its cache's lock file.
+
+    Numba's ``Dispatcher.compile`` looks in the cache, compiles on a miss and saves; wrapped
+    in the lock, a process that waited for another's compile of the same kernel finds it in
+    the cache and loads it.  The lock is taken inside Numba's (re-entrant) compiler lock, so
+    threads of one process queue there first and never wait on each other's file locks;
+    callees compile inside their caller's compile, each under its own lock, always from
+    caller to callee (no cycle: no kernel calls itself), so processes cannot deadlock.
+    """
+    index_file = getattr(getattr(dispatcher, "_cache", None), "_cache_file", None)
+    if fcntl is None or index_file is None:   # no fcntl, or caching off
+        return
+    lock_path = index_file._index_path + ".lock"
+    compile_here = dispatcher.compile
+
+    def compile(sig):
+        args, _ = sigutils.normalize_signature(sig)
+        if tuple(args) in dispatcher.overloads:      # compiled or loaded in this process
+            return compile_here(sig)
+        with global_compiler_lock:
+            with contextlib.suppress(OSError):   # unwritable: _file_lock compiles unlocked
+                os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+            with _file_lock(lock_path):
+                return compile_here(sig)
+
+    dispatcher.compile = compile
 
 
 def kernels() -> list:

@@ -63,9 +63,12 @@ from __future__ import annotations
 import math
 import time
 
+import numba
 import numpy as np
 
+from ...backends import compile_ahead
 from ...backends.numba_support import (
+    cached_signatures,
     fast_exp,
     fast_tanh,
     gemm,
@@ -76,7 +79,7 @@ from ...backends.numba_support import (
 from ...backends.tuning import tuned_choice
 from . import numba_mods
 
-__all__ = ["DEFAULT_TILES", "backward", "forward", "forward_products"]
+__all__ = ["DEFAULT_TILES", "backward", "compile_backward", "forward", "forward_products"]
 
 #: ``(queries, keys)`` per tile for problems shorter than :data:`TUNE_MIN_LEN` (where one or
 #: two tiles cover a head, and the shape hardly matters).
@@ -814,6 +817,36 @@ def _forward_items(spans, H, block_q, rules):
     return items[keep], np.broadcast_to(cost[:, None, :], items.shape)[keep]
 
 
+def _has_dtype(signatures, dtype) -> bool:
+    """Whether a kernel signature (its first argument: ``q``) is of ``dtype``."""
+    wanted = numba.from_dtype(dtype)
+    return any(sig[0].dtype == wanted for sig in signatures)
+
+
+def _compile_backward_ahead(kernel, dtype) -> None:
+    """On a cache without this dtype's forward and backward kernels, compile the backward in
+    a worker process while this one compiles the forward (:mod:`.compile_ahead`): a backward
+    call then loads it from the cache."""
+    signatures = getattr(kernel, "signatures", None)    # None: NUMBA_DISABLE_JIT
+    if (kernel is not _forward_kernel or signatures is None or _has_dtype(signatures, dtype)
+            or not compile_ahead.enabled()):
+        return
+    if any(_has_dtype(cached_signatures(k)["here"], dtype)
+           for k in (_forward_kernel, _backward_kernel)):
+        return
+    compile_ahead.start(f"{__name__}:compile_backward", dtype)
+
+
+def compile_backward(dtype) -> None:
+    """Compile (or load) the ``dtype`` backward kernel of calls without ``mask_mod`` /
+    ``score_mod``: one tiny backward call, whose argument types are those of every such call
+    (the kernels take one signature per dtype: see the module docstring)."""
+    from .api import SDPAOptions                 # the front end imports this module
+    dtype = np.dtype(dtype)
+    q = np.ones((1, 1, 2, 4), dtype)             # (B, H, L, E)
+    backward(q, q, q, q, np.zeros((1, 1, 2), dtype), q, SDPAOptions(scale=0.5))
+
+
 def forward(q, k, v, opts):
     """``(o (B, H, L, Ev), lse (B, H, L))``; see :mod:`refattn.cores.sdpa.api`.
 
@@ -833,6 +866,7 @@ def forward(q, k, v, opts):
         lse = np.full((B, H, L), -np.inf, dtype)
     block_q, block_k = _tiles(opts, "forward", dtype, *_longest(spans), q.shape[3], v.shape[3])
     kernel = _kernels(opts, dtype)["_forward_kernel"]
+    _compile_backward_ahead(kernel, dtype)
     items, costs = _forward_items(spans, H, block_q, _rules(opts))
     run_split(kernel, (q, k, v, ops["mask"], ops["bias"], ops["slopes"], ops["drop"], ops["mods"],
                        ops["has_drop"], ops["causal"], ops["scale"], ops["drop_scale"], block_q,

@@ -1,0 +1,111 @@
+"""Compile a kernel this process will want next in a second process, while it compiles its own.
+
+On an empty Numba cache the first call of a core compiles its forward kernel (seconds); a
+backward call usually follows and compiles again.  :func:`start` runs the second compile in a
+worker process meanwhile: the worker calls ``function(numpy.dtype(dtype))`` of a target
+``"module:function"``, which runs the kernel on a tiny problem and so writes it into
+Numba's cache, shared between processes.  When this process then needs that kernel, its
+compile takes the kernel's lock file (:func:`~refattn.backends.numba_support.jit`: compiles
+of cached kernels are serialised between processes), so it waits for the worker if the
+worker is still compiling it and loads it from the cache.  Helpers that both compiles need
+are compiled once, by whichever process gets there first.  On two cores the two compiles
+overlap: the README's "A taste" compiles in about half the time (docs/benchmarks.md).
+
+Nothing depends on the worker for correctness: if it fails, is slow or cannot start, this
+process compiles the kernel itself (under the same lock).  ``REFATTN_COMPILE_AHEAD=0``
+turns the workers off; they are off anyway on one CPU, when the cache is disabled, without
+the lock (no ``fcntl``), and inside a worker.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+
+from .numba_support import cache_status, shares_compiles
+
+__all__ = ["enabled", "start", "wait", "workers"]
+
+_SWITCH = "REFATTN_COMPILE_AHEAD"
+#: The worker: imports the target's module and calls the function with the dtype.
+_WORKER = ("import importlib, sys, numpy; m, f = sys.argv[1].split(':'); "
+           "getattr(importlib.import_module(m), f)(numpy.dtype(sys.argv[2]))")
+
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_LOCK = threading.Lock()
+_WORKERS: dict[str, subprocess.Popen] = {}        # "module:function:dtype" -> its worker
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:                  # not Linux
+        return os.cpu_count() or 1
+
+
+def enabled() -> bool:
+    """Whether :func:`start` starts workers here: not switched off (``REFATTN_COMPILE_AHEAD=0``),
+    more than one CPU, a writable cache and the cross-process compile lock."""
+    return (os.environ.get(_SWITCH, "1") != "0" and _cpus() > 1 and shares_compiles()
+            and bool(cache_status()["enabled"]))
+
+
+def start(target: str, dtype) -> bool:
+    """Compile ``target`` (``"module:function"``, called with ``numpy.dtype(dtype)``) in a
+    worker process; at most one worker per target and dtype per process.  Returns whether
+    one started."""
+    key = f"{target}:{np.dtype(dtype).name}"
+    with _LOCK:
+        if key in _WORKERS or not enabled():
+            return False
+        env = dict(os.environ)
+        # the worker compiles and runs a tiny problem: one thread, no worker of its own
+        env.update({_SWITCH: "0", "NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+                    "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+        # this refattn's sources, whatever the worker's path would find: Numba keys the
+        # cache on each kernel's source file
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (_PACKAGE_ROOT,
+                                                          env.get("PYTHONPATH"))))
+        try:
+            _WORKERS[key] = subprocess.Popen(
+                [sys.executable, "-c", _WORKER, target, np.dtype(dtype).name], env=env,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE)
+        except OSError:                     # no interpreter to start: compile here later
+            return False
+        return True
+
+
+def workers() -> dict[str, subprocess.Popen]:
+    """This process's workers so far, ``{"module:function:dtype": process}``."""
+    with _LOCK:
+        return dict(_WORKERS)
+
+
+def wait(timeout: float | None = None) -> dict[str, tuple[int | None, str]]:
+    """Wait for this process's workers; ``{key: (exit status, stderr)}`` (status None: still
+    running after ``timeout`` seconds)."""
+    ended: dict[str, tuple[int | None, str]] = {}
+    for key, process in workers().items():
+        try:
+            _, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            ended[key] = (None, "")
+            continue
+        ended[key] = (process.returncode, (err or b"").decode(errors="replace"))
+    return ended
+
+
+def _forget_in_child():
+    """A forked child's workers are its parent's: it neither waits for nor starts them again."""
+    global _LOCK
+    _WORKERS.clear()
+    _LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):          # POSIX
+    os.register_at_fork(after_in_child=_forget_in_child)
