@@ -13,12 +13,15 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -36,12 +39,20 @@ MEMORY_TARGET_MIB = 64.0
 REFERENCE_SPEEDUP_TARGET = 5.0
 
 
-def _gemm_contender(n: int, dtype=np.float32):
-    """A square NumPy matmul (all BLAS threads) and its FLOPs: the ceiling (see
-    :func:`_gemm_seconds` for when it is timed)."""
+def _gemm_contenders(n: int, dtype=np.float32):
+    """Square matmuls on all threads, ``{library: fn}``, and their FLOPs: the ceiling is the
+    best of them (see :func:`_gemm_seconds` for when they are timed): NumPy's, and each BLAS
+    the kernels can call (:mod:`refattn.backends.blas`) other than SciPy's OpenBLAS (the same
+    library as NumPy's)."""
+    from ..backends import blas
+
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((n, n)).astype(dtype) for _ in range(2))
-    return (lambda: a @ b), 2.0 * n ** 3
+    contenders: dict[str, Callable[[], Any]] = {"NumPy": lambda: a @ b}
+    for name, provider in blas.available().items():
+        if name != "openblas":
+            contenders[name] = functools.partial(blas.matmul, provider, a, b)
+    return contenders, 2.0 * n ** 3
 
 
 def _gemm_seconds(gemm_fn) -> float:
@@ -63,6 +74,12 @@ TORCH_PROBLEMS = {"full": ((1, 8, 2048, 64, "float32"), (4, 16, 1024, 64, "float
                   "quick": ((1, 4, 512, 64, "float32"), (1, 4, 512, 64, "float64"))}
 #: numba's non-causal float32 forward as a fraction of the float32 GEMM rate.
 GEMM_FRACTION_TARGET = 0.8
+
+
+def _blas_bound():
+    from ..backends import blas
+
+    return blas.bind()
 
 
 def _problem_name(B, H, L, E, dtype) -> str:
@@ -116,15 +133,19 @@ def sdpa_vs_torch(size: str = "quick") -> StudyResult:
     rng = np.random.default_rng(0)
     timed, metrics, failures = [], {}, []
     gemm_rates: dict[str, list] = {}
+    best_library: dict[str, tuple[float, str]] = {}
     for B, H, L, E, dtype in TORCH_PROBLEMS[size]:
         q, k, v, do = (rng.standard_normal((B, H, L, E)).astype(dtype) for _ in range(4))
-        gemm_fn, gemm_flops = _gemm_contender(2048 if size == "full" else 1024, dtype)
+        gemm_fns, gemm_flops = _gemm_contenders(2048 if size == "full" else 1024, dtype)
         for causal in (False, True):
             contenders = _torch_contenders(q, k, v, do, causal, torch)
             # calls of a second and more: single calls interleaved (compare repeats each 3x)
             t = (interleaved_calls(contenders, rounds) if L >= 4096 else
                  compare(contenders, rounds=rounds))
-            gemm_rates.setdefault(dtype, []).append(gemm_flops / _gemm_seconds(gemm_fn) / 1e9)
+            for library, gemm_fn in gemm_fns.items():
+                rate = gemm_flops / _gemm_seconds(gemm_fn) / 1e9
+                gemm_rates.setdefault(dtype, []).append(rate)
+                best_library[dtype] = max(best_library.get(dtype, (0.0, "")), (rate, library))
             timed.append(((B, H, L, E, dtype), causal, t))
     # The ceiling: the best rate the square GEMM reached in the run (a slow moment of one
     # measurement must not make a row look closer to it).
@@ -161,16 +182,18 @@ def sdpa_vs_torch(size: str = "quick") -> StudyResult:
                                     f"alone: {bound:.2f})")
     for dtype, rate in ceiling.items():
         metrics[f"gemm_gflops_{dtype}"] = rate
-    ceilings = ", ".join(f"{d} {max(r):.0f} (of {min(r):.0f}-{max(r):.0f})"
-                         for d, r in gemm_rates.items())
+    ceilings = ", ".join(f"{d} {max(r):.0f} ({best_library[d][1]}; all of the run: "
+                         f"{min(r):.0f}-{max(r):.0f})" for d, r in gemm_rates.items())
     return StudyResult(
         title="numba vs torch SDPA (CPU), forward and forward+backward",
         headers=["(B, H, L, E)", "dtype", "pass", "numba ms", "torch ms", "numba/torch",
                  "numba GFLOP/s", "torch GFLOP/s", "numba / GEMM", "torch / GEMM"],
         rows=rows, metrics=metrics, failures=failures,
-        notes=[f"ceiling: square GEMM of the same dtype (NumPy matmul, all threads, timed "
-               f"after each set of contenders, then a pause), the best rate of the run, "
-               f"GFLOP/s: {ceilings}",
+        notes=[f"ceiling: square GEMM of the same dtype (NumPy's matmul and each other BLAS "
+               f"the kernels may call, all threads, timed after each set of contenders, then "
+               f"a pause), the best rate of the run, GFLOP/s: {ceilings}",
+               "BLAS in the kernels: " + ", ".join(
+                   f"{d} {p.name}" for d, p in _blas_bound().items()),
                "ratio = torch time / numba time (> 1: numba faster); medians of "
                f"{rounds} interleaved rounds; FLOPs: forward 4 B H L S E over kept pairs, "
                "forward+backward 3.5x that",

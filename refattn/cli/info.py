@@ -70,6 +70,17 @@ def collect(first_calls: bool = False) -> dict:
     return facts
 
 
+def _blas_facts() -> str:
+    """The BLAS the kernels' tile products call, per dtype, and the ones found here."""
+    from ..backends import blas
+
+    chosen = ", ".join(f"{dtype} {p.name}" for dtype, p in blas.bind().items())
+    threads = ns.blas_threads()
+    openblas = f", OpenBLAS {threads} threads outside kernels" if threads is not None else ""
+    return (f"{chosen}, one thread per kernel thread (found: {', '.join(blas.available())}; "
+            f"REFATTN_BLAS overrides{openblas})")
+
+
 def _numba_kernel_facts() -> dict:
     """refattn's numba plumbing: cache location, threading layer, BLAS threads."""
     facts = {}
@@ -78,10 +89,7 @@ def _numba_kernel_facts() -> dict:
                             else f"OFF ({status['reason']})")
     facts["numba threading layer"] = (f"{ns.threading_layer()} (available: "
                                       f"{', '.join(ns.available_threading_layers())})")
-    blas = ns.blas_threads()
-    facts["BLAS in kernels"] = ("OpenBLAS, 1 thread per kernel thread (was "
-                                f"{blas} outside kernels)" if blas is not None
-                                else "not OpenBLAS: threads left to the BLAS")
+    facts["BLAS in kernels"] = _blas_facts()
     return facts
 
 
