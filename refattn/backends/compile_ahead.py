@@ -2,9 +2,9 @@
 
 On an empty Numba cache the first call of a core compiles its forward kernel (seconds); a
 backward call usually follows and compiles again.  :func:`start` runs the second compile in a
-worker process meanwhile: the worker calls ``function(numpy.dtype(dtype))`` of a target
-``"module:function"``, which runs the kernel on a tiny problem and so writes it into
-Numba's cache, shared between processes.  When this process then needs that kernel, its
+worker process meanwhile: the worker runs the Python code its caller gives (the SDPA core's:
+a tiny backward call of one dtype), which writes the kernel into Numba's cache, shared
+between processes.  When this process then needs that kernel, its
 compile takes the kernel's lock file (:func:`~refattn.backends.numba_support.jit`: compiles
 of cached kernels are serialised between processes), so it waits for the worker if the
 worker is still compiling it and loads it from the cache.  Helpers that both compiles need
@@ -24,20 +24,16 @@ import subprocess
 import sys
 import threading
 
-import numpy as np
 
 from .numba_support import cache_status, shares_compiles
 
 __all__ = ["enabled", "start", "wait", "workers"]
 
 _SWITCH = "REFATTN_COMPILE_AHEAD"
-#: The worker: imports the target's module and calls the function with the dtype.
-_WORKER = ("import importlib, sys, numpy; m, f = sys.argv[1].split(':'); "
-           "getattr(importlib.import_module(m), f)(numpy.dtype(sys.argv[2]))")
 
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _LOCK = threading.Lock()
-_WORKERS: dict[str, subprocess.Popen] = {}        # "module:function:dtype" -> its worker
+_WORKERS: dict[str, subprocess.Popen] = {}        # name -> its worker
 
 
 def _cpus() -> int:
@@ -54,13 +50,11 @@ def enabled() -> bool:
             and bool(cache_status()["enabled"]))
 
 
-def start(target: str, dtype) -> bool:
-    """Compile ``target`` (``"module:function"``, called with ``numpy.dtype(dtype)``) in a
-    worker process; at most one worker per target and dtype per process.  Returns whether
-    one started."""
-    key = f"{target}:{np.dtype(dtype).name}"
+def start(name: str, code: str) -> bool:
+    """Run the Python ``code`` (a compile, e.g. one tiny kernel call) in a worker process;
+    at most one worker per ``name`` per process.  Returns whether one started."""
     with _LOCK:
-        if key in _WORKERS or not enabled():
+        if name in _WORKERS or not enabled():
             return False
         env = dict(os.environ)
         # the worker compiles and runs a tiny problem: one thread, no worker of its own
@@ -71,17 +65,16 @@ def start(target: str, dtype) -> bool:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, (_PACKAGE_ROOT,
                                                           env.get("PYTHONPATH"))))
         try:
-            _WORKERS[key] = subprocess.Popen(
-                [sys.executable, "-c", _WORKER, target, np.dtype(dtype).name], env=env,
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE)
+            _WORKERS[name] = subprocess.Popen(
+                [sys.executable, "-c", code], env=env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         except OSError:                     # no interpreter to start: compile here later
             return False
         return True
 
 
 def workers() -> dict[str, subprocess.Popen]:
-    """This process's workers so far, ``{"module:function:dtype": process}``."""
+    """This process's workers so far, ``{name: process}``."""
     with _LOCK:
         return dict(_WORKERS)
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .. import cores as _cores
+from ..backends import blas
 from ..cores.sdpa import api
 from ..cores.sdpa import numba as sdpa_numba
 from .study import Study, StudyResult
@@ -44,8 +45,6 @@ def _gemm_contenders(n: int, dtype=np.float32):
     best of them (see :func:`_gemm_seconds` for when they are timed): NumPy's, and each BLAS
     the kernels can call (:mod:`refattn.backends.blas`) other than SciPy's OpenBLAS (the same
     library as NumPy's)."""
-    from ..backends import blas
-
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((n, n)).astype(dtype) for _ in range(2))
     contenders: dict[str, Callable[[], Any]] = {"NumPy": lambda: a @ b}
@@ -74,12 +73,6 @@ TORCH_PROBLEMS = {"full": ((1, 8, 2048, 64, "float32"), (4, 16, 1024, 64, "float
                   "quick": ((1, 4, 512, 64, "float32"), (1, 4, 512, 64, "float64"))}
 #: numba's non-causal float32 forward as a fraction of the float32 GEMM rate.
 GEMM_FRACTION_TARGET = 0.8
-
-
-def _blas_bound():
-    from ..backends import blas
-
-    return blas.bind()
 
 
 def _problem_name(B, H, L, E, dtype) -> str:
@@ -193,7 +186,7 @@ def sdpa_vs_torch(size: str = "quick") -> StudyResult:
                f"the kernels may call, all threads, timed after each set of contenders, then "
                f"a pause), the best rate of the run, GFLOP/s: {ceilings}",
                "BLAS in the kernels: " + ", ".join(
-                   f"{d} {p.name}" for d, p in _blas_bound().items()),
+                   f"{d} {p.name}" for d, p in blas.bind().items()),
                "ratio = torch time / numba time (> 1: numba faster); medians of "
                f"{rounds} interleaved rounds; FLOPs: forward 4 B H L S E over kept pairs, "
                "forward+backward 3.5x that",

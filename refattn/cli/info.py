@@ -17,7 +17,7 @@ import numpy
 import scipy
 
 from .._version import __version__
-from ..backends import available_backends, tuning
+from ..backends import available_backends, blas, tuning
 from ..backends import numba_support as ns
 from ..bench.cold_start import first_call_times
 
@@ -72,8 +72,6 @@ def collect(first_calls: bool = False) -> dict:
 
 def _blas_facts() -> str:
     """The BLAS the kernels' tile products call, per dtype, and the ones found here."""
-    from ..backends import blas
-
     chosen = ", ".join(f"{dtype} {p.name}" for dtype, p in blas.bind().items())
     threads = ns.blas_threads()
     openblas = f", OpenBLAS {threads} threads outside kernels" if threads is not None else ""

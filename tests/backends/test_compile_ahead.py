@@ -170,7 +170,7 @@ def test_the_first_forward_compiles_the_backward_in_a_worker(tmp_path):
     done = _python(_COLD_VJP, _env(tmp_path))
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    key = "refattn.cores.sdpa.numba:compile_backward:float32"
+    key = "sdpa numba backward float32"
     assert report["started"] == report["all"] == [key]
     assert report["ended"] == {key: 0}
     assert (report["hits"], report["misses"]) == (1, 0)    # the backward came from the cache
@@ -189,7 +189,7 @@ def test_switched_off_there_is_no_worker(tmp_path):
 def test_a_failing_worker_reports_and_raises_nothing():
     if not compile_ahead.enabled():
         pytest.skip("compile-ahead workers are off here (one CPU, no cache or no lock)")
-    assert compile_ahead.start("refattn.no_such_module:compile", np.float32)
-    assert not compile_ahead.start("refattn.no_such_module:compile", "float32")   # once
-    code, err = compile_ahead.wait(timeout=120)["refattn.no_such_module:compile:float32"]
+    assert compile_ahead.start("a failing test worker", "import refattn.no_such_module")
+    assert not compile_ahead.start("a failing test worker", "pass")          # once per name
+    code, err = compile_ahead.wait(timeout=120)["a failing test worker"]
     assert code != 0 and "ModuleNotFoundError" in err

@@ -52,7 +52,7 @@ from ...typing import Array, Backend, CausalAlign
 
 __all__ = ["SDPAOptions", "SDPAResiduals", "sdpa", "forward", "backward", "IMPLEMENTED",
            "as_batched_4d", "flops", "check_scale", "prepare", "implementation", "causal_pairs",
-           "FLOAT32_MATHS", "option_route", "sequences_options"]
+           "FLOAT32_MATHS", "option_route", "sequences_options", "compile_numba_backward"]
 
 #: Backends with an implementation of this core (modules beside this file).
 IMPLEMENTED = ("reference", "numba", "cupy")
@@ -681,3 +681,13 @@ def flops(batch, heads, q_len, kv_len, head_dim, value_dim, causal=False, **_):
 
 def is_array(x) -> bool:
     return array_api_compat.is_array_api_obj(x)
+
+
+def compile_numba_backward(dtype) -> None:
+    """Compile (or load) the numba backend's ``dtype`` backward kernel of calls without
+    ``mask_mod`` / ``score_mod``: one tiny backward call, whose argument types are those of
+    every such call (one signature per dtype: ``refattn.cores.sdpa.numba``).  The SDPA
+    core's compile-ahead worker runs it (:mod:`refattn.backends.compile_ahead`)."""
+    dtype = np.dtype(dtype)
+    q = np.ones((1, 1, 2, 4), dtype)             # (B, H, L, E)
+    _numba_kernels.backward(q, q, q, q, np.zeros((1, 1, 2), dtype), q, SDPAOptions(scale=0.5))

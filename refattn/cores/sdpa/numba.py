@@ -81,7 +81,7 @@ from ...backends.numba_support import (
 from ...backends.tuning import tuned_choice
 from . import numba_mods
 
-__all__ = ["DEFAULT_TILES", "backward", "compile_backward", "forward", "forward_products"]
+__all__ = ["DEFAULT_TILES", "backward", "forward", "forward_products"]
 
 #: ``(queries, keys)`` per tile for problems shorter than :data:`TUNE_MIN_LEN` (where one or
 #: two tiles cover a head, and the shape hardly matters).
@@ -857,7 +857,8 @@ def _has_dtype(signatures, dtype) -> bool:
 
 def _compile_backward_ahead(kernel, dtype) -> None:
     """On a cache without this dtype's forward and backward kernels, compile the backward in
-    a worker process while this one compiles the forward (:mod:`.compile_ahead`): a backward
+    a worker process while this one compiles the forward
+    (:mod:`refattn.backends.compile_ahead`): a backward
     call then loads it from the cache."""
     signatures = getattr(kernel, "signatures", None)    # None: NUMBA_DISABLE_JIT
     if (kernel is not _forward_kernel or signatures is None or _has_dtype(signatures, dtype)
@@ -866,17 +867,10 @@ def _compile_backward_ahead(kernel, dtype) -> None:
     if any(_has_dtype(cached_signatures(k)["here"], dtype)
            for k in (_forward_kernel, _backward_kernel)):
         return
-    compile_ahead.start(f"{__name__}:compile_backward", dtype)
-
-
-def compile_backward(dtype) -> None:
-    """Compile (or load) the ``dtype`` backward kernel of calls without ``mask_mod`` /
-    ``score_mod``: one tiny backward call, whose argument types are those of every such call
-    (the kernels take one signature per dtype: see the module docstring)."""
-    from .api import SDPAOptions                 # the front end imports this module
-    dtype = np.dtype(dtype)
-    q = np.ones((1, 1, 2, 4), dtype)             # (B, H, L, E)
-    backward(q, q, q, q, np.zeros((1, 1, 2), dtype), q, SDPAOptions(scale=0.5))
+    name = np.dtype(dtype).name
+    compile_ahead.start(f"sdpa numba backward {name}",
+                        f"from refattn.cores.sdpa.api import compile_numba_backward\n"
+                        f"compile_numba_backward({name!r})")
 
 
 def forward(q, k, v, opts):
