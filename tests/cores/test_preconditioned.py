@@ -121,6 +121,19 @@ def test_float16_stays_finite_on_empty_rows():
     np.testing.assert_allclose(o.astype(np.float64), ref, atol=2e-3)
 
 
+def test_a_row_whose_sum_overflows_is_still_finite():
+    """The non-finite row check sums each row first: a row of large finite values whose sum
+    overflows must not be taken for a non-finite row (its output is finite)."""
+    q = np.zeros((1, 1, 2, 4), np.float32)
+    k = np.zeros((1, 1, 3, 4), np.float32)
+    v = np.full((1, 1, 3, 4), 2e38, np.float32)            # rows of A sum to 8e38 > max
+    v[..., 0, 1] = np.inf                                  # except one key: inf in column 1
+    o_big = preconditioned_sdpa(q, k[..., 1:, :], v[..., 1:, :], backend="reference")
+    assert np.isfinite(o_big).all()    # (||A_i|| overflows too: c = 1 / inf = 0, O_i = 0)
+    o_inf = preconditioned_sdpa(q, k, v, backend="reference")
+    assert np.isnan(o_inf).all()                           # every row averages the inf key
+
+
 def test_identity_preconditioner_is_the_inner_core():
     rng = np.random.default_rng(5)
     q, k, v = _qkv(rng)

@@ -108,8 +108,12 @@ def apply_preconditioner(pre: Preconditioner, q, k, v, a, eps: float, feature_ax
                          f"{tuple(c.shape)}, expected (..., H, L) = {rows}")
     c = xp.astype(c, a_rows.dtype)
     # A row holding NaN or Inf makes its diagonal NaN: a preconditioner that saturates
-    # (1 / ||inf|| = 0) would otherwise hide the non-finite value from the whole row.
-    finite_rows = xp.all(xp.isfinite(a_rows), axis=-1)
+    # (1 / ||inf|| = 0) would otherwise hide the non-finite value from the whole row.  A row
+    # sum is finite when every element is (one pass); only when some sum is not (a
+    # non-finite element, or a sum beyond the dtype's range) are the elements looked at.
+    finite_rows = xp.isfinite(xp.sum(a_rows, axis=-1))
+    if not bool(xp.all(finite_rows)):
+        finite_rows = xp.all(xp.isfinite(a_rows), axis=-1)
     return xp.where(finite_rows, c, xp.asarray(xp.nan, dtype=c.dtype)), a_rows
 
 
@@ -125,7 +129,7 @@ def forward(q, k, v, *, eps=DEFAULT_EPS, stop_gradient=True, preconditioner="row
     a, inner = core.forward(q, k, v, backend=backend, **inner_options)
     xp = namespace(a)
     c, a_rows = apply_preconditioner(pre, q, k, v, a, eps, core.feature_axes)
-    o = xp.astype(xp.reshape(c[..., None] * a_rows, tuple(a.shape)), a.dtype)
+    o = xp.astype(xp.reshape(c[..., None] * a_rows, tuple(a.shape)), a.dtype, copy=False)
     res = PreconditionedResiduals(core, inner, pre, eps, stop_gradient, c, tuple(a.shape),
                                   a.dtype)
     if not stop_gradient:
