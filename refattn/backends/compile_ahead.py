@@ -22,8 +22,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import threading
-
+from typing import Any
 
 from .numba_support import cache_status, shares_compiles
 
@@ -34,6 +35,7 @@ _SWITCH = "REFATTN_COMPILE_AHEAD"
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _LOCK = threading.Lock()
 _WORKERS: dict[str, subprocess.Popen] = {}        # name -> its worker
+_ERRORS: dict[str, Any] = {}                      # name -> the file of its stderr
 
 
 def _cpus() -> int:
@@ -64,12 +66,17 @@ def start(name: str, code: str) -> bool:
         # cache on each kernel's source file
         env["PYTHONPATH"] = os.pathsep.join(filter(None, (_PACKAGE_ROOT,
                                                           env.get("PYTHONPATH"))))
+        # stderr to a file, not a pipe: nobody reads it while the worker runs, and a full
+        # pipe would block the worker
+        errors = tempfile.TemporaryFile()
         try:
             _WORKERS[name] = subprocess.Popen(
                 [sys.executable, "-c", code], env=env, stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                stdout=subprocess.DEVNULL, stderr=errors)
         except OSError:                     # no interpreter to start: compile here later
+            errors.close()
             return False
+        _ERRORS[name] = errors
         return True
 
 
@@ -80,16 +87,18 @@ def workers() -> dict[str, subprocess.Popen]:
 
 
 def wait(timeout: float | None = None) -> dict[str, tuple[int | None, str]]:
-    """Wait for this process's workers; ``{key: (exit status, stderr)}`` (status None: still
+    """Wait for this process's workers; ``{name: (exit status, stderr)}`` (status None: still
     running after ``timeout`` seconds)."""
     ended: dict[str, tuple[int | None, str]] = {}
-    for key, process in workers().items():
+    for name, process in workers().items():
         try:
-            _, err = process.communicate(timeout=timeout)
+            code = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            ended[key] = (None, "")
+            ended[name] = (None, "")
             continue
-        ended[key] = (process.returncode, (err or b"").decode(errors="replace"))
+        errors = _ERRORS[name]
+        errors.seek(0)
+        ended[name] = (code, errors.read().decode(errors="replace"))
     return ended
 
 
@@ -97,6 +106,7 @@ def _forget_in_child():
     """A forked child's workers are its parent's: it neither waits for nor starts them again."""
     global _LOCK
     _WORKERS.clear()
+    _ERRORS.clear()
     _LOCK = threading.Lock()
 
 
