@@ -234,7 +234,6 @@ def _exp_row(row, shift):
     return total
 
 
-
 @jit
 def _row_max(row, start):
     """``max(start, max(row))``, vectorised (:func:`minmax_reductions`).  With a NaN in the
@@ -247,6 +246,16 @@ def _row_max(row, start):
         x = row[c]
         top = x if x > top else top
     return top
+
+
+@jit(inline="always")
+def _modifies_scores(mods, causal, has_lo, has_hi):
+    """Whether :func:`_scores` has anything to do on a tile: an option (mask, bias,
+    soft-cap, ALiBi, ``mask_mod``, ``score_mod``) or a band edge.  Plain tiles skip the
+    pass (measured 5 % of the forward)."""
+    return (mods[0] or mods[1] or mods[2] or mods[3] or mods[13] or mods[14] or causal
+            or has_lo or has_hi)
+
 
 #: Queries (forward) or keys (backward) per block on a tile that crosses the causal
 #: diagonal or a window edge: each block runs over the pairs its rows keep.
@@ -280,9 +289,7 @@ def _forward_step(q_rows, k_tile, v_tile, s_flat, acc, shift, row_sum, tile_sum,
     no_grads = np.bool_(False)
     s = s_flat.reshape((n, nc))                   # scores (n, nc)
     gemm(s, q_rows, False, k_tile, True, False)   # S = (scale Q_i) K_j^T
-    # the plain scores of a tile inside the band need no pass (measured 5 % of the forward)
-    modified = (mods[0] or mods[1] or mods[2] or mods[3] or mods[13] or mods[14] or causal
-                or has_lo or has_hi)
+    modified = _modifies_scores(mods, causal, has_lo, has_hi)
     if modified:
         _scores(s, rows_are_queries, i0, j0, b, h, mods, mask, bias, slopes, causal, has_lo,
                 has_hi, no_grads, s, s)
@@ -474,8 +481,7 @@ def _backward_step(k_tile, v_tile, dk_tile, dv_tile, q_tile, do_tile, dq_tile, l
     tt = tanh_buf[:nc * nr].reshape((nc, nr)) if has_softcap else st
     gt = mod_grad_buf[:nc * nr].reshape((nc, nr)) if has_score_mod else st
     gemm(st, k_tile, False, q_tile, True, False)
-    if (mods[0] or mods[1] or has_softcap or has_alibi or mods[13] or has_score_mod or causal
-            or has_lo or has_hi):                 # plain scores need no pass (see forward)
+    if _modifies_scores(mods, causal, has_lo, has_hi):
         _scores(st, rows_are_queries, i0, j0, b, h, mods, mask, bias, slopes, causal, has_lo,
                 has_hi, store_grads, tt, gt)
     for r in range(nr):                           # a row with no key (lse -inf) gets P = 0
