@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import glob
 import os
 import sys
@@ -123,30 +124,41 @@ def available() -> dict[str, Provider]:
         return dict(_AVAILABLE)
 
 
-_GEMM_ARGS = [ctypes.c_char_p, ctypes.c_char_p] + [ctypes.c_void_p] * 11
+_GEMM_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, *[ctypes.c_void_p] * 11)
+
+
+@functools.lru_cache(maxsize=None)
+def _fortran_gemm(address: int):
+    return _GEMM_TYPE(address)
+
+
+def _gemm_rows(provider: Provider, c: np.ndarray, a: np.ndarray, b: np.ndarray,
+               trans_b: bool = False) -> None:
+    """Row-major ``c = a @ op(b)`` (C-contiguous 2-D arrays of one float dtype; ``op(b)`` is
+    ``b.T`` with ``trans_b``) through the provider's Fortran ``gemm``: it is the column-major
+    ``c^T = op(b)^T a^T``, so the operands swap."""
+    (m, k), n = a.shape, c.shape[1]
+    scalar = np.ctypeslib.as_ctypes_type(c.dtype)
+    i32 = (lambda x: ctypes.byref(ctypes.c_int(x)))
+    _fortran_gemm(provider.gemm[c.dtype.name])(
+        b"T" if trans_b else b"N", b"N", i32(n), i32(m), i32(k), ctypes.byref(scalar(1.0)),
+        ctypes.c_void_p(b.ctypes.data), i32(b.shape[1]), ctypes.c_void_p(a.ctypes.data),
+        i32(k), ctypes.byref(scalar(0.0)), ctypes.c_void_p(c.ctypes.data), i32(n))
 
 
 def _seconds(provider: Provider, dtype: np.dtype) -> float:
     """Seconds of the SDPA kernels' two tile products (256 x 64 x 256 with B transposed, then
     256 x 256 x 64), single-threaded, through the provider's Fortran interface."""
-    fn = ctypes.CFUNCTYPE(None, *_GEMM_ARGS)(provider.gemm[dtype.name])
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((256, 64)).astype(dtype) for _ in range(3))
     s = np.empty((256, 256), dtype)
     o = np.empty((256, 64), dtype)
-    i32 = (lambda n: ctypes.byref(ctypes.c_int(n)))
-    scalar = np.ctypeslib.as_ctypes_type(dtype)
-    one, zero = ctypes.byref(scalar(1.0)), ctypes.byref(scalar(0.0))
-    ptr = (lambda a: ctypes.c_void_p(a.ctypes.data))
-    n256, n64 = i32(256), i32(64)
     previous = provider.set_local_threads(1) if provider.set_local_threads else None
     try:
         start = time.perf_counter()
         for _ in range(8):
-            # row-major S = Q K^T is column-major S^T = K Q^T: gemm('T', 'N', ...)
-            fn(b"T", b"N", n256, n256, n64, one, ptr(k), n64, ptr(q), n64, zero, ptr(s), n256)
-            # O = S V is column-major O^T = V^T S^T: gemm('N', 'N', 64, 256, 256, ...)
-            fn(b"N", b"N", n64, n256, n256, one, ptr(v), n64, ptr(s), n256, zero, ptr(o), n64)
+            _gemm_rows(provider, s, q, k, trans_b=True)        # S = Q K^T
+            _gemm_rows(provider, o, s, v)                      # O = S V
         return time.perf_counter() - start
     finally:
         if previous is not None:
@@ -165,19 +177,13 @@ def matmul(provider: Provider, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     >>> matmul(available()["openblas"], a, b).tolist()
     [[3.0, 3.0], [12.0, 12.0]]
     """
-    (m, k), n = a.shape, b.shape[1]
-    if b.shape[0] != k or a.dtype != b.dtype or a.dtype.name not in SYMBOLS:
+    if a.ndim != 2 or b.ndim != 2 or b.shape[0] != a.shape[1] or a.dtype != b.dtype \
+            or a.dtype.name not in SYMBOLS:
         raise ValueError(f"matmul: a {a.shape} {a.dtype} and b {b.shape} {b.dtype} must be "
                          "(m, k) and (k, n) of one float dtype")
     a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
-    c = np.empty((m, n), a.dtype)
-    fn = ctypes.CFUNCTYPE(None, *_GEMM_ARGS)(provider.gemm[a.dtype.name])
-    scalar = np.ctypeslib.as_ctypes_type(a.dtype)
-    i32 = (lambda x: ctypes.byref(ctypes.c_int(x)))
-    # row-major C = A B is column-major C^T = B^T A^T: gemm('N', 'N', n, m, k, B, A)
-    fn(b"N", b"N", i32(n), i32(m), i32(k), ctypes.byref(scalar(1.0)),
-       ctypes.c_void_p(b.ctypes.data), i32(n), ctypes.c_void_p(a.ctypes.data), i32(k),
-       ctypes.byref(scalar(0.0)), ctypes.c_void_p(c.ctypes.data), i32(n))
+    c = np.empty((a.shape[0], b.shape[1]), a.dtype)
+    _gemm_rows(provider, c, a, b)
     return c
 
 
