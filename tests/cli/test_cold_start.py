@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +37,8 @@ print("COMPILES", len(compiles), compiles, "STATUS", status)
 def test_info_compiles_nothing_and_reports_an_empty_cache(tmp_path):
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    t0 = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", _INFO_COUNTING_COMPILES], env=env,
                           capture_output=True, text=True, timeout=300, check=False)
-    seconds = time.perf_counter() - t0
     assert done.returncode == 0, done.stderr
     assert re.search(r"COMPILES 0 \[\] STATUS 0", done.stdout), done.stdout
     written = [p.name for p in tmp_path.rglob("*") if p.is_file()]
@@ -51,9 +48,6 @@ def test_info_compiles_nothing_and_reports_an_empty_cache(tmp_path):
                      r"\(found: openblas", done.stdout)
     assert "none for this CPU" in done.stdout
     assert re.search(r"sdpa\._forward_kernel\s+not cached", done.stdout)
-    # A cold compile of one SDPA kernel takes seconds of CPU; `info` is Python start,
-    # imports and reading a few index files (generous bound for a loaded 2-core machine).
-    assert seconds < 60
 
 
 def test_cached_signatures_lists_what_a_call_used():
